@@ -1,0 +1,1189 @@
+#!/usr/bin/env python3
+"""Caption image datasets and write image prompts with a local Ollama server.
+
+Captions come from two models: a vision model sees the image, a text model
+writes the caption in the style a trainer needs. The code, never the model,
+cleans the answer and places the trigger word and prefix.
+
+Usage:
+  ollama-generate caption ./dataset/ --style training --trigger ohwx
+  ollama-generate caption photo.png --style tags
+  ollama-generate prompt "a lighthouse in a storm" --encoder clip
+  ollama-generate enhance "a cat on a sofa" --intensity mild
+  ollama-generate describe "Neon Noir" --type style --tags "neon, rain"
+  ollama-generate lore "the last lighthouse keeper" --length short
+
+Environment:
+  OLLAMA_HOST          Ollama server URL (default http://localhost:11434)
+  OLLAMA_MODEL         text model (default qwen3-30b-a3b:latest)
+  OLLAMA_VISION_MODEL  vision model (default qwen3-vl:32b)
+
+Exit status:
+  0    success
+  1    Ollama or runtime failure, or an image in a folder run failed
+  2    usage error: bad flag value, path not found, folder with no images
+  3    the Ollama server cannot be reached
+  4    a model is not installed, or the vision model cannot see images
+  130  interrupted (Ctrl-C)
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import string
+import sys
+import tempfile
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+__version__ = "0.1.0"
+
+# -- Constants ----------------------------------------------------------------
+
+PROG = "ollama-generate"
+DEFAULT_HOST = "http://localhost:11434"
+DEFAULT_PORT = 11434
+DEFAULT_MODEL = "qwen3-30b-a3b:latest"
+DEFAULT_VISION_MODEL = "qwen3-vl:32b"
+# Streaming answers arrive piece by piece, so this bounds the wait for the first
+# piece (a cold model load, often 30-60 s) and for each gap between pieces.
+DEFAULT_TIMEOUT = 300.0
+# Short calls (/api/show, /api/version) need no model load.
+METADATA_TIMEOUT = 30.0
+RETRIES = 3
+BACKOFF_SECONDS = 1.0
+BACKOFF_CAP_SECONDS = 30.0
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+CAPTION_EXTENSION = ".txt"
+
+STYLES = ("training", "tags", "detailed")
+ENCODERS = ("clip", "t5")
+INTENSITIES = ("mild", "moderate", "extreme")
+LENGTHS = ("short", "medium", "long")
+LORE_WORDS = {"short": 150, "medium": 400, "long": 900}
+
+# One context size for every request: Ollama reloads a model whenever num_ctx
+# changes, and 8192 holds an image (up to ~1500 tokens) plus a long answer.
+NUM_CTX = 8192
+
+# (temperature, num_predict) per kind of request. Accurate work runs cool,
+# creative work warm; every answer is capped so a looping model stops.
+SAMPLING = {
+    "vision": (0.2, 1024),
+    "caption": (0.3, 512),
+    "caption-creative": (0.8, 640),
+    "prompt": (0.7, 400),
+    "enhance-mild": (0.4, 500),
+    "enhance-moderate": (0.7, 600),
+    "enhance-extreme": (0.9, 700),
+    "describe": (0.6, 1500),
+    "lore-short": (0.9, 600),
+    "lore-medium": (0.9, 1200),
+    "lore-long": (0.9, 2400),
+}
+
+# Each template and the placeholders it must use, no more and no fewer.
+TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {
+    "vision_system": (),
+    "vision_user": (),
+    "caption_training": ("description",),
+    "caption_training_creative": ("description",),
+    "caption_tags": ("description",),
+    "caption_tags_creative": ("description",),
+    "caption_detailed": ("description",),
+    "caption_detailed_creative": ("description",),
+    "prompt_t5": ("concept",),
+    "prompt_clip": ("concept",),
+    "enhance_mild": ("prompt",),
+    "enhance_moderate": ("prompt",),
+    "enhance_extreme": ("prompt",),
+    "describe": ("model_name", "lora_type", "tags"),
+    "lore": ("scenario", "words"),
+}
+
+# -- Errors -------------------------------------------------------------------
+
+
+class OllamaError(Exception):
+    """A failure the user can act on; main() is the only place that prints it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class UsageError(OllamaError):
+    """A bad flag value or path, found after argparse accepted the command line."""
+
+    exit_code = 2
+
+
+class ServerUnreachable(OllamaError):
+    """Nothing answers at the configured host."""
+
+    exit_code = 3
+
+
+class ModelUnavailable(OllamaError):
+    """A model is not installed, or cannot do what we need (see images)."""
+
+    exit_code = 4
+
+
+class TransientError(OllamaError):
+    """A failure worth retrying: 5xx, busy, timeout, dropped connection, garbage."""
+
+
+class ImageError(OllamaError):
+    """One file in a dataset cannot be captioned; a folder run goes on past it."""
+
+
+class BatchFailed(OllamaError):
+    """A folder run finished, but some images failed (they are listed above)."""
+
+
+# -- Configuration ------------------------------------------------------------
+
+
+def parse_host(value: str | None) -> str:
+    """Turn an OLLAMA_HOST value into a base URL, as the official Python client does.
+
+    >>> parse_host(None)
+    'http://127.0.0.1:11434'
+    >>> parse_host("example.com:56789/path/")
+    'http://example.com:56789/path'
+    >>> parse_host("https://[0001:002:003:0004::1]")
+    'https://[0001:002:003:0004::1]:443'
+    """
+    value = value or ""
+    port = DEFAULT_PORT
+    scheme, _, hostport = value.partition("://")
+    if not hostport:
+        scheme, hostport = "http", value
+    elif scheme == "http":
+        port = 80
+    elif scheme == "https":
+        port = 443
+    split = urllib.parse.urlsplit(f"{scheme}://{hostport}")
+    host = split.hostname or "127.0.0.1"
+    port = split.port or port
+    if ":" in host:  # only an IPv6 address has a colon once the port is split off
+        host = f"[{host}]"
+    path = split.path.strip("/")
+    return f"{scheme}://{host}:{port}/{path}" if path else f"{scheme}://{host}:{port}"
+
+
+def resolve_host(flag: str | None, env: Mapping[str, str]) -> str:
+    """Pick the server URL from --host, then OLLAMA_HOST, then the default."""
+    value = flag if flag is not None else env.get("OLLAMA_HOST", DEFAULT_HOST)
+    source = "--host" if flag is not None else "OLLAMA_HOST"
+    try:
+        return parse_host(value)
+    except ValueError:
+        raise UsageError(
+            f"{source} is not a valid server address: {value!r}",
+            hint="use a form like http://localhost:11434, gpu-box:11434 or [::1]:11434",
+        ) from None
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings for one run, resolved once: flag, then environment, then default."""
+
+    host: str = DEFAULT_HOST
+    model: str = DEFAULT_MODEL
+    vision_model: str = DEFAULT_VISION_MODEL
+    timeout: float = DEFAULT_TIMEOUT
+    retries: int = RETRIES
+
+    @classmethod
+    def resolve(cls, args: argparse.Namespace, env: Mapping[str, str]) -> Config:
+        """Build the run's settings from parsed flags and the environment."""
+        return cls(
+            host=resolve_host(args.host, env),
+            model=args.model or env.get("OLLAMA_MODEL") or DEFAULT_MODEL,
+            vision_model=(
+                getattr(args, "vision_model", None)
+                or env.get("OLLAMA_VISION_MODEL")
+                or DEFAULT_VISION_MODEL
+            ),
+            timeout=args.timeout,
+        )
+
+
+# -- Ollama HTTP client -------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    """One model answer with the metrics Ollama reports (missing ones are 0)."""
+
+    text: str = ""
+    thinking: str = ""
+    done_reason: str = ""
+    prompt_eval_count: int = 0
+    eval_count: int = 0
+    total_duration: int = 0
+    load_duration: int = 0
+    eval_duration: int = 0
+
+
+_METRICS = ("prompt_eval_count", "eval_count", "total_duration", "load_duration", "eval_duration")
+
+
+def model_thinks_by_prompt(model: str) -> bool:
+    """True for the qwen3 family, whose templates honour a /no_think switch."""
+    return model.lower().rsplit("/", 1)[-1].startswith("qwen3")
+
+
+class OllamaClient:
+    """One Ollama server. Every request goes through _open(); retries live in _retrying()."""
+
+    def __init__(self, host: str, *, timeout: float = DEFAULT_TIMEOUT,
+                 retries: int = RETRIES) -> None:
+        self.host = host
+        self.timeout = timeout
+        self.retries = retries
+        # A refused connection is retried only once the server has answered:
+        # then it is a restart worth waiting for, not a server that is not there.
+        self.answered = False
+        # Models on Ollama v0.12.4 that reject think:false (fixed in v0.12.5).
+        self._no_think_field: set[str] = set()
+
+    # Public endpoints, named after Ollama's.
+
+    def version(self) -> str:
+        """The server's version string."""
+        return str(self._call("GET", "/api/version").get("version", ""))
+
+    def show(self, model: str) -> dict:
+        """Details of one installed model; raises ModelUnavailable if it is missing."""
+        return self._call("POST", "/api/show", {"model": model})
+
+    def chat(self, model: str, messages: list[dict], *, options: dict) -> Answer:
+        """One /api/chat exchange, streamed and gathered into an Answer."""
+        body = {"model": model, "messages": messages, "stream": True,
+                "think": False, "options": options}
+        return self._retrying(lambda: self._generation("/api/chat", body))
+
+    def generate(self, model: str, prompt: str, *, options: dict) -> Answer:
+        """One /api/generate call, streamed and gathered into an Answer."""
+        body = {"model": model, "prompt": prompt, "stream": True,
+                "think": False, "options": options}
+        return self._retrying(lambda: self._generation("/api/generate", body))
+
+    # The choke point.
+
+    def _retrying(self, attempt) -> Answer:
+        """Run attempt(), retrying transient failures with capped exponential backoff."""
+        for tries in range(self.retries + 1):
+            try:
+                return attempt()
+            except (TransientError, ServerUnreachable) as exc:
+                retryable = isinstance(exc, TransientError) or self.answered
+                if not retryable or tries == self.retries:
+                    if tries:
+                        raise type(exc)(f"{exc} (gave up after {tries + 1} attempts)",
+                                        hint=exc.hint) from None
+                    raise
+                time.sleep(min(BACKOFF_SECONDS * 2 ** tries, BACKOFF_CAP_SECONDS))
+        raise AssertionError("unreachable")  # pragma: no cover - the loop always returns or raises
+
+    def _generation(self, path: str, body: dict) -> Answer:
+        """Send one streaming generation request and gather its NDJSON pieces."""
+        model = body["model"]
+        if model in self._no_think_field:
+            body = {k: v for k, v in body.items() if k != "think"}
+        try:
+            response = self._open("POST", path, body, timeout=self.timeout)
+        except OllamaError as exc:
+            if "does not support thinking" in str(exc) and "think" in body:
+                # Ollama v0.12.4 refused think:false on models that never think.
+                self._no_think_field.add(model)
+                return self._generation(path, body)
+            raise
+        answer = Answer()
+        text: list[str] = []
+        thinking: list[str] = []
+        done = False
+        with response:
+            for line in self._lines(response):
+                piece = self._decode(line)
+                if "error" in piece:
+                    # Ollama reports failures after the first byte in-band, with HTTP 200.
+                    raise TransientError(f"Ollama failed while answering: {piece['error']}")
+                message = piece.get("message") or {}
+                text.append(piece.get("response") or message.get("content") or "")
+                thinking.append(piece.get("thinking") or message.get("thinking") or "")
+                if piece.get("done"):
+                    done = True
+                    answer.done_reason = str(piece.get("done_reason") or "")
+                    for name in _METRICS:
+                        setattr(answer, name, int(piece.get(name) or 0))
+                    break
+        if not done:
+            raise TransientError(f"the answer from Ollama at {self.host} stopped before it was complete")
+        answer.text = "".join(text)
+        answer.thinking = "".join(thinking)
+        return answer
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        """One short non-streaming request that returns a JSON object."""
+        with self._open(method, path, body, timeout=min(self.timeout, METADATA_TIMEOUT)) as response:
+            data = self._read(response)
+        return self._decode(data)
+
+    def _lines(self, response) -> Iterator[bytes]:
+        """Yield the non-empty NDJSON lines of a streaming response."""
+        while True:
+            line = self._read(response, line=True)
+            if not line:
+                return
+            if line.strip():
+                yield line
+
+    def _read(self, response, *, line: bool = False) -> bytes:
+        """Read a line or the whole body, turning socket trouble into TransientError."""
+        import http.client
+
+        try:
+            return response.readline() if line else response.read()
+        except TimeoutError:
+            raise TransientError(
+                f"Ollama at {self.host} stopped answering for {self.timeout:g} s",
+                hint="a slow or overloaded server needs a longer --timeout",
+            ) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise TransientError(f"the connection to Ollama at {self.host} dropped ({exc})") from None
+
+    def _decode(self, data: bytes) -> dict:
+        """Parse one JSON object from Ollama."""
+        try:
+            value = json.loads(data)
+        except ValueError:
+            sample = data[:60].decode("utf-8", "replace").strip()
+            raise TransientError(f"Ollama at {self.host} sent something that is not JSON: {sample!r}") from None
+        if not isinstance(value, dict):
+            raise TransientError(f"Ollama at {self.host} sent unexpected JSON: {str(value)[:60]}")
+        self.answered = True
+        return value
+
+    def _open(self, method: str, path: str, body: dict | None, *, timeout: float):
+        """Send a request; return the open response or raise a typed OllamaError."""
+        import http.client
+        import urllib.error
+        import urllib.request
+
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            self.host + path, data=data, method=method,
+            headers={"Content-Type": "application/json", "Accept": "application/json",
+                     "User-Agent": f"{PROG}/{__version__}"},
+        )
+        try:
+            return urllib.request.urlopen(request, timeout=timeout)
+        except urllib.error.HTTPError as exc:
+            self.answered = True
+            raise self._http_error(exc, body) from None
+        except urllib.error.URLError as exc:
+            reason = exc.reason
+            if isinstance(reason, TimeoutError):
+                raise self._timeout(timeout) from None
+            if isinstance(reason, (ConnectionResetError, ConnectionAbortedError)):
+                raise TransientError(f"the connection to Ollama at {self.host} dropped ({reason})") from None
+            raise ServerUnreachable(
+                f"cannot connect to Ollama at {self.host} ({getattr(reason, 'strerror', None) or reason})",
+                hint="start it with `ollama serve`, or set OLLAMA_HOST (or --host) to where it runs",
+            ) from None
+        except TimeoutError:
+            raise self._timeout(timeout) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise TransientError(f"the connection to Ollama at {self.host} dropped ({exc})") from None
+
+    def _timeout(self, timeout: float) -> TransientError:
+        return TransientError(
+            f"Ollama at {self.host} did not answer within {timeout:g} s",
+            hint="a cold model load can take minutes on slow disks; raise --timeout",
+        )
+
+    def _http_error(self, exc, body: dict | None) -> OllamaError:
+        """Turn an HTTP error status into the error the user can act on."""
+        raw = exc.read() or b""
+        try:
+            message = str(json.loads(raw).get("error") or "")
+        except (ValueError, AttributeError):
+            message = raw.decode("utf-8", "replace").strip()
+        message = message or exc.reason or "no details"
+        status = exc.code
+        model = (body or {}).get("model", "")
+        if status == 404 and model:
+            return ModelUnavailable(
+                f"model '{model}' is not installed on {self.host}",
+                hint=f"run `ollama pull {model}`",
+            )
+        if status >= 500 or status == 429:
+            return TransientError(f"Ollama at {self.host} answered HTTP {status}: {message}")
+        return OllamaError(f"Ollama at {self.host} refused the request (HTTP {status}): {message}")
+
+
+# -- Prompt templates ---------------------------------------------------------
+
+
+def template_dirs() -> list[str]:
+    """Where the built-in templates may live: beside the script, or where pip put them."""
+    import sysconfig
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [os.path.join(here, "prompts"),
+                  os.path.join(sys.prefix, "share", PROG, "prompts")]
+    for scheme in ("posix_user", "nt_user", "osx_framework_user"):
+        try:
+            candidates.append(os.path.join(sysconfig.get_path("data", scheme), "share", PROG, "prompts"))
+        except KeyError:  # pragma: no cover - depends on the platform's schemes
+            pass
+    return candidates
+
+
+def load_template(name: str) -> tuple[str, str]:
+    """Return (path, text) of the template NAME, from the first folder that has it."""
+    dirs = template_dirs()
+    for folder in dirs:
+        path = os.path.join(folder, name + ".txt")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                return path, handle.read()
+    raise OllamaError(
+        f"prompt template {name}.txt was not found (looked in {', '.join(dirs)})",
+        hint="reinstall ollama-generate, or run it from a checkout that has the prompts/ folder",
+    )
+
+
+def template_placeholders(text: str) -> list[str]:
+    """The placeholder names a template uses, in order of first use.
+
+    >>> template_placeholders("Rewrite $description, costs $$5, ${tone}.")
+    ['description', 'tone']
+    """
+    names: list[str] = []
+    for match in string.Template.pattern.finditer(text):
+        name = match.group("named") or match.group("braced")
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
+def render(name: str, **values: object) -> str:
+    """Fill template NAME with values; a wrong placeholder is one error naming them all."""
+    path, text = load_template(name)
+    expected = TEMPLATE_FIELDS[name]
+    used = template_placeholders(text)
+    missing = [f"${n}" for n in expected if n not in used]
+    unknown = [f"${n}" for n in used if n not in expected]
+    problems = []
+    if missing:
+        problems.append(f"is missing {', '.join(missing)}")
+    if unknown:
+        problems.append(f"uses unknown {', '.join(unknown)}")
+    for match in string.Template.pattern.finditer(text):
+        if match.group("invalid") is not None:
+            line = text.count("\n", 0, match.start()) + 1
+            problems.append(f"has a stray $ on line {line} (write $$ for a dollar sign)")
+            break
+    if problems:
+        allowed = ", ".join(f"${n}" for n in expected) or "no placeholders"
+        raise OllamaError(f"template {path} {'; '.join(problems)}",
+                          hint=f"{name}.txt takes {allowed}")
+    return string.Template(text).substitute({k: str(v) for k, v in values.items()})
+
+
+# -- Output cleaning ----------------------------------------------------------
+# Pure functions from a model's raw answer to text we can trust.
+
+_THINK_BLOCK = re.compile(r"<(think|thinking)>.*?</\1>", re.S | re.I)
+_THINK_OPEN = re.compile(r"<(?:think|thinking)>", re.I)
+_THINK_CLOSE = re.compile(r"</(?:think|thinking)>", re.I)
+_INTERJECTION = re.compile(
+    r"^(?:sure|certainly|of course|absolutely|okay|ok|alright|great|got it)\b[^\n.!:]{0,40}[.!:,]\s*",
+    re.I)
+_PREAMBLE = re.compile(
+    r"^(?:here(?:'s| is| are)|below is|this is)\b[^\n:]{0,100}:\s*", re.I)
+_LABEL = re.compile(
+    r"^(?:final |rewritten |enhanced |improved |training )?"
+    r"(?:caption|tags|description|prompt|answer|output|result|text)\s*:\s*", re.I)
+_OFFER = re.compile(
+    r"(?:^|(?<=[.!?\n])\s*)(?:let me know\b|i hope (?:this|that)\b|feel free\b|would you like\b"
+    r"|do you want\b|if you(?:'d| would)? (?:like|need|want)\b|happy to help\b"
+    r"|i can (?:also )?(?:adjust|provide|make|modify)\b)[^\n]*$", re.I)
+_FENCE = re.compile(r"^\s*```[\w-]*\s*$", re.M)
+_QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "\u00ab": "\u00bb", "`": "`"}
+_BULLET = re.compile(r"^\s*(?:[-*+\u2022]|\d{1,3}[.)])\s+", re.M)
+_HEADING = re.compile(r"^\s*#{1,6}\s*", re.M)
+_EMPHASIS = re.compile(r"(\*\*|__|\*|_)(?=\S)(.+?)(?<=\S)\1")
+
+
+def strip_think(text: str) -> str:
+    """Remove reasoning blocks, closed or not.
+
+    >>> strip_think("<think>hmm</think>A cat.")
+    'A cat.'
+    >>> strip_think("plan first</think>A dog.")
+    'A dog.'
+    >>> strip_think("A bird. <think>ran out of tokens")
+    'A bird.'
+    """
+    text = _THINK_BLOCK.sub("", text)
+    closes = list(_THINK_CLOSE.finditer(text))
+    if closes:  # the opening tag was part of the prompt: all before the close is reasoning
+        text = text[closes[-1].end():]
+    opened = _THINK_OPEN.search(text)
+    if opened:  # the answer ran out of tokens while reasoning
+        text = text[:opened.start()]
+    return text.strip()
+
+
+def strip_wrapping_quotes(text: str) -> str:
+    """Remove one pair of quotes (or a code fence) around the whole answer."""
+    text = text.strip()
+    while len(text) >= 2 and _QUOTES.get(text[0]) == text[-1] and text[0] not in text[1:-1]:
+        text = text[1:-1].strip()
+    return text
+
+
+def strip_chatter(text: str) -> str:
+    """Remove think blocks, preambles, code fences and trailing offers from an answer.
+
+    >>> strip_chatter('Sure! Here is your caption:\\n"A red fox in snow."\\nLet me know if you need more.')
+    'A red fox in snow.'
+    """
+    text = strip_think(text)
+    text = _FENCE.sub("", text).strip()
+    for _ in range(3):
+        before = text
+        text = _INTERJECTION.sub("", text, count=1)
+        text = _PREAMBLE.sub("", text, count=1)
+        text = _LABEL.sub("", text, count=1).strip()
+        if text == before:
+            break
+    lines = text.splitlines()
+    while lines and (not lines[-1].strip() or _OFFER.match(lines[-1].strip())):
+        lines.pop()
+    text = "\n".join(lines)
+    text = _OFFER.sub("", text).strip()
+    return strip_wrapping_quotes(text)
+
+
+def strip_markdown(text: str) -> str:
+    """Remove headings, bullets, emphasis and inline code marks.
+
+    >>> strip_markdown("## Look\\n- **bold** fox\\n- `calm` lake")
+    'Look\\nbold fox\\ncalm lake'
+    """
+    text = _HEADING.sub("", text)
+    text = _BULLET.sub("", text)
+    text = _EMPHASIS.sub(r"\2", text)
+    return text.replace("`", "")
+
+
+def one_line(text: str) -> str:
+    """Join lines and collapse whitespace into a single line."""
+    return " ".join(text.split())
+
+
+def clean_prose(answer: str) -> str:
+    """A prose answer as one clean line."""
+    return one_line(strip_wrapping_quotes(strip_markdown(strip_chatter(answer))))
+
+
+def clean_tags(answer: str) -> list[str]:
+    """Split a tag answer into unique tags, in order.
+
+    >>> clean_tags("Tags: 1girl, Solo,\\n- red hair, solo, smile.")
+    ['1girl', 'Solo', 'red hair', 'smile']
+    """
+    tags: list[str] = []
+    seen: set[str] = set()
+    for raw in re.split(r"[,\n;]", strip_markdown(strip_chatter(answer))):
+        tag = strip_wrapping_quotes(one_line(raw)).strip(" .")
+        key = tag.casefold()
+        if tag and key not in seen:
+            seen.add(key)
+            tags.append(tag)
+    return tags
+
+
+def _without_word(text: str, word: str) -> str:
+    """Remove every whole-word occurrence of word, and the punctuation it leaves behind."""
+    pattern = re.compile(rf"(?<![\w-]){re.escape(word)}(?![\w-])", re.I)
+    text = pattern.sub("", text)
+    text = re.sub(r"\s+([,.;:!?])", r"\1", text)
+    text = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", text)
+    return one_line(text).strip(" ,;:")
+
+
+def layout_caption(body: str, *, trigger: str = "", prefix: str = "") -> str:
+    """Put the prefix first, then the trigger as the next comma-separated chunk, then body.
+
+    >>> layout_caption("a woman reading", trigger="ohwx", prefix="photo")
+    'photo, ohwx, a woman reading'
+    """
+    chunks = []
+    prefix = prefix.strip()
+    if prefix:
+        chunks.append(prefix.rstrip(", "))
+    contains = trigger and re.search(rf"(?<![\w-]){re.escape(trigger)}(?![\w-])", prefix, re.I)
+    if trigger and not contains:
+        chunks.append(trigger)
+    chunks.append(body)
+    return ", ".join(chunks)
+
+
+def finalize_caption(answer: str, *, style: str, trigger: str = "", prefix: str = "") -> str:
+    """Turn the text model's answer into the caption line we write.
+
+    Raises ImageError when nothing usable is left, so no empty file is ever written.
+    """
+    trigger = trigger.strip()
+    if style == "tags":
+        taken = {t.casefold() for t in clean_tags(prefix)} | {trigger.casefold()}
+        body = ", ".join(t for t in clean_tags(answer) if t.casefold() not in taken)
+    else:
+        body = clean_prose(answer)
+        if trigger:
+            body = _without_word(body, trigger)
+        body = body[:1].upper() + body[1:] if not (prefix or trigger) else body
+    if not body.strip(" ,.;:"):
+        raise ImageError("the text model's answer was empty after cleaning")
+    return layout_caption(body, trigger=trigger, prefix=prefix)
+
+
+# -- Images -------------------------------------------------------------------
+
+
+def sniff_image(path: str) -> str:
+    """Name the image format from the file's bytes; raise ImageError if it is not one we send."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            head = handle.read(32)
+            handle.seek(max(0, size - 32))
+            tail = handle.read(32)
+    except OSError as exc:
+        raise ImageError(f"cannot read the file ({exc.strerror or exc})") from None
+    if size == 0:
+        raise ImageError("the file is empty")
+    kind = _image_kind(head)
+    if kind is None:
+        raise ImageError("not a supported image (its bytes are not PNG, JPEG, WebP, BMP or GIF)")
+    if not _image_complete(kind, head, tail, size):
+        raise ImageError(f"the {kind.upper()} file is truncated")
+    return kind
+
+
+def _image_kind(head: bytes) -> str | None:
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head[:2] == b"BM" and len(head) >= 14:
+        return "bmp"
+    return None
+
+
+def _image_complete(kind: str, head: bytes, tail: bytes, size: int) -> bool:
+    """Check the end marker or declared size, so a half-copied file is caught."""
+    if kind == "png":
+        return b"IEND" in tail
+    if kind == "jpeg":
+        return b"\xff\xd9" in tail
+    if kind == "gif":
+        return tail.rstrip(b"\x00").endswith(b";")
+    declared = int.from_bytes(head[4:8] if kind == "webp" else head[2:6], "little")
+    return size >= declared + (8 if kind == "webp" else 0)
+
+
+def encode_image(path: str) -> str:
+    """The image as plain base64, the only form Ollama accepts (no data: prefix)."""
+    try:
+        with open(path, "rb") as handle:
+            return base64.b64encode(handle.read()).decode("ascii")
+    except OSError as exc:
+        raise ImageError(f"cannot read the file ({exc.strerror or exc})") from None
+
+
+def find_images(folder: str) -> list[str]:
+    """Image files directly inside folder, sorted by name; hidden files are ignored."""
+    try:
+        names = sorted(entry.name for entry in os.scandir(folder)
+                       if not entry.name.startswith(".") and entry.is_file()
+                       and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS)
+    except OSError as exc:
+        raise UsageError(f"cannot read the folder {folder} ({exc.strerror or exc})") from None
+    return [os.path.join(folder, name) for name in names]
+
+
+def caption_path(image: str) -> str:
+    """The caption file that trainers pair with an image: same name, .txt extension."""
+    return os.path.splitext(image)[0] + CAPTION_EXTENSION
+
+
+def write_caption_file(path: str, caption: str) -> None:
+    """Write one UTF-8 line atomically: a temp file in the same folder, then os.replace."""
+    line = one_line(caption)
+    if not line:
+        raise ImageError("refusing to write an empty caption")
+    folder = os.path.dirname(path) or "."
+    fd, temp = tempfile.mkstemp(dir=folder, prefix=".ollama-generate-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp, 0o666 & ~_umask())
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+def _umask() -> int:
+    """The process umask (read by setting it, then putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# -- Commands -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaptionSpec:
+    """How captions are written: style, mood, and what code adds in front."""
+
+    style: str = "training"
+    creative: bool = False
+    trigger: str = ""
+    prefix: str = ""
+
+
+def sampling(kind: str) -> dict:
+    """The options sent for one kind of request."""
+    temperature, num_predict = SAMPLING[kind]
+    return {"temperature": temperature, "num_predict": num_predict, "num_ctx": NUM_CTX}
+
+
+def with_no_think(model: str, prompt: str) -> str:
+    """Add qwen3's /no_think switch; think:false alone is not honoured by every build."""
+    return f"{prompt}\n/no_think" if model_thinks_by_prompt(model) else prompt
+
+
+def ask_text_model(client: OllamaClient, config: Config, template: str, kind: str,
+                   **values: object) -> str:
+    """Render a template, send it to the text model, and return the answer without think blocks."""
+    prompt = with_no_think(config.model, render(template, **values))
+    answer = client.generate(config.model, prompt, options=sampling(kind))
+    text = strip_think(answer.text)
+    if not text:
+        raise OllamaError(
+            f"the text model {config.model} gave an empty answer"
+            + (" (it ran out of tokens)" if answer.done_reason == "length" else ""),
+            hint="try again, or pick another model with --model or OLLAMA_MODEL",
+        )
+    return text
+
+
+def describe_image(client: OllamaClient, config: Config, image: str) -> str:
+    """Stage 1: the vision model describes what it sees."""
+    sniff_image(image)
+    user = with_no_think(config.vision_model, render("vision_user"))
+    messages = [
+        {"role": "system", "content": render("vision_system")},
+        {"role": "user", "content": user, "images": [encode_image(image)]},
+    ]
+    answer = client.chat(config.vision_model, messages, options=sampling("vision"))
+    description = strip_chatter(answer.text)
+    if not description:
+        raise ImageError(f"the vision model {config.vision_model} gave an empty description")
+    return description
+
+
+def write_caption(client: OllamaClient, config: Config, spec: CaptionSpec, description: str) -> str:
+    """Stage 2: the text model rewrites a description as a caption in the chosen style."""
+    template = f"caption_{spec.style}" + ("_creative" if spec.creative else "")
+    kind = "caption-creative" if spec.creative else "caption"
+    prompt = with_no_think(config.model, render(template, description=description))
+    answer = client.generate(config.model, prompt, options=sampling(kind))
+    return finalize_caption(answer.text, style=spec.style, trigger=spec.trigger, prefix=spec.prefix)
+
+
+def check_models(client: OllamaClient, config: Config) -> None:
+    """Before captioning, make sure both models are installed and the vision model sees."""
+    for model in dict.fromkeys((config.vision_model, config.model)):
+        details = client.show(model)
+        capabilities = details.get("capabilities")
+        # Servers before v0.6.4 do not report capabilities: unknown is not "no vision".
+        if model == config.vision_model and capabilities is not None and "vision" not in capabilities:
+            raise ModelUnavailable(
+                f"the vision model '{model}' cannot see images "
+                f"(its capabilities: {', '.join(capabilities) or 'none'})",
+                hint="pick a vision model with --vision-model or OLLAMA_VISION_MODEL, "
+                     f"e.g. `ollama pull {DEFAULT_VISION_MODEL}`",
+            )
+
+
+def cmd_caption(config: Config, args: argparse.Namespace) -> str | None:
+    """Caption one image (printed) or every image in a folder (written beside each)."""
+    spec = CaptionSpec(style=args.style, creative=args.creative,
+                       trigger=args.trigger or "", prefix=args.prefix or "")
+    path = args.path
+    if not os.path.exists(path):
+        raise UsageError(f"{path} does not exist")
+    client = OllamaClient(config.host, timeout=config.timeout, retries=config.retries)
+    if os.path.isdir(path):
+        images = find_images(path)
+        if not images:
+            raise UsageError(f"{path} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        check_models(client, config)
+        report = caption_folder(client, config, spec, images, overwrite=args.overwrite)
+        print_summary(report)
+        if report.failed:
+            raise BatchFailed(
+                f"{len(report.failed)} of {report.total} images failed",
+                hint="fix or remove them and run the same command again; finished captions are kept",
+            )
+        return None
+    check_models(client, config)
+    description = describe_image(client, config, path)
+    return write_caption(client, config, spec, description)
+
+
+def read_text_argument(value: str, what: str) -> str:
+    """The text of a positional argument; '-' reads it from standard input."""
+    text = sys.stdin.read() if value == "-" else value
+    if not text.strip():
+        source = "standard input" if value == "-" else f"the {what}"
+        raise UsageError(f"{source} is empty; give the {what} to work on")
+    return text.strip()
+
+
+def _text_client(config: Config) -> OllamaClient:
+    return OllamaClient(config.host, timeout=config.timeout, retries=config.retries)
+
+
+def cmd_prompt(config: Config, args: argparse.Namespace) -> str:
+    """Write an image-generation prompt from a concept."""
+    concept = read_text_argument(args.concept, "concept")
+    answer = ask_text_model(_text_client(config), config, f"prompt_{args.encoder}", "prompt",
+                            concept=concept)
+    return ", ".join(clean_tags(answer)) if args.encoder == "clip" else clean_prose(answer)
+
+
+def cmd_enhance(config: Config, args: argparse.Namespace) -> str:
+    """Rewrite an existing prompt with more detail."""
+    prompt = read_text_argument(args.prompt, "prompt")
+    answer = ask_text_model(_text_client(config), config, f"enhance_{args.intensity}",
+                            f"enhance-{args.intensity}", prompt=prompt)
+    return clean_prose(answer)
+
+
+def cmd_describe(config: Config, args: argparse.Namespace) -> str:
+    """Write a model card description (Markdown) for a LoRA."""
+    name = read_text_argument(args.model_name, "model name")
+    answer = ask_text_model(_text_client(config), config, "describe", "describe",
+                            model_name=name, lora_type=args.lora_type,
+                            tags=(args.tags or "").strip() or "none")
+    return strip_chatter(answer)
+
+
+def cmd_lore(config: Config, args: argparse.Namespace) -> str:
+    """Write creative fiction, a scene, a character profile or world lore."""
+    scenario = read_text_argument(args.scenario, "scenario")
+    answer = ask_text_model(_text_client(config), config, "lore", f"lore-{args.length}",
+                            scenario=scenario, words=LORE_WORDS[args.length])
+    return strip_chatter(answer)
+
+
+# -- Batch engine -------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One image of a folder run and where it stands."""
+
+    image: str
+    caption_file: str
+    status: str = "pending"  # pending, skipped, written, failed
+    reason: str = ""
+
+
+@dataclass
+class Report:
+    """What a folder run did; the stderr summary is one rendering of it."""
+
+    total: int = 0
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    interrupted: bool = False
+
+
+def plan_jobs(images: list[str], *, overwrite: bool) -> list[Job]:
+    """One job per image; an existing caption is skipped unless overwrite is set."""
+    jobs = []
+    owners: dict[str, str] = {}
+    for image in images:
+        job = Job(image, caption_path(image))
+        if job.caption_file in owners:
+            job.status = "failed"
+            job.reason = (f"shares its caption file {os.path.basename(job.caption_file)} "
+                          f"with {os.path.basename(owners[job.caption_file])}")
+        elif os.path.exists(job.caption_file) and not overwrite:
+            job.status, job.reason = "skipped", "caption exists"
+        owners.setdefault(job.caption_file, image)
+        jobs.append(job)
+    return jobs
+
+
+def caption_folder(client: OllamaClient, config: Config, spec: CaptionSpec,
+                   images: list[str], *, overwrite: bool) -> Report:
+    """Caption every pending image, one at a time, going on past images that fail."""
+    started = time.monotonic()
+    jobs = plan_jobs(images, overwrite=overwrite)
+    report = Report(total=len(jobs))
+    try:
+        for number, job in enumerate(jobs, 1):
+            if job.status == "pending":
+                caption_job(client, config, spec, job)
+            record(report, job)
+            print_progress(number, len(jobs), job)
+    except (KeyboardInterrupt, ServerUnreachable, ModelUnavailable) as exc:
+        report.interrupted = True
+        report.seconds = time.monotonic() - started
+        print_summary(report)
+        raise exc from None
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def caption_job(client: OllamaClient, config: Config, spec: CaptionSpec, job: Job) -> None:
+    """Run both stages for one image and write its caption file."""
+    try:
+        description = describe_image(client, config, job.image)
+        caption = write_caption(client, config, spec, description)
+        write_caption_file(job.caption_file, caption)
+        job.status = "written"
+    except (ImageError, TransientError) as exc:
+        job.status, job.reason = "failed", str(exc)
+    except (ServerUnreachable, ModelUnavailable):
+        raise
+    except OllamaError as exc:
+        job.status, job.reason = "failed", str(exc)
+    except OSError as exc:
+        job.status, job.reason = "failed", f"cannot write {job.caption_file} ({exc.strerror or exc})"
+
+
+def record(report: Report, job: Job) -> None:
+    """Count a finished job in the report."""
+    if job.status == "written":
+        report.written.append(job.image)
+    elif job.status == "skipped":
+        report.skipped.append(job.image)
+    elif job.status == "failed":
+        report.failed.append((job.image, job.reason))
+
+
+# -- Output -------------------------------------------------------------------
+
+
+def print_progress(number: int, total: int, job: Job) -> None:
+    """One line per image on stderr."""
+    name = os.path.basename(job.image)
+    outcome = {"written": "written", "skipped": f"skipped ({job.reason})"}.get(
+        job.status, f"failed: {job.reason}")
+    print(f"[{number}/{total}] {name}: {outcome}", file=sys.stderr, flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as a short human duration.
+
+    >>> format_duration(75.4)
+    '1m 15s'
+    >>> format_duration(3.21)
+    '3.2s'
+    """
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes}m {secs}s" if hours else f"{minutes}m {secs}s"
+
+
+def print_summary(report: Report) -> None:
+    """The end-of-run summary on stderr: counts, then each failure with its reason."""
+    done = len(report.written) + len(report.skipped) + len(report.failed)
+    head = "Stopped" if report.interrupted else "Done"
+    print(f"{head} after {format_duration(report.seconds)}: {len(report.written)} written, "
+          f"{len(report.skipped)} skipped, {len(report.failed)} failed"
+          + (f", {report.total - done} not reached" if report.total > done else "")
+          + f" (of {report.total} images).", file=sys.stderr)
+    if report.failed:
+        print("Failed:", file=sys.stderr)
+        for image, reason in report.failed:
+            print(f"  {image}: {reason}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+# -- Command-line interface ---------------------------------------------------
+
+
+def positive_float(value: str) -> float:
+    """argparse type: a number above zero."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {value!r}")
+    return number
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per action, shared server flags on each."""
+    common = argparse.ArgumentParser(add_help=False)
+    server = common.add_argument_group("server options")
+    server.add_argument("--host", default=argparse.SUPPRESS, metavar="URL",
+                        help=f"Ollama server URL (env: OLLAMA_HOST; default {DEFAULT_HOST})")
+    server.add_argument("-m", "--model", default=argparse.SUPPRESS, metavar="NAME",
+                        help=f"text model (env: OLLAMA_MODEL; default {DEFAULT_MODEL})")
+    server.add_argument("--timeout", type=positive_float, default=argparse.SUPPRESS,
+                        metavar="SECONDS",
+                        help=f"wait this long for the server to answer (default {DEFAULT_TIMEOUT:g})")
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=_HelpFormatter, parents=[common],
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+        epilog="Run `ollama-generate COMMAND --help` for a command's options.\n\n"
+               + "\n\n".join(__doc__.split("\n\n")[3:5]),
+    )
+    parser.set_defaults(host=None, model=None, timeout=DEFAULT_TIMEOUT)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, function, epilog: str) -> argparse.ArgumentParser:
+        summary = function.__doc__.splitlines()[0]
+        sub = commands.add_parser(name, parents=[common], help=summary, description=summary,
+                                  epilog="examples:\n" + epilog, formatter_class=_HelpFormatter)
+        sub.set_defaults(run=function)
+        return sub
+
+    caption = add("caption", cmd_caption,
+                  "  ollama-generate caption photo.png --style tags\n"
+                  "  ollama-generate caption ./dataset/ --trigger ohwx --overwrite\n"
+                  "  ollama-generate caption photo.png --style detailed --creative")
+    caption.add_argument("path", metavar="PATH", help="an image file, or a folder of images")
+    caption.add_argument("--style", choices=STYLES, default="training",
+                         help="training: a 50-150 word paragraph (Flux/T5); tags: 20-40 booru "
+                              "tags (SDXL/Pony/Illustrious); detailed: 2-4 sentences of prose "
+                              "(default: training)")
+    caption.add_argument("-c", "--creative", action="store_true",
+                         help="add atmosphere, mood and sensory detail (default: accurate)")
+    caption.add_argument("--trigger", metavar="WORD",
+                         help="trigger word, placed by code as the first comma-separated chunk, once")
+    caption.add_argument("--prefix", metavar="TEXT",
+                         help="text placed verbatim at the very start of every caption")
+    caption.add_argument("--overwrite", action="store_true",
+                         help="replace existing caption files (default: skip them)")
+    caption.add_argument("--vision-model", metavar="NAME",
+                         help=f"vision model (env: OLLAMA_VISION_MODEL; default {DEFAULT_VISION_MODEL})")
+
+    prompt = add("prompt", cmd_prompt,
+                 '  ollama-generate prompt "a lighthouse in a storm"\n'
+                 '  ollama-generate prompt "a lighthouse in a storm" --encoder clip\n'
+                 "  echo 'a fox in snow' | ollama-generate prompt -")
+    prompt.add_argument("concept", metavar="CONCEPT", help="what the image is about ('-' reads stdin)")
+    prompt.add_argument("--encoder", choices=ENCODERS, default="t5",
+                        help="t5: natural language for Flux; clip: tags for SDXL/Pony (default: t5)")
+
+    enhance = add("enhance", cmd_enhance,
+                  '  ollama-generate enhance "a cat on a sofa"\n'
+                  '  ollama-generate enhance "1girl, red hair, rain" --intensity extreme')
+    enhance.add_argument("prompt", metavar="PROMPT", help="the prompt to enrich ('-' reads stdin)")
+    enhance.add_argument("--intensity", choices=INTENSITIES, default="moderate",
+                         help="how much creative liberty the model takes (default: moderate)")
+
+    describe = add("describe", cmd_describe,
+                   '  ollama-generate describe "Neon Noir" --type style --tags "neon, rain, night"')
+    describe.add_argument("model_name", metavar="MODEL_NAME", help="the LoRA's name ('-' reads stdin)")
+    describe.add_argument("--type", dest="lora_type", required=True, metavar="TYPE",
+                          help="what kind of LoRA: character, style, concept, clothing, ...")
+    describe.add_argument("--tags", metavar="TAGS", help="comma-separated keywords for the card")
+
+    lore = add("lore", cmd_lore,
+               '  ollama-generate lore "the last lighthouse keeper" --length short')
+    lore.add_argument("scenario", metavar="SCENARIO", help="what to write about ('-' reads stdin)")
+    lore.add_argument("--length", choices=LENGTHS, default="medium",
+                      help="short (~150 words), medium (~400) or long (~900) (default: medium)")
+    return parser
+
+
+def print_error(exc: OllamaError) -> None:
+    """The one place errors reach the user: an error line, then a hint line if we have one."""
+    print(f"{PROG}: error: {exc}", file=sys.stderr)
+    if exc.hint:
+        print(f"{PROG}: hint: {exc.hint}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = build_parser().parse_args(argv)  # usage errors exit 2 here
+    debug = bool(os.environ.get("OLLAMA_GENERATE_DEBUG"))
+    try:
+        config = Config.resolve(args, os.environ)
+        product = args.run(config, args)
+        if product is not None:
+            sys.stdout.write(product.rstrip("\n") + "\n")
+            sys.stdout.flush()
+    except OllamaError as exc:
+        if debug:
+            raise
+        print_error(exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader (head, less) went away: stop quietly, as json.tool does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except Exception as exc:  # a bug: one line, not a traceback
+        if debug:
+            raise
+        print_error(OllamaError(f"internal error: {exc!r}",
+                                hint="rerun with OLLAMA_GENERATE_DEBUG=1 and report the traceback"))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
