@@ -517,8 +517,8 @@ _INTERJECTION = re.compile(
 _PREAMBLE = re.compile(
     r"^(?:here(?:'s| is| are)|below is|this is)\b[^\n:]{0,100}:\s*", re.I)
 _LABEL = re.compile(
-    r"^(?:final |rewritten |enhanced |improved |training )?"
-    r"(?:caption|tags|description|prompt|answer|output|result|text)\s*:\s*", re.I)
+    r"^[*_#\s]*(?:final |rewritten |enhanced |improved |training )?"
+    r"(?:caption|tags|description|prompt|answer|output|result|text)[*_]*\s*:[*_]*\s*", re.I)
 _OFFER = re.compile(
     r"(?:^|(?<=[.!?\n])\s*)(?:let me know\b|i hope (?:this|that)\b|feel free\b|would you like\b"
     r"|do you want\b|if you(?:'d| would)? (?:like|need|want)\b|happy to help\b"
@@ -527,7 +527,8 @@ _FENCE = re.compile(r"^\s*```[\w-]*\s*$", re.M)
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "\u00ab": "\u00bb", "`": "`"}
 _BULLET = re.compile(r"^\s*(?:[-*+\u2022]|\d{1,3}[.)])\s+", re.M)
 _HEADING = re.compile(r"^\s*#{1,6}\s*", re.M)
-_EMPHASIS = re.compile(r"(\*\*|__|\*|_)(?=\S)(.+?)(?<=\S)\1")
+# Emphasis marks hug words from outside; an underscore inside a tag (score_8_up) is no mark.
+_EMPHASIS = re.compile(r"(?<![\w*])(\*\*|__|\*|_)(?=\S)(.+?)(?<=\S)\1(?![\w*])")
 
 
 def strip_think(text: str) -> str:
@@ -1065,10 +1066,13 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=30)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line: one subcommand per action, shared server flags on each."""
-    common = argparse.ArgumentParser(add_help=False)
-    server = common.add_argument_group("server options")
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    """The flags every command takes, before or after the command name.
+
+    They default to SUPPRESS so a subcommand that does not see a flag leaves the
+    value given before the command name alone; main() fills in the rest.
+    """
+    server = parser.add_argument_group("server options")
     server.add_argument("--host", default=argparse.SUPPRESS, metavar="URL",
                         help=f"Ollama server URL (env: OLLAMA_HOST; default {DEFAULT_HOST})")
     server.add_argument("-m", "--model", default=argparse.SUPPRESS, metavar="NAME",
@@ -1077,21 +1081,28 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="SECONDS",
                         help=f"wait this long for the server to answer (default {DEFAULT_TIMEOUT:g})")
 
+
+SERVER_DEFAULTS = {"host": None, "model": None, "timeout": DEFAULT_TIMEOUT}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per action, shared server flags on each."""
     parser = argparse.ArgumentParser(
-        prog=PROG, formatter_class=_HelpFormatter, parents=[common],
+        prog=PROG, formatter_class=_HelpFormatter,
         description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
         epilog="Run `ollama-generate COMMAND --help` for a command's options.\n\n"
                + "\n\n".join(__doc__.split("\n\n")[3:5]),
     )
-    parser.set_defaults(host=None, model=None, timeout=DEFAULT_TIMEOUT)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    add_server_options(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, function, epilog: str) -> argparse.ArgumentParser:
         summary = function.__doc__.splitlines()[0]
-        sub = commands.add_parser(name, parents=[common], help=summary, description=summary,
+        sub = commands.add_parser(name, help=summary, description=summary,
                                   epilog="examples:\n" + epilog, formatter_class=_HelpFormatter)
         sub.set_defaults(run=function)
+        add_server_options(sub)
         return sub
 
     caption = add("caption", cmd_caption,
@@ -1154,6 +1165,9 @@ def print_error(exc: OllamaError) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = build_parser().parse_args(argv)  # usage errors exit 2 here
+    for name, default in SERVER_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, default)
     debug = bool(os.environ.get("OLLAMA_GENERATE_DEBUG"))
     try:
         config = Config.resolve(args, os.environ)

@@ -1,0 +1,77 @@
+"""Shared pytest fixtures: a clean environment, fake Ollama servers and tiny images."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+for _p in (str(REPO_ROOT), str(TESTS_DIR)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from fake_ollama import FakeOllama  # noqa: E402
+from images import jpeg_bytes, png_bytes  # noqa: E402
+
+# Proxy variables would make urllib send 127.0.0.1 traffic to a developer's proxy.
+_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the developer's OLLAMA_* / NO_COLOR / proxy settings out of every test."""
+    for name in list(os.environ):
+        if name.startswith("OLLAMA_") or name in ("NO_COLOR", *_PROXY_VARS):
+            monkeypatch.delenv(name, raising=False)
+
+
+def _stop_and_check(fake: FakeOllama) -> None:
+    fake.stop()
+    assert not fake.errors, "fake_ollama raised internally:\n" + "\n".join(fake.errors)
+
+
+@pytest.fixture
+def ollama(clean_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOllama]:
+    """A running FakeOllama with the default models; OLLAMA_HOST points at it."""
+    fake = FakeOllama().start()
+    monkeypatch.setenv("OLLAMA_HOST", fake.url)
+    try:
+        yield fake
+    finally:
+        _stop_and_check(fake)
+
+
+@pytest.fixture
+def make_ollama(clean_env: None) -> Iterator[Callable[..., FakeOllama]]:
+    """Factory for extra/custom servers: make_ollama(**FakeOllama kwargs). Does not touch env."""
+    made: list[FakeOllama] = []
+
+    def factory(**kwargs: Any) -> FakeOllama:
+        fake = FakeOllama(**kwargs).start()
+        made.append(fake)
+        return fake
+
+    try:
+        yield factory
+    finally:
+        for fake in made:
+            fake.stop()
+        for fake in made:
+            assert not fake.errors, "fake_ollama raised internally:\n" + "\n".join(fake.errors)
+
+
+@pytest.fixture
+def tiny_png() -> bytes:
+    """A valid 2x2 RGB PNG."""
+    return png_bytes()
+
+
+@pytest.fixture
+def tiny_jpeg() -> bytes:
+    """A valid 2x2 JPEG."""
+    return jpeg_bytes()

@@ -1,0 +1,1537 @@
+"""A fake Ollama HTTP server for tests (stdlib only).
+
+It mimics the wire behaviour described in shared/reference/ollama-api.md: routes, request
+validation with Go-like error texts, NDJSON streaming, error shapes (both the >= v0.12.6 real
+status and the legacy 200 + NDJSON error line), thinking, load/unload requests, and a small model
+scheduler (serialised loads, LRU eviction, per-model parallel slots).
+
+Streaming layout of a generation (documented choice): all `thinking` pieces first, then the
+content pieces (``Reply.chunk_chars`` characters each). When the text length is odd the last
+content piece rides in the final ``done:true`` chunk (real servers may do that); when it is even
+the final chunk carries an empty text. ``Reply.final_piece`` forces either way.
+
+Scheduling approximation: a request for a model that is not resident takes the single load lock
+(so loads are serialised), and when ``max_loaded`` is reached it marks the least recently used
+model (idle ones first) for eviction and waits until that model's in-flight requests have
+finished. The whole wait counts in ``load_duration``, as in Ollama (it starts at arrival).
+Keep-alive durations are recorded (shown in ``/api/ps``) but never expire by themselves;
+``keep_alive: 0`` unloads the model once its last request finishes.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import hashlib
+import http.server
+import json
+import math
+import socket
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+from urllib.parse import urlsplit
+
+__all__ = ["FakeOllama", "Recorded", "Reply"]
+
+JSON_CT = "application/json; charset=utf-8"
+NDJSON_CT = "application/x-ndjson"
+TEXT_CT = "text/plain; charset=utf-8"
+
+FAULTS = ("", "drop", "eof", "reset", "garbage", "stall")
+GARBAGE = b"<html>oops</html>"
+STALL_FOREVER = 30.0  # a stall with delay 0 waits this long (or until stop/kill)
+
+_DEFAULT_ERRORS = {
+    400: "bad request",
+    404: "not found",
+    429: "rate limit exceeded",
+    500: "model runner has unexpectedly stopped, this may be due to resource limitations or an "
+    "internal error, check ollama server logs for details",
+    502: "bad gateway",
+    503: "server busy, please try again.  maximum pending requests exceeded",
+}
+_MID_STREAM_ERROR = "an error was encountered while running the model"
+_FOREVER_NS = (1 << 63) - 1
+_DEFAULT_KEEP_ALIVE_NS = 5 * 60 * 10**9
+
+
+@dataclass
+class Recorded:
+    """One HTTP request received by the fake, in arrival order."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: object | None
+    raw: bytes
+    query: str = ""
+    received_at: float = 0.0  # time.monotonic() at arrival
+
+
+@dataclass
+class Reply:
+    """One scripted answer for a generation request (/api/chat or /api/generate)."""
+
+    text: str = ""
+    thinking: str = ""
+    status: int = 200
+    error: str = ""
+    mid_stream: bool = False
+    fault: str = ""
+    delay: float = 0.0
+    done_reason: str = "stop"
+    model: str | None = None
+    endpoint: str | None = None
+    eval_count: int | None = None
+    chunk_chars: int = 8
+    chunk_delay: float = 0.0  # seconds between streamed chunks
+    final_piece: bool | None = None  # None: last text piece rides in the final chunk iff len(text) is odd
+    final_fields: dict[str, Any] | None = None  # merged into the final object; a None value deletes the key
+
+    def __post_init__(self) -> None:
+        if self.fault not in FAULTS:
+            raise ValueError(f"unknown fault {self.fault!r}; expected one of {FAULTS}")
+        if self.chunk_chars < 1:
+            raise ValueError("chunk_chars must be >= 1")
+
+
+@dataclass
+class _Model:
+    name: str
+    capabilities: tuple[str, ...]
+    family: str
+    parameter_size: str
+    quantization_level: str
+    size: int
+    context_length: int
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.name.encode()).hexdigest()
+
+    def details(self, *, with_context: bool = False) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "parent_model": "",
+            "format": "gguf",
+            "family": self.family,
+            "families": [self.family],
+            "parameter_size": self.parameter_size,
+            "quantization_level": self.quantization_level,
+        }
+        if with_context:
+            d["context_length"] = self.context_length
+        return d
+
+
+class _HTTPError(Exception):
+    """An error answered as {"error": message}; runner errors follow the legacy_errors rules."""
+
+    def __init__(self, status: int, message: str, *, runner: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.runner = runner
+
+
+class _Aborted(Exception):
+    """The server was stopped or killed while a handler was waiting."""
+
+
+class _Cleanup:
+    """Bookkeeping to undo once a request is answered (run just before its last bytes are written,
+    so a client that has read a complete response sees the fake's state already settled)."""
+
+    def __init__(self) -> None:
+        self._actions: list[Callable[[], None]] = []
+
+    def push(self, action: Callable[[], None]) -> None:
+        self._actions.append(action)
+
+    def run(self) -> None:
+        while self._actions:
+            self._actions.pop()()
+
+
+# ----------------------------------------------------------------------------------------------
+# Go look-alikes: quoting, JSON decoder messages, base64, time.ParseDuration, JSON encoding.
+
+
+def _go_quote(s: str) -> str:
+    """strconv.Quote."""
+    out = ['"']
+    for ch in s:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ch in "\a\b\f\n\r\t\v":
+            out.append({"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
+                        "\t": "\\t", "\v": "\\v"}[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\x{ord(ch):02x}")
+        elif not ch.isprintable():
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _go_quote_char(c: str) -> str:
+    """encoding/json quoteChar."""
+    if c == "'":
+        return "'\\''"
+    if c == '"':
+        return "'\"'"
+    if ord(c) >= 0x80:  # Go quotes the first UTF-8 byte
+        return f"'\\x{c.encode()[0]:02x}'"
+    return "'" + _go_quote(c)[1:-1] + "'"
+
+
+def _time_quote(s: str) -> str:
+    """The time package's quote()."""
+    out = ['"']
+    for b in s:
+        if ord(b) >= 0x80 or ord(b) < 0x20:
+            out.extend(f"\\x{x:02x}" for x in b.encode())
+        else:
+            out.append("\\" + b if b in ('"', "\\") else b)
+    out.append('"')
+    return "".join(out)
+
+
+def _innermost_container(s: str, pos: int) -> str:
+    stack: list[str] = []
+    in_str = esc = False
+    for ch in s[:pos]:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "{[":
+            stack.append(ch)
+        elif ch in "}]" and stack:
+            stack.pop()
+    return stack[-1] if stack else ""
+
+
+def _go_json_message(s: str, err: json.JSONDecodeError) -> str:
+    """Translate a Python JSON error into encoding/json's wording."""
+    pos, msg = err.pos, err.msg
+    if msg.startswith("Unterminated string") or pos >= len(s):
+        return "unexpected EOF"
+    c = s[pos]
+    q = _go_quote_char
+    if msg.startswith("Expecting value"):
+        for lit in ("true", "false", "null"):
+            if c == lit[0]:
+                for i, want in enumerate(lit):
+                    if pos + i >= len(s):
+                        return "unexpected EOF"
+                    if s[pos + i] != want:
+                        return f"invalid character {q(s[pos + i])} in literal {lit} (expecting {q(want)})"
+        if c == "-":
+            nxt = s[pos + 1:pos + 2]
+            return f"invalid character {q(nxt)} in numeric literal" if nxt else "unexpected EOF"
+        return f"invalid character {q(c)} looking for beginning of value"
+    if msg.startswith("Expecting property name"):
+        return f"invalid character {q(c)} looking for beginning of object key string"
+    if msg.startswith("Illegal trailing comma"):
+        j = pos + 1
+        while j < len(s) and s[j] in " \t\r\n":
+            j += 1
+        if j >= len(s):
+            return "unexpected EOF"
+        what = "object key string" if "object" in msg else "value"
+        return f"invalid character {q(s[j])} looking for beginning of {what}"
+    if msg.startswith("Expecting ':'"):
+        return f"invalid character {q(c)} after object key"
+    if msg.startswith("Expecting ','"):
+        if _innermost_container(s, pos) == "{":
+            return f"invalid character {q(c)} after object key:value pair"
+        return f"invalid character {q(c)} after array element"
+    if msg.startswith("Invalid control character"):
+        return f"invalid character {q(c)} in string literal"
+    if msg.startswith("Invalid \\uXXXX"):
+        for ch in s[pos + 1:pos + 5]:
+            if ch not in "0123456789abcdefABCDEF":
+                return f"invalid character {q(ch)} in \\u hexadecimal character escape"
+        return "unexpected EOF"
+    if msg.startswith("Invalid \\escape"):
+        nxt = s[pos + 1:pos + 2]
+        return f"invalid character {q(nxt)} in string escape code" if nxt else "unexpected EOF"
+    return f"invalid character {q(c)} looking for beginning of value"
+
+
+class _ConstantError(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _ConstantError(name)
+
+
+def _parse_go_json(text: str) -> Any:
+    """Decode like json.Decoder.Decode (trailing data ignored); raises _HTTPError(400)."""
+    s = text.lstrip(" \t\r\n")
+    try:
+        obj, _ = json.JSONDecoder(parse_constant=_reject_constant).raw_decode(s)
+    except _ConstantError as e:  # NaN / Infinity are not JSON
+        if str(e).startswith("-"):
+            raise _HTTPError(400, "invalid character 'I' in numeric literal") from None
+        raise _HTTPError(400, f"invalid character {_go_quote_char(str(e)[0])} looking for beginning of value") from None
+    except json.JSONDecodeError as e:
+        raise _HTTPError(400, _go_json_message(s, e)) from None
+    return obj
+
+
+_B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+_B64_MAP = {c: i for i, c in enumerate(_B64_ALPHABET)}
+
+
+class _Base64Error(ValueError):
+    def __init__(self, offset: int) -> None:
+        super().__init__(f"illegal base64 data at input byte {offset}")
+        self.offset = offset
+
+
+def go_b64decode(s: str) -> bytes:
+    """base64.StdEncoding.Decode with Go's CorruptInputError offsets (\\r and \\n are skipped)."""
+    src = s.encode("utf-8")
+    n = len(src)
+    out = bytearray()
+    si = 0
+    while True:
+        dbuf = [0, 0, 0, 0]
+        dlen = 4
+        j = 0
+        while j < 4:
+            if si == n:
+                if j == 0:
+                    return bytes(out)
+                raise _Base64Error(si - j)
+            ch = src[si]
+            si += 1
+            v = _B64_MAP.get(ch)
+            if v is not None:
+                dbuf[j] = v
+                j += 1
+                continue
+            if ch in (10, 13):
+                continue
+            if ch != 61:  # '='
+                raise _Base64Error(si - 1)
+            if j in (0, 1):
+                raise _Base64Error(si - 1)
+            if j == 2:
+                while si < n and src[si] in (10, 13):
+                    si += 1
+                if si == n:
+                    raise _Base64Error(n)
+                if src[si] != 61:
+                    raise _Base64Error(si - 1)
+                si += 1
+            while si < n and src[si] in (10, 13):
+                si += 1
+            if si < n:
+                raise _Base64Error(si)
+            dlen = j
+            break
+        val = dbuf[0] << 18 | dbuf[1] << 12 | dbuf[2] << 6 | dbuf[3]
+        out.extend(bytes(((val >> 16) & 255, (val >> 8) & 255, val & 255))[: max(dlen - 1, 0) if dlen < 4 else 3])
+        if dlen < 4:
+            return bytes(out)
+
+
+_DURATION_UNITS = {"ns": 1, "us": 10**3, "µs": 10**3, "μs": 10**3, "ms": 10**6, "s": 10**9,
+                   "m": 60 * 10**9, "h": 3600 * 10**9}
+
+
+def go_parse_duration(orig: str) -> int:
+    """time.ParseDuration, in nanoseconds; raises ValueError with Go's message."""
+    s = orig
+    neg = False
+    if s and s[0] in "+-":
+        neg = s[0] == "-"
+        s = s[1:]
+    if s == "0":
+        return 0
+    invalid = ValueError("time: invalid duration " + _time_quote(orig))
+    if not s:
+        raise invalid
+    total = 0
+    while s:
+        if not (s[0] == "." or "0" <= s[0] <= "9"):
+            raise invalid
+        i = 0
+        while i < len(s) and "0" <= s[i] <= "9":
+            i += 1
+        pre = i > 0
+        whole = int(s[:i]) if pre else 0
+        s = s[i:]
+        frac = ""
+        post = False
+        if s and s[0] == ".":
+            s = s[1:]
+            i = 0
+            while i < len(s) and "0" <= s[i] <= "9":
+                i += 1
+            post = i > 0
+            frac, s = s[:i], s[i:]
+        if not pre and not post:
+            raise invalid
+        i = 0
+        while i < len(s) and not (s[i] == "." or "0" <= s[i] <= "9"):
+            i += 1
+        if i == 0:
+            raise ValueError("time: missing unit in duration " + _time_quote(orig))
+        unit_name, s = s[:i], s[i:]
+        unit = _DURATION_UNITS.get(unit_name)
+        if unit is None:
+            raise ValueError(f"time: unknown unit {_time_quote(unit_name)} in duration {_time_quote(orig)}")
+        total += whole * unit + (int(frac) * unit // 10 ** len(frac) if frac else 0)
+        if total > _FOREVER_NS:
+            raise invalid
+    return -total if neg else total
+
+
+def go_json(obj: Any) -> str:
+    """json.Marshal look-alike: compact, UTF-8, HTML characters escaped."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return (text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def _rfc3339(when: _dt.datetime | None = None) -> str:
+    """RFC 3339 UTC with nine fractional digits, like Go's time.Time JSON encoding."""
+    if when is None:
+        ns = time.time_ns()
+        when = _dt.datetime.fromtimestamp(ns // 10**9, _dt.timezone.utc)
+        frac = ns % 10**9
+    else:
+        frac = when.microsecond * 1000
+    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{frac:09d}Z"
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    core = v.lstrip("v").split("-", 1)[0].split("+", 1)[0]
+    parts: list[int] = []
+    for p in core.split("."):
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def model_key(name: str) -> str:
+    """Normalise a model name: tag defaults to `latest`, registry prefix dropped, lower-cased."""
+    n = name.strip().lower()
+    for prefix in ("registry.ollama.ai/", "library/"):
+        if n.startswith(prefix):
+            n = n[len(prefix):]
+    if ":" not in n.rsplit("/", 1)[-1]:
+        n += ":latest"
+    return n
+
+
+def _with_tag(name: str) -> str:
+    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+
+def _fully_qualified(name: str) -> str:
+    n = _with_tag(name)
+    slashes = n.count("/")
+    if slashes == 0:
+        return "registry.ollama.ai/library/" + n
+    if slashes == 1:
+        return "registry.ollama.ai/" + n
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
+# Request decoding with Go's semantics (field names case-insensitive, null = absent, type errors
+# saved and reported at the end, custom UnmarshalJSON errors abort at once).
+
+_GEN_FIELDS: dict[str, tuple[str, str]] = {
+    "model": ("string", "string"), "prompt": ("string", "string"), "suffix": ("string", "string"),
+    "system": ("string", "string"), "template": ("string", "string"), "context": ("[]int", "[]int"),
+    "stream": ("bool", "bool"), "raw": ("bool", "bool"), "format": ("raw", ""),
+    "keep_alive": ("duration", ""), "images": ("images", "[]api.ImageData"),
+    "options": ("map", "map[string]interface {}"), "think": ("think", ""),
+    "truncate": ("bool", "bool"), "shift": ("bool", "bool"), "logprobs": ("bool", "bool"),
+    "top_logprobs": ("int", "int"), "_debug_render_only": ("bool", "bool"),
+}
+_CHAT_FIELDS: dict[str, tuple[str, str]] = {
+    "model": ("string", "string"), "messages": ("messages", "[]api.Message"),
+    "stream": ("bool", "bool"), "format": ("raw", ""), "keep_alive": ("duration", ""),
+    "tools": ("array", "api.Tools"), "options": ("map", "map[string]interface {}"),
+    "think": ("think", ""), "truncate": ("bool", "bool"), "shift": ("bool", "bool"),
+    "logprobs": ("bool", "bool"), "top_logprobs": ("int", "int"),
+    "_debug_render_only": ("bool", "bool"),
+}
+_MESSAGE_FIELDS: dict[str, tuple[str, str]] = {
+    "role": ("string", "string"), "content": ("string", "string"), "thinking": ("string", "string"),
+    "images": ("images", "[]api.ImageData"), "tool_calls": ("array", "[]api.ToolCall"),
+    "tool_name": ("string", "string"), "tool_call_id": ("string", "string"),
+}
+_SHOW_FIELDS: dict[str, tuple[str, str]] = {
+    "model": ("string", "string"), "name": ("string", "string"), "verbose": ("bool", "bool"),
+    "system": ("string", "string"), "template": ("string", "string"),
+    "options": ("map", "map[string]interface {}"),
+}
+_PULL_FIELDS: dict[str, tuple[str, str]] = {
+    "model": ("string", "string"), "name": ("string", "string"), "stream": ("bool", "bool"),
+    "insecure": ("bool", "bool"), "username": ("string", "string"), "password": ("string", "string"),
+}
+
+_OPTION_INTS = {"num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch",
+                "num_gpu", "main_gpu", "num_thread", "draft_num_predict"}
+_OPTION_FLOATS = {"top_p", "min_p", "typical_p", "temperature", "repeat_penalty", "presence_penalty",
+                  "frequency_penalty"}
+_OPTION_BOOLS = {"use_mmap"}
+
+
+def _json_kind(v: Any) -> str:
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, (int, float)):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, list):
+        return "array"
+    return "object"
+
+
+def _go_type_of(v: Any) -> str:
+    """reflect.TypeOf(v) for a value decoded into interface{}."""
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, (int, float)):
+        return "float64"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, list):
+        return "[]interface {}"
+    return "map[string]interface {}"
+
+
+class _Decoder:
+    def __init__(self, struct: str) -> None:
+        self.struct = struct
+        self.saved: str | None = None
+
+    def type_error(self, value: Any, path: str, gotype: str, *, literal: str | None = None) -> None:
+        if self.saved is None:
+            kind = literal or _json_kind(value)
+            self.saved = f"json: cannot unmarshal {kind} into Go struct field {self.struct}.{path} of type {gotype}"
+
+    def save(self, message: str) -> None:
+        if self.saved is None:
+            self.saved = message
+
+    def struct_fields(self, obj: dict[str, Any], fields: dict[str, tuple[str, str]],
+                      prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        lower = {k.lower(): k for k in fields}
+        for key, value in obj.items():
+            name = key if key in fields else lower.get(key.lower())
+            if name is None:
+                continue  # unknown fields are ignored
+            if value is None:
+                out.pop(name, None)
+                continue
+            kind, gotype = fields[name]
+            path = prefix + name
+            decoded = self.field(kind, gotype, value, path)
+            if decoded is not _SKIP:
+                out[name] = decoded
+        return out
+
+    def field(self, kind: str, gotype: str, value: Any, path: str) -> Any:
+        if kind == "string":
+            if isinstance(value, str):
+                return value
+            self.type_error(value, path, gotype)
+        elif kind == "bool":
+            if isinstance(value, bool):
+                return value
+            self.type_error(value, path, gotype)
+        elif kind == "int":
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            lit = f"number {value!r}" if isinstance(value, float) else None
+            self.type_error(value, path, gotype, literal=lit)
+        elif kind == "[]int":
+            if not isinstance(value, list):
+                self.type_error(value, path, gotype)
+                return _SKIP
+            ints = []
+            for item in value:
+                if isinstance(item, int) and not isinstance(item, bool):
+                    ints.append(item)
+                elif item is None:
+                    ints.append(0)
+                else:
+                    lit = f"number {item!r}" if isinstance(item, float) else None
+                    self.type_error(item, path, "int", literal=lit)
+            return ints
+        elif kind == "map":
+            if isinstance(value, dict):
+                return value
+            self.type_error(value, path, gotype)
+        elif kind == "array":
+            if isinstance(value, list):
+                return value
+            self.type_error(value, path, gotype)
+        elif kind == "raw":
+            return value
+        elif kind == "images":
+            if not isinstance(value, list):
+                self.type_error(value, path, gotype)
+                return _SKIP
+            images: list[bytes] = []
+            for item in value:
+                if item is None:
+                    images.append(b"")
+                elif isinstance(item, str):
+                    try:
+                        images.append(go_b64decode(item))
+                    except _Base64Error as e:
+                        self.save(str(e))
+                        images.append(b"")
+                else:
+                    self.type_error(item, path, "api.ImageData")
+            return images
+        elif kind == "duration":
+            return _decode_keep_alive(value)
+        elif kind == "think":
+            return _decode_think(value)
+        elif kind == "messages":
+            if not isinstance(value, list):
+                self.type_error(value, path, gotype)
+                return _SKIP
+            return [_decode_message(m) for m in value]
+        else:  # pragma: no cover - schema typo
+            raise AssertionError(kind)
+        return _SKIP
+
+
+_SKIP = object()
+
+
+def _decode_keep_alive(value: Any) -> int:
+    """api.Duration.UnmarshalJSON: nanoseconds, negative = forever."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _FOREVER_NS if value < 0 else int(value * 10**9)
+    if isinstance(value, str):
+        try:
+            ns = go_parse_duration(value)
+        except ValueError as e:
+            raise _HTTPError(400, str(e)) from None
+        return _FOREVER_NS if ns < 0 else ns
+    raise _HTTPError(400, f"Unsupported type: '{_go_type_of(value)}'")
+
+
+def _decode_think(value: Any) -> bool | str:
+    """api.ThinkValue.UnmarshalJSON."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        if value not in ("high", "medium", "low", "max"):
+            raise _HTTPError(400, f'invalid think value: {_go_quote(value)} (must be "high", "medium", "low", "max", true, or false)')
+        return value
+    raise _HTTPError(400, f"think must be a boolean or string, got {go_json(value)}")
+
+
+def _decode_message(value: Any) -> dict[str, Any]:
+    # Message.UnmarshalJSON decodes into a local `Alias` type and returns its first error at once.
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _HTTPError(400, f"json: cannot unmarshal {_json_kind(value)} into Go value of type api.Alias")
+    dec = _Decoder("Alias")
+    msg = dec.struct_fields(value, _MESSAGE_FIELDS)
+    if dec.saved:
+        raise _HTTPError(400, dec.saved)
+    msg["role"] = msg.get("role", "").lower()
+    return msg
+
+
+def _decode_body(raw: bytes, fields: dict[str, tuple[str, str]], struct: str) -> dict[str, Any]:
+    text = raw.decode("utf-8", "replace")
+    if not text.strip(" \t\r\n"):
+        raise _HTTPError(400, "missing request body")
+    obj = _parse_go_json(text)
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise _HTTPError(400, f"json: cannot unmarshal {_json_kind(obj)} into Go value of type api.{struct}")
+    dec = _Decoder(struct)
+    out = dec.struct_fields(obj, fields)
+    if dec.saved:
+        raise _HTTPError(400, dec.saved)
+    return out
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    """api.Options.FromMap type rules (errors surface as 500 from the scheduler)."""
+    for key, val in options.items():
+        if val is None:
+            continue
+        if key == "stop":
+            if not isinstance(val, list):
+                raise _HTTPError(500, 'option "stop" must be of type array')
+            if not all(isinstance(x, str) for x in val):
+                raise _HTTPError(500, 'option "stop" must be of an array of strings')
+        elif key in _OPTION_INTS:
+            if isinstance(val, bool) or not isinstance(val, (int, float)):
+                raise _HTTPError(500, f'option "{key}" must be of type integer')
+        elif key in _OPTION_FLOATS:
+            if isinstance(val, bool) or not isinstance(val, (int, float)):
+                raise _HTTPError(500, f'option "{key}" must be of type float32')
+        elif key in _OPTION_BOOLS:
+            if not isinstance(val, bool):
+                raise _HTTPError(500, f'option "{key}" must be of type boolean')
+
+
+def _check_format(fmt: Any) -> None:
+    if fmt is None or fmt in ("", "json") or isinstance(fmt, dict):
+        return
+    raise _HTTPError(500, f'invalid format: {_go_quote(go_json(fmt))}; expected "json" or a valid JSON Schema object',
+                     runner=True)
+
+
+def _image_ok(data: bytes) -> bool:
+    return (data.startswith(b"\xff\xd8\xff") or data.startswith(b"\x89PNG\r\n\x1a\n")
+            or data[:6] in (b"GIF87a", b"GIF89a") or data.startswith(b"BM")
+            or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"))
+
+
+def _split(text: str, size: int) -> list[str]:
+    return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+def _loads_or_none(raw: bytes) -> object | None:
+    if not raw:
+        return None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# HTTP plumbing
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    fake: FakeOllama
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        self.fake._note_exception()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+    timeout = 60  # idle keep-alive connections give up eventually
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.fake._track(self.connection, True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        except OSError:
+            pass
+        finally:
+            self.server.fake._track(self.connection, False)
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (OSError, _Aborted):
+            self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep the server quiet
+        pass
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        # Like gin: no Server header.
+        self.send_response_only(code, message)
+        self.send_header("Date", self.date_time_string())
+
+    def _dispatch(self) -> None:
+        fake = self.server.fake
+        self.headers_sent = False
+        self.cleanup = _Cleanup()
+        parts = urlsplit(self.path)
+        raw = self._read_body()
+        rec = Recorded(
+            method=self.command,
+            path=parts.path or "/",
+            headers={k.lower(): v for k, v in self.headers.items()},
+            body=_loads_or_none(raw),
+            raw=raw,
+            query=parts.query,
+            received_at=time.monotonic(),
+        )
+        fake._record(rec)
+        try:
+            fake._route(self, rec)
+        except (OSError, _Aborted):
+            self.close_connection = True
+        except Exception:
+            fake._note_exception()
+            if not self.headers_sent:
+                self.send_json(500, {"error": "fake_ollama internal error"})
+            else:
+                self.drop()
+        finally:
+            self.cleanup.run()
+
+    do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            data = bytearray()
+            while True:
+                size_line = self.rfile.readline(65537)
+                size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                        pass
+                    return bytes(data)
+                data += self.rfile.read(size)
+                self.rfile.readline(65537)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = 0
+        return self.rfile.read(length) if length > 0 else b""
+
+    # -- responses --
+
+    def send_bytes(self, status: int, body: bytes, content_type: str,
+                   extra: Iterable[tuple[str, str]] = ()) -> None:
+        self.cleanup.run()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        for k, v in extra:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.headers_sent = True
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_json(self, status: int, obj: Any) -> None:
+        self.send_bytes(status, go_json(obj).encode("utf-8"), JSON_CT)
+
+    def send_text(self, status: int, text: str, extra: Iterable[tuple[str, str]] = ()) -> None:
+        self.send_bytes(status, text.encode("utf-8"), TEXT_CT, extra)
+
+    def start_stream(self, content_type: str = NDJSON_CT) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.headers_sent = True
+
+    def stream_raw(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def stream_line(self, obj: Any, *, last: bool = False) -> None:
+        if last:
+            self.cleanup.run()
+        self.stream_raw((go_json(obj) + "\n").encode("utf-8"))
+
+    def end_stream(self) -> None:
+        self.cleanup.run()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def drop(self) -> None:
+        """Close the socket at once (the client sees a disconnect, no further bytes)."""
+        self.cleanup.run()
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+_ROUTES: dict[str, tuple[str, ...]] = {
+    "/": ("GET", "HEAD"),
+    "/api/version": ("GET", "HEAD"),
+    "/api/tags": ("GET", "HEAD"),
+    "/api/show": ("POST",),
+    "/api/ps": ("GET",),
+    "/api/pull": ("POST",),
+    "/api/generate": ("POST",),
+    "/api/chat": ("POST",),
+}
+
+_DEFAULT_MODELS: dict[str, dict[str, Any]] = {
+    "qwen3-30b-a3b:latest": {"capabilities": ("completion", "tools", "thinking"), "family": "qwen3",
+                             "parameter_size": "30.5B", "size": 18_556_701_140},
+    "qwen3-vl:32b": {"capabilities": ("completion", "vision", "tools"), "family": "qwen3vl",
+                     "parameter_size": "33.4B", "size": 20_932_475_000},
+}
+
+
+class FakeOllama:
+    """A scripted Ollama server on 127.0.0.1 (random port). Use start()/stop() or `with`."""
+
+    def __init__(self, *, version: str = "0.13.0", models: dict[str, dict[str, Any]] | None = None,
+                 show_capabilities: bool = True, legacy_errors: bool = False, load_cost: float = 0.0,
+                 max_loaded: int = 0, parallel: int = 0, request_time: float = 0.0,
+                 validate_images: bool = True) -> None:
+        self.version = version
+        self.show_capabilities = show_capabilities
+        self.legacy_errors = legacy_errors
+        self.load_cost = load_cost
+        self.max_loaded = max_loaded
+        self.parallel = parallel
+        self.request_time = request_time
+        self.validate_images = validate_images  # valid base64 that is no known image -> 500 (runner error)
+
+        self.url = ""
+        self.requests: list[Recorded] = []
+        self.replies: list[Reply] = []
+        self.default_text: str | Callable[[Recorded], str] = "A fake answer."
+        self.default_thinking: str = ""  # thinking used with default_text (thinking models only)
+        self.loads = 0
+        self.load_log: list[str] = []
+        self.unload_log: list[str] = []
+        self.max_concurrent_seen = 0
+        self.errors: list[str] = []  # tracebacks of bugs inside the fake (should stay empty)
+        self.pullable: dict[str, dict[str, Any]] = {}  # name -> add_model kwargs, installed by /api/pull
+
+        self._models: dict[str, _Model] = {}
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._load_lock = threading.Lock()
+        self._resident: OrderedDict[str, int] = OrderedDict()  # key -> expiry (ns since epoch)
+        self._in_flight: dict[str, int] = {}
+        self._evicting: set[str] = set()
+        self._expire_when_idle: set[str] = set()
+        self._slots: dict[str, threading.Semaphore] = {}
+        self._active = 0
+        self._conns: set[socket.socket] = set()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._abort = threading.Event()
+        self._port = 0
+
+        for name, kw in (_DEFAULT_MODELS if models is None else models).items():
+            self.add_model(name, **kw)
+
+    # -- lifecycle --
+
+    def start(self) -> FakeOllama:
+        if self._server is not None:
+            return self
+        self._abort = threading.Event()
+        server = _Server(("127.0.0.1", self._port), _Handler)
+        server.fake = self
+        self._port = server.server_address[1]
+        self.url = f"http://127.0.0.1:{self._port}"
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02},
+                                        name=f"fake-ollama-{self._port}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _shutdown(self) -> None:
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        self._abort.set()  # wakes stalled / waiting handlers
+        server.shutdown()
+        server.server_close()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if thread is not None:
+            thread.join(timeout=5)
+        self._server = None
+        self._thread = None
+
+    def stop(self) -> None:
+        """Stop serving and abort in-flight requests (safe to call twice)."""
+        self._shutdown()
+
+    def kill(self) -> None:
+        """Simulate a crash: refuse new connections and cut in-flight ones; state is kept."""
+        self._shutdown()
+
+    def restart(self) -> None:
+        """Serve again on the same port with the same state (after kill())."""
+        self._shutdown()
+        self.start()
+
+    @property
+    def active(self) -> int:
+        """Generation requests being answered right now (holding a slot)."""
+        with self._lock:
+            return self._active
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    def __enter__(self) -> FakeOllama:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- scripting --
+
+    def reply(self, text: str = "", **kw: Any) -> Reply:
+        r = Reply(text, **kw)
+        with self._lock:
+            self.replies.append(r)
+        return r
+
+    def add_model(self, name: str, *, capabilities: Iterable[str] = ("completion",), family: str = "llama",
+                  parameter_size: str = "8.0B", quantization_level: str = "Q4_K_M",
+                  size: int = 4_900_000_000, context_length: int = 40960) -> None:
+        m = _Model(_with_tag(name), tuple(capabilities), family, parameter_size, quantization_level,
+                   size, context_length)
+        with self._lock:
+            self._models[model_key(name)] = m
+
+    def remove_model(self, name: str) -> None:
+        key = model_key(name)
+        with self._cond:
+            self._models.pop(key, None)
+            self._resident.pop(key, None)
+            self._cond.notify_all()
+
+    @property
+    def models(self) -> list[str]:
+        """Installed model names."""
+        with self._lock:
+            return [m.name for m in self._models.values()]
+
+    @property
+    def loaded(self) -> list[str]:
+        """Resident model names, least recently used first."""
+        with self._lock:
+            return [self._models[k].name if k in self._models else k for k in self._resident]
+
+    def requests_to(self, path: str) -> list[Recorded]:
+        with self._lock:
+            return [r for r in self.requests if r.path == path]
+
+    def generation_requests(self) -> list[Recorded]:
+        with self._lock:
+            return [r for r in self.requests if r.path in ("/api/chat", "/api/generate")]
+
+    # -- internals: bookkeeping --
+
+    def _record(self, rec: Recorded) -> None:
+        with self._lock:
+            self.requests.append(rec)
+
+    def _track(self, conn: socket.socket, add: bool) -> None:
+        with self._lock:
+            if add:
+                self._conns.add(conn)
+            else:
+                self._conns.discard(conn)
+
+    def _note_exception(self) -> None:
+        tb = traceback.format_exc()
+        if "ConnectionResetError" in tb or "BrokenPipeError" in tb or "_Aborted" in tb:
+            return
+        with self._lock:
+            self.errors.append(tb)
+
+    def _wait(self, seconds: float, abort: threading.Event) -> None:
+        if seconds > 0 and abort.wait(seconds):
+            raise _Aborted()
+        if abort.is_set():
+            raise _Aborted()
+
+    def _acquire(self, lock: threading.Lock | threading.Semaphore, abort: threading.Event) -> None:
+        while not lock.acquire(timeout=0.02):
+            if abort.is_set():
+                raise _Aborted()
+
+    def _lookup(self, name: str) -> _Model | None:
+        with self._lock:
+            return self._models.get(model_key(name)) if name else None
+
+    def _take_reply(self, key: str, endpoint: str, rec: Recorded) -> Reply:
+        with self._lock:
+            for i, r in enumerate(self.replies):
+                if r.model is not None and model_key(r.model) != key:
+                    continue
+                if r.endpoint is not None and r.endpoint != endpoint:
+                    continue
+                return self.replies.pop(i)
+        text = self.default_text(rec) if callable(self.default_text) else self.default_text
+        return Reply(text=text, thinking=self.default_thinking)
+
+    # -- internals: scheduler --
+
+    def _set_keep_alive(self, key: str, keep_alive: int | None) -> None:
+        now = time.time_ns()
+        if keep_alive is None:
+            if key not in self._resident:
+                self._resident[key] = now + _DEFAULT_KEEP_ALIVE_NS
+        else:
+            self._resident[key] = _FOREVER_NS if keep_alive >= _FOREVER_NS - now else now + keep_alive
+            if keep_alive == 0:
+                self._expire_when_idle.add(key)
+            else:
+                self._expire_when_idle.discard(key)
+        self._resident.move_to_end(key)
+
+    def _unload(self, key: str) -> None:
+        if self._resident.pop(key, None) is not None:
+            m = self._models.get(key)
+            self.unload_log.append(m.name if m else key)
+        self._evicting.discard(key)
+        self._expire_when_idle.discard(key)
+        self._cond.notify_all()
+
+    def _usable(self, key: str) -> bool:
+        return key in self._resident and key not in self._evicting
+
+    def _ensure_loaded(self, key: str, keep_alive: int | None, abort: threading.Event) -> None:
+        """Make `key` resident and count one in-flight request on it."""
+        with self._cond:
+            if self._usable(key):
+                self._set_keep_alive(key, keep_alive)
+                self._in_flight[key] = self._in_flight.get(key, 0) + 1
+                return
+        self._acquire(self._load_lock, abort)  # one load at a time
+        marked: set[str] = set()
+        try:
+            with self._cond:
+                if self._usable(key):
+                    self._set_keep_alive(key, keep_alive)
+                    self._in_flight[key] = self._in_flight.get(key, 0) + 1
+                    return
+                while self.max_loaded and len(self._resident) >= self.max_loaded:
+                    idle = [k for k in self._resident if not self._in_flight.get(k)]
+                    if idle:
+                        self._unload(idle[0])  # least recently used idle model
+                        continue
+                    victim = next(iter(self._resident))  # all busy: wait for the LRU one to drain
+                    self._evicting.add(victim)
+                    marked.add(victim)
+                    self._cond.wait(0.02)
+                    if abort.is_set():
+                        raise _Aborted()
+            self._wait(self.load_cost, abort)
+            with self._cond:
+                self.loads += 1
+                m = self._models.get(key)
+                self.load_log.append(m.name if m else key)
+                self._resident.pop(key, None)
+                self._set_keep_alive(key, keep_alive)
+                self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        finally:
+            if marked:
+                with self._cond:
+                    self._evicting.difference_update(marked)
+            self._load_lock.release()
+
+    def _release(self, key: str) -> None:
+        with self._cond:
+            n = self._in_flight.get(key, 0) - 1
+            self._in_flight[key] = max(n, 0)
+            if n <= 0 and key in self._expire_when_idle:
+                self._unload(key)
+            self._cond.notify_all()
+
+    def _request_unload(self, key: str) -> None:
+        with self._cond:
+            if key not in self._resident:
+                return
+            if self._in_flight.get(key):
+                self._expire_when_idle.add(key)
+            else:
+                self._unload(key)
+
+    def _slot(self, key: str) -> threading.Semaphore | None:
+        if self.parallel <= 0:
+            return None
+        with self._lock:
+            sem = self._slots.get(key)
+            if sem is None:
+                sem = self._slots[key] = threading.Semaphore(self.parallel)
+            return sem
+
+    # -- routing --
+
+    def _route(self, h: _Handler, rec: Recorded) -> None:
+        allowed = _ROUTES.get(rec.path)
+        if allowed is None:
+            h.send_text(404, "404 page not found")
+            return
+        if rec.method not in allowed:
+            h.send_text(405, "405 method not allowed", extra=[("Allow", ", ".join(allowed))])
+            return
+        try:
+            if rec.path == "/":
+                h.send_text(200, "Ollama is running")
+            elif rec.path == "/api/version":
+                h.send_json(200, {"version": self.version})
+            elif rec.path == "/api/tags":
+                h.send_json(200, self._tags())
+            elif rec.path == "/api/ps":
+                h.send_json(200, self._ps())
+            elif rec.path == "/api/show":
+                h.send_json(200, self._show(rec))
+            elif rec.path == "/api/pull":
+                self._pull(h, rec)
+            else:
+                self._generation(h, rec)
+        except _HTTPError as e:
+            if h.headers_sent:
+                raise
+            h.send_json(e.status, {"error": e.message})
+
+    def _tags(self) -> dict[str, Any]:
+        new = _version_tuple(self.version) >= (0, 30, 0)
+        out = []
+        with self._lock:
+            models = list(self._models.values())
+        for m in models:
+            entry: dict[str, Any] = {
+                "name": m.name, "model": m.name, "modified_at": "2025-10-17T23:14:07.414671532Z",
+                "size": m.size, "digest": m.digest, "details": m.details(with_context=new),
+            }
+            if new:
+                entry["capabilities"] = list(m.capabilities)
+            out.append(entry)
+        return {"models": out}
+
+    def _ps(self) -> dict[str, Any]:
+        with self._lock:
+            rows = [(exp, self._models.get(k)) for k, exp in self._resident.items()]
+        rows.sort(key=lambda r: r[0], reverse=True)
+        out = []
+        for exp, m in rows:
+            if m is None:
+                continue
+            secs = min(exp, time.time_ns() + 292 * 365 * 86400 * 10**9) / 1e9
+            expires = _rfc3339(_dt.datetime.fromtimestamp(secs, _dt.timezone.utc))
+            out.append({"name": m.name, "model": m.name, "size": m.size, "digest": m.digest,
+                        "details": m.details(), "expires_at": expires, "size_vram": m.size,
+                        "context_length": 4096})
+        return {"models": out}
+
+    def _show(self, rec: Recorded) -> dict[str, Any]:
+        req = _decode_body(rec.raw, _SHOW_FIELDS, "ShowRequest")
+        name = req.get("model") or req.get("name") or ""
+        if not name:
+            raise _HTTPError(400, "model is required")
+        m = self._lookup(name)
+        if m is None:
+            raise _HTTPError(404, f"model '{_with_tag(name)}' not found")
+        resp: dict[str, Any] = {
+            "license": "Apache License 2.0",
+            "modelfile": f'# Modelfile generated by "ollama show"\nFROM {m.name}\n',
+            "parameters": 'stop                           "<|im_end|>"\ntemperature                    0.6',
+            "template": "{{ .Prompt }}",
+            "details": m.details(),
+            "model_info": {"general.architecture": m.family, f"{m.family}.context_length": m.context_length},
+        }
+        if self.show_capabilities:
+            resp["capabilities"] = list(m.capabilities)
+        resp["modified_at"] = "2025-10-17T23:14:07.414671532Z"
+        return resp
+
+    def _pull(self, h: _Handler, rec: Recorded) -> None:
+        req = _decode_body(rec.raw, _PULL_FIELDS, "PullRequest")
+        name = req.get("model") or req.get("name") or ""
+        if not name:
+            raise _HTTPError(400, "model is required")
+        stream = req.get("stream", True)
+        key = model_key(name)
+        with self._lock:
+            installed = self._models.get(key)
+            extra = next((kw for n, kw in self.pullable.items() if model_key(n) == key), None)
+        if installed is None and extra is None:
+            err = "pull model manifest: file does not exist"
+            if not stream:
+                raise _HTTPError(500, err)
+            h.start_stream()
+            h.stream_line({"status": "pulling manifest"})
+            h.stream_line({"error": err})
+            h.end_stream()
+            return
+        if installed is None:
+            self.add_model(name, **(extra or {}))
+            installed = self._lookup(name)
+        assert installed is not None
+        if not stream:
+            h.send_json(200, {"status": "success"})
+            return
+        digest = "sha256:" + installed.digest
+        total = installed.size
+        h.start_stream()
+        h.stream_line({"status": "pulling manifest"})
+        h.stream_line({"status": f"pulling {digest[7:19]}", "digest": digest, "total": total,
+                       "completed": total // 2})
+        h.stream_line({"status": f"pulling {digest[7:19]}", "digest": digest, "total": total,
+                       "completed": total})
+        for status in ("verifying sha256 digest", "writing manifest", "success"):
+            h.stream_line({"status": status})
+        h.end_stream()
+
+    # -- generation --
+
+    def _generation(self, h: _Handler, rec: Recorded) -> None:
+        abort = self._abort
+        t0 = time.perf_counter_ns()
+        is_gen = rec.path == "/api/generate"
+        req = _decode_body(rec.raw, _GEN_FIELDS if is_gen else _CHAT_FIELDS,
+                           "GenerateRequest" if is_gen else "ChatRequest")
+        name: str = req.get("model", "")
+        stream: bool = req.get("stream", True)
+        if not is_gen and not name:
+            raise _HTTPError(400, "model is required")
+        top = req.get("top_logprobs", 0)
+        if top < 0 or top > 20:
+            raise _HTTPError(400, "top_logprobs must be between 0 and 20")
+        if is_gen and req.get("raw") and (req.get("template") or req.get("system") or req.get("context")):
+            raise _HTTPError(400, "raw mode does not support template, system, or context")
+        m = self._lookup(name)
+        if m is None:
+            raise _HTTPError(404, f"model '{name}' not found")
+        key = model_key(name)
+        caps = m.capabilities
+        if "completion" not in caps:
+            raise _HTTPError(400, f"{_go_quote(name)} does not support {'generate' if is_gen else 'chat'}")
+        if is_gen and req.get("suffix") and "insert" not in caps:
+            raise _HTTPError(400, f"{_fully_qualified(name)} does not support insert")
+        if not is_gen and req.get("tools") and "tools" not in caps:
+            raise _HTTPError(400, f"{_fully_qualified(name)} does not support tools")
+        think = req.get("think")
+        if "thinking" not in caps and think not in (None, False):
+            raise _HTTPError(400, f"{_go_quote(name)} does not support thinking")
+        think_on = "thinking" in caps and think is not False
+        empty = not req.get("prompt") if is_gen else not req.get("messages")
+        keep_alive: int | None = req.get("keep_alive")
+        if empty and keep_alive == 0:
+            self._request_unload(key)
+            h.send_json(200, self._load_response(is_gen, name, "unload"))
+            return
+        _check_options(req.get("options") or {})
+
+        reply = None if empty else self._take_reply(key, rec.path, rec)
+        self._ensure_loaded(key, keep_alive, abort)
+        h.cleanup.push(lambda: self._release(key))
+        load_ns = time.perf_counter_ns() - t0
+        if reply is None:
+            h.send_json(200, self._load_response(is_gen, name, "load"))
+            return
+        self._run_reply(h, req, reply, is_gen=is_gen, name=name, key=key, stream=stream,
+                        think_on=think_on, t0=t0, load_ns=load_ns, abort=abort)
+
+    def _load_response(self, is_gen: bool, name: str, reason: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": name, "created_at": _rfc3339()}
+        if is_gen:
+            out["response"] = ""
+        else:
+            out["message"] = {"role": "assistant", "content": ""}
+        out.update({"done": True, "done_reason": reason})
+        return out
+
+    def _runner_error(self, h: _Handler, stream: bool, status: int, message: str) -> None:
+        if self.legacy_errors:
+            if stream:  # before v0.12.6: 200 and one NDJSON error line
+                h.start_stream()
+                h.stream_line({"error": message}, last=True)
+                h.end_stream()
+                return
+            status = 500
+        h.send_json(status, {"error": message})
+
+    def _run_reply(self, h: _Handler, req: dict[str, Any], reply: Reply, *, is_gen: bool, name: str,
+                   key: str, stream: bool, think_on: bool, t0: int, load_ns: int,
+                   abort: threading.Event) -> None:
+        images: list[bytes] = list(req.get("images") or [])
+        for msg in req.get("messages") or []:
+            images.extend(msg.get("images") or [])
+        try:
+            _check_format(req.get("format"))
+            if self.validate_images and any(not _image_ok(img) for img in images):
+                raise _HTTPError(500, "Failed to create new sequence: image: unknown format", runner=True)
+        except _HTTPError as e:
+            self._runner_error(h, stream, e.status, e.message)
+            return
+
+        sem = self._slot(key)
+        if sem is not None:
+            self._acquire(sem, abort)
+        with self._lock:
+            self._active += 1
+            self.max_concurrent_seen = max(self.max_concurrent_seen, self._active)
+
+        def leave_slot() -> None:
+            with self._lock:
+                self._active -= 1
+            if sem is not None:
+                sem.release()
+
+        h.cleanup.push(leave_slot)
+        gen_start = time.perf_counter_ns()
+        if reply.fault == "stall":
+            self._wait(reply.delay + self.request_time or STALL_FOREVER, abort)
+            h.drop()
+            return
+        self._wait(reply.delay + self.request_time, abort)
+        if reply.fault == "drop":
+            h.drop()
+            return
+        if reply.status != 200:
+            self._runner_error(h, stream, reply.status, reply.error or _DEFAULT_ERRORS.get(reply.status, "error"))
+            return
+        self._emit(h, req, reply, is_gen=is_gen, name=name, stream=stream, think_on=think_on,
+                   t0=t0, load_ns=load_ns, gen_start=gen_start, n_images=len(images), abort=abort)
+
+    def _chunk(self, is_gen: bool, name: str, content: str = "", thinking: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {"model": name, "created_at": _rfc3339()}
+        if is_gen:
+            out["response"] = content
+            if thinking:
+                out["thinking"] = thinking
+        else:
+            msg: dict[str, Any] = {"role": "assistant", "content": content}
+            if thinking:
+                msg["thinking"] = thinking
+            out["message"] = msg
+        out["done"] = False
+        return out
+
+    def _emit(self, h: _Handler, req: dict[str, Any], reply: Reply, *, is_gen: bool, name: str, stream: bool,
+              think_on: bool, t0: int, load_ns: int, gen_start: int, n_images: int,
+              abort: threading.Event) -> None:
+        text = reply.text
+        thinking = reply.thinking if think_on else ""
+        think_pieces = _split(thinking, reply.chunk_chars)
+        pieces = _split(text, reply.chunk_chars)
+        carry = reply.final_piece if reply.final_piece is not None else len(text) % 2 == 1
+        last = pieces.pop() if carry and pieces else ""
+        half = max(1, len(pieces) // 2) if pieces else 0
+
+        def final(content: str, thought: str = "") -> dict[str, Any]:
+            out = self._chunk(is_gen, name, content, thought)
+            out["done"] = True
+            if reply.done_reason:
+                out["done_reason"] = reply.done_reason
+            if is_gen:
+                prompt_chars = len(req.get("prompt", "")) + len(req.get("system", ""))
+            else:
+                prompt_chars = sum(len(mm.get("content", "")) + 4 for mm in req.get("messages") or [])
+            prompt_tokens = max(1, prompt_chars // 4) + 64 * n_images
+            eval_count = (reply.eval_count if reply.eval_count is not None
+                          else max(1, math.ceil((len(text) + len(thinking)) / 4)))
+            now = time.perf_counter_ns()
+            prompt_ns = prompt_tokens * 200_000
+            # Simulated speed (<= 100 tokens/s) unless the scripted delays took longer.
+            eval_ns = max(now - gen_start, eval_count * 10_000_000)
+            load = max(load_ns, 1000)
+            if is_gen and not req.get("raw"):
+                out["context"] = list(range(1, min(prompt_tokens + eval_count, 64) + 1))
+            out.update({
+                "total_duration": max(now - t0, load + prompt_ns + eval_ns),
+                "load_duration": load,
+                "prompt_eval_count": prompt_tokens,
+                "prompt_eval_duration": prompt_ns,
+                "eval_count": eval_count,
+                "eval_duration": eval_ns,
+            })
+            for k, v in (reply.final_fields or {}).items():
+                if v is None:
+                    out.pop(k, None)
+                else:
+                    out[k] = v
+            return out
+
+        if not stream:
+            if reply.mid_stream:
+                self._runner_error(h, False, 500, reply.error or _MID_STREAM_ERROR)
+                return
+            if reply.fault == "garbage":
+                h.send_bytes(200, GARBAGE, JSON_CT)
+                return
+            self._wait(reply.chunk_delay * (len(think_pieces) + len(pieces)), abort)
+            data = go_json(final(text, thinking)).encode("utf-8")
+            if reply.fault in ("eof", "reset"):  # announce the full length, send half, close
+                h.cleanup.run()
+                h.send_response(200)
+                h.send_header("Content-Type", JSON_CT)
+                h.send_header("Content-Length", str(len(data)))
+                h.end_headers()
+                h.headers_sent = True
+                h.wfile.write(data[: len(data) // 2])
+                h.drop()
+                return
+            h.send_bytes(200, data, JSON_CT)
+            return
+
+        h.start_stream()
+        if reply.fault == "garbage":
+            h.cleanup.run()
+            h.stream_raw(GARBAGE + b"\n")
+            h.end_stream()
+            return
+        partial = reply.mid_stream or reply.fault in ("eof", "reset")
+        to_send = [("", t) for t in think_pieces] + [(p, "") for p in (pieces[:half] if partial else pieces)]
+        for i, (content, thought) in enumerate(to_send):
+            if i and reply.chunk_delay:
+                self._wait(reply.chunk_delay, abort)
+            h.stream_line(self._chunk(is_gen, name, content, thought))
+        if reply.mid_stream:
+            h.stream_line({"error": reply.error or _MID_STREAM_ERROR}, last=True)
+            h.end_stream()
+            h.close_connection = True
+            return
+        if reply.fault == "eof":  # clean end of body, but no done:true line
+            h.end_stream()
+            h.close_connection = True
+            return
+        if reply.fault == "reset":  # abrupt: no terminating chunk
+            h.drop()
+            return
+        if reply.chunk_delay and to_send:
+            self._wait(reply.chunk_delay, abort)
+        h.stream_line(final(last), last=True)
+        h.end_stream()
+
+
+def b64(data: bytes) -> str:
+    """Standard base64 text, as the Ollama API wants images."""
+    return base64.b64encode(data).decode("ascii")

@@ -1,0 +1,243 @@
+"""The caption command end to end: two stages, what is sent, what is written, what is skipped."""
+
+from __future__ import annotations
+
+import base64
+import os
+
+import pytest
+
+import ollama_generate as og
+from images import jpeg_bytes, png_bytes
+
+DESCRIPTION = "A woman with short black hair in a red coat stands in a snowy park at dusk."
+CAPTION = "A woman in a red coat stands in a snowy park at dusk, soft blue light."
+
+
+@pytest.fixture(autouse=True)
+def no_backoff(monkeypatch):
+    monkeypatch.setattr(og, "BACKOFF_SECONDS", 0.0)
+
+
+def run(capsys, *argv):
+    code = og.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def photo(tmp_path):
+    path = tmp_path / "photo.png"
+    path.write_bytes(png_bytes())
+    return path
+
+
+def queue_pair(ollama, description=DESCRIPTION, caption=CAPTION):
+    ollama.reply(description, endpoint="/api/chat")
+    ollama.reply(caption, endpoint="/api/generate")
+
+
+def test_single_image_two_stages_and_stdout_only_the_caption(ollama, capsys, photo):
+    queue_pair(ollama)
+    code, out, err = run(capsys, "caption", photo)
+    assert (code, out, err) == (0, CAPTION + "\n", "")
+    assert [(r.method, r.path) for r in ollama.requests] == [
+        ("POST", "/api/show"), ("POST", "/api/show"), ("POST", "/api/chat"), ("POST", "/api/generate")]
+    assert [r.body["model"] for r in ollama.requests_to("/api/show")] == ["qwen3-vl:32b", "qwen3-30b-a3b:latest"]
+
+    vision = ollama.requests_to("/api/chat")[0].body
+    assert vision["model"] == "qwen3-vl:32b"
+    assert vision["stream"] is True and vision["think"] is False
+    assert vision["options"] == {"temperature": 0.2, "num_predict": 1024, "num_ctx": 8192}
+    system, user = vision["messages"]
+    assert system == {"role": "system", "content": og.render("vision_system")}
+    assert user["role"] == "user"
+    assert user["content"] == og.render("vision_user") + "\n/no_think"
+    assert user["images"] == [base64.b64encode(png_bytes()).decode()]
+
+    text = ollama.requests_to("/api/generate")[0].body
+    assert text["model"] == "qwen3-30b-a3b:latest"
+    assert text["prompt"] == og.render("caption_training", description=DESCRIPTION) + "\n/no_think"
+    assert text["options"] == {"temperature": 0.3, "num_predict": 512, "num_ctx": 8192}
+    assert text["stream"] is True and text["think"] is False
+    # A single image gets no caption file.
+    assert sorted(os.listdir(photo.parent)) == ["photo.png"]
+
+
+@pytest.mark.parametrize("style", og.STYLES)
+@pytest.mark.parametrize("creative", [False, True])
+def test_style_and_creative_pick_the_template_and_temperature(ollama, capsys, photo, style, creative):
+    queue_pair(ollama, caption="1girl, red coat, snow" if style == "tags" else CAPTION)
+    argv = ["caption", photo, "--style", style] + (["--creative"] if creative else [])
+    code, out, err = run(capsys, *argv)
+    assert code == 0
+    template = f"caption_{style}" + ("_creative" if creative else "")
+    text = ollama.requests_to("/api/generate")[0].body
+    assert text["prompt"] == og.render(template, description=DESCRIPTION) + "\n/no_think"
+    assert text["options"]["temperature"] == (0.8 if creative else 0.3)
+
+
+def test_short_creative_flag(ollama, capsys, photo):
+    queue_pair(ollama)
+    run(capsys, "caption", photo, "-c")
+    assert ollama.requests_to("/api/generate")[0].body["prompt"].startswith(
+        og.render("caption_training_creative", description=DESCRIPTION))
+
+
+def test_the_vision_answer_is_cleaned_before_the_text_stage(ollama, capsys, photo):
+    queue_pair(ollama, description=f"<think>looking</think>Here is a description:\n{DESCRIPTION}")
+    run(capsys, "caption", photo)
+    assert ollama.requests_to("/api/generate")[0].body["prompt"] == (
+        og.render("caption_training", description=DESCRIPTION) + "\n/no_think")
+
+
+def test_trigger_and_prefix_placed_by_code(ollama, capsys, photo):
+    queue_pair(ollama, caption="Here's the caption: ohwx, a woman in a red coat, OHWX smiling.")
+    code, out, err = run(capsys, "caption", photo, "--trigger", "ohwx", "--prefix", "photo")
+    assert (code, out, err) == (0, "photo, ohwx, a woman in a red coat, smiling.\n", "")
+    # The model is never asked to place the trigger.
+    assert "ohwx" not in ollama.requests_to("/api/generate")[0].body["prompt"]
+
+
+def test_tags_are_deduplicated_with_trigger_first(ollama, capsys, photo):
+    queue_pair(ollama, caption="Tags: 1girl, solo, Solo, red coat,\nsnow, ohwx.")
+    code, out, err = run(capsys, "caption", photo, "--style", "tags", "--trigger", "ohwx")
+    assert (code, out, err) == (0, "ohwx, 1girl, solo, red coat, snow\n", "")
+
+
+def test_vision_model_flag_and_environment(ollama, capsys, photo, monkeypatch):
+    ollama.add_model("llava:latest", capabilities=("completion", "vision"))
+    monkeypatch.setenv("OLLAMA_VISION_MODEL", "gemma3")
+    queue_pair(ollama)
+    assert run(capsys, "caption", photo, "--vision-model", "llava")[0] == 0
+    assert ollama.requests_to("/api/chat")[0].body["model"] == "llava"
+    # llava is not qwen3: no /no_think in its message.
+    assert ollama.requests_to("/api/chat")[0].body["messages"][1]["content"] == og.render("vision_user")
+
+
+def make_dataset(folder, names):
+    folder.mkdir(exist_ok=True)
+    for seed, name in enumerate(names):
+        data = jpeg_bytes() if name.lower().endswith((".jpg", ".jpeg")) else png_bytes(seed=seed)
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def test_folder_writes_a_caption_beside_each_image(ollama, capsys, tmp_path):
+    dataset = make_dataset(tmp_path / "set", ["b.png", "a.jpg", "C.PNG"])
+    for n in range(3):
+        queue_pair(ollama, description=f"description {n}", caption=f"caption {n}")
+    code, out, err = run(capsys, "caption", dataset, "--trigger", "ohwx")
+    assert (code, out) == (0, "")
+    assert (dataset / "C.txt").read_bytes() == b"ohwx, caption 0\n"
+    assert (dataset / "a.txt").read_bytes() == b"ohwx, caption 1\n"
+    assert (dataset / "b.txt").read_bytes() == b"ohwx, caption 2\n"
+    lines = err.splitlines()
+    assert lines[:3] == ["[1/3] C.PNG: written", "[2/3] a.jpg: written", "[3/3] b.png: written"]
+    assert lines[3].startswith("Done after ")
+    assert lines[3].endswith(": 3 written, 0 skipped, 0 failed (of 3 images).")
+    assert len(lines) == 4
+    # Each image's own bytes went to the vision model, in sorted order.
+    sent = [r.body["messages"][1]["images"][0] for r in ollama.requests_to("/api/chat")]
+    assert sent == [base64.b64encode((dataset / n).read_bytes()).decode() for n in ["C.PNG", "a.jpg", "b.png"]]
+    # Both models were checked once, up front.
+    assert len(ollama.requests_to("/api/show")) == 2
+    assert ollama.requests[0].path == "/api/show"
+
+
+def test_folder_skips_existing_captions_unless_overwrite(ollama, capsys, tmp_path):
+    dataset = make_dataset(tmp_path / "set", ["a.png", "b.png"])
+    (dataset / "a.txt").write_text("keep me\n")
+    queue_pair(ollama, caption="new b")
+    code, out, err = run(capsys, "caption", dataset)
+    assert code == 0
+    assert (dataset / "a.txt").read_text() == "keep me\n"
+    assert (dataset / "b.txt").read_text() == "New b\n"
+    assert "[1/2] a.png: skipped (caption exists)" in err
+    assert ": 1 written, 1 skipped, 0 failed (of 2 images)." in err
+    assert len(ollama.requests_to("/api/chat")) == 1
+
+    queue_pair(ollama, caption="fresh a")
+    queue_pair(ollama, caption="fresh b")
+    code, out, err = run(capsys, "caption", dataset, "--overwrite")
+    assert code == 0
+    assert (dataset / "a.txt").read_text() == "Fresh a\n"
+    assert (dataset / "b.txt").read_text() == "Fresh b\n"
+
+
+def test_folder_all_captioned_makes_no_model_call(ollama, capsys, tmp_path):
+    dataset = make_dataset(tmp_path / "set", ["a.png"])
+    (dataset / "a.txt").write_text("done\n")
+    code, out, err = run(capsys, "caption", dataset)
+    assert (code, out) == (0, "")
+    assert ollama.generation_requests() == []
+    assert ": 0 written, 1 skipped, 0 failed (of 1 images)." in err
+
+
+def test_bad_images_are_reported_never_sent_and_the_run_goes_on(ollama, capsys, tmp_path):
+    dataset = make_dataset(tmp_path / "set", ["a.png", "d.png"])
+    (dataset / "b.jpg").write_bytes(b"this is not a jpeg")
+    (dataset / "c.png").write_bytes(b"")
+    queue_pair(ollama, caption="caption a")
+    queue_pair(ollama, caption="caption d")
+    code, out, err = run(capsys, "caption", dataset)
+    assert (code, out) == (1, "")
+    assert (dataset / "a.txt").read_text() == "Caption a\n"
+    assert (dataset / "d.txt").read_text() == "Caption d\n"
+    assert not (dataset / "b.txt").exists() and not (dataset / "c.txt").exists()
+    assert len(ollama.requests_to("/api/chat")) == 2
+    lines = err.splitlines()
+    assert lines[1] == "[2/4] b.jpg: failed: not a supported image (its bytes are not PNG, JPEG, WebP, BMP or GIF)"
+    assert lines[2] == "[3/4] c.png: failed: the file is empty"
+    assert lines[4].endswith(": 2 written, 0 skipped, 2 failed (of 4 images).")
+    assert lines[5:] == [
+        "Failed:",
+        f"  {dataset / 'b.jpg'}: not a supported image (its bytes are not PNG, JPEG, WebP, BMP or GIF)",
+        f"  {dataset / 'c.png'}: the file is empty",
+        "ollama-generate: error: 2 of 4 images failed",
+        "ollama-generate: hint: fix or remove them and run the same command again; finished captions are kept",
+    ]
+
+
+def test_an_empty_caption_is_a_failure_not_an_empty_file(ollama, capsys, tmp_path):
+    dataset = make_dataset(tmp_path / "set", ["a.png", "b.png"])
+    queue_pair(ollama, caption="<think>I cannot decide</think>")
+    queue_pair(ollama, caption="caption b")
+    code, out, err = run(capsys, "caption", dataset)
+    assert code == 1
+    assert not (dataset / "a.txt").exists()
+    assert (dataset / "b.txt").read_text() == "Caption b\n"
+    assert "[1/2] a.png: failed: the text model's answer was empty after cleaning" in err
+
+
+def test_an_empty_description_fails_that_image(ollama, capsys, tmp_path):
+    dataset = make_dataset(tmp_path / "set", ["a.png"])
+    ollama.reply("<think>hmm</think>", endpoint="/api/chat")
+    code, out, err = run(capsys, "caption", dataset)
+    assert code == 1
+    assert "[1/1] a.png: failed: the vision model qwen3-vl:32b gave an empty description" in err
+    assert ollama.requests_to("/api/generate") == []
+
+
+def test_single_bad_image_is_an_error(ollama, capsys, tmp_path):
+    path = tmp_path / "x.png"
+    path.write_bytes(b"GIF89a but cut")
+    code, out, err = run(capsys, "caption", path)
+    assert (code, out) == (1, "")
+    assert err == "ollama-generate: error: the GIF file is truncated\n"
+    assert ollama.generation_requests() == []
+
+
+def test_path_not_found(ollama, capsys, tmp_path):
+    code, out, err = run(capsys, "caption", tmp_path / "nope")
+    assert (code, out) == (2, "")
+    assert err == f"ollama-generate: error: {tmp_path / 'nope'} does not exist\n"
+    assert ollama.requests == []
+
+
+def test_folder_without_images(ollama, capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    code, out, err = run(capsys, "caption", tmp_path)
+    assert (code, out) == (2, "")
+    assert err == f"ollama-generate: error: {tmp_path} has no images (.png, .jpg, .jpeg, .webp, .bmp, .gif)\n"
+    assert ollama.requests == []

@@ -1,0 +1,151 @@
+"""Cleaning model answers, and placing the trigger and prefix: pure functions, table-driven."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import ollama_generate as og
+
+CAPTION = "A red fox sits in fresh snow under a pale winter sky."
+
+# (raw answer as a model might send it, the cleaned prose line)
+PROSE = [
+    ("plain", CAPTION, CAPTION),
+    ("think block", f"<think>The user wants a caption.\nLet me look.</think>\n{CAPTION}", CAPTION),
+    ("empty think block", f"<think>\n\n</think>\n\n{CAPTION}", CAPTION),
+    ("thinking tag", f"<thinking>hmm</thinking>{CAPTION}", CAPTION),
+    ("closing tag only", f"Okay so the fox is red.\n</think>\n{CAPTION}", CAPTION),
+    ("unclosed think", f"{CAPTION}\n<think>I should also mention", CAPTION),
+    ("here is", f"Here is the caption:\n{CAPTION}", CAPTION),
+    ("here's a caption", f"Here's a training caption for the image: {CAPTION}", CAPTION),
+    ("sure here is", f"Sure! Here is your caption:\n\n{CAPTION}", CAPTION),
+    ("certainly", f"Certainly. {CAPTION}", CAPTION),
+    ("caption label", f"Caption: {CAPTION}", CAPTION),
+    ("bold label", f"**Caption:** {CAPTION}", CAPTION),
+    ("final caption label", f"Final caption: {CAPTION}", CAPTION),
+    ("double quotes", f'"{CAPTION}"', CAPTION),
+    ("curly quotes", f"\u201c{CAPTION}\u201d", CAPTION),
+    ("single quotes", f"'{CAPTION}'", CAPTION),
+    ("code fence", f"```\n{CAPTION}\n```", CAPTION),
+    ("code fence with language", f"```text\n{CAPTION}\n```", CAPTION),
+    ("heading", f"## Caption\n{CAPTION}", f"Caption {CAPTION}"),
+    ("bold words", "A **red fox** sits in *fresh* snow.", "A red fox sits in fresh snow."),
+    ("trailing offer", f"{CAPTION}\n\nLet me know if you'd like any changes!", CAPTION),
+    ("inline offer", f"{CAPTION} Let me know if you need another version.", CAPTION),
+    ("hope this helps", f"{CAPTION}\nI hope this helps!", CAPTION),
+    ("would you like", f"{CAPTION}\n\nWould you like a shorter version?", CAPTION),
+    ("feel free", f"{CAPTION} Feel free to ask for tweaks.", CAPTION),
+    ("everything at once",
+     f"<think>x</think>Sure! Here's the caption:\n\n\"{CAPTION}\"\n\nLet me know if you want more.",
+     CAPTION),
+    ("several lines", "A red fox sits in fresh snow.\nThe sky is pale.", "A red fox sits in fresh snow. The sky is pale."),
+    ("extra whitespace", "  A red   fox\tsits.  ", "A red fox sits."),
+    ("bullets", "- A red fox\n- fresh snow", "A red fox fresh snow"),
+    ("quoted word inside stays", 'A sign reads "OPEN" above the door.', 'A sign reads "OPEN" above the door.'),
+    ("apostrophes stay", "The fox's tail isn't visible.", "The fox's tail isn't visible."),
+    ("only think", "<think>all reasoning, no answer</think>", ""),
+    ("only preamble", "Here is the caption:", ""),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), [case[1:] for case in PROSE], ids=[c[0] for c in PROSE])
+def test_clean_prose(raw, expected):
+    assert og.clean_prose(raw) == expected
+
+
+# (raw tag answer, the tags we keep)
+TAGS = [
+    ("plain", "1girl, solo, red hair, smile", ["1girl", "solo", "red hair", "smile"]),
+    ("trailing comma and period", "1girl, solo, smile,.", ["1girl", "solo", "smile"]),
+    ("trailing period", "1girl, solo, smile.", ["1girl", "solo", "smile"]),
+    ("newlines", "1girl\nsolo\nsmile", ["1girl", "solo", "smile"]),
+    ("bullets", "- 1girl\n- solo\n* smile", ["1girl", "solo", "smile"]),
+    ("numbered", "1. 1girl\n2. solo\n3) smile", ["1girl", "solo", "smile"]),
+    ("duplicates any case", "1girl, Solo, solo, SOLO, smile", ["1girl", "Solo", "smile"]),
+    ("empties", "1girl,, ,solo , ,", ["1girl", "solo"]),
+    ("preamble", "Here are the tags:\n1girl, solo", ["1girl", "solo"]),
+    ("label", "Tags: 1girl, solo", ["1girl", "solo"]),
+    ("think", "<think>tags...</think>1girl, solo", ["1girl", "solo"]),
+    ("quoted tags", '"1girl", "solo"', ["1girl", "solo"]),
+    ("spaces collapse", "  long   hair ,  blue eyes ", ["long hair", "blue eyes"]),
+    ("semicolons", "1girl; solo; smile", ["1girl", "solo", "smile"]),
+    ("trailing offer", "1girl, solo\nLet me know if you need more tags.", ["1girl", "solo"]),
+    ("kaomoji stays", "1girl, ^_^, smile", ["1girl", "^_^", "smile"]),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), [case[1:] for case in TAGS], ids=[c[0] for c in TAGS])
+def test_clean_tags(raw, expected):
+    assert og.clean_tags(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "style", "trigger", "prefix", "expected"),
+    [
+        (CAPTION, "training", "", "", CAPTION),
+        (CAPTION, "training", "ohwx", "", f"ohwx, {CAPTION}"),
+        (CAPTION, "training", "", "photo", f"photo, {CAPTION}"),
+        (CAPTION, "training", "ohwx", "photo", f"photo, ohwx, {CAPTION}"),
+        (CAPTION, "training", "ohwx", "photo, ", f"photo, ohwx, {CAPTION}"),
+        (CAPTION, "detailed", "ohwx", "", f"ohwx, {CAPTION}"),
+        # The model wrote the trigger itself: code removes its copies.
+        ("ohwx, a red fox sits in snow.", "training", "ohwx", "", "ohwx, a red fox sits in snow."),
+        ("A photo of OHWX fox, ohwx sitting in snow.", "training", "ohwx", "",
+         "ohwx, A photo of fox, sitting in snow."),
+        # A trigger inside a longer word is not the trigger.
+        ("The ohwxian fox sits.", "training", "ohwx", "", "ohwx, The ohwxian fox sits."),
+        # The prefix already holds the trigger: it is not added twice.
+        (CAPTION, "training", "ohwx", "ohwx woman", f"ohwx woman, {CAPTION}"),
+        # A lower-case answer is capitalised only when it starts the line.
+        ("a red fox.", "training", "", "", "A red fox."),
+        # Tags: trigger first, prefix tags before it, duplicates of either dropped.
+        ("1girl, solo, smile", "tags", "ohwx", "", "ohwx, 1girl, solo, smile"),
+        ("1girl, OHWX, solo", "tags", "ohwx", "", "ohwx, 1girl, solo"),
+        ("score_9, 1girl, solo", "tags", "ohwx", "score_9, score_8_up", "score_9, score_8_up, ohwx, 1girl, solo"),
+        ("1girl\nsolo\nsmile.", "tags", "", "", "1girl, solo, smile"),
+        # Special characters in the trigger are taken literally.
+        ("a c++ fox", "training", "c++", "", "c++, a fox"),
+    ],
+)
+def test_finalize_caption_places_prefix_and_trigger(raw, style, trigger, prefix, expected):
+    caption = og.finalize_caption(raw, style=style, trigger=trigger, prefix=prefix)
+    assert caption == expected
+    assert "\n" not in caption
+    if prefix:
+        assert caption.startswith(prefix.rstrip(", "))
+    if trigger:
+        chunks = [chunk.strip().lower() for chunk in caption.split(",")]
+        assert trigger.lower() in chunks[: len(prefix.split(",")) + 1] or trigger.lower() in prefix.lower()
+        words = re.findall(rf"(?<![\w-]){re.escape(trigger)}(?![\w-])", caption, re.I)
+        assert len(words) == 1
+
+
+@pytest.mark.parametrize("raw", ["", "   ", "<think>only thoughts</think>", "Here is the caption:", '""', ",,, ."])
+@pytest.mark.parametrize("style", og.STYLES)
+def test_finalize_caption_refuses_an_empty_caption(raw, style):
+    with pytest.raises(og.ImageError, match="empty after cleaning"):
+        og.finalize_caption(raw, style=style, trigger="ohwx", prefix="photo")
+
+
+def test_tags_that_only_repeat_the_trigger_are_empty():
+    with pytest.raises(og.ImageError):
+        og.finalize_caption("ohwx, OHWX", style="tags", trigger="ohwx")
+
+
+def test_strip_think_keeps_text_between_blocks():
+    assert og.strip_think("<think>a</think>One. <think>b</think>Two.") == "One. Two."
+
+
+def test_strip_chatter_keeps_markdown_for_model_cards():
+    card = "Intro paragraph.\n\n## How to use\n- **weight** 0.8"
+    assert og.strip_chatter(f"Here is the model card:\n{card}\n\nLet me know if you want changes.") == card
+
+
+def test_model_thinks_by_prompt_only_for_qwen3():
+    assert og.model_thinks_by_prompt("qwen3-30b-a3b:latest")
+    assert og.model_thinks_by_prompt("qwen3-vl:32b")
+    assert og.model_thinks_by_prompt("hf.co/someone/Qwen3-8B-GGUF:Q4_K_M")
+    assert not og.model_thinks_by_prompt("llama3.2")
+    assert not og.model_thinks_by_prompt("qwen2.5vl:7b")

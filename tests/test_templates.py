@@ -1,0 +1,93 @@
+"""Prompt templates: every built-in one is complete, and a broken one fails loudly."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import ollama_generate as og
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name", sorted(og.TEMPLATE_FIELDS))
+def test_every_builtin_template_renders(name):
+    values = {field: f"<{field}>" for field in og.TEMPLATE_FIELDS[name]}
+    text = og.render(name, **values)
+    for value in values.values():
+        assert value in text
+    assert "$" not in text.replace("$$", "")
+
+
+def test_every_template_file_is_known():
+    files = {name[:-4] for name in os.listdir(os.path.join(ROOT, "prompts")) if name.endswith(".txt")}
+    assert files == set(og.TEMPLATE_FIELDS)
+
+
+def test_six_caption_templates_exist():
+    captions = [name for name in og.TEMPLATE_FIELDS if name.startswith("caption_")]
+    assert sorted(captions) == sorted(
+        f"caption_{style}{mood}" for style in og.STYLES for mood in ("", "_creative"))
+
+
+def test_template_placeholders_in_order_without_escapes():
+    assert og.template_placeholders("$b and ${a}, $b again, $$c") == ["b", "a"]
+
+
+@pytest.fixture
+def prompts(tmp_path, monkeypatch):
+    """A private templates folder that load_template() searches first."""
+    monkeypatch.setattr(og, "template_dirs", lambda: [str(tmp_path)])
+    return tmp_path
+
+
+def test_missing_placeholders_are_listed_together(prompts):
+    (prompts / "describe.txt").write_text("Write a card for $model_name.\n")
+    with pytest.raises(og.OllamaError) as caught:
+        og.render("describe", model_name="x", lora_type="style", tags="none")
+    assert str(caught.value) == f"template {prompts / 'describe.txt'} is missing $lora_type, $tags"
+    assert caught.value.hint == "describe.txt takes $model_name, $lora_type, $tags"
+
+
+def test_unknown_placeholders_are_listed_together(prompts):
+    (prompts / "lore.txt").write_text("$scenario in $words words, $tone and $mood\n")
+    with pytest.raises(og.OllamaError, match=r"lore.txt uses unknown \$tone, \$mood$"):
+        og.render("lore", scenario="s", words=1)
+
+
+def test_missing_and_unknown_in_one_error(prompts):
+    (prompts / "prompt_t5.txt").write_text("Describe $idea\n")
+    with pytest.raises(og.OllamaError, match=r"is missing \$concept; uses unknown \$idea$"):
+        og.render("prompt_t5", concept="c")
+
+
+def test_stray_dollar_is_reported_with_its_line(prompts):
+    (prompts / "prompt_clip.txt").write_text("$concept\ncosts $ 5\n")
+    with pytest.raises(og.OllamaError, match=r"has a stray \$ on line 2 \(write \$\$ for a dollar sign\)"):
+        og.render("prompt_clip", concept="c")
+
+
+def test_dollar_escape_renders_a_dollar(prompts):
+    (prompts / "prompt_clip.txt").write_text("$concept for $$5\n")
+    assert og.render("prompt_clip", concept="fox") == "fox for $5\n"
+
+
+def test_missing_template_file_names_where_it_looked(prompts):
+    with pytest.raises(og.OllamaError) as caught:
+        og.load_template("lore")
+    assert str(caught.value) == f"prompt template lore.txt was not found (looked in {prompts})"
+    assert "reinstall" in caught.value.hint
+
+
+def test_templates_are_found_from_another_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path, text = og.load_template("caption_tags")
+    assert path == os.path.join(ROOT, "prompts", "caption_tags.txt")
+    assert "$description" in text
+
+
+def test_installed_location_is_searched():
+    import sys
+
+    assert os.path.join(sys.prefix, "share", "ollama-generate", "prompts") in og.template_dirs()
