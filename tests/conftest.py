@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -15,8 +16,8 @@ for _p in (str(REPO_ROOT), str(TESTS_DIR)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from fake_ollama import FakeOllama  # noqa: E402
-from images import jpeg_bytes, png_bytes  # noqa: E402
+from fake_ollama import FakeOllama
+from images import jpeg_bytes, png_bytes
 
 # Proxy variables would make urllib send 127.0.0.1 traffic to a developer's proxy.
 _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")

@@ -27,15 +27,17 @@ import http.server
 import json
 import math
 import socket
+import sys
 import threading
 import time
 import traceback
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["FakeOllama", "Recorded", "Reply"]
+__all__ = ["FakeOllama", "Recorded", "Reply", "b64"]
 
 JSON_CT = "application/json; charset=utf-8"
 NDJSON_CT = "application/x-ndjson"
@@ -128,13 +130,12 @@ class _Model:
 
 
 class _HTTPError(Exception):
-    """An error answered as {"error": message}; runner errors follow the legacy_errors rules."""
+    """An error answered as {"error": message} with this status."""
 
-    def __init__(self, status: int, message: str, *, runner: bool = False) -> None:
+    def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
-        self.runner = runner
 
 
 class _Aborted(Exception):
@@ -433,8 +434,7 @@ def model_key(name: str) -> str:
     """Normalise a model name: tag defaults to `latest`, registry prefix dropped, lower-cased."""
     n = name.strip().lower()
     for prefix in ("registry.ollama.ai/", "library/"):
-        if n.startswith(prefix):
-            n = n[len(prefix):]
+        n = n.removeprefix(prefix)
     if ":" not in n.rsplit("/", 1)[-1]:
         n += ":latest"
     return n
@@ -696,21 +696,18 @@ def _check_options(options: dict[str, Any]) -> None:
         elif key in _OPTION_FLOATS:
             if isinstance(val, bool) or not isinstance(val, (int, float)):
                 raise _HTTPError(500, f'option "{key}" must be of type float32')
-        elif key in _OPTION_BOOLS:
-            if not isinstance(val, bool):
-                raise _HTTPError(500, f'option "{key}" must be of type boolean')
+        elif key in _OPTION_BOOLS and not isinstance(val, bool):
+            raise _HTTPError(500, f'option "{key}" must be of type boolean')
 
 
 def _check_format(fmt: Any) -> None:
     if fmt is None or fmt in ("", "json") or isinstance(fmt, dict):
         return
-    raise _HTTPError(500, f'invalid format: {_go_quote(go_json(fmt))}; expected "json" or a valid JSON Schema object',
-                     runner=True)
+    raise _HTTPError(500, f'invalid format: {_go_quote(go_json(fmt))}; expected "json" or a valid JSON Schema object')
 
 
 def _image_ok(data: bytes) -> bool:
-    return (data.startswith(b"\xff\xd8\xff") or data.startswith(b"\x89PNG\r\n\x1a\n")
-            or data[:6] in (b"GIF87a", b"GIF89a") or data.startswith(b"BM")
+    return (data.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM"))
             or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"))
 
 
@@ -722,7 +719,8 @@ def _loads_or_none(raw: bytes) -> object | None:
     if not raw:
         return None
     try:
-        return json.loads(raw.decode("utf-8"))
+        parsed: object = json.loads(raw.decode("utf-8"))
+        return parsed
     except (ValueError, UnicodeDecodeError):
         return None
 
@@ -763,7 +761,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (OSError, _Aborted):
             self.close_connection = True
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep the server quiet
+    def log_message(self, format: str, *args: Any) -> None:  # keep the server quiet
         pass
 
     def send_response(self, code: int, message: str | None = None) -> None:
@@ -775,15 +773,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         fake = self.server.fake
         self.headers_sent = False
         self.cleanup = _Cleanup()
-        parts = urlsplit(self.path)
+        target, _, query = self.path.partition("?")
+        if target.startswith(("http://", "https://")):  # absolute-form request target
+            target = urlsplit(target).path
         raw = self._read_body()
         rec = Recorded(
             method=self.command,
-            path=parts.path or "/",
+            path=target or "/",
             headers={k.lower(): v for k, v in self.headers.items()},
             body=_loads_or_none(raw),
             raw=raw,
-            query=parts.query,
+            query=query,
             received_at=time.monotonic(),
         )
         fake._record(rec)
@@ -1066,11 +1066,10 @@ class FakeOllama:
                 self._conns.discard(conn)
 
     def _note_exception(self) -> None:
-        tb = traceback.format_exc()
-        if "ConnectionResetError" in tb or "BrokenPipeError" in tb or "_Aborted" in tb:
-            return
+        if isinstance(sys.exc_info()[1], (OSError, _Aborted)):
+            return  # client went away or the server is stopping: not a bug of the fake
         with self._lock:
-            self.errors.append(tb)
+            self.errors.append(traceback.format_exc())
 
     def _wait(self, seconds: float, abort: threading.Event) -> None:
         if seconds > 0 and abort.wait(seconds):
@@ -1387,7 +1386,7 @@ class FakeOllama:
         try:
             _check_format(req.get("format"))
             if self.validate_images and any(not _image_ok(img) for img in images):
-                raise _HTTPError(500, "Failed to create new sequence: image: unknown format", runner=True)
+                raise _HTTPError(500, "Failed to create new sequence: image: unknown format")
         except _HTTPError as e:
             self._runner_error(h, stream, e.status, e.message)
             return

@@ -6,7 +6,7 @@ import hashlib
 import struct
 import zlib
 
-__all__ = ["png_bytes", "jpeg_bytes", "JPEG_2X2"]
+__all__ = ["JPEG_2X2", "jpeg_bytes", "png_bytes"]
 
 # A 2x2 baseline JFIF JPEG (made once with Pillow, quality 50, optimised Huffman tables).
 JPEG_2X2 = bytes.fromhex(

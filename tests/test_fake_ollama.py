@@ -15,13 +15,13 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
-
-from fake_ollama import FakeOllama, Recorded, Reply, go_b64decode, go_parse_duration
+from fake_ollama import FakeOllama, Recorded, Reply, b64, go_b64decode, go_parse_duration
 from images import jpeg_bytes, png_bytes
 
 THINK = "qwen3-30b-a3b:latest"  # completion, tools, thinking
@@ -244,6 +244,8 @@ def test_unknown_path_and_wrong_method(ollama: FakeOllama) -> None:
     assert (r.status, r.body) == (405, b"405 method not allowed") and r.ctype.startswith("text/plain")
     assert call(ollama.url, "/api/tags", {"x": 1}).status == 405
     assert call(ollama.url, "/api/tags/").status == 404
+    assert call(ollama.url, "//api/tags").status == 404  # a doubled slash is not the same route
+    assert [r.path for r in ollama.requests[-2:]] == ["/api/tags/", "//api/tags"]
 
 
 def test_show(ollama: FakeOllama) -> None:
@@ -538,17 +540,14 @@ def test_capability_checks(ollama: FakeOllama) -> None:
 # images
 
 
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
 def test_images_accepted(ollama: FakeOllama, tiny_png: bytes, tiny_jpeg: bytes) -> None:
     r = gen(ollama, model=VISION, prompt="caption", images=[b64(tiny_png), b64(tiny_jpeg)], stream=False)
     assert r.status == 200
     r = chat(ollama, model=VISION, stream=False,
              messages=[{"role": "user", "content": "caption", "images": [b64(tiny_png)]}])
     assert r.status == 200
-    assert ollama.requests_to("/api/chat")[-1].body["messages"][0]["images"] == [b64(tiny_png)]
+    sent = ollama.requests_to("/api/chat")[-1].body
+    assert isinstance(sent, dict) and sent["messages"][0]["images"] == [b64(tiny_png)]
 
 
 def test_data_url_and_bad_base64_rejected(ollama: FakeOllama, tiny_png: bytes) -> None:
@@ -570,7 +569,7 @@ def test_undecodable_image_is_runner_error(ollama: FakeOllama) -> None:
 
 def test_go_b64decode_matches_stdlib() -> None:
     rng = random.Random(1)
-    for n in range(0, 40):
+    for n in range(40):
         data = bytes(rng.randrange(256) for _ in range(n))
         text = base64.b64encode(data).decode()
         assert go_b64decode(text) == data
@@ -615,7 +614,7 @@ def test_reply_queue_fifo_and_default_text(ollama: FakeOllama) -> None:
     assert gen(ollama, prompt="p", stream=False).json()["response"] == "first"
     assert gen(ollama, prompt="p", stream=False).json()["response"] == "second"
     assert gen(ollama, prompt="p", stream=False).json()["response"] == "A fake answer."
-    ollama.default_text = lambda rec: "echo " + rec.body["prompt"]
+    ollama.default_text = lambda rec: "echo " + str(rec.body["prompt"])  # type: ignore[index]
     assert gen(ollama, prompt="hello", stream=False).json()["response"] == "echo hello"
 
 
