@@ -39,8 +39,8 @@ import sys
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
 
 __version__ = "0.1.0"
 
@@ -143,12 +143,20 @@ class TransientError(OllamaError):
     """A failure worth retrying: 5xx, busy, timeout, dropped connection, garbage."""
 
 
+class TemplateError(OllamaError):
+    """A prompt template is missing or has the wrong placeholders."""
+
+
 class ImageError(OllamaError):
     """One file in a dataset cannot be captioned; a folder run goes on past it."""
 
 
 class BatchFailed(OllamaError):
     """A folder run finished, but some images failed (they are listed above)."""
+
+
+# Failures that would fail every image alike: a folder run stops on them.
+FATAL_ERRORS = (ServerUnreachable, ModelUnavailable, TemplateError)
 
 
 # -- Configuration ------------------------------------------------------------
@@ -261,13 +269,9 @@ class OllamaClient:
 
     # Public endpoints, named after Ollama's.
 
-    def version(self) -> str:
-        """The server's version string."""
-        return str(self._call("GET", "/api/version").get("version", ""))
-
     def show(self, model: str) -> dict:
         """Details of one installed model; raises ModelUnavailable if it is missing."""
-        return self._call("POST", "/api/show", {"model": model})
+        return self._retrying(lambda: self._call("POST", "/api/show", {"model": model}))
 
     def chat(self, model: str, messages: list[dict], *, options: dict) -> Answer:
         """One /api/chat exchange, streamed and gathered into an Answer."""
@@ -283,7 +287,7 @@ class OllamaClient:
 
     # The choke point.
 
-    def _retrying(self, attempt) -> Answer:
+    def _retrying(self, attempt):
         """Run attempt(), retrying transient failures with capped exponential backoff."""
         for tries in range(self.retries + 1):
             try:
@@ -419,16 +423,26 @@ class OllamaClient:
         """Turn an HTTP error status into the error the user can act on."""
         raw = exc.read() or b""
         try:
-            message = str(json.loads(raw).get("error") or "")
-        except (ValueError, AttributeError):
+            message = str(json.loads(raw)["error"])
+            from_ollama = True
+        except (ValueError, KeyError, TypeError):
             message = raw.decode("utf-8", "replace").strip()
+            from_ollama = False
         message = message or exc.reason or "no details"
         status = exc.code
         model = (body or {}).get("model", "")
-        if status == 404 and model:
+        if status == 404 and model and from_ollama:
             return ModelUnavailable(
                 f"model '{model}' is not installed on {self.host}",
                 hint=f"run `ollama pull {model}`",
+            )
+        if status == 404:
+            # Ollama answers a JSON error for a missing model; a plain 404 page means
+            # the URL does not lead to Ollama's API (a wrong path or another server).
+            return OllamaError(
+                f"{self.host} has no Ollama API (HTTP 404: {message})",
+                hint="check OLLAMA_HOST (or --host): it should be the server's base URL, "
+                     "like http://localhost:11434",
             )
         if status >= 500 or status == 429:
             return TransientError(f"Ollama at {self.host} answered HTTP {status}: {message}")
@@ -461,7 +475,7 @@ def load_template(name: str) -> tuple[str, str]:
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as handle:
                 return path, handle.read()
-    raise OllamaError(
+    raise TemplateError(
         f"prompt template {name}.txt was not found (looked in {', '.join(dirs)})",
         hint="reinstall ollama-generate, or run it from a checkout that has the prompts/ folder",
     )
@@ -500,7 +514,7 @@ def render(name: str, **values: object) -> str:
             break
     if problems:
         allowed = ", ".join(f"${n}" for n in expected) or "no placeholders"
-        raise OllamaError(f"template {path} {'; '.join(problems)}",
+        raise TemplateError(f"template {path} {'; '.join(problems)}",
                           hint=f"{name}.txt takes {allowed}")
     return string.Template(text).substitute({k: str(v) for k, v in values.items()})
 
@@ -790,6 +804,11 @@ def with_no_think(model: str, prompt: str) -> str:
     return f"{prompt}\n/no_think" if model_thinks_by_prompt(model) else prompt
 
 
+def connect(config: Config) -> OllamaClient:
+    """A client for the configured server."""
+    return OllamaClient(config.host, timeout=config.timeout, retries=config.retries)
+
+
 def ask_text_model(client: OllamaClient, config: Config, template: str, kind: str,
                    **values: object) -> str:
     """Render a template, send it to the text model, and return the answer without think blocks."""
@@ -824,9 +843,8 @@ def write_caption(client: OllamaClient, config: Config, spec: CaptionSpec, descr
     """Stage 2: the text model rewrites a description as a caption in the chosen style."""
     template = f"caption_{spec.style}" + ("_creative" if spec.creative else "")
     kind = "caption-creative" if spec.creative else "caption"
-    prompt = with_no_think(config.model, render(template, description=description))
-    answer = client.generate(config.model, prompt, options=sampling(kind))
-    return finalize_caption(answer.text, style=spec.style, trigger=spec.trigger, prefix=spec.prefix)
+    answer = ask_text_model(client, config, template, kind, description=description)
+    return finalize_caption(answer, style=spec.style, trigger=spec.trigger, prefix=spec.prefix)
 
 
 def check_models(client: OllamaClient, config: Config) -> None:
@@ -851,7 +869,7 @@ def cmd_caption(config: Config, args: argparse.Namespace) -> str | None:
     path = args.path
     if not os.path.exists(path):
         raise UsageError(f"{path} does not exist")
-    client = OllamaClient(config.host, timeout=config.timeout, retries=config.retries)
+    client = connect(config)
     if os.path.isdir(path):
         images = find_images(path)
         if not images:
@@ -879,14 +897,10 @@ def read_text_argument(value: str, what: str) -> str:
     return text.strip()
 
 
-def _text_client(config: Config) -> OllamaClient:
-    return OllamaClient(config.host, timeout=config.timeout, retries=config.retries)
-
-
 def cmd_prompt(config: Config, args: argparse.Namespace) -> str:
     """Write an image-generation prompt from a concept."""
     concept = read_text_argument(args.concept, "concept")
-    answer = ask_text_model(_text_client(config), config, f"prompt_{args.encoder}", "prompt",
+    answer = ask_text_model(connect(config), config, f"prompt_{args.encoder}", "prompt",
                             concept=concept)
     return ", ".join(clean_tags(answer)) if args.encoder == "clip" else clean_prose(answer)
 
@@ -894,7 +908,7 @@ def cmd_prompt(config: Config, args: argparse.Namespace) -> str:
 def cmd_enhance(config: Config, args: argparse.Namespace) -> str:
     """Rewrite an existing prompt with more detail."""
     prompt = read_text_argument(args.prompt, "prompt")
-    answer = ask_text_model(_text_client(config), config, f"enhance_{args.intensity}",
+    answer = ask_text_model(connect(config), config, f"enhance_{args.intensity}",
                             f"enhance-{args.intensity}", prompt=prompt)
     return clean_prose(answer)
 
@@ -902,7 +916,7 @@ def cmd_enhance(config: Config, args: argparse.Namespace) -> str:
 def cmd_describe(config: Config, args: argparse.Namespace) -> str:
     """Write a model card description (Markdown) for a LoRA."""
     name = read_text_argument(args.model_name, "model name")
-    answer = ask_text_model(_text_client(config), config, "describe", "describe",
+    answer = ask_text_model(connect(config), config, "describe", "describe",
                             model_name=name, lora_type=args.lora_type,
                             tags=(args.tags or "").strip() or "none")
     return strip_chatter(answer)
@@ -911,7 +925,7 @@ def cmd_describe(config: Config, args: argparse.Namespace) -> str:
 def cmd_lore(config: Config, args: argparse.Namespace) -> str:
     """Write creative fiction, a scene, a character profile or world lore."""
     scenario = read_text_argument(args.scenario, "scenario")
-    answer = ask_text_model(_text_client(config), config, "lore", f"lore-{args.length}",
+    answer = ask_text_model(connect(config), config, "lore", f"lore-{args.length}",
                             scenario=scenario, words=LORE_WORDS[args.length])
     return strip_chatter(answer)
 
@@ -970,11 +984,11 @@ def caption_folder(client: OllamaClient, config: Config, spec: CaptionSpec,
                 caption_job(client, config, spec, job)
             record(report, job)
             print_progress(number, len(jobs), job)
-    except (KeyboardInterrupt, ServerUnreachable, ModelUnavailable) as exc:
+    except (KeyboardInterrupt, *FATAL_ERRORS):
         report.interrupted = True
         report.seconds = time.monotonic() - started
         print_summary(report)
-        raise exc from None
+        raise
     report.seconds = time.monotonic() - started
     return report
 
@@ -986,9 +1000,7 @@ def caption_job(client: OllamaClient, config: Config, spec: CaptionSpec, job: Jo
         caption = write_caption(client, config, spec, description)
         write_caption_file(job.caption_file, caption)
         job.status = "written"
-    except (ImageError, TransientError) as exc:
-        job.status, job.reason = "failed", str(exc)
-    except (ServerUnreachable, ModelUnavailable):
+    except FATAL_ERRORS:
         raise
     except OllamaError as exc:
         job.status, job.reason = "failed", str(exc)
@@ -1199,5 +1211,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # pragma: no cover - run as a script by the subprocess tests
     sys.exit(main())

@@ -76,7 +76,17 @@ class Recorded:
 
 @dataclass
 class Reply:
-    """One scripted answer for a generation request (/api/chat or /api/generate)."""
+    """One scripted answer for a generation request (/api/chat or /api/generate).
+
+    status != 200: that status and {"error": error} before any byte (with legacy_errors: HTTP 200
+    and one NDJSON error line when streaming, 500 when not). mid_stream: about half the content,
+    then an {"error": error} line, HTTP 200 (stream:false: 500). fault: "drop" closes without any
+    response; "eof" streams about half the content and ends the body cleanly without a done:true
+    line (stream:false: the full Content-Length is announced, half is sent, the socket closed);
+    "reset" is eof with the chunked body cut abruptly; "garbage" answers 200 with a non-JSON line;
+    "stall" sends nothing for `delay` seconds (STALL_FOREVER when 0, or until stop/kill), then
+    closes. `delay` (+ FakeOllama.request_time) passes before the first byte, in a parallel slot.
+    """
 
     text: str = ""
     thinking: str = ""
@@ -773,7 +783,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         fake = self.server.fake
         self.headers_sent = False
         self.cleanup = _Cleanup()
-        target, _, query = self.path.partition("?")
+        # http.server collapses a leading "//" in self.path; Go routers do not, so use the raw line.
+        words = self.requestline.split()
+        target, _, query = (words[1] if len(words) == 3 else self.path).partition("?")
         if target.startswith(("http://", "https://")):  # absolute-form request target
             target = urlsplit(target).path
         raw = self._read_body()

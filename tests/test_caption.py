@@ -6,9 +6,9 @@ import base64
 import os
 
 import pytest
+from images import jpeg_bytes, png_bytes
 
 import ollama_generate as og
-from images import jpeg_bytes, png_bytes
 
 DESCRIPTION = "A woman with short black hair in a red coat stands in a snowy park at dusk."
 CAPTION = "A woman in a red coat stands in a snowy park at dusk, soft blue light."
@@ -201,7 +201,7 @@ def test_bad_images_are_reported_never_sent_and_the_run_goes_on(ollama, capsys, 
 
 def test_an_empty_caption_is_a_failure_not_an_empty_file(ollama, capsys, tmp_path):
     dataset = make_dataset(tmp_path / "set", ["a.png", "b.png"])
-    queue_pair(ollama, caption="<think>I cannot decide</think>")
+    queue_pair(ollama, caption="Here is the caption:")
     queue_pair(ollama, caption="caption b")
     code, out, err = run(capsys, "caption", dataset)
     assert code == 1

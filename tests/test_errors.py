@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from images import png_bytes
 
 import ollama_generate as og
-from images import png_bytes
 
 
 @pytest.fixture(autouse=True)

@@ -6,9 +6,9 @@ import os
 import struct
 
 import pytest
+from images import jpeg_bytes, png_bytes
 
 import ollama_generate as og
-from images import jpeg_bytes, png_bytes
 
 
 def _gif() -> bytes:

@@ -10,9 +10,9 @@ import sys
 import time
 
 import pytest
+from images import png_bytes
 
 import ollama_generate as og
-from images import png_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "ollama_generate.py")
