@@ -639,9 +639,30 @@ def _without_word(text: str, word: str) -> str:
     """Remove every whole-word occurrence of word, and the punctuation it leaves behind."""
     pattern = re.compile(rf"(?<![\w-]){re.escape(word)}(?![\w-])", re.I)
     text = pattern.sub("", text)
+    text = re.sub(r"\(\s*\)|\[\s*\]|\"\s*\"", "", text)
     text = re.sub(r"\s+([,.;:!?])", r"\1", text)
     text = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", text)
+    text = re.sub(r"[,;:]+(?=[.!?])", "", text)
     return one_line(text).strip(" ,;:")
+
+
+# Sentence openers that read wrong capitalised in the middle of "ohwx, A woman ...".
+_OPENERS = {"a", "an", "the", "this", "these", "two", "three", "four", "five", "several",
+            "some", "one", "close-up", "closeup", "portrait", "photo", "photograph"}
+
+
+def continue_after_chunk(body: str) -> str:
+    """Lower-case a common sentence opener that now follows the trigger or prefix.
+
+    >>> continue_after_chunk("A woman in red")
+    'a woman in red'
+    >>> continue_after_chunk("NASA photo")
+    'NASA photo'
+    """
+    first = body.split(" ", 1)[0]
+    if first.lower() in _OPENERS and first == first.capitalize():
+        return body[:1].lower() + body[1:]
+    return body
 
 
 def layout_caption(body: str, *, trigger: str = "", prefix: str = "") -> str:
@@ -674,7 +695,7 @@ def finalize_caption(answer: str, *, style: str, trigger: str = "", prefix: str 
         body = clean_prose(answer)
         if trigger:
             body = _without_word(body, trigger)
-        body = body[:1].upper() + body[1:] if not (prefix or trigger) else body
+        body = continue_after_chunk(body) if prefix or trigger else body[:1].upper() + body[1:]
     if not body.strip(" ,.;:"):
         raise ImageError("the text model's answer was empty after cleaning")
     return layout_caption(body, trigger=trigger, prefix=prefix)

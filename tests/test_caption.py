@@ -125,6 +125,7 @@ def make_dataset(folder, names):
 
 def test_folder_writes_a_caption_beside_each_image(ollama, capsys, tmp_path):
     dataset = make_dataset(tmp_path / "set", ["b.png", "a.jpg", "C.PNG"])
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in dataset.iterdir()}
     for n in range(3):
         queue_pair(ollama, description=f"description {n}", caption=f"caption {n}")
     code, out, err = run(capsys, "caption", dataset, "--trigger", "ohwx")
@@ -140,6 +141,10 @@ def test_folder_writes_a_caption_beside_each_image(ollama, capsys, tmp_path):
     # Each image's own bytes went to the vision model, in sorted order.
     sent = [r.body["messages"][1]["images"][0] for r in ollama.requests_to("/api/chat")]
     assert sent == [base64.b64encode((dataset / n).read_bytes()).decode() for n in ["C.PNG", "a.jpg", "b.png"]]
+    # The images are untouched, and nothing but the captions was added.
+    assert {n: (dataset / n).read_bytes() for n in before} == {n: b for n, (b, _) in before.items()}
+    assert {n: (dataset / n).stat().st_mtime_ns for n in before} == {n: t for n, (_, t) in before.items()}
+    assert sorted(p.name for p in dataset.iterdir()) == ["C.PNG", "C.txt", "a.jpg", "a.txt", "b.png", "b.txt"]
     # Both models were checked once, up front.
     assert len(ollama.requests_to("/api/show")) == 2
     assert ollama.requests[0].path == "/api/show"

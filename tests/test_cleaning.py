@@ -9,6 +9,7 @@ import pytest
 import ollama_generate as og
 
 CAPTION = "A red fox sits in fresh snow under a pale winter sky."
+LOWER = "a" + CAPTION[1:]
 
 # (raw answer as a model might send it, the cleaned prose line)
 PROSE = [
@@ -85,19 +86,25 @@ def test_clean_tags(raw, expected):
     ("raw", "style", "trigger", "prefix", "expected"),
     [
         (CAPTION, "training", "", "", CAPTION),
-        (CAPTION, "training", "ohwx", "", f"ohwx, {CAPTION}"),
-        (CAPTION, "training", "", "photo", f"photo, {CAPTION}"),
-        (CAPTION, "training", "ohwx", "photo", f"photo, ohwx, {CAPTION}"),
-        (CAPTION, "training", "ohwx", "photo, ", f"photo, ohwx, {CAPTION}"),
-        (CAPTION, "detailed", "ohwx", "", f"ohwx, {CAPTION}"),
+        (CAPTION, "training", "ohwx", "", f"ohwx, {LOWER}"),
+        (CAPTION, "training", "", "photo", f"photo, {LOWER}"),
+        (CAPTION, "training", "ohwx", "photo", f"photo, ohwx, {LOWER}"),
+        (CAPTION, "training", "ohwx", "photo, ", f"photo, ohwx, {LOWER}"),
+        (CAPTION, "detailed", "ohwx", "", f"ohwx, {LOWER}"),
+        # A name or acronym keeps its capital; only common openers are lower-cased.
+        ("Tokyo at night.", "training", "ohwx", "", "ohwx, Tokyo at night."),
+        ("THE END sign.", "training", "ohwx", "", "ohwx, THE END sign."),
+        # Removing the model's trigger leaves no stray punctuation behind.
+        ("A woman walks through snow, ohwx.", "training", "ohwx", "", "ohwx, a woman walks through snow."),
+        ("A woman (ohwx) ; smiles.", "training", "ohwx", "", "ohwx, a woman; smiles."),
         # The model wrote the trigger itself: code removes its copies.
         ("ohwx, a red fox sits in snow.", "training", "ohwx", "", "ohwx, a red fox sits in snow."),
         ("A photo of OHWX fox, ohwx sitting in snow.", "training", "ohwx", "",
-         "ohwx, A photo of fox, sitting in snow."),
+         "ohwx, a photo of fox, sitting in snow."),
         # A trigger inside a longer word is not the trigger.
-        ("The ohwxian fox sits.", "training", "ohwx", "", "ohwx, The ohwxian fox sits."),
+        ("The ohwxian fox sits.", "training", "ohwx", "", "ohwx, the ohwxian fox sits."),
         # The prefix already holds the trigger: it is not added twice.
-        (CAPTION, "training", "ohwx", "ohwx woman", f"ohwx woman, {CAPTION}"),
+        (CAPTION, "training", "ohwx", "ohwx woman", f"ohwx woman, {LOWER}"),
         # A lower-case answer is capitalised only when it starts the line.
         ("a red fox.", "training", "", "", "A red fox."),
         # Tags: trigger first, prefix tags before it, duplicates of either dropped.
