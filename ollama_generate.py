@@ -17,6 +17,7 @@ Environment:
   OLLAMA_HOST          Ollama server URL (default http://localhost:11434)
   OLLAMA_MODEL         text model (default qwen3-30b-a3b:latest)
   OLLAMA_VISION_MODEL  vision model (default qwen3-vl:32b)
+  OLLAMA_GENERATE_DEBUG  set to 1 to show Python tracebacks (default unset)
 
 Exit status:
   0    success
@@ -41,6 +42,7 @@ import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 __version__ = "0.1.0"
 
@@ -155,6 +157,11 @@ class BatchFailed(OllamaError):
     """A folder run finished, but some images failed (they are listed above)."""
 
 
+def warn(message: str) -> None:
+    """A problem worth telling the user that does not stop the command (stderr)."""
+    print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+
+
 # Failures that would fail every image alike: a folder run stops on them.
 FATAL_ERRORS = (ServerUnreachable, ModelUnavailable, TemplateError)
 
@@ -195,7 +202,10 @@ def resolve_host(flag: str | None, env: Mapping[str, str]) -> str:
     value = flag if flag is not None else env.get("OLLAMA_HOST", DEFAULT_HOST)
     source = "--host" if flag is not None else "OLLAMA_HOST"
     try:
-        return parse_host(value)
+        url = parse_host(value)
+        if any(char.isspace() for char in url):
+            raise ValueError(url)
+        return url
     except ValueError:
         raise UsageError(
             f"{source} is not a valid server address: {value!r}",
@@ -394,7 +404,7 @@ class OllamaClient:
                      "User-Agent": f"{PROG}/{__version__}"},
         )
         try:
-            return urllib.request.urlopen(request, timeout=timeout)
+            return self._opener().open(request, timeout=timeout)
         except urllib.error.HTTPError as exc:
             self.answered = True
             raise self._http_error(exc, body) from None
@@ -412,6 +422,15 @@ class OllamaClient:
             raise self._timeout(timeout) from None
         except (OSError, http.client.HTTPException) as exc:
             raise TransientError(f"the connection to Ollama at {self.host} dropped ({exc})") from None
+
+    def _opener(self):
+        """urllib's opener; a server on this machine is never reached through a proxy."""
+        import urllib.request
+
+        host = urllib.parse.urlsplit(self.host).hostname or ""
+        if host == "localhost" or host.startswith("127.") or host == "::1":
+            return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        return urllib.request.build_opener()
 
     def _timeout(self, timeout: float) -> TransientError:
         return TransientError(
@@ -457,14 +476,13 @@ def template_dirs() -> list[str]:
     import sysconfig
 
     here = os.path.dirname(os.path.abspath(__file__))
-    candidates = [os.path.join(here, "prompts"),
-                  os.path.join(sys.prefix, "share", PROG, "prompts")]
-    for scheme in ("posix_user", "nt_user", "osx_framework_user"):
-        try:
-            candidates.append(os.path.join(sysconfig.get_path("data", scheme), "share", PROG, "prompts"))
-        except KeyError:  # pragma: no cover - depends on the platform's schemes
-            pass
-    return candidates
+    candidates = [os.path.join(here, "prompts"), os.path.join(sys.prefix, "share", PROG, "prompts")]
+    # pip puts data files under the scheme's data path: the venv, --user, or a
+    # distribution's own layout (Debian's /usr/local).
+    for scheme in sysconfig.get_scheme_names():
+        data = sysconfig.get_path("data", scheme)
+        candidates.append(os.path.join(data, "share", PROG, "prompts"))
+    return list(dict.fromkeys(candidates))
 
 
 def load_template(name: str) -> tuple[str, str]:
@@ -525,22 +543,32 @@ def render(name: str, **values: object) -> str:
 _THINK_BLOCK = re.compile(r"<(think|thinking)>.*?</\1>", re.S | re.I)
 _THINK_OPEN = re.compile(r"<(?:think|thinking)>", re.I)
 _THINK_CLOSE = re.compile(r"</(?:think|thinking)>", re.I)
+# An interjection is chatter only as a sentence of its own ("Sure!") or when a
+# preamble follows it ("Sure, here is..."): "Sure, a woman..." and "Great Wall of
+# China..." are captions.
 _INTERJECTION = re.compile(
-    r"^(?:sure|certainly|of course|absolutely|okay|ok|alright|great|got it)\b[^\n.!:]{0,40}[.!:,]\s*",
-    re.I)
+    r"^(?:sure|certainly|of course|absolutely|okay|ok|alright|great|got it|here you go|here it is)"
+    r"(?:\s*[!.:]+(?=\s|$)|\s*,?\s*(?=(?:here|below|this is)\b))\s*", re.I)
+# A preamble names what it delivers before its colon: "Here are two women walking:
+# one holds..." is a caption.
 _PREAMBLE = re.compile(
-    r"^(?:here(?:'s| is| are)|below is|this is)\b[^\n:]{0,100}:\s*", re.I)
+    r"^(?:here(?:'s| is| are)|below is|this is)\b[^\n:]{0,80}?"
+    r"\b(?:caption|tag|description|prompt|version|rewrite|result|card|story|text|answer|output"
+    r"|profile|lore|scene)s?\b[^\n:]{0,60}:\s*", re.I)
 _LABEL = re.compile(
     r"^[*_#\s]*(?:final |rewritten |enhanced |improved |training )?"
     r"(?:caption|tags|description|prompt|answer|output|result|text)[*_]*\s*:[*_]*\s*", re.I)
 _OFFER = re.compile(
     r"(?:^|(?<=[.!?\n])\s*)(?:let me know\b|i hope (?:this|that)\b|feel free\b|would you like\b"
     r"|do you want\b|if you(?:'d| would)? (?:like|need|want)\b|happy to help\b"
-    r"|i can (?:also )?(?:adjust|provide|make|modify)\b)[^\n]*$", re.I)
+    r"|i can (?:also )?(?:adjust|provide|make|modify)\b|\(?\**note\**\s*:|\(?word count\s*:"
+    r"|\(\d+ words\))[^\n]*$", re.I)
 _FENCE = re.compile(r"^\s*```[\w-]*\s*$", re.M)
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "\u00ab": "\u00bb", "`": "`"}
 _BULLET = re.compile(r"^\s*(?:[-*+\u2022]|\d{1,3}[.)])\s+", re.M)
 _HEADING = re.compile(r"^\s*#{1,6}\s*", re.M)
+_HEADING_LINE = re.compile(r"^\s*#{1,6}\s.*$|^\s*[-*_]{3,}\s*$", re.M)
+_BLOCKQUOTE = re.compile(r"^\s*>\s?", re.M)
 # Emphasis marks hug words from outside; an underscore inside a tag (score_8_up) is no mark.
 _EMPHASIS = re.compile(r"(?<![\w*])(\*\*|__|\*|_)(?=\S)(.+?)(?<=\S)\1(?![\w*])")
 
@@ -566,11 +594,31 @@ def strip_think(text: str) -> str:
 
 
 def strip_wrapping_quotes(text: str) -> str:
-    """Remove one pair of quotes (or a code fence) around the whole answer."""
+    """Remove quotes around the whole answer, but not quotes that open and close inside it.
+
+    >>> strip_wrapping_quotes("'A woman's umbrella'")
+    "A woman's umbrella"
+    >>> strip_wrapping_quotes('"OPEN" sign and "CLOSED" sign')
+    '"OPEN" sign and "CLOSED" sign'
+    """
     text = text.strip()
-    while len(text) >= 2 and _QUOTES.get(text[0]) == text[-1] and text[0] not in text[1:-1]:
+    while len(text) >= 2 and _QUOTES.get(text[0]) == text[-1] and not _quotes_inside(text):
         text = text[1:-1].strip()
     return text
+
+
+def _quotes_inside(text: str) -> bool:
+    """Whether the inner text uses the wrapping quote mark as a quote (not an apostrophe)."""
+    inner = text[1:-1]
+    for mark in {text[0], text[-1]}:
+        for index, char in enumerate(inner):
+            if char != mark:
+                continue
+            between_letters = 0 < index < len(inner) - 1 and inner[index - 1].isalnum() \
+                and inner[index + 1].isalnum()
+            if not (mark in "'\u2019" and between_letters):
+                return True
+    return False
 
 
 def strip_chatter(text: str) -> str:
@@ -603,6 +651,7 @@ def strip_markdown(text: str) -> str:
     'Look\\nbold fox\\ncalm lake'
     """
     text = _HEADING.sub("", text)
+    text = _BLOCKQUOTE.sub("", text)
     text = _BULLET.sub("", text)
     text = _EMPHASIS.sub(r"\2", text)
     return text.replace("`", "")
@@ -614,8 +663,9 @@ def one_line(text: str) -> str:
 
 
 def clean_prose(answer: str) -> str:
-    """A prose answer as one clean line."""
-    return one_line(strip_wrapping_quotes(strip_markdown(strip_chatter(answer))))
+    """A prose answer as one clean line; headings and rules are chatter in a caption."""
+    text = _HEADING_LINE.sub("", strip_chatter(answer))
+    return one_line(strip_wrapping_quotes(strip_markdown(strip_chatter(text))))
 
 
 def clean_tags(answer: str) -> list[str]:
@@ -682,15 +732,35 @@ def layout_caption(body: str, *, trigger: str = "", prefix: str = "") -> str:
     return ", ".join(chunks)
 
 
-def finalize_caption(answer: str, *, style: str, trigger: str = "", prefix: str = "") -> str:
+def drop_cut_off_end(text: str, *, style: str) -> str:
+    """Remove the unfinished end of an answer that hit the token limit.
+
+    >>> drop_cut_off_end("1girl, solo, long ha", style="tags")
+    '1girl, solo'
+    >>> drop_cut_off_end("A fox sits. It looks to", style="training")
+    'A fox sits.'
+    """
+    if style == "tags":
+        return text.rsplit(",", 1)[0] if "," in text else text
+    ends = [text.rfind(mark) for mark in ".!?"]
+    return text[:max(ends) + 1] if max(ends) > 0 else text
+
+
+def finalize_caption(answer: str, *, style: str, trigger: str = "", prefix: str = "",
+                     cut_off: bool = False) -> str:
     """Turn the text model's answer into the caption line we write.
 
     Raises ImageError when nothing usable is left, so no empty file is ever written.
     """
     trigger = trigger.strip()
+    if cut_off:
+        answer = drop_cut_off_end(strip_chatter(answer), style=style)
     if style == "tags":
         taken = {t.casefold() for t in clean_tags(prefix)} | {trigger.casefold()}
-        body = ", ".join(t for t in clean_tags(answer) if t.casefold() not in taken)
+        tags = clean_tags(answer)
+        if trigger:  # "ohwx woman" would put the trigger in the caption twice
+            tags = [_without_word(tag, trigger) for tag in tags]
+        body = ", ".join(dict.fromkeys(t for t in tags if t and t.casefold() not in taken))
     else:
         body = clean_prose(answer)
         if trigger:
@@ -731,9 +801,10 @@ def _image_kind(head: bytes) -> str | None:
         return "jpeg"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
+    if head[:6] in (b"GIF87a", b"GIF89a") and head[6:8] != b"\0\0" and head[8:10] != b"\0\0":
         return "gif"
-    if head[:2] == b"BM" and len(head) >= 14:
+    # BMP: "BM", then the DIB header's size at byte 14 names one of the known headers.
+    if head[:2] == b"BM" and int.from_bytes(head[14:18], "little") in (12, 40, 52, 56, 64, 108, 124):
         return "bmp"
     return None
 
@@ -747,7 +818,7 @@ def _image_complete(kind: str, head: bytes, tail: bytes, size: int) -> bool:
     if kind == "gif":
         return tail.rstrip(b"\x00").endswith(b";")
     declared = int.from_bytes(head[4:8] if kind == "webp" else head[2:6], "little")
-    return size >= declared + (8 if kind == "webp" else 0)
+    return declared > 12 and size >= declared + (8 if kind == "webp" else 0)
 
 
 def encode_image(path: str) -> str:
@@ -762,8 +833,10 @@ def encode_image(path: str) -> str:
 def find_images(folder: str) -> list[str]:
     """Image files directly inside folder, sorted by name; hidden files are ignored."""
     try:
+        # A dangling link is listed (and reported as unreadable), a folder is not.
         names = sorted(entry.name for entry in os.scandir(folder)
-                       if not entry.name.startswith(".") and entry.is_file()
+                       if not entry.name.startswith(".")
+                       and (entry.is_file() or entry.is_symlink() and not entry.is_dir())
                        and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS)
     except OSError as exc:
         raise UsageError(f"cannot read the folder {folder} ({exc.strerror or exc})") from None
@@ -831,18 +904,28 @@ def connect(config: Config) -> OllamaClient:
 
 
 def ask_text_model(client: OllamaClient, config: Config, template: str, kind: str,
-                   **values: object) -> str:
-    """Render a template, send it to the text model, and return the answer without think blocks."""
+                   **values: object) -> Answer:
+    """Render a template, send it to the text model, and return its answer without think blocks."""
     prompt = with_no_think(config.model, render(template, **values))
     answer = client.generate(config.model, prompt, options=sampling(kind))
-    text = strip_think(answer.text)
-    if not text:
+    answer.text = strip_think(answer.text)
+    if not answer.text:
         raise OllamaError(
-            f"the text model {config.model} gave an empty answer"
-            + (" (it ran out of tokens)" if answer.done_reason == "length" else ""),
+            f"the text model {config.model} gave an empty answer" + _ran_out(answer),
             hint="try again, or pick another model with --model or OLLAMA_MODEL",
         )
-    return text
+    return answer
+
+
+def _ran_out(answer: Answer) -> str:
+    return " (it ran out of tokens)" if answer.done_reason == "length" else ""
+
+
+def text_result(answer: Answer) -> str:
+    """Warn when a text command's answer was cut off at the token limit."""
+    if answer.done_reason == "length":
+        warn("the answer reached the token limit and may end mid-sentence")
+    return answer.text
 
 
 def describe_image(client: OllamaClient, config: Config, image: str) -> str:
@@ -856,7 +939,8 @@ def describe_image(client: OllamaClient, config: Config, image: str) -> str:
     answer = client.chat(config.vision_model, messages, options=sampling("vision"))
     description = strip_chatter(answer.text)
     if not description:
-        raise ImageError(f"the vision model {config.vision_model} gave an empty description")
+        raise ImageError(f"the vision model {config.vision_model} gave an empty description"
+                         + _ran_out(answer))
     return description
 
 
@@ -865,7 +949,8 @@ def write_caption(client: OllamaClient, config: Config, spec: CaptionSpec, descr
     template = f"caption_{spec.style}" + ("_creative" if spec.creative else "")
     kind = "caption-creative" if spec.creative else "caption"
     answer = ask_text_model(client, config, template, kind, description=description)
-    return finalize_caption(answer, style=spec.style, trigger=spec.trigger, prefix=spec.prefix)
+    return finalize_caption(answer.text, style=spec.style, trigger=spec.trigger, prefix=spec.prefix,
+                            cut_off=answer.done_reason == "length")
 
 
 def check_models(client: OllamaClient, config: Config) -> None:
@@ -883,10 +968,27 @@ def check_models(client: OllamaClient, config: Config) -> None:
             )
 
 
+def caption_spec(args: argparse.Namespace) -> CaptionSpec:
+    """The caption flags, checked: a trigger is one comma-free chunk, a prefix one line."""
+    trigger = (args.trigger or "").strip(" ,")
+    prefix = args.prefix or ""
+    if "," in trigger:
+        raise UsageError(f"--trigger must be one word or phrase without commas, got {args.trigger!r}",
+                         hint="put fixed tags that come first in --prefix")
+    if "\n" in prefix or "\r" in prefix:
+        raise UsageError("--prefix must be a single line: a caption file is one line")
+    return CaptionSpec(style=args.style, creative=args.creative, trigger=trigger, prefix=prefix)
+
+
+def check_writable(folder: str) -> None:
+    """Refuse a folder we cannot write captions into before any model time is spent."""
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"cannot write caption files into {folder} (permission denied)")
+
+
 def cmd_caption(config: Config, args: argparse.Namespace) -> str | None:
     """Caption one image (printed) or every image in a folder (written beside each)."""
-    spec = CaptionSpec(style=args.style, creative=args.creative,
-                       trigger=args.trigger or "", prefix=args.prefix or "")
+    spec = caption_spec(args)
     path = args.path
     if not os.path.exists(path):
         raise UsageError(f"{path} does not exist")
@@ -895,6 +997,7 @@ def cmd_caption(config: Config, args: argparse.Namespace) -> str | None:
         images = find_images(path)
         if not images:
             raise UsageError(f"{path} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        check_writable(path)
         check_models(client, config)
         report = caption_folder(client, config, spec, images, overwrite=args.overwrite)
         print_summary(report)
@@ -904,6 +1007,7 @@ def cmd_caption(config: Config, args: argparse.Namespace) -> str | None:
                 hint="fix or remove them and run the same command again; finished captions are kept",
             )
         return None
+    sniff_image(path)
     check_models(client, config)
     description = describe_image(client, config, path)
     return write_caption(client, config, spec, description)
@@ -923,7 +1027,8 @@ def cmd_prompt(config: Config, args: argparse.Namespace) -> str:
     concept = read_text_argument(args.concept, "concept")
     answer = ask_text_model(connect(config), config, f"prompt_{args.encoder}", "prompt",
                             concept=concept)
-    return ", ".join(clean_tags(answer)) if args.encoder == "clip" else clean_prose(answer)
+    text = text_result(answer)
+    return ", ".join(clean_tags(text)) if args.encoder == "clip" else clean_prose(text)
 
 
 def cmd_enhance(config: Config, args: argparse.Namespace) -> str:
@@ -931,16 +1036,19 @@ def cmd_enhance(config: Config, args: argparse.Namespace) -> str:
     prompt = read_text_argument(args.prompt, "prompt")
     answer = ask_text_model(connect(config), config, f"enhance_{args.intensity}",
                             f"enhance-{args.intensity}", prompt=prompt)
-    return clean_prose(answer)
+    return clean_prose(text_result(answer))
 
 
 def cmd_describe(config: Config, args: argparse.Namespace) -> str:
     """Write a model card description (Markdown) for a LoRA."""
     name = read_text_argument(args.model_name, "model name")
+    lora_type = args.lora_type.strip()
+    if not lora_type:
+        raise UsageError("--type is empty; say what kind of LoRA it is (character, style, concept, ...)")
     answer = ask_text_model(connect(config), config, "describe", "describe",
-                            model_name=name, lora_type=args.lora_type,
+                            model_name=name, lora_type=lora_type,
                             tags=(args.tags or "").strip() or "none")
-    return strip_chatter(answer)
+    return strip_chatter(text_result(answer))
 
 
 def cmd_lore(config: Config, args: argparse.Namespace) -> str:
@@ -948,7 +1056,7 @@ def cmd_lore(config: Config, args: argparse.Namespace) -> str:
     scenario = read_text_argument(args.scenario, "scenario")
     answer = ask_text_model(connect(config), config, "lore", f"lore-{args.length}",
                             scenario=scenario, words=LORE_WORDS[args.length])
-    return strip_chatter(answer)
+    return strip_chatter(text_result(answer))
 
 
 # -- Batch engine -------------------------------------------------------------
@@ -1002,7 +1110,7 @@ def caption_folder(client: OllamaClient, config: Config, spec: CaptionSpec,
     try:
         for number, job in enumerate(jobs, 1):
             if job.status == "pending":
-                caption_job(client, config, spec, job)
+                caption_job(client, config, spec, job, overwrite=overwrite)
             record(report, job)
             print_progress(number, len(jobs), job)
     except (KeyboardInterrupt, *FATAL_ERRORS):
@@ -1014,11 +1122,20 @@ def caption_folder(client: OllamaClient, config: Config, spec: CaptionSpec,
     return report
 
 
-def caption_job(client: OllamaClient, config: Config, spec: CaptionSpec, job: Job) -> None:
+def caption_job(client: OllamaClient, config: Config, spec: CaptionSpec, job: Job, *,
+                overwrite: bool) -> None:
     """Run both stages for one image and write its caption file."""
+    # Another run, or the user, may write captions while a long run goes on:
+    # look again before spending model time, and again before writing.
+    if not overwrite and os.path.exists(job.caption_file):
+        job.status, job.reason = "skipped", "caption exists"
+        return
     try:
         description = describe_image(client, config, job.image)
         caption = write_caption(client, config, spec, description)
+        if not overwrite and os.path.exists(job.caption_file):
+            job.status, job.reason = "skipped", "caption appeared during the run; kept it"
+            return
         write_caption_file(job.caption_file, caption)
         job.status = "written"
     except FATAL_ERRORS:
@@ -1099,6 +1216,15 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=30)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with our error shape: one error line and a hint, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        print(f"{PROG}: hint: see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
 def add_server_options(parser: argparse.ArgumentParser) -> None:
     """The flags every command takes, before or after the command name.
 
@@ -1112,7 +1238,7 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
                         help=f"text model (env: OLLAMA_MODEL; default {DEFAULT_MODEL})")
     server.add_argument("--timeout", type=positive_float, default=argparse.SUPPRESS,
                         metavar="SECONDS",
-                        help=f"wait this long for the server to answer (default {DEFAULT_TIMEOUT:g})")
+                        help=f"seconds to wait for the server to answer (default {DEFAULT_TIMEOUT:g})")
 
 
 SERVER_DEFAULTS = {"host": None, "model": None, "timeout": DEFAULT_TIMEOUT}
@@ -1120,7 +1246,7 @@ SERVER_DEFAULTS = {"host": None, "model": None, "timeout": DEFAULT_TIMEOUT}
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per action, shared server flags on each."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, formatter_class=_HelpFormatter,
         description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
         epilog="Run `ollama-generate COMMAND --help` for a command's options.\n\n"
@@ -1128,7 +1254,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add_server_options(parser)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=_Parser)
 
     def add(name: str, function, epilog: str) -> argparse.ArgumentParser:
         summary = function.__doc__.splitlines()[0]
@@ -1188,6 +1315,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def write_product(text: str) -> None:
+    """Print the command's result on stdout, in UTF-8 even under a C locale."""
+    if (sys.stdout.encoding or "").lower().replace("-", "") != "utf8":
+        sys.stdout.reconfigure(encoding="utf-8")
+    sys.stdout.write(text.rstrip("\n") + "\n")
+    sys.stdout.flush()
+
+
 def print_error(exc: OllamaError) -> None:
     """The one place errors reach the user: an error line, then a hint line if we have one."""
     print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -1206,8 +1341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = Config.resolve(args, os.environ)
         product = args.run(config, args)
         if product is not None:
-            sys.stdout.write(product.rstrip("\n") + "\n")
-            sys.stdout.flush()
+            write_product(product)
     except OllamaError as exc:
         if debug:
             raise

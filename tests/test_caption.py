@@ -246,3 +246,96 @@ def test_folder_without_images(ollama, capsys, tmp_path):
     assert (code, out) == (2, "")
     assert err == f"ollama-generate: error: {tmp_path} has no images (.png, .jpg, .jpeg, .webp, .bmp, .gif)\n"
     assert ollama.requests == []
+
+
+def test_a_caption_written_meanwhile_is_not_overwritten(ollama, capsys, tmp_path, monkeypatch):
+    dataset = make_dataset(tmp_path / "set", ["a.png", "b.png", "c.png"])
+    real = og.write_caption_file
+
+    def write_and_race(path, caption):
+        real(path, caption)
+        if path.endswith("a.txt"):  # another process captions b meanwhile
+            (dataset / "b.txt").write_text("b by someone else\n")
+
+    monkeypatch.setattr(og, "write_caption_file", write_and_race)
+    real_caption = og.write_caption
+
+    def caption_then_race(client, config, spec, description):
+        text = real_caption(client, config, spec, description)
+        if description == "description c":
+            (dataset / "c.txt").write_text("c by someone else\n")
+        return text
+
+    monkeypatch.setattr(og, "write_caption", caption_then_race)
+    queue_pair(ollama, description="description a", caption="caption a")
+    queue_pair(ollama, description="description c", caption="caption c")
+    code, out, err = run(capsys, "caption", dataset)
+    assert code == 0
+    assert (dataset / "b.txt").read_text() == "b by someone else\n"
+    assert (dataset / "c.txt").read_text() == "c by someone else\n"
+    assert "[2/3] b.png: skipped (caption exists)" in err
+    assert "[3/3] c.png: skipped (caption appeared during the run; kept it)" in err
+    assert len(ollama.requests_to("/api/chat")) == 2
+
+
+def test_a_folder_that_cannot_be_written_is_refused_before_model_calls(ollama, capsys, tmp_path, monkeypatch):
+    dataset = make_dataset(tmp_path / "set", ["a.png"])
+    monkeypatch.setattr(og.os, "access", lambda path, mode: False)
+    code, out, err = run(capsys, "caption", dataset)
+    assert (code, out) == (2, "")
+    assert err == f"ollama-generate: error: cannot write caption files into {dataset} (permission denied)\n"
+    assert ollama.requests == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--trigger", "ohwx, woman"],
+         "--trigger must be one word or phrase without commas, got 'ohwx, woman'"),
+        (["--prefix", "line one\nline two"], "--prefix must be a single line: a caption file is one line"),
+    ],
+)
+def test_caption_flag_values_are_checked(ollama, capsys, photo, argv, message):
+    code, out, err = run(capsys, "caption", photo, *argv)
+    assert (code, out) == (2, "")
+    assert err.splitlines()[0] == f"ollama-generate: error: {message}"
+    assert ollama.requests == []
+
+
+def test_a_trigger_with_stray_commas_is_tidied(ollama, capsys, photo):
+    queue_pair(ollama)
+    code, out, err = run(capsys, "caption", photo, "--trigger", " ohwx , ")
+    assert out == "ohwx, " + CAPTION[0].lower() + CAPTION[1:] + "\n"
+
+
+def test_a_dangling_link_is_reported_not_ignored(ollama, capsys, tmp_path):
+    dataset = make_dataset(tmp_path / "set", ["a.png"])
+    (dataset / "b.png").symlink_to(tmp_path / "gone.png")
+    queue_pair(ollama)
+    code, out, err = run(capsys, "caption", dataset)
+    assert code == 1
+    assert "[2/2] b.png: failed: cannot read the file (No such file or directory)" in err
+
+
+def test_a_single_file_that_is_not_an_image_needs_no_server(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("OLLAMA_HOST", "127.0.0.1:9")
+    path = tmp_path / "notes.png"
+    path.write_text("not an image")
+    code, out, err = run(capsys, "caption", path)
+    assert (code, out) == (1, "")
+    assert err == "ollama-generate: error: not a supported image (its bytes are not PNG, JPEG, WebP, BMP or GIF)\n"
+
+
+def test_a_cut_off_caption_loses_its_unfinished_end(ollama, capsys, photo):
+    ollama.reply(DESCRIPTION, endpoint="/api/chat")
+    ollama.reply("1girl, solo, red coat, sno", endpoint="/api/generate", done_reason="length")
+    code, out, err = run(capsys, "caption", photo, "--style", "tags")
+    assert (code, out, err) == (0, "1girl, solo, red coat\n", "")
+
+
+def test_an_empty_description_at_the_token_limit_says_so(ollama, capsys, photo):
+    ollama.reply("<think>looking at every pixel", endpoint="/api/chat", done_reason="length")
+    code, out, err = run(capsys, "caption", photo)
+    assert (code, out) == (1, "")
+    assert err == ("ollama-generate: error: the vision model qwen3-vl:32b gave an empty description "
+                   "(it ran out of tokens)\n")

@@ -31,7 +31,26 @@ PROSE = [
     ("single quotes", f"'{CAPTION}'", CAPTION),
     ("code fence", f"```\n{CAPTION}\n```", CAPTION),
     ("code fence with language", f"```text\n{CAPTION}\n```", CAPTION),
-    ("heading", f"## Caption\n{CAPTION}", f"Caption {CAPTION}"),
+    ("heading", f"## Caption\n{CAPTION}", CAPTION),
+    ("heading with text", f"### A fox\n{CAPTION}", CAPTION),
+    ("horizontal rule", f"{CAPTION}\n---", CAPTION),
+    ("blockquote", f"> {CAPTION}", CAPTION),
+    ("here you go", f"Here you go! {CAPTION}", CAPTION),
+    ("sure comma here", f"Sure, here is the caption: {CAPTION}", CAPTION),
+    ("detailed description preamble", f"Certainly! Here's a detailed description of the image:\n{CAPTION}", CAPTION),
+    ("word count note", f"{CAPTION}\n\n(Word count: 87)", CAPTION),
+    ("italic note", f"{CAPTION}\n\n*Note: hair colour omitted*", CAPTION),
+    ("inline note", f"{CAPTION} Note: I omitted the background.", CAPTION),
+    ("words in brackets", f"{CAPTION} (12 words)", CAPTION),
+    ("apostrophe inside single quotes", "'A woman's umbrella is red.'", "A woman's umbrella is red."),
+    # Captions that only look like chatter stay whole.
+    ("sure as content", "Sure, a woman in the rain.", "Sure, a woman in the rain."),
+    ("alright as content", "Alright, a woman stands in the rain.", "Alright, a woman stands in the rain."),
+    ("great as a name", "Great Wall of China at sunset, with tourists.", "Great Wall of China at sunset, with tourists."),
+    ("ok as a name", "OK Corral replica in a desert town.", "OK Corral replica in a desert town."),
+    ("here are as content", "Here are two women walking: one holds an umbrella.",
+     "Here are two women walking: one holds an umbrella."),
+    ("two quotes inside", '"OPEN" sign and "CLOSED" sign', '"OPEN" sign and "CLOSED" sign'),
     ("bold words", "A **red fox** sits in *fresh* snow.", "A red fox sits in fresh snow."),
     ("trailing offer", f"{CAPTION}\n\nLet me know if you'd like any changes!", CAPTION),
     ("inline offer", f"{CAPTION} Let me know if you need another version.", CAPTION),
@@ -74,6 +93,8 @@ TAGS = [
     ("semicolons", "1girl; solo; smile", ["1girl", "solo", "smile"]),
     ("trailing offer", "1girl, solo\nLet me know if you need more tags.", ["1girl", "solo"]),
     ("kaomoji stays", "1girl, ^_^, smile", ["1girl", "^_^", "smile"]),
+    ("note after tags", "1girl, solo\n\nNote: I omitted the background.", ["1girl", "solo"]),
+    ("underscores stay", "score_9, long_hair", ["score_9", "long_hair"]),
 ]
 
 
@@ -112,6 +133,9 @@ def test_clean_tags(raw, expected):
         ("1girl, OHWX, solo", "tags", "ohwx", "", "ohwx, 1girl, solo"),
         ("score_9, 1girl, solo", "tags", "ohwx", "score_9, score_8_up", "score_9, score_8_up, ohwx, 1girl, solo"),
         ("1girl\nsolo\nsmile.", "tags", "", "", "1girl, solo, smile"),
+        # The trigger inside a longer tag is removed too: it appears once, first.
+        ("ohwx woman, 1girl, OHWX, solo", "tags", "ohwx", "", "ohwx, woman, 1girl, solo"),
+        ("woman, ohwx woman, 1girl", "tags", "ohwx", "", "ohwx, woman, 1girl"),
         # Special characters in the trigger are taken literally.
         ("a c++ fox", "training", "c++", "", "c++, a fox"),
     ],
@@ -156,3 +180,15 @@ def test_model_thinks_by_prompt_only_for_qwen3():
     assert og.model_thinks_by_prompt("hf.co/someone/Qwen3-8B-GGUF:Q4_K_M")
     assert not og.model_thinks_by_prompt("llama3.2")
     assert not og.model_thinks_by_prompt("qwen2.5vl:7b")
+
+
+@pytest.mark.parametrize(
+    ("raw", "style", "expected"),
+    [
+        ("1girl, solo, long hair, red ha", "tags", "1girl, solo, long hair"),
+        ("A fox sits in snow. Its tail curls around", "training", "A fox sits in snow."),
+        ("A fox sits in snow and", "detailed", "A fox sits in snow and"),
+    ],
+)
+def test_an_answer_cut_off_at_the_token_limit_loses_its_unfinished_end(raw, style, expected):
+    assert og.finalize_caption(raw, style=style, cut_off=True) == expected

@@ -136,6 +136,8 @@ def test_debug_reraises_bugs_and_interrupts(monkeypatch):
 
 def test_broken_pipe_redirects_stdout_and_exits_0(monkeypatch):
     class ClosedPipe:
+        encoding = "utf-8"
+
         def write(self, text):
             raise BrokenPipeError
 
@@ -169,12 +171,12 @@ def test_broken_pipe_redirects_stdout_and_exits_0(monkeypatch):
 )
 def test_connection_failures_become_typed_errors(monkeypatch, reason, kind, message):
     import urllib.error
-    import urllib.request
 
-    def fail(request, timeout):
-        raise urllib.error.URLError(reason)
+    class Opener:
+        def open(self, request, timeout):
+            raise urllib.error.URLError(reason)
 
-    monkeypatch.setattr(urllib.request, "urlopen", fail)
+    monkeypatch.setattr(og.OllamaClient, "_opener", lambda self: Opener())
     client = og.OllamaClient("http://x:1", timeout=7, retries=0)
     with pytest.raises(kind) as caught:
         client.generate("m", "p", options={})
@@ -192,3 +194,11 @@ def test_a_folder_that_cannot_be_listed_is_a_usage_error(tmp_path):
     path.write_bytes(b"x")
     with pytest.raises(og.UsageError, match=r"^cannot read the folder .*file\.png \(Not a directory\)$"):
         og.find_images(str(path))
+
+
+def test_product_is_written_as_utf8_on_an_ascii_stdout(monkeypatch):
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", stream)
+    og.write_product("caf\u00e9 \u2603")
+    assert raw.getvalue() == "caf\u00e9 \u2603\n".encode()

@@ -152,11 +152,13 @@ def run_exit(capsys, *argv):
         ([], "the following arguments are required: COMMAND"),
     ],
 )
-def test_bad_flags_exit_2_with_usage(capsys, argv, message):
+def test_bad_flags_exit_2_with_one_error_line_and_a_hint(capsys, argv, message):
     code, out, err = run_exit(capsys, *argv)
     assert (code, out) == (2, "")
-    assert message in err
-    assert err.splitlines()[-1].startswith("ollama-generate")
+    error, hint = err.splitlines()
+    assert error.startswith(f"ollama-generate: error: {message}")
+    command = f"ollama-generate {argv[0]}" if argv and argv[0] != "paint" else "ollama-generate"
+    assert hint == f"ollama-generate: hint: see `{command} --help`"
 
 
 def test_model_flag_and_environment(ollama, capsys, monkeypatch):
@@ -186,3 +188,17 @@ def test_host_flag_before_or_after_the_command(make_ollama, capsys):
 def test_version_flag(capsys):
     code, out, err = run_exit(capsys, "--version")
     assert (code, out) == (0, f"ollama-generate {og.__version__}\n")
+
+
+def test_an_answer_cut_off_at_the_token_limit_warns(ollama, capsys):
+    ollama.reply("The keeper climbed the stairs and", done_reason="length")
+    code, out, err = run(capsys, "lore", "x")
+    assert (code, out) == (0, "The keeper climbed the stairs and\n")
+    assert err == "ollama-generate: warning: the answer reached the token limit and may end mid-sentence\n"
+
+
+def test_describe_rejects_an_empty_type(ollama, capsys):
+    code, out, err = run(capsys, "describe", "X", "--type", " ")
+    assert (code, out) == (2, "")
+    assert err == ("ollama-generate: error: --type is empty; say what kind of LoRA it is "
+                   "(character, style, concept, ...)\n")

@@ -111,7 +111,7 @@ def test_environment_defaults_agree_with_help(doc):
     for name, meaning in help_table("Environment").items():
         default = re.search(r"\(default (\S+)\)", meaning).group(1)
         row = next(line for line in text.splitlines() if line.startswith(f"| `{name}`"))
-        assert row.rstrip(" |").endswith(f"`{default}`"), (doc, name)
+        assert row.rstrip(" |").endswith((f"`{default}`", f"| {default}")), (doc, name)
 
 
 def test_help_shows_the_environment_and_exit_codes(capsys):
@@ -138,3 +138,30 @@ def test_readme_test_command_is_what_ci_runs():
     command = block.split("\n")[1]
     assert command.startswith("python3 -m venv .venv && ")
     assert "--cov-fail-under=90" in command
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_flags_in_example_command_lines_belong_to_that_command(doc):
+    commands = parser_commands()
+    for line in read(doc).splitlines():
+        match = re.search(r"(?:ollama-generate|ollama_generate\.py) ([a-z]+)\b(.*)", line)
+        if not match or match.group(1) not in commands:
+            continue
+        allowed = commands[match.group(1)] | commands[""] | {"-h", "--help"}
+        flags = set(re.findall(r"(?<![\w-])--?[a-zA-Z][a-z0-9-]*", match.group(2)))
+        assert flags <= allowed, (doc, line, flags - allowed)
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_documented_choices_match_the_parser(doc):
+    parser = og.build_parser()
+    choices = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                for option in sub._actions:
+                    if option.choices:
+                        choices[option.option_strings[0]] = set(option.choices)
+    for flag, values in choices.items():
+        for written in re.findall(rf"{re.escape(flag)} \[?<?([a-z0-9|]+\|[a-z0-9|]+)", read(doc)):
+            assert set(written.split("|")) == values, (doc, flag, written)

@@ -22,7 +22,7 @@ def _webp(size: int | None = None) -> bytes:
 
 
 def _bmp(extra: int = 0) -> bytes:
-    body = b"\x00" * 40
+    body = struct.pack("<I", 40) + b"\x00" * 36
     total = 14 + len(body)
     return b"BM" + struct.pack("<I", total + extra) + b"\x00" * 8 + body
 

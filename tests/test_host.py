@@ -117,3 +117,25 @@ def test_bad_host_from_cli_exits_2(capsys, monkeypatch):
         "ollama-generate: error: OLLAMA_HOST is not a valid server address: '::1'",
         "ollama-generate: hint: use a form like http://localhost:11434, gpu-box:11434 or [::1]:11434",
     ]
+
+
+def test_a_host_with_spaces_is_a_usage_error():
+    with pytest.raises(og.UsageError, match=r"^OLLAMA_HOST is not a valid server address: ' 127.0.0.1 '$"):
+        og.Config.resolve(_args(), {"OLLAMA_HOST": " 127.0.0.1 "})
+
+
+def test_loopback_is_never_reached_through_a_proxy(ollama, capsys, monkeypatch):
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    ollama.reply("Through no proxy.")
+    assert og.main(["prompt", "x"]) == 0
+    assert capsys.readouterr() == ("Through no proxy.\n", "")
+
+
+def test_remote_hosts_use_the_configured_proxy(monkeypatch):
+    monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
+    opener = og.OllamaClient("http://gpu-box:11434")._opener()
+    proxies = [h.proxies for h in opener.handlers if type(h).__name__ == "ProxyHandler"]
+    assert proxies == [{"http": "http://proxy.invalid:3128"}]
+    loopback = og.OllamaClient("http://127.0.0.1:11434")._opener()
+    assert [h for h in loopback.handlers if type(h).__name__ == "ProxyHandler"] == []

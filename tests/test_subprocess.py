@@ -42,8 +42,10 @@ def test_usage_error_exits_2_with_argparse_message():
     done = run_script("caption")
     assert done.returncode == 2
     assert done.stdout == ""
-    assert done.stderr.splitlines()[-1] == (
-        "ollama-generate caption: error: the following arguments are required: PATH")
+    assert done.stderr.splitlines() == [
+        "ollama-generate: error: the following arguments are required: PATH",
+        "ollama-generate: hint: see `ollama-generate caption --help`",
+    ]
 
 
 def test_runtime_error_has_no_traceback(tmp_path):
@@ -134,3 +136,13 @@ def test_installed_script_finds_its_templates(installed, tmp_path, make_ollama):
     sent = server.generation_requests()[0].body["prompt"]
     assert sent == og.render("prompt_t5", concept="a lighthouse") + "\n/no_think"
     assert (installed / "share" / "ollama-generate" / "prompts" / "caption_tags.txt").is_file()
+
+
+def test_the_product_is_utf8_even_under_a_c_locale(make_ollama):
+    server = make_ollama()
+    server.reply("Un caf\u00e9 sous la neige \u2603.")
+    done = subprocess.run([sys.executable, SCRIPT, "prompt", "x"], capture_output=True, timeout=60,
+                          env=clean_env(OLLAMA_HOST=server.url, LC_ALL="C", LANG="C", PYTHONUTF8="0",
+                                        PYTHONCOERCECLOCALE="0"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "Un caf\u00e9 sous la neige \u2603.\n".encode()
