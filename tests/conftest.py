@@ -76,3 +76,11 @@ def tiny_png() -> bytes:
 def tiny_jpeg() -> bytes:
     """A valid 2x2 JPEG."""
     return jpeg_bytes()
+
+
+@pytest.fixture(autouse=True)
+def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retries do not sleep in tests; a test that checks the waits sets its own."""
+    import ollama_generate
+
+    monkeypatch.setattr(ollama_generate, "BACKOFF_SECONDS", 0.0)

@@ -6,6 +6,7 @@ import base64
 import os
 
 import pytest
+from cli import run
 from images import jpeg_bytes, png_bytes
 
 import ollama_generate as og
@@ -14,15 +15,6 @@ DESCRIPTION = "A woman with short black hair in a red coat stands in a snowy par
 CAPTION = "A woman in a red coat stands in a snowy park at dusk, soft blue light."
 
 
-@pytest.fixture(autouse=True)
-def no_backoff(monkeypatch):
-    monkeypatch.setattr(og, "BACKOFF_SECONDS", 0.0)
-
-
-def run(capsys, *argv):
-    code = og.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

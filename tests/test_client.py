@@ -11,11 +11,6 @@ from images import png_bytes
 import ollama_generate as og
 
 
-@pytest.fixture(autouse=True)
-def no_backoff(monkeypatch):
-    monkeypatch.setattr(og, "BACKOFF_SECONDS", 0.0)
-
-
 class Response(io.BytesIO):
     """A stand-in for an open HTTP response whose reads can fail."""
 

@@ -5,19 +5,9 @@ from __future__ import annotations
 import io
 
 import pytest
+from cli import run, run_exit
 
 import ollama_generate as og
-
-
-@pytest.fixture(autouse=True)
-def no_backoff(monkeypatch):
-    monkeypatch.setattr(og, "BACKOFF_SECONDS", 0.0)
-
-
-def run(capsys, *argv):
-    code = og.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def only_generation(ollama):
@@ -130,13 +120,6 @@ def test_lore_defaults_to_medium(ollama, capsys):
     run(capsys, "lore", "x")
     assert "400" in only_generation(ollama).body["prompt"]
 
-
-def run_exit(capsys, *argv):
-    """Run a command line that argparse rejects (it raises SystemExit)."""
-    with pytest.raises(SystemExit) as caught:
-        og.main(list(argv))
-    out, err = capsys.readouterr()
-    return caught.value.code, out, err
 
 
 @pytest.mark.parametrize(

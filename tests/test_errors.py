@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from cli import run
 from images import png_bytes
 
 import ollama_generate as og
-
-
-@pytest.fixture(autouse=True)
-def no_backoff(monkeypatch):
-    monkeypatch.setattr(og, "BACKOFF_SECONDS", 0.0)
-
-
-def run(capsys, *argv):
-    code = og.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
