@@ -59,6 +59,7 @@ DEFAULT_TIMEOUT = 300.0
 # Short calls (/api/show, /api/version) need no model load.
 METADATA_TIMEOUT = 30.0
 RETRIES = 3
+RESTART_RETRIES = 6
 BACKOFF_SECONDS = 1.0
 BACKOFF_CAP_SECONDS = 30.0
 
@@ -145,6 +146,10 @@ class TransientError(OllamaError):
     """A failure worth retrying: 5xx, busy, timeout, dropped connection, garbage."""
 
 
+class ServerTimeout(TransientError):
+    """The server stopped sending anything for longer than --timeout."""
+
+
 class TemplateError(OllamaError):
     """A prompt template is missing or has the wrong placeholders."""
 
@@ -197,37 +202,66 @@ def parse_host(value: str | None) -> str:
     return f"{scheme}://{host}:{port}/{path}" if path else f"{scheme}://{host}:{port}"
 
 
-def resolve_host(flag: str | None, env: Mapping[str, str]) -> str:
-    """Pick the server URL from --host, then OLLAMA_HOST, then the default."""
-    value = flag if flag is not None else env.get("OLLAMA_HOST", DEFAULT_HOST)
-    source = "--host" if flag is not None else "OLLAMA_HOST"
-    try:
-        url = parse_host(value)
-        if any(char.isspace() for char in url):
-            raise ValueError(url)
-        return url
-    except ValueError:
-        raise UsageError(
-            f"{source} is not a valid server address: {value!r}",
-            hint="use a form like http://localhost:11434, gpu-box:11434 or [::1]:11434",
-        ) from None
+def resolve_hosts(flags: Sequence[str] | None, env: Mapping[str, str]) -> tuple[str, ...]:
+    """The server URLs: every --host, else OLLAMA_HOST split on commas, else the default."""
+    if flags:
+        source, values = "--host", list(flags)
+    else:
+        source, values = "OLLAMA_HOST", env.get("OLLAMA_HOST", DEFAULT_HOST).split(",")
+        if len(values) > 1:  # "a, b" and a trailing comma are fine in a list
+            values = [value.strip() for value in values if value.strip()]
+    urls = []
+    for value in values:
+        try:
+            url = parse_host(value)
+            if any(char.isspace() for char in url):
+                raise ValueError(url)
+        except ValueError:
+            raise UsageError(
+                f"{source} is not a valid server address: {value!r}",
+                hint="use a form like http://localhost:11434, gpu-box:11434 or [::1]:11434",
+            ) from None
+        urls.append(url)
+    return tuple(dict.fromkeys(urls))
+
+
+def parse_keep_alive(value: str) -> int | float | str:
+    """A --keep-alive value as Ollama takes it: seconds as a number, or a duration string.
+
+    >>> parse_keep_alive("-1"), parse_keep_alive("300"), parse_keep_alive("1h30m")
+    (-1, 300, '1h30m')
+    """
+    value = value.strip()
+    if re.fullmatch(r"-?\d+", value):
+        return int(value)  # a unit-less string such as "-1" is refused by the server
+    if re.fullmatch(r"-?\d+\.\d+", value):
+        return float(value)
+    if re.fullmatch(r"-?(?:\d+(?:\.\d+)?(?:ns|us|\u00b5s|ms|s|m|h))+", value):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"expected seconds (300, -1 for forever) or a duration like 30m or 1h30m, got {value!r}")
 
 
 @dataclass(frozen=True)
 class Config:
     """Settings for one run, resolved once: flag, then environment, then default."""
 
-    host: str = DEFAULT_HOST
+    hosts: tuple[str, ...] = (DEFAULT_HOST,)
     model: str = DEFAULT_MODEL
     vision_model: str = DEFAULT_VISION_MODEL
     timeout: float = DEFAULT_TIMEOUT
     retries: int = RETRIES
 
+    @property
+    def host(self) -> str:
+        """The server for single requests: the first one named."""
+        return self.hosts[0]
+
     @classmethod
     def resolve(cls, args: argparse.Namespace, env: Mapping[str, str]) -> Config:
         """Build the run's settings from parsed flags and the environment."""
         return cls(
-            host=resolve_host(args.host, env),
+            hosts=resolve_hosts(args.host, env),
             model=args.model or env.get("OLLAMA_MODEL") or DEFAULT_MODEL,
             vision_model=(
                 getattr(args, "vision_model", None)
@@ -283,34 +317,56 @@ class OllamaClient:
         """Details of one installed model; raises ModelUnavailable if it is missing."""
         return self._retrying(lambda: self._call("POST", "/api/show", {"model": model}))
 
-    def chat(self, model: str, messages: list[dict], *, options: dict) -> Answer:
+    def chat(self, model: str, messages: list[dict], *, options: dict,
+             keep_alive: int | float | str | None = None) -> Answer:
         """One /api/chat exchange, streamed and gathered into an Answer."""
         body = {"model": model, "messages": messages, "stream": True,
                 "think": False, "options": options}
+        if keep_alive is not None:
+            body["keep_alive"] = keep_alive
         return self._retrying(lambda: self._generation("/api/chat", body))
 
-    def generate(self, model: str, prompt: str, *, options: dict) -> Answer:
+    def generate(self, model: str, prompt: str, *, options: dict,
+                 keep_alive: int | float | str | None = None) -> Answer:
         """One /api/generate call, streamed and gathered into an Answer."""
         body = {"model": model, "prompt": prompt, "stream": True,
                 "think": False, "options": options}
+        if keep_alive is not None:
+            body["keep_alive"] = keep_alive
         return self._retrying(lambda: self._generation("/api/generate", body))
+
+    def loaded_models(self) -> list[str]:
+        """Names of the models loaded in memory now (/api/ps)."""
+        models = self._call("GET", "/api/ps").get("models") or []
+        return [str(entry.get("name") or entry.get("model")) for entry in models]
+
+    def set_keep_alive(self, model: str, keep_alive: int | float | str) -> None:
+        """Change how long a loaded model stays in memory, without generating."""
+        self._call("POST", "/api/generate", {"model": model, "keep_alive": keep_alive,
+                                             "stream": False})
 
     # The choke point.
 
     def _retrying(self, attempt):
         """Run attempt(), retrying transient failures with capped exponential backoff."""
-        for tries in range(self.retries + 1):
+        tries = 0
+        while True:
             try:
                 return attempt()
             except (TransientError, ServerUnreachable) as exc:
-                retryable = isinstance(exc, TransientError) or self.answered
-                if not retryable or tries == self.retries:
+                if isinstance(exc, ServerUnreachable):
+                    # A server that answered before is restarting or reloading: give it
+                    # about a minute (1+2+4+8+16+30 s) before giving up on it.
+                    more = self.answered and tries < RESTART_RETRIES
+                else:
+                    more = tries < self.retries
+                if not more:
                     if tries:
                         raise type(exc)(f"{exc} (gave up after {tries + 1} attempts)",
                                         hint=exc.hint) from None
                     raise
                 time.sleep(min(BACKOFF_SECONDS * 2 ** tries, BACKOFF_CAP_SECONDS))
-        raise AssertionError("unreachable")  # pragma: no cover - the loop always returns or raises
+                tries += 1
 
     def _generation(self, path: str, body: dict) -> Answer:
         """Send one streaming generation request and gather its NDJSON pieces."""
@@ -372,7 +428,7 @@ class OllamaClient:
         try:
             return response.readline() if line else response.read()
         except TimeoutError:
-            raise TransientError(
+            raise ServerTimeout(
                 f"Ollama at {self.host} stopped answering for {self.timeout:g} s",
                 hint="a slow or overloaded server needs a longer --timeout",
             ) from None
@@ -432,8 +488,8 @@ class OllamaClient:
             return urllib.request.build_opener(urllib.request.ProxyHandler({}))
         return urllib.request.build_opener()
 
-    def _timeout(self, timeout: float) -> TransientError:
-        return TransientError(
+    def _timeout(self, timeout: float) -> ServerTimeout:
+        return ServerTimeout(
             f"Ollama at {self.host} did not answer within {timeout:g} s",
             hint="a cold model load can take minutes on slow disks; raise --timeout",
         )
@@ -1232,8 +1288,9 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     value given before the command name alone; main() fills in the rest.
     """
     server = parser.add_argument_group("server options")
-    server.add_argument("--host", default=argparse.SUPPRESS, metavar="URL",
-                        help=f"Ollama server URL (env: OLLAMA_HOST; default {DEFAULT_HOST})")
+    server.add_argument("--host", action="append", default=argparse.SUPPRESS, metavar="URL",
+                        help="Ollama server URL; repeat it to spread a folder run over several "
+                             f"servers (env: OLLAMA_HOST, comma-separated; default {DEFAULT_HOST})")
     server.add_argument("-m", "--model", default=argparse.SUPPRESS, metavar="NAME",
                         help=f"text model (env: OLLAMA_MODEL; default {DEFAULT_MODEL})")
     server.add_argument("--timeout", type=positive_float, default=argparse.SUPPRESS,

@@ -157,7 +157,7 @@ def test_broken_pipe_redirects_stdout_and_exits_0(monkeypatch):
 @pytest.mark.parametrize(
     ("reason", "kind", "message"),
     [
-        (TimeoutError(), og.TransientError, "Ollama at http://x:1 did not answer within 7 s"),
+        (TimeoutError(), og.ServerTimeout, "Ollama at http://x:1 did not answer within 7 s"),
         (ConnectionResetError(104, "reset"), og.TransientError,
          "the connection to Ollama at http://x:1 dropped ([Errno 104] reset)"),
         (ConnectionRefusedError(111, "Connection refused"), og.ServerUnreachable,

@@ -212,7 +212,7 @@ def test_server_dies_mid_folder_run_keeps_finished_work(make_ollama, capsys, tmp
     assert ": 1 written, 0 skipped, 0 failed, 2 not reached (of 3 images)." in lines[1]
     assert lines[1].startswith("Stopped after ")
     assert lines[2].startswith(f"ollama-generate: error: cannot connect to Ollama at {server.url}")
-    assert lines[2].endswith("(gave up after 4 attempts)")
+    assert lines[2].endswith("(gave up after 7 attempts)")
 
 
 def test_ctrl_c_exits_130_and_leaves_no_partial_file(ollama, capsys, tmp_path, monkeypatch):

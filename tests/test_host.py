@@ -90,7 +90,7 @@ def test_config_reads_environment():
 
 def test_flags_override_environment():
     env = {"OLLAMA_HOST": "gpu-box", "OLLAMA_MODEL": "llama3.2", "OLLAMA_VISION_MODEL": "llava"}
-    config = og.Config.resolve(_args(host=":9999", model="mistral", vision_model="gemma3"), env)
+    config = og.Config.resolve(_args(host=[":9999"], model="mistral", vision_model="gemma3"), env)
     assert (config.host, config.model, config.vision_model) == (
         "http://127.0.0.1:9999", "mistral", "gemma3")
 
@@ -105,7 +105,7 @@ def test_bad_host_is_a_usage_error_naming_its_source(capsys):
     assert str(caught.value) == "OLLAMA_HOST is not a valid server address: '::1'"
     assert caught.value.exit_code == 2
     with pytest.raises(og.UsageError, match=r"^--host is not a valid"):
-        og.Config.resolve(_args(host="example.com:abc"), {})
+        og.Config.resolve(_args(host=["example.com:abc"]), {})
 
 
 def test_bad_host_from_cli_exits_2(capsys, monkeypatch):
@@ -139,3 +139,21 @@ def test_remote_hosts_use_the_configured_proxy(monkeypatch):
     assert proxies == [{"http": "http://proxy.invalid:3128"}]
     loopback = og.OllamaClient("http://127.0.0.1:11434")._opener()
     assert [h for h in loopback.handlers if type(h).__name__ == "ProxyHandler"] == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "expected"),
+    [
+        (None, "a,b:1234", ("http://a:11434", "http://b:1234")),
+        (None, "a, b ,", ("http://a:11434", "http://b:11434")),
+        (None, "a,a", ("http://a:11434",)),
+        (["x", "y"], "a,b", ("http://x:11434", "http://y:11434")),
+    ],
+)
+def test_several_hosts(flags, env, expected):
+    assert og.Config.resolve(_args(host=flags), {"OLLAMA_HOST": env}).hosts == expected
+
+
+def test_one_bad_host_in_a_list_is_named():
+    with pytest.raises(og.UsageError, match=r"^OLLAMA_HOST is not a valid server address: 'b:x'$"):
+        og.Config.resolve(_args(), {"OLLAMA_HOST": "a,b:x"})
