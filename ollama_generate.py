@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
+import hashlib
 import json
 import os
 import re
 import string
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
@@ -60,11 +63,23 @@ DEFAULT_TIMEOUT = 300.0
 METADATA_TIMEOUT = 30.0
 RETRIES = 3
 RESTART_RETRIES = 6
+# An answer whose load_duration is at least this long had to wait for a model load
+# (warm requests report a few milliseconds).
+LOAD_SEEN_SECONDS = 0.5
 BACKOFF_SECONDS = 1.0
 BACKOFF_CAP_SECONDS = 30.0
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 CAPTION_EXTENSION = ".txt"
+# Where a folder run keeps its cache of vision descriptions, inside the dataset.
+CACHE_FOLDER = ".ollama-generate"
+# Images per chunk: the vision model describes a whole chunk, then the text model
+# writes its captions, so a GPU that holds one model loads each once per chunk.
+DEFAULT_CHUNK = 1000
+# Keep both models loaded for the whole run (-1 = forever); afterwards hand them
+# back to Ollama's own default, five minutes.
+DEFAULT_KEEP_ALIVE = -1
+RELEASE_KEEP_ALIVE = "5m"
 
 STYLES = ("training", "tags", "detailed")
 ENCODERS = ("clip", "t5")
@@ -310,6 +325,11 @@ class OllamaClient:
         self.answered = False
         # Models on Ollama v0.12.4 that reject think:false (fixed in v0.12.5).
         self._no_think_field: set[str] = set()
+        # What this server did for us, for summaries; worker threads share the client.
+        self.calls = 0
+        self.loads_seen = 0
+        self.load_seconds = 0.0
+        self._lock = threading.Lock()
 
     # Public endpoints, named after Ollama's.
 
@@ -404,7 +424,16 @@ class OllamaClient:
             raise TransientError(f"the answer from Ollama at {self.host} stopped before it was complete")
         answer.text = "".join(text)
         answer.thinking = "".join(thinking)
+        self._count(answer)
         return answer
+
+    def _count(self, answer: Answer) -> None:
+        """Add an answer to this server's tally; a long load_duration means a model was loaded."""
+        with self._lock:
+            self.calls += 1
+            self.load_seconds += answer.load_duration / 1e9
+            if answer.load_duration >= LOAD_SEEN_SECONDS * 1e9:
+                self.loads_seen += 1
 
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
         """One short non-streaming request that returns a JSON object."""
@@ -877,59 +906,6 @@ def _image_complete(kind: str, head: bytes, tail: bytes, size: int) -> bool:
     return declared > 12 and size >= declared + (8 if kind == "webp" else 0)
 
 
-def encode_image(path: str) -> str:
-    """The image as plain base64, the only form Ollama accepts (no data: prefix)."""
-    try:
-        with open(path, "rb") as handle:
-            return base64.b64encode(handle.read()).decode("ascii")
-    except OSError as exc:
-        raise ImageError(f"cannot read the file ({exc.strerror or exc})") from None
-
-
-def find_images(folder: str) -> list[str]:
-    """Image files directly inside folder, sorted by name; hidden files are ignored."""
-    try:
-        # A dangling link is listed (and reported as unreadable), a folder is not.
-        names = sorted(entry.name for entry in os.scandir(folder)
-                       if not entry.name.startswith(".")
-                       and (entry.is_file() or entry.is_symlink() and not entry.is_dir())
-                       and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS)
-    except OSError as exc:
-        raise UsageError(f"cannot read the folder {folder} ({exc.strerror or exc})") from None
-    return [os.path.join(folder, name) for name in names]
-
-
-def caption_path(image: str) -> str:
-    """The caption file that trainers pair with an image: same name, .txt extension."""
-    return os.path.splitext(image)[0] + CAPTION_EXTENSION
-
-
-def write_caption_file(path: str, caption: str) -> None:
-    """Write one UTF-8 line atomically: a temp file in the same folder, then os.replace."""
-    line = one_line(caption)
-    if not line:
-        raise ImageError("refusing to write an empty caption")
-    folder = os.path.dirname(path) or "."
-    fd, temp = tempfile.mkstemp(dir=folder, prefix=".ollama-generate-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(line + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, 0o666 & ~_umask())
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
-
-
-def _umask() -> int:
-    """The process umask (read by setting it, then putting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 # -- Commands -----------------------------------------------------------------
 
 
@@ -959,11 +935,11 @@ def connect(config: Config) -> OllamaClient:
     return OllamaClient(config.host, timeout=config.timeout, retries=config.retries)
 
 
-def ask_text_model(client: OllamaClient, config: Config, template: str, kind: str,
-                   **values: object) -> Answer:
+def ask_text_model(client: OllamaClient, config: Config, template: str, kind: str, *,
+                   keep_alive: int | float | str | None = None, **values: object) -> Answer:
     """Render a template, send it to the text model, and return its answer without think blocks."""
     prompt = with_no_think(config.model, render(template, **values))
-    answer = client.generate(config.model, prompt, options=sampling(kind))
+    answer = client.generate(config.model, prompt, options=sampling(kind), keep_alive=keep_alive)
     answer.text = strip_think(answer.text)
     if not answer.text:
         raise OllamaError(
@@ -984,15 +960,21 @@ def text_result(answer: Answer) -> str:
     return answer.text
 
 
-def describe_image(client: OllamaClient, config: Config, image: str) -> str:
+def vision_prompt(config: Config) -> tuple[str, str]:
+    """The vision stage's system prompt and user message."""
+    return render("vision_system"), with_no_think(config.vision_model, render("vision_user"))
+
+
+def describe_image(client: OllamaClient, config: Config, image_base64: str, *,
+                   keep_alive: int | float | str | None = None) -> str:
     """Stage 1: the vision model describes what it sees."""
-    sniff_image(image)
-    user = with_no_think(config.vision_model, render("vision_user"))
+    system, user = vision_prompt(config)
     messages = [
-        {"role": "system", "content": render("vision_system")},
-        {"role": "user", "content": user, "images": [encode_image(image)]},
+        {"role": "system", "content": system},
+        {"role": "user", "content": user, "images": [image_base64]},
     ]
-    answer = client.chat(config.vision_model, messages, options=sampling("vision"))
+    answer = client.chat(config.vision_model, messages, options=sampling("vision"),
+                         keep_alive=keep_alive)
     description = strip_chatter(answer.text)
     if not description:
         raise ImageError(f"the vision model {config.vision_model} gave an empty description"
@@ -1000,11 +982,12 @@ def describe_image(client: OllamaClient, config: Config, image: str) -> str:
     return description
 
 
-def write_caption(client: OllamaClient, config: Config, spec: CaptionSpec, description: str) -> str:
+def write_caption(client: OllamaClient, config: Config, spec: CaptionSpec, description: str, *,
+                  keep_alive: int | float | str | None = None) -> str:
     """Stage 2: the text model rewrites a description as a caption in the chosen style."""
-    template = f"caption_{spec.style}" + ("_creative" if spec.creative else "")
     kind = "caption-creative" if spec.creative else "caption"
-    answer = ask_text_model(client, config, template, kind, description=description)
+    answer = ask_text_model(client, config, caption_template(spec), kind, keep_alive=keep_alive,
+                            description=description)
     return finalize_caption(answer.text, style=spec.style, trigger=spec.trigger, prefix=spec.prefix,
                             cut_off=answer.done_reason == "length")
 
@@ -1024,6 +1007,17 @@ def check_models(client: OllamaClient, config: Config) -> None:
             )
 
 
+def caption_template(spec: CaptionSpec) -> str:
+    """The template that writes captions in this style and mood."""
+    return f"caption_{spec.style}" + ("_creative" if spec.creative else "")
+
+
+def check_templates(config: Config, spec: CaptionSpec) -> None:
+    """Render every template a caption run needs, so a broken one fails before any model call."""
+    vision_prompt(config)
+    render(caption_template(spec), description="")
+
+
 def caption_spec(args: argparse.Namespace) -> CaptionSpec:
     """The caption flags, checked: a trigger is one comma-free chunk, a prefix one line."""
     trigger = (args.trigger or "").strip(" ,")
@@ -1040,33 +1034,6 @@ def check_writable(folder: str) -> None:
     """Refuse a folder we cannot write captions into before any model time is spent."""
     if not os.access(folder, os.W_OK):
         raise UsageError(f"cannot write caption files into {folder} (permission denied)")
-
-
-def cmd_caption(config: Config, args: argparse.Namespace) -> str | None:
-    """Caption one image (printed) or every image in a folder (written beside each)."""
-    spec = caption_spec(args)
-    path = args.path
-    if not os.path.exists(path):
-        raise UsageError(f"{path} does not exist")
-    client = connect(config)
-    if os.path.isdir(path):
-        images = find_images(path)
-        if not images:
-            raise UsageError(f"{path} has no images ({', '.join(IMAGE_EXTENSIONS)})")
-        check_writable(path)
-        check_models(client, config)
-        report = caption_folder(client, config, spec, images, overwrite=args.overwrite)
-        print_summary(report)
-        if report.failed:
-            raise BatchFailed(
-                f"{len(report.failed)} of {report.total} images failed",
-                hint="fix or remove them and run the same command again; finished captions are kept",
-            )
-        return None
-    sniff_image(path)
-    check_models(client, config)
-    description = describe_image(client, config, path)
-    return write_caption(client, config, spec, description)
 
 
 def read_text_argument(value: str, what: str) -> str:
@@ -1116,6 +1083,30 @@ def cmd_lore(config: Config, args: argparse.Namespace) -> str:
 
 
 # -- Batch engine -------------------------------------------------------------
+# A folder run: find images, plan a job per image, then for each chunk of pending
+# jobs run the vision stage over all of them and then the text stage, with
+# --jobs workers per host. Stages never know how they are scheduled.
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """How a folder run goes: which files, where captions go, how hard to push."""
+
+    overwrite: bool = False
+    recursive: bool = False
+    ext: str = CAPTION_EXTENSION
+    output_dir: str | None = None
+    limit: int | None = None
+    dry_run: bool = False
+    chunk: int = DEFAULT_CHUNK
+    jobs: int = 1
+    keep_alive: int | float | str = DEFAULT_KEEP_ALIVE
+    release_models: bool = True
+    cache_dir: str | None = None
+    use_cache: bool = True
+    quiet: bool = False
+    report: str | None = None
+    manifest: str | None = None
 
 
 @dataclass
@@ -1123,104 +1114,207 @@ class Job:
     """One image of a folder run and where it stands."""
 
     image: str
+    name: str  # relative to the dataset folder, with / separators
     caption_file: str
-    status: str = "pending"  # pending, skipped, written, failed
+    status: str = "pending"  # pending, described, written, skipped, failed, later
     reason: str = ""
+    description: str = ""
 
 
-@dataclass
-class Report:
-    """What a folder run did; the stderr summary is one rendering of it."""
-
-    total: int = 0
-    written: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
-    interrupted: bool = False
+FINAL = ("written", "skipped", "failed")
 
 
-def plan_jobs(images: list[str], *, overwrite: bool) -> list[Job]:
-    """One job per image; an existing caption is skipped unless overwrite is set."""
+def find_images(folder: str, *, recursive: bool = False) -> list[str]:
+    """Image files in folder, sorted by path; hidden files and folders are left out.
+
+    Symlinked folders are not entered, so a run never leaves the dataset or loops;
+    a dangling link is listed, to be reported as unreadable.
+    """
+    found = []
+    try:
+        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    except OSError as exc:
+        raise UsageError(f"cannot read the folder {folder} ({exc.strerror or exc})") from None
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            if recursive:
+                found.extend(find_images(entry.path, recursive=True))
+        elif (entry.is_file() or entry.is_symlink() and not entry.is_dir()) \
+                and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+            found.append(entry.path)
+    return found
+
+
+def caption_path(image: str, *, folder: str = "", options: BatchOptions | None = None) -> str:
+    """Where an image's caption goes: beside it, or mirrored under --output-dir."""
+    options = options or BatchOptions()
+    stem = os.path.splitext(image)[0]
+    if options.output_dir:
+        stem = os.path.join(options.output_dir, os.path.relpath(stem, folder))
+    return stem + options.ext
+
+
+def plan_jobs(folder: str, images: list[str], options: BatchOptions) -> list[Job]:
+    """One job per image; an existing caption is skipped unless --overwrite."""
     jobs = []
     owners: dict[str, str] = {}
     for image in images:
-        job = Job(image, caption_path(image))
+        name = os.path.relpath(image, folder).replace(os.sep, "/")
+        job = Job(image, name, caption_path(image, folder=folder, options=options))
         if job.caption_file in owners:
             job.status = "failed"
             job.reason = (f"shares its caption file {os.path.basename(job.caption_file)} "
-                          f"with {os.path.basename(owners[job.caption_file])}")
-        elif os.path.exists(job.caption_file) and not overwrite:
+                          f"with {owners[job.caption_file]}")
+        elif os.path.exists(job.caption_file) and not options.overwrite:
             job.status, job.reason = "skipped", "caption exists"
-        owners.setdefault(job.caption_file, image)
+        owners.setdefault(job.caption_file, name)
         jobs.append(job)
     return jobs
 
 
-def caption_folder(client: OllamaClient, config: Config, spec: CaptionSpec,
-                   images: list[str], *, overwrite: bool) -> Report:
-    """Caption every pending image, one at a time, going on past images that fail."""
-    started = time.monotonic()
-    jobs = plan_jobs(images, overwrite=overwrite)
-    report = Report(total=len(jobs))
+def write_text_atomically(path: str, text: str) -> None:
+    """Write a UTF-8 file whole or not at all: a temp file in the same folder, then os.replace."""
+    folder = os.path.dirname(path) or "."
+    fd, temp = tempfile.mkstemp(dir=folder, prefix=".ollama-generate-", suffix=".tmp")
     try:
-        for number, job in enumerate(jobs, 1):
-            if job.status == "pending":
-                caption_job(client, config, spec, job, overwrite=overwrite)
-            record(report, job)
-            print_progress(number, len(jobs), job)
-    except (KeyboardInterrupt, *FATAL_ERRORS):
-        report.interrupted = True
-        report.seconds = time.monotonic() - started
-        print_summary(report)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp, 0o666 & ~_umask())
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
         raise
-    report.seconds = time.monotonic() - started
-    return report
 
 
-def caption_job(client: OllamaClient, config: Config, spec: CaptionSpec, job: Job, *,
-                overwrite: bool) -> None:
-    """Run both stages for one image and write its caption file."""
-    # Another run, or the user, may write captions while a long run goes on:
-    # look again before spending model time, and again before writing.
-    if not overwrite and os.path.exists(job.caption_file):
-        job.status, job.reason = "skipped", "caption exists"
-        return
-    try:
-        description = describe_image(client, config, job.image)
-        caption = write_caption(client, config, spec, description)
-        if not overwrite and os.path.exists(job.caption_file):
-            job.status, job.reason = "skipped", "caption appeared during the run; kept it"
-            return
-        write_caption_file(job.caption_file, caption)
-        job.status = "written"
-    except FATAL_ERRORS:
-        raise
-    except OllamaError as exc:
-        job.status, job.reason = "failed", str(exc)
-    except OSError as exc:
-        job.status, job.reason = "failed", f"cannot write {job.caption_file} ({exc.strerror or exc})"
+def write_caption_file(path: str, caption: str) -> None:
+    """Write one caption line atomically; never an empty file."""
+    line = one_line(caption)
+    if not line:
+        raise ImageError("refusing to write an empty caption")
+    write_text_atomically(path, line + "\n")
 
 
-def record(report: Report, job: Job) -> None:
-    """Count a finished job in the report."""
-    if job.status == "written":
-        report.written.append(job.image)
-    elif job.status == "skipped":
-        report.skipped.append(job.image)
-    elif job.status == "failed":
-        report.failed.append((job.image, job.reason))
+def _umask() -> int:
+    """The process umask (read by setting it, then putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
-# -- Output -------------------------------------------------------------------
+class DescriptionCache:
+    """Vision descriptions kept on disk the moment they arrive, one JSON line each.
+
+    Keyed by the image's content, the vision model and the vision prompt, so a
+    rerun, a restyle or a moved file reuses them. A line cut short by a crash is
+    ignored on reading and ended before the next one is appended.
+    """
+
+    FILENAME = "descriptions.jsonl"
+
+    def __init__(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, self.FILENAME)
+        self._file = open(self.path, "a+b")  # noqa: SIM115 - held open for the run
+        self._lock = threading.Lock()
+        self._where: dict[str, tuple[int, int]] = {}  # key -> (offset, length): no text in memory
+        self._file.seek(0)
+        offset = 0
+        for line in self._file:
+            try:
+                if line.endswith(b"\n"):
+                    self._where[str(json.loads(line)["key"])] = (offset, len(line))
+            except (ValueError, KeyError, TypeError):
+                pass  # a torn or foreign line
+            offset += len(line)
+
+    @staticmethod
+    def key(image_sha256: str, model: str, prompt_sha256: str) -> str:
+        """The cache key of one description."""
+        return hashlib.sha256(f"{image_sha256}\0{model}\0{prompt_sha256}".encode()).hexdigest()
+
+    def get(self, key: str) -> str | None:
+        """The stored description, or None."""
+        with self._lock:
+            where = self._where.get(key)
+            if where is None:
+                return None
+            self._file.seek(where[0])
+            return str(json.loads(self._file.read(where[1]))["description"])
+
+    def put(self, key: str, record: dict) -> None:
+        """Append one description and make it durable before going on."""
+        line = (json.dumps({"key": key, **record}, ensure_ascii=False) + "\n").encode()
+        with self._lock:
+            end = self._file.seek(0, os.SEEK_END)
+            if end:
+                self._file.seek(end - 1)
+                if self._file.read(1) != b"\n":  # a torn last line: end it first
+                    self._file.write(b"\n")
+                    end += 1
+            self._file.write(line)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._where[key] = (end, len(line))
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
 
 
-def print_progress(number: int, total: int, job: Job) -> None:
-    """One line per image on stderr."""
-    name = os.path.basename(job.image)
-    outcome = {"written": "written", "skipped": f"skipped ({job.reason})"}.get(
-        job.status, f"failed: {job.reason}")
-    print(f"[{number}/{total}] {name}: {outcome}", file=sys.stderr, flush=True)
+@dataclass
+class Host:
+    """One Ollama server of a folder run."""
+
+    client: OllamaClient
+    dropped: str = ""  # why it left the run, if it did
+
+
+@dataclass
+class Report:
+    """What a folder run did; the summary, --report and --json render it."""
+
+    folder: str
+    jobs: list[Job] = field(default_factory=list)
+    hosts: list[Host] = field(default_factory=list)
+    seconds: float = 0.0
+    interrupted: bool = False
+    cached: int = 0  # descriptions taken from the cache instead of the vision model
+
+    def count(self, status: str) -> int:
+        """How many images ended with this status."""
+        return sum(1 for job in self.jobs if job.status == status)
+
+    @property
+    def failed(self) -> list[Job]:
+        return [job for job in self.jobs if job.status == "failed"]
+
+    @property
+    def images_per_minute(self) -> float:
+        return self.count("written") * 60 / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        """The report as JSON-ready data (--report)."""
+        return {
+            "folder": self.folder,
+            "total": len(self.jobs),
+            "written": self.count("written"),
+            "skipped": self.count("skipped"),
+            "failed": [{"image": job.name, "reason": job.reason} for job in self.failed],
+            "not_reached": sum(1 for job in self.jobs if job.status not in FINAL),
+            "interrupted": self.interrupted,
+            "seconds": round(self.seconds, 3),
+            "images_per_minute": round(self.images_per_minute, 2),
+            "cached_descriptions": self.cached,
+            "model_calls": sum(host.client.calls for host in self.hosts),
+            "model_loads": sum(host.client.loads_seen for host in self.hosts),
+            "hosts": [{"url": host.client.host, "model_calls": host.client.calls,
+                       "model_loads": host.client.loads_seen, "dropped": host.dropped or None}
+                      for host in self.hosts],
+        }
 
 
 def format_duration(seconds: float) -> str:
@@ -1238,19 +1332,460 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h {minutes}m {secs}s" if hours else f"{minutes}m {secs}s"
 
 
-def print_summary(report: Report) -> None:
-    """The end-of-run summary on stderr: counts, then each failure with its reason."""
-    done = len(report.written) + len(report.skipped) + len(report.failed)
-    head = "Stopped" if report.interrupted else "Done"
-    print(f"{head} after {format_duration(report.seconds)}: {len(report.written)} written, "
-          f"{len(report.skipped)} skipped, {len(report.failed)} failed"
-          + (f", {report.total - done} not reached" if report.total > done else "")
-          + f" (of {report.total} images).", file=sys.stderr)
+class Progress:
+    """Progress on stderr: a live line on a terminal, a line per image otherwise, or nothing."""
+
+    def __init__(self, total: int, *, mode: str) -> None:
+        self.mode = mode  # "live", "lines" or "quiet"
+        self.total = total  # images this run works on
+        self.finished = 0
+        self.counts = collections.Counter()
+        self.steps_done = 0
+        self.steps_total = 2 * total
+        self.stage_name = ""
+        self.stage_done = 0
+        self.stage_total = 0
+        self.started = time.monotonic()
+        self._drawn = 0.0
+        self._lock = threading.Lock()
+
+    def stage(self, name: str, count: int) -> None:
+        """A stage starts over count images."""
+        with self._lock:
+            self.stage_name, self.stage_done, self.stage_total = name, 0, count
+            self._draw(force=True)
+
+    def advance(self, job: Job) -> None:
+        """One step of one image is done; print it if the image is finished."""
+        with self._lock:
+            self.steps_done += 1
+            self.stage_done += 1
+            if job.status in FINAL:
+                if self.stage_name == "vision":
+                    self.steps_done += 1  # skipped or failed early: it takes no text step
+                self.finished += 1
+                self.counts[job.status] += 1
+                if self.mode == "lines":
+                    outcome = "written" if job.status == "written" else f"{job.status}: {job.reason}" \
+                        if job.status == "failed" else f"skipped ({job.reason})"
+                    print(f"[{self.finished}/{self.total}] {job.name}: {outcome}", file=sys.stderr,
+                          flush=True)
+            self._draw()
+
+    def note(self, message: str) -> None:
+        """A warning in the middle of a run, above the live line."""
+        with self._lock:
+            self._clear()
+            warn(message)
+            self._draw(force=True)
+
+    def close(self) -> None:
+        """Take the live line away before the summary."""
+        with self._lock:
+            self._clear()
+
+    def line(self) -> str:
+        """The live line: stage, done/total, skipped, failed, images per minute, ETA."""
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        rate = self.steps_done / elapsed  # model steps per second, two per image
+        left = self.steps_total - self.steps_done
+        eta = format_duration(left / rate) if rate > 0 and self.steps_done else "?"
+        return (f"{self.stage_name} {self.stage_done}/{self.stage_total} | "
+                f"{self.counts['written']} written, {self.counts['skipped']} skipped, "
+                f"{self.counts['failed']} failed of {self.total} | "
+                f"{rate * 30:.1f} img/min | ETA {eta}")
+
+    def _draw(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.mode != "live" or not force and now - self._drawn < 0.1:
+            return
+        self._drawn = now
+        sys.stderr.write("\r\x1b[K" + self.line()[: shutil_columns() - 1])
+        sys.stderr.flush()
+
+    def _clear(self) -> None:
+        if self.mode == "live":
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def shutil_columns() -> int:
+    """The terminal's width."""
+    import shutil
+
+    return shutil.get_terminal_size().columns
+
+
+def progress_mode(options: BatchOptions) -> str:
+    """Live on a terminal, plain lines in a log, nothing with --quiet."""
+    if options.quiet:
+        return "quiet"
+    return "live" if sys.stderr.isatty() else "lines"
+
+
+HOST_DOWN = (ServerUnreachable, ServerTimeout)
+
+
+def run_stage(hosts: list[Host], jobs: list[Job], step, *, workers: int, progress: Progress) -> None:
+    """Run step(client, job) over jobs with `workers` threads per live host.
+
+    A host that stops answering gives its job back and leaves the run; the others
+    finish the stage. Raises ServerUnreachable when no host is left.
+    """
+    queue = collections.deque(jobs)
+    lock = threading.Lock()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def work(host: Host) -> None:
+        while not stop.is_set():
+            with lock:
+                if host.dropped or not queue:
+                    return
+                job = queue.popleft()
+            try:
+                step(host.client, job)
+            except HOST_DOWN as exc:
+                with lock:
+                    queue.appendleft(job)
+                    if host.dropped:
+                        return
+                    host.dropped = str(exc)
+                if len(hosts) > 1:  # with one server, the run's own error says it all
+                    progress.note(f"leaving out {host.client.host} for the rest of the run: {exc}")
+                return
+            except BaseException as exc:  # noqa: BLE001 - fatal errors and Ctrl-C end the run
+                errors.append(exc)
+                stop.set()
+                return
+            progress.advance(job)
+
+    while queue:
+        live = [host for host in hosts if not host.dropped]
+        if not live:
+            reasons = "; ".join(f"{host.client.host}: {host.dropped}" for host in hosts)
+            raise ServerUnreachable(
+                f"no Ollama server is left to work on ({reasons})",
+                hint="start the servers again and rerun the same command: finished work is kept",
+            )
+        threads = [threading.Thread(target=work, args=(host,), daemon=True)
+                   for host in live for _ in range(workers)]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(0.1)
+        except KeyboardInterrupt:
+            stop.set()
+            raise
+        if errors:
+            raise errors[0]
+
+
+class CaptionRun:
+    """One folder run: settings, hosts, cache and the two stages."""
+
+    def __init__(self, config: Config, spec: CaptionSpec, options: BatchOptions, folder: str,
+                 hosts: list[Host]) -> None:
+        self.config = config
+        self.spec = spec
+        self.options = options
+        self.folder = folder
+        self.report = Report(folder=folder, hosts=hosts)
+        self.cache: DescriptionCache | None = None
+        system, user = vision_prompt(config)
+        self.prompt_sha256 = hashlib.sha256(f"{system}\0{user}".encode()).hexdigest()
+        # Held while a caption file is written, so Ctrl-C never cuts one short.
+        self.write_lock = threading.Lock()
+
+    def vision_step(self, client: OllamaClient, job: Job) -> None:
+        """Describe one image, from the cache when an answer was received before."""
+        if self._taken(job, "caption exists"):
+            return
+        try:
+            sniff_image(job.image)
+            data = read_image(job.image)
+            key = DescriptionCache.key(hashlib.sha256(data).hexdigest(), self.config.vision_model,
+                                       self.prompt_sha256)
+            cached = self.cache.get(key) if self.cache and self.options.use_cache else None
+            if cached:
+                job.description = cached
+                self.report.cached += 1
+            else:
+                job.description = describe_image(
+                    client, self.config, base64.b64encode(data).decode("ascii"),
+                    keep_alive=self.options.keep_alive)
+                if self.cache:
+                    self.cache.put(key, {"image": job.name, "model": self.config.vision_model,
+                                         "description": job.description})
+            job.status = "described"
+        except (*HOST_DOWN, *FATAL_ERRORS):
+            raise
+        except OllamaError as exc:
+            job.status, job.reason = "failed", str(exc)
+
+    def text_step(self, client: OllamaClient, job: Job) -> None:
+        """Write one caption from its description."""
+        if self._taken(job, "caption appeared during the run; kept it"):
+            return
+        try:
+            caption = write_caption(client, self.config, self.spec, job.description,
+                                    keep_alive=self.options.keep_alive)
+            with self.write_lock:
+                if self._taken(job, "caption appeared during the run; kept it"):
+                    return
+                os.makedirs(os.path.dirname(job.caption_file) or ".", exist_ok=True)
+                write_caption_file(job.caption_file, caption)
+            job.status = "written"
+        except (*HOST_DOWN, *FATAL_ERRORS):
+            raise
+        except OllamaError as exc:
+            job.status, job.reason = "failed", str(exc)
+        except OSError as exc:
+            job.status, job.reason = "failed", f"cannot write {job.caption_file} ({exc.strerror or exc})"
+
+    def _taken(self, job: Job, reason: str) -> bool:
+        """Skip an image whose caption another run (or the user) wrote meanwhile."""
+        if not self.options.overwrite and os.path.exists(job.caption_file):
+            job.status, job.reason = "skipped", reason
+            return True
+        return False
+
+    def run(self, jobs: list[Job]) -> Report:
+        """Caption the pending jobs chunk by chunk: all vision, then all text."""
+        report = self.report
+        report.jobs = jobs
+        pending = [job for job in jobs if job.status == "pending"]
+        if self.options.limit is not None:
+            for job in pending[self.options.limit:]:
+                job.status, job.reason = "later", f"beyond --limit {self.options.limit}"
+            pending = pending[:self.options.limit]
+        progress = Progress(len(pending), mode=progress_mode(self.options))
+        planned_skips = sum(1 for job in jobs if job.status == "skipped")
+        if planned_skips and progress.mode == "lines":
+            print(f"Skipping {planned_skips} images that already have captions "
+                  "(--overwrite redoes them).", file=sys.stderr, flush=True)
+        for job in jobs:
+            if job.status == "failed" and progress.mode == "lines":
+                print(f"{job.name}: failed: {job.reason}", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        workers = self.options.jobs
+        try:
+            cache_folder = self.options.cache_dir or os.path.join(
+                self.options.output_dir or self.folder, CACHE_FOLDER)
+            self.cache = DescriptionCache(cache_folder)
+            for first in range(0, len(pending), self.options.chunk):
+                chunk = pending[first:first + self.options.chunk]
+                progress.stage("vision", len(chunk))
+                run_stage(report.hosts, chunk, self.vision_step, workers=workers, progress=progress)
+                described = [job for job in chunk if job.status == "described"]
+                progress.stage("text", len(described))
+                run_stage(report.hosts, described, self.text_step, workers=workers, progress=progress)
+        except (KeyboardInterrupt, *FATAL_ERRORS):
+            self.write_lock.acquire(timeout=10)  # let a caption being written finish, start no other
+            report.interrupted = True
+            raise
+        finally:
+            report.seconds = time.monotonic() - started
+            progress.close()
+            if self.cache:
+                self.cache.close()
+        return report
+
+
+def read_image(path: str) -> bytes:
+    """An image's bytes."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ImageError(f"cannot read the file ({exc.strerror or exc})") from None
+
+
+def connect_hosts(config: Config) -> list[Host]:
+    """Check every server for both models; leave out those that cannot work, if others can."""
+    hosts, problems = [], []
+    for url in config.hosts:
+        client = OllamaClient(url, timeout=config.timeout, retries=config.retries)
+        try:
+            check_models(client, config)
+        except (ServerUnreachable, ModelUnavailable) as exc:
+            problems.append(exc)
+            if len(config.hosts) > 1:
+                warn(f"leaving out {url}: {exc}")
+            continue
+        hosts.append(Host(client))
+    if not hosts:
+        raise problems[0]
+    return hosts
+
+
+def release_models(hosts: list[Host], models: Sequence[str]) -> None:
+    """After a run, let Ollama unload our models on its usual schedule again."""
+    wanted = {with_tag(model) for model in models}
+    for host in hosts:
+        if host.dropped:
+            continue
+        try:
+            for name in host.client.loaded_models():
+                if with_tag(name) in wanted:
+                    host.client.set_keep_alive(name, RELEASE_KEEP_ALIVE)
+        except OllamaError:
+            pass  # best effort: the models unload when Ollama next needs the memory
+
+
+def with_tag(model: str) -> str:
+    """A model name with its tag, as Ollama lists it.
+
+    >>> with_tag("llava"), with_tag("qwen3-vl:32b")
+    ('llava:latest', 'qwen3-vl:32b')
+    """
+    return model if ":" in model.rsplit("/", 1)[-1] else f"{model}:latest"
+
+
+def print_summary(report: Report, *, quiet: bool = False) -> None:
+    """The end-of-run summary on stderr: counts, speed, loads, then each failure with its reason."""
+    not_reached = sum(1 for job in report.jobs if job.status not in FINAL and job.status != "later")
+    later = report.count("later")
+    if not quiet or report.failed or report.interrupted:
+        head = "Stopped" if report.interrupted else "Done"
+        print(f"{head} after {format_duration(report.seconds)}: {report.count('written')} written, "
+              f"{report.count('skipped')} skipped, {len(report.failed)} failed"
+              + (f", {not_reached} not reached" if not_reached else "")
+              + (f", {later} left for later" if later else "")
+              + f" (of {len(report.jobs)} images).", file=sys.stderr)
+        calls = sum(host.client.calls for host in report.hosts)
+        loads = sum(host.client.loads_seen for host in report.hosts)
+        print(f"{report.images_per_minute:.1f} images/min; {calls} model calls, "
+              f"{report.cached} descriptions from the cache, {loads} model loads seen.",
+              file=sys.stderr)
     if report.failed:
         print("Failed:", file=sys.stderr)
-        for image, reason in report.failed:
-            print(f"  {image}: {reason}", file=sys.stderr)
+        for job in report.failed:
+            print(f"  {job.name}: {job.reason}", file=sys.stderr)
     sys.stderr.flush()
+
+
+def write_manifest(path: str, report: Report) -> int:
+    """Write a Hugging Face imagefolder metadata.jsonl of every captioned image; return the count."""
+    base = os.path.dirname(os.path.abspath(path))
+    lines = []
+    for job in report.jobs:
+        try:
+            with open(job.caption_file, encoding="utf-8") as handle:
+                text = handle.readline().strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if text:
+            name = os.path.relpath(os.path.abspath(job.image), base).replace(os.sep, "/")
+            lines.append(json.dumps({"file_name": name, "text": text}, ensure_ascii=False))
+    write_text_atomically(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def dry_run(jobs: list[Job], options: BatchOptions) -> str:
+    """What a run would do, one line per image, without any model call."""
+    lines = []
+    pending = 0
+    for job in jobs:
+        if job.status == "pending":
+            try:
+                sniff_image(job.image)
+            except ImageError as exc:
+                job.status, job.reason = "failed", str(exc)
+        if job.status == "pending":
+            pending += 1
+            if options.limit is not None and pending > options.limit:
+                lines.append(f"later: {job.name} (beyond --limit {options.limit})")
+            else:
+                lines.append(f"caption: {job.name} -> {job.caption_file}")
+        else:
+            verb = "skip" if job.status == "skipped" else "fail"
+            lines.append(f"{verb}: {job.name} ({job.reason})")
+    return "\n".join(lines)
+
+
+def batch_options(args: argparse.Namespace, folder: str) -> BatchOptions:
+    """The folder-run flags, checked."""
+    ext = args.ext if args.ext.startswith(".") else "." + args.ext
+    if len(ext) < 2 or "/" in ext or os.sep in ext or ext.lower() in IMAGE_EXTENSIONS:
+        raise UsageError(f"--ext {args.ext!r} is not a caption extension",
+                         hint="use .txt (the default) or .caption")
+    output_dir = os.path.abspath(args.output_dir) if args.output_dir else None
+    return BatchOptions(
+        overwrite=args.overwrite, recursive=args.recursive, ext=ext, output_dir=output_dir,
+        limit=args.limit, dry_run=args.dry_run, chunk=args.chunk, jobs=args.jobs,
+        keep_alive=DEFAULT_KEEP_ALIVE if args.keep_alive is None else args.keep_alive,
+        release_models=args.keep_alive is None, cache_dir=args.cache_dir,
+        use_cache=not args.no_cache, quiet=args.quiet, report=args.report, manifest=args.manifest,
+    )
+
+
+FOLDER_ONLY = ("recursive", "output_dir", "limit", "dry_run", "manifest", "report", "cache_dir",
+               "no_cache")
+
+
+def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: BatchOptions) -> str | None:
+    """Caption a folder: plan, check, run, report."""
+    images = find_images(folder, recursive=options.recursive)
+    if not images:
+        raise UsageError(f"{folder} has no images ({', '.join(IMAGE_EXTENSIONS)})"
+                         + ("" if options.recursive else "; --recursive looks in subfolders"))
+    jobs = plan_jobs(folder, images, options)
+    if options.dry_run:
+        return dry_run(jobs, options)
+    target = options.output_dir or folder
+    os.makedirs(target, exist_ok=True)
+    check_writable(target)
+    check_templates(config, spec)
+    run = CaptionRun(config, spec, options, folder, connect_hosts(config))
+    report = run.report
+    report.jobs = jobs
+    try:
+        run.run(jobs)
+    except (KeyboardInterrupt, OllamaError):
+        print_summary(report)
+        finish_report(report, options)
+        raise
+    if options.release_models:
+        release_models(report.hosts, [config.vision_model, config.model])
+    print_summary(report, quiet=options.quiet)
+    finish_report(report, options)
+    if report.failed:
+        raise BatchFailed(
+            f"{len(report.failed)} of {len(report.jobs)} images failed",
+            hint="fix or remove them and run the same command again; finished captions are kept",
+        )
+    return None
+
+
+def finish_report(report: Report, options: BatchOptions) -> None:
+    """Write --report and --manifest, also after a run that stopped early."""
+    if options.report:
+        write_text_atomically(options.report, json.dumps(report.as_dict(), indent=2) + "\n")
+    if options.manifest:
+        write_manifest(options.manifest, report)
+
+
+def cmd_caption(config: Config, args: argparse.Namespace) -> str | None:
+    """Caption one image (printed) or every image in a folder (written beside each)."""
+    spec = caption_spec(args)
+    path = args.path
+    if not os.path.exists(path):
+        raise UsageError(f"{path} does not exist")
+    if os.path.isdir(path):
+        return caption_folder(config, spec, path, batch_options(args, path))
+    for name in FOLDER_ONLY:
+        if getattr(args, name):
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} works on a folder, and {path} is a file")
+    sniff_image(path)
+    check_templates(config, spec)
+    client = connect(config)
+    check_models(client, config)
+    image = base64.b64encode(read_image(path)).decode("ascii")
+    return write_caption(client, config, spec, describe_image(client, config, image))
 
 
 # -- Command-line interface ---------------------------------------------------
@@ -1264,6 +1799,17 @@ def positive_float(value: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
     if not number > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0, got {value!r}")
+    return number
+
+
+def positive_int(value: str) -> int:
+    """argparse type: a whole number above zero."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value!r}")
     return number
 
 
@@ -1341,6 +1887,36 @@ def build_parser() -> argparse.ArgumentParser:
                          help="replace existing caption files (default: skip them)")
     caption.add_argument("--vision-model", metavar="NAME",
                          help=f"vision model (env: OLLAMA_VISION_MODEL; default {DEFAULT_VISION_MODEL})")
+    folder = caption.add_argument_group("folder runs")
+    folder.add_argument("-r", "--recursive", action="store_true",
+                        help="also caption images in subfolders (symlinked folders are not entered)")
+    folder.add_argument("--ext", default=CAPTION_EXTENSION, metavar="EXT",
+                        help="caption file extension, e.g. .caption for kohya (default: .txt)")
+    folder.add_argument("--output-dir", metavar="DIR",
+                        help="write captions into DIR, mirroring the folder tree (default: beside each image)")
+    folder.add_argument("--limit", type=positive_int, metavar="N",
+                        help="caption only the first N images that need one, to try a prompt")
+    folder.add_argument("--dry-run", action="store_true",
+                        help="list what would be captioned and skipped on stdout; no model calls")
+    folder.add_argument("-j", "--jobs", type=positive_int, default=1, metavar="N",
+                        help="requests sent at once to each server (default: 1)")
+    folder.add_argument("--chunk", type=positive_int, default=DEFAULT_CHUNK, metavar="N",
+                        help="images per stage: the vision model describes N, then the text model "
+                             f"writes N, so each model loads once per chunk (default: {DEFAULT_CHUNK})")
+    folder.add_argument("--keep-alive", type=parse_keep_alive, metavar="DURATION",
+                        help="how long models stay loaded after each request, e.g. 30m, 1h, or "
+                             "seconds (default: the whole run, then Ollama's 5m)")
+    folder.add_argument("--cache-dir", metavar="DIR",
+                        help=f"where vision descriptions are kept for reruns (default: {CACHE_FOLDER}/ "
+                             "inside the folder)")
+    folder.add_argument("--no-cache", action="store_true",
+                        help="ask the vision model again even for images it described before")
+    folder.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress and no summary unless something failed")
+    folder.add_argument("--report", metavar="FILE", help="write the run's summary as JSON to FILE")
+    folder.add_argument("--manifest", metavar="FILE",
+                        help="write a Hugging Face imagefolder metadata.jsonl (file_name, text) "
+                             "of every captioned image")
 
     prompt = add("prompt", cmd_prompt,
                  '  ollama-generate prompt "a lighthouse in a storm"\n'

@@ -129,14 +129,16 @@ def test_folder_writes_a_caption_beside_each_image(ollama, capsys, tmp_path):
     assert lines[:3] == ["[1/3] C.PNG: written", "[2/3] a.jpg: written", "[3/3] b.png: written"]
     assert lines[3].startswith("Done after ")
     assert lines[3].endswith(": 3 written, 0 skipped, 0 failed (of 3 images).")
-    assert len(lines) == 4
+    assert lines[4].endswith("images/min; 6 model calls, 0 descriptions from the cache, 0 model loads seen.")
+    assert len(lines) == 5
     # Each image's own bytes went to the vision model, in sorted order.
     sent = [r.body["messages"][1]["images"][0] for r in ollama.requests_to("/api/chat")]
     assert sent == [base64.b64encode((dataset / n).read_bytes()).decode() for n in ["C.PNG", "a.jpg", "b.png"]]
     # The images are untouched, and nothing but the captions was added.
     assert {n: (dataset / n).read_bytes() for n in before} == {n: b for n, (b, _) in before.items()}
     assert {n: (dataset / n).stat().st_mtime_ns for n in before} == {n: t for n, (_, t) in before.items()}
-    assert sorted(p.name for p in dataset.iterdir()) == ["C.PNG", "C.txt", "a.jpg", "a.txt", "b.png", "b.txt"]
+    assert sorted(p.name for p in dataset.iterdir()) == [
+        ".ollama-generate", "C.PNG", "C.txt", "a.jpg", "a.txt", "b.png", "b.txt"]
     # Both models were checked once, up front.
     assert len(ollama.requests_to("/api/show")) == 2
     assert ollama.requests[0].path == "/api/show"
@@ -150,7 +152,10 @@ def test_folder_skips_existing_captions_unless_overwrite(ollama, capsys, tmp_pat
     assert code == 0
     assert (dataset / "a.txt").read_text() == "keep me\n"
     assert (dataset / "b.txt").read_text() == "New b\n"
-    assert "[1/2] a.png: skipped (caption exists)" in err
+    assert err.splitlines()[:2] == [
+        "Skipping 1 images that already have captions (--overwrite redoes them).",
+        "[1/1] b.png: written",
+    ]
     assert ": 1 written, 1 skipped, 0 failed (of 2 images)." in err
     assert len(ollama.requests_to("/api/chat")) == 1
 
@@ -184,13 +189,18 @@ def test_bad_images_are_reported_never_sent_and_the_run_goes_on(ollama, capsys, 
     assert not (dataset / "b.txt").exists() and not (dataset / "c.txt").exists()
     assert len(ollama.requests_to("/api/chat")) == 2
     lines = err.splitlines()
-    assert lines[1] == "[2/4] b.jpg: failed: not a supported image (its bytes are not PNG, JPEG, WebP, BMP or GIF)"
-    assert lines[2] == "[3/4] c.png: failed: the file is empty"
+    # The vision stage finds the bad files; the text stage then writes the good ones.
+    assert lines[:4] == [
+        "[1/4] b.jpg: failed: not a supported image (its bytes are not PNG, JPEG, WebP, BMP or GIF)",
+        "[2/4] c.png: failed: the file is empty",
+        "[3/4] a.png: written",
+        "[4/4] d.png: written",
+    ]
     assert lines[4].endswith(": 2 written, 0 skipped, 2 failed (of 4 images).")
-    assert lines[5:] == [
+    assert lines[6:] == [
         "Failed:",
-        f"  {dataset / 'b.jpg'}: not a supported image (its bytes are not PNG, JPEG, WebP, BMP or GIF)",
-        f"  {dataset / 'c.png'}: the file is empty",
+        "  b.jpg: not a supported image (its bytes are not PNG, JPEG, WebP, BMP or GIF)",
+        "  c.png: the file is empty",
         "ollama-generate: error: 2 of 4 images failed",
         "ollama-generate: hint: fix or remove them and run the same command again; finished captions are kept",
     ]
@@ -213,7 +223,7 @@ def test_an_empty_description_fails_that_image(ollama, capsys, tmp_path):
     code, out, err = run(capsys, "caption", dataset)
     assert code == 1
     assert "[1/1] a.png: failed: the vision model qwen3-vl:32b gave an empty description" in err
-    assert ollama.requests_to("/api/generate") == []
+    assert [r for r in ollama.requests_to("/api/generate") if r.body.get("prompt")] == []
 
 
 def test_single_bad_image_is_an_error(ollama, capsys, tmp_path):
@@ -236,38 +246,41 @@ def test_folder_without_images(ollama, capsys, tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     code, out, err = run(capsys, "caption", tmp_path)
     assert (code, out) == (2, "")
-    assert err == f"ollama-generate: error: {tmp_path} has no images (.png, .jpg, .jpeg, .webp, .bmp, .gif)\n"
+    assert err == (f"ollama-generate: error: {tmp_path} has no images (.png, .jpg, .jpeg, .webp, .bmp, .gif); "
+                   "--recursive looks in subfolders\n")
     assert ollama.requests == []
 
 
 def test_a_caption_written_meanwhile_is_not_overwritten(ollama, capsys, tmp_path, monkeypatch):
     dataset = make_dataset(tmp_path / "set", ["a.png", "b.png", "c.png"])
-    real = og.write_caption_file
+    real_write = og.write_caption_file
+    real_caption = og.write_caption
 
     def write_and_race(path, caption):
-        real(path, caption)
+        real_write(path, caption)
         if path.endswith("a.txt"):  # another process captions b meanwhile
             (dataset / "b.txt").write_text("b by someone else\n")
 
-    monkeypatch.setattr(og, "write_caption_file", write_and_race)
-    real_caption = og.write_caption
-
-    def caption_then_race(client, config, spec, description):
-        text = real_caption(client, config, spec, description)
-        if description == "description c":
+    def caption_then_race(client, config, spec, description, **kwargs):
+        text = real_caption(client, config, spec, description, **kwargs)
+        if description == "description c":  # ... and c while its caption is being written
             (dataset / "c.txt").write_text("c by someone else\n")
         return text
 
+    monkeypatch.setattr(og, "write_caption_file", write_and_race)
     monkeypatch.setattr(og, "write_caption", caption_then_race)
-    queue_pair(ollama, description="description a", caption="caption a")
-    queue_pair(ollama, description="description c", caption="caption c")
+    for name in "abc":
+        queue_pair(ollama, description=f"description {name}", caption=f"caption {name}")
     code, out, err = run(capsys, "caption", dataset)
     assert code == 0
+    assert (dataset / "a.txt").read_text() == "Caption a\n"
     assert (dataset / "b.txt").read_text() == "b by someone else\n"
     assert (dataset / "c.txt").read_text() == "c by someone else\n"
-    assert "[2/3] b.png: skipped (caption exists)" in err
+    assert "[2/3] b.png: skipped (caption appeared during the run; kept it)" in err
     assert "[3/3] c.png: skipped (caption appeared during the run; kept it)" in err
-    assert len(ollama.requests_to("/api/chat")) == 2
+    # b's caption was never asked for: the check comes before each stage's model call.
+    prompts = [r.body["prompt"] for r in ollama.requests_to("/api/generate") if r.body.get("prompt")]
+    assert len(prompts) == 2 and "\ndescription b\n" not in " ".join(prompts)
 
 
 def test_a_folder_that_cannot_be_written_is_refused_before_model_calls(ollama, capsys, tmp_path, monkeypatch):
@@ -306,7 +319,7 @@ def test_a_dangling_link_is_reported_not_ignored(ollama, capsys, tmp_path):
     queue_pair(ollama)
     code, out, err = run(capsys, "caption", dataset)
     assert code == 1
-    assert "[2/2] b.png: failed: cannot read the file (No such file or directory)" in err
+    assert "[1/2] b.png: failed: cannot read the file (No such file or directory)" in err
 
 
 def test_a_single_file_that_is_not_an_image_needs_no_server(capsys, tmp_path, monkeypatch):

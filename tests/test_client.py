@@ -86,7 +86,7 @@ def test_a_plain_404_page_means_the_url_is_not_ollama(ollama, capsys):
     ]
 
 
-def test_a_broken_template_stops_a_folder_run(ollama, capsys, tmp_path, monkeypatch):
+def test_a_broken_template_stops_a_folder_run_before_any_model_call(ollama, capsys, tmp_path, monkeypatch):
     prompts = tmp_path / "prompts"
     prompts.mkdir()
     for name in og.TEMPLATE_FIELDS:
@@ -97,16 +97,13 @@ def test_a_broken_template_stops_a_folder_run(ollama, capsys, tmp_path, monkeypa
     dataset.mkdir()
     for seed in range(3):
         (dataset / f"{seed}.png").write_bytes(png_bytes(seed=seed))
-    ollama.reply("a description", endpoint="/api/chat")
     code = og.main(["caption", str(dataset)])
     out, err = capsys.readouterr()
     assert (code, out) == (1, "")
-    lines = err.splitlines()
-    assert lines[0].startswith("Stopped after ")
-    assert lines[0].endswith("0 written, 0 skipped, 0 failed, 3 not reached (of 3 images).")
-    assert lines[1] == (f"ollama-generate: error: template {prompts / 'caption_training.txt'} "
-                        "is missing $description; uses unknown $desc")
-    assert len(ollama.generation_requests()) == 1
+    assert err == (f"ollama-generate: error: template {prompts / 'caption_training.txt'} "
+                   "is missing $description; uses unknown $desc\n"
+                   "ollama-generate: hint: caption_training.txt takes $description\n")
+    assert ollama.requests == []
 
 
 def test_debug_reraises_bugs_and_interrupts(monkeypatch):
@@ -181,7 +178,7 @@ def test_connection_failures_become_typed_errors(monkeypatch, reason, kind, mess
 
 def test_an_image_that_vanishes_after_the_check_fails_cleanly(tmp_path):
     with pytest.raises(og.ImageError, match=r"^cannot read the file \(No such file or directory\)$"):
-        og.encode_image(str(tmp_path / "gone.png"))
+        og.read_image(str(tmp_path / "gone.png"))
 
 
 def test_a_folder_that_cannot_be_listed_is_a_usage_error(tmp_path):

@@ -191,15 +191,17 @@ def test_server_dies_mid_folder_run_keeps_finished_work(make_ollama, capsys, tmp
     server = make_ollama()
     for seed, name in enumerate(["a.png", "b.png", "c.png"]):
         (tmp_path / name).write_bytes(png_bytes(seed=seed))
-    server.reply("description a", endpoint="/api/chat")
+    for name in "abc":
+        server.reply(f"description {name}", endpoint="/api/chat")
     server.reply("caption a", endpoint="/api/generate")
     real_generate = og.OllamaClient.generate
-    calls = []
+    kills = []
 
     def generate_then_die(self, *args, **kwargs):
         answer = real_generate(self, *args, **kwargs)
-        calls.append(1)
-        server.kill()
+        if not kills:
+            kills.append(1)
+            server.kill()
         return answer
 
     monkeypatch.setattr(og.OllamaClient, "generate", generate_then_die)
@@ -209,10 +211,25 @@ def test_server_dies_mid_folder_run_keeps_finished_work(make_ollama, capsys, tmp
     assert not (tmp_path / "b.txt").exists()
     lines = err.splitlines()
     assert lines[0] == "[1/3] a.png: written"
-    assert ": 1 written, 0 skipped, 0 failed, 2 not reached (of 3 images)." in lines[1]
     assert lines[1].startswith("Stopped after ")
-    assert lines[2].startswith(f"ollama-generate: error: cannot connect to Ollama at {server.url}")
-    assert lines[2].endswith("(gave up after 7 attempts)")
+    assert lines[1].endswith(": 1 written, 0 skipped, 0 failed, 2 not reached (of 3 images).")
+    assert lines[3].startswith(f"ollama-generate: error: no Ollama server is left to work on ({server.url}: "
+                               f"cannot connect to Ollama at {server.url}")
+    assert lines[3].endswith("(gave up after 7 attempts))")
+    assert lines[4] == ("ollama-generate: hint: start the servers again and rerun the same command: "
+                        "finished work is kept")
+
+    # The server comes back: the rerun asks the vision model nothing it answered before.
+    server.restart()
+    before = len(server.requests)
+    server.reply("caption b", endpoint="/api/generate")
+    server.reply("caption c", endpoint="/api/generate")
+    assert run(capsys, "caption", tmp_path, "--host", server.url)[0] == 0
+    rerun = server.requests[before:]
+    assert [r.path for r in rerun if r.path == "/api/chat"] == []
+    assert len([r for r in rerun if r.path == "/api/generate" and r.body.get("prompt")]) == 2
+    assert (tmp_path / "b.txt").read_text() == "Caption b\n"
+    assert (tmp_path / "a.txt").read_text() == "Caption a\n"
 
 
 def test_ctrl_c_exits_130_and_leaves_no_partial_file(ollama, capsys, tmp_path, monkeypatch):
@@ -232,7 +249,7 @@ def test_ctrl_c_exits_130_and_leaves_no_partial_file(ollama, capsys, tmp_path, m
     ollama.reply("caption b", endpoint="/api/generate")
     code, out, err = run(capsys, "caption", tmp_path)
     assert (code, out) == (130, "")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a.txt", "b.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ollama-generate", "a.png", "a.txt", "b.png"]
     assert ": 1 written, 0 skipped, 0 failed, 1 not reached (of 2 images)." in err
     assert err.endswith("\nollama-generate: interrupted\n")
 

@@ -81,16 +81,6 @@ def test_sniff_image_reports_a_missing_file(tmp_path):
         og.sniff_image(str(tmp_path / "gone.png"))
 
 
-def test_encode_image_is_plain_base64(tmp_path):
-    import base64
-
-    path = tmp_path / "a.png"
-    path.write_bytes(png_bytes())
-    encoded = og.encode_image(str(path))
-    assert not encoded.startswith("data:")
-    assert base64.b64decode(encoded, validate=True) == png_bytes()
-
-
 def test_find_images_sorted_any_case_skipping_hidden_and_others(tmp_path):
     for name in ["b.PNG", "a.jpg", "c.JpEg", "d.webp", "e.bmp", "f.gif", "notes.txt", "g.tiff",
                  ".hidden.png", "._a.jpg", "z.heic"]:
@@ -148,12 +138,12 @@ def test_plan_jobs_skips_existing_and_flags_shared_caption_files(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "c.txt").write_text("done\n")
     images = og.find_images(str(tmp_path))
-    jobs = og.plan_jobs(images, overwrite=False)
-    assert [(os.path.basename(j.image), j.status, j.reason) for j in jobs] == [
+    jobs = og.plan_jobs(str(tmp_path), images, og.BatchOptions())
+    assert [(j.name, j.status, j.reason) for j in jobs] == [
         ("a.png", "pending", ""),
         ("b.jpg", "pending", ""),
         ("b.png", "failed", "shares its caption file b.txt with b.jpg"),
         ("c.png", "skipped", "caption exists"),
     ]
-    again = og.plan_jobs(images, overwrite=True)
+    again = og.plan_jobs(str(tmp_path), images, og.BatchOptions(overwrite=True))
     assert [j.status for j in again] == ["pending", "pending", "failed", "pending"]

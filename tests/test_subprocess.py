@@ -97,7 +97,7 @@ def test_ctrl_c_in_a_folder_run_exits_130_without_partial_files(make_ollama, tmp
     assert "Traceback" not in text
     assert text.endswith("ollama-generate: interrupted\n")
     assert "0 written, 0 skipped, 0 failed, 3 not reached (of 3 images)" in text
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.png", "1.png", "2.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ollama-generate", "0.png", "1.png", "2.png"]
 
 
 @pytest.fixture(scope="module")
