@@ -1119,6 +1119,7 @@ class Job:
     status: str = "pending"  # pending, described, written, skipped, failed, later
     reason: str = ""
     description: str = ""
+    cached: bool = False  # the description came from the cache, not the vision model
 
 
 FINAL = ("written", "skipped", "failed")
@@ -1282,7 +1283,11 @@ class Report:
     hosts: list[Host] = field(default_factory=list)
     seconds: float = 0.0
     interrupted: bool = False
-    cached: int = 0  # descriptions taken from the cache instead of the vision model
+
+    @property
+    def cached(self) -> int:
+        """Descriptions taken from the cache instead of the vision model."""
+        return sum(1 for job in self.jobs if job.cached)
 
     def count(self, status: str) -> int:
         """How many images ended with this status."""
@@ -1304,7 +1309,8 @@ class Report:
             "written": self.count("written"),
             "skipped": self.count("skipped"),
             "failed": [{"image": job.name, "reason": job.reason} for job in self.failed],
-            "not_reached": sum(1 for job in self.jobs if job.status not in FINAL),
+            "not_reached": sum(1 for job in self.jobs if job.status not in (*FINAL, "later")),
+            "later": self.count("later"),
             "interrupted": self.interrupted,
             "seconds": round(self.seconds, 3),
             "images_per_minute": round(self.images_per_minute, 2),
@@ -1510,8 +1516,7 @@ class CaptionRun:
                                        self.prompt_sha256)
             cached = self.cache.get(key) if self.cache and self.options.use_cache else None
             if cached:
-                job.description = cached
-                self.report.cached += 1
+                job.description, job.cached = cached, True
             else:
                 job.description = describe_image(
                     client, self.config, base64.b64encode(data).decode("ascii"),
@@ -1544,6 +1549,8 @@ class CaptionRun:
             job.status, job.reason = "failed", str(exc)
         except OSError as exc:
             job.status, job.reason = "failed", f"cannot write {job.caption_file} ({exc.strerror or exc})"
+        finally:
+            job.description = ""  # it is in the cache; memory stays flat over a long run
 
     def _taken(self, job: Job, reason: str) -> bool:
         """Skip an image whose caption another run (or the user) wrote meanwhile."""
@@ -1734,7 +1741,12 @@ def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: Batc
                          + ("" if options.recursive else "; --recursive looks in subfolders"))
     jobs = plan_jobs(folder, images, options)
     if options.dry_run:
-        return dry_run(jobs, options)
+        listing = dry_run(jobs, options)
+        counts = collections.Counter(line.split(":", 1)[0] for line in listing.splitlines())
+        print(f"Dry run: {counts['caption']} to caption, {counts['skip']} skipped, "
+              f"{counts['fail']} failing, {counts['later']} left for later (of {len(jobs)} images); "
+              "no model was called.", file=sys.stderr)
+        return listing
     target = options.output_dir or folder
     os.makedirs(target, exist_ok=True)
     check_writable(target)
