@@ -1529,6 +1529,8 @@ class CaptionRun:
             raise
         except OllamaError as exc:
             job.status, job.reason = "failed", str(exc)
+        except OSError as exc:
+            job.status, job.reason = "failed", f"cannot write the description cache ({exc.strerror or exc})"
 
     def text_step(self, client: OllamaClient, job: Job) -> None:
         """Write one caption from its description."""
@@ -1549,8 +1551,9 @@ class CaptionRun:
             job.status, job.reason = "failed", str(exc)
         except OSError as exc:
             job.status, job.reason = "failed", f"cannot write {job.caption_file} ({exc.strerror or exc})"
-        finally:
-            job.description = ""  # it is in the cache; memory stays flat over a long run
+        # Done with it either way (a job handed to another server keeps it): the
+        # description is in the cache, and memory stays flat over a long run.
+        job.description = ""
 
     def _taken(self, job: Job, reason: str) -> bool:
         """Skip an image whose caption another run (or the user) wrote meanwhile."""
