@@ -80,6 +80,7 @@ DEFAULT_CHUNK = 1000
 # back to Ollama's own default, five minutes.
 DEFAULT_KEEP_ALIVE = -1
 RELEASE_KEEP_ALIVE = "5m"
+RELEASE_TIMEOUT = 5.0
 
 STYLES = ("training", "tags", "detailed")
 ENCODERS = ("clip", "t5")
@@ -329,6 +330,7 @@ class OllamaClient:
         self.calls = 0
         self.loads_seen = 0
         self.load_seconds = 0.0
+        self._load_ends: dict[str, float] = {}  # model -> when the last load we counted ended
         self._lock = threading.Lock()
 
     # Public endpoints, named after Ollama's.
@@ -391,6 +393,7 @@ class OllamaClient:
     def _generation(self, path: str, body: dict) -> Answer:
         """Send one streaming generation request and gather its NDJSON pieces."""
         model = body["model"]
+        started = time.monotonic()
         if model in self._no_think_field:
             body = {k: v for k, v in body.items() if k != "think"}
         try:
@@ -424,16 +427,24 @@ class OllamaClient:
             raise TransientError(f"the answer from Ollama at {self.host} stopped before it was complete")
         answer.text = "".join(text)
         answer.thinking = "".join(thinking)
-        self._count(answer)
+        self._count(model, answer, started)
         return answer
 
-    def _count(self, answer: Answer) -> None:
-        """Add an answer to this server's tally; a long load_duration means a model was loaded."""
+    def _count(self, model: str, answer: Answer, started: float) -> None:
+        """Add an answer to this server's tally.
+
+        A long load_duration means the request waited for a model load. Requests
+        sent together all wait for the same load, so a load counts once however
+        many requests waited through it.
+        """
+        load = answer.load_duration / 1e9
         with self._lock:
             self.calls += 1
-            self.load_seconds += answer.load_duration / 1e9
-            if answer.load_duration >= LOAD_SEEN_SECONDS * 1e9:
-                self.loads_seen += 1
+            self.load_seconds += load
+            if load >= LOAD_SEEN_SECONDS:
+                if started >= self._load_ends.get(model, 0.0):
+                    self.loads_seen += 1
+                self._load_ends[model] = max(self._load_ends.get(model, 0.0), started + load)
 
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
         """One short non-streaming request that returns a JSON object."""
@@ -1030,10 +1041,13 @@ def caption_spec(args: argparse.Namespace) -> CaptionSpec:
     return CaptionSpec(style=args.style, creative=args.creative, trigger=trigger, prefix=prefix)
 
 
-def check_writable(folder: str) -> None:
-    """Refuse a folder we cannot write captions into before any model time is spent."""
+def check_writable(folder: str, *, flag: str = "") -> None:
+    """Refuse a folder we cannot write into before any model time is spent."""
+    if flag and not os.path.isdir(folder):
+        raise UsageError(f"{flag}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
-        raise UsageError(f"cannot write caption files into {folder} (permission denied)")
+        what = f"{flag} files" if flag else "caption files"
+        raise UsageError(f"cannot write {what} into {folder} (permission denied)")
 
 
 def read_text_argument(value: str, what: str) -> str:
@@ -1493,13 +1507,13 @@ class CaptionRun:
     """One folder run: settings, hosts, cache and the two stages."""
 
     def __init__(self, config: Config, spec: CaptionSpec, options: BatchOptions, folder: str,
-                 hosts: list[Host]) -> None:
+                 hosts: list[Host], cache: DescriptionCache) -> None:
         self.config = config
         self.spec = spec
         self.options = options
         self.folder = folder
         self.report = Report(folder=folder, hosts=hosts)
-        self.cache: DescriptionCache | None = None
+        self.cache = cache
         system, user = vision_prompt(config)
         self.prompt_sha256 = hashlib.sha256(f"{system}\0{user}".encode()).hexdigest()
         # Held while a caption file is written, so Ctrl-C never cuts one short.
@@ -1514,16 +1528,15 @@ class CaptionRun:
             data = read_image(job.image)
             key = DescriptionCache.key(hashlib.sha256(data).hexdigest(), self.config.vision_model,
                                        self.prompt_sha256)
-            cached = self.cache.get(key) if self.cache and self.options.use_cache else None
+            cached = self.cache.get(key) if self.options.use_cache else None
             if cached:
                 job.description, job.cached = cached, True
             else:
                 job.description = describe_image(
                     client, self.config, base64.b64encode(data).decode("ascii"),
                     keep_alive=self.options.keep_alive)
-                if self.cache:
-                    self.cache.put(key, {"image": job.name, "model": self.config.vision_model,
-                                         "description": job.description})
+                self.cache.put(key, {"image": job.name, "model": self.config.vision_model,
+                                     "description": job.description})
             job.status = "described"
         except (*HOST_DOWN, *FATAL_ERRORS):
             raise
@@ -1566,11 +1579,7 @@ class CaptionRun:
         """Caption the pending jobs chunk by chunk: all vision, then all text."""
         report = self.report
         report.jobs = jobs
-        pending = [job for job in jobs if job.status == "pending"]
-        if self.options.limit is not None:
-            for job in pending[self.options.limit:]:
-                job.status, job.reason = "later", f"beyond --limit {self.options.limit}"
-            pending = pending[:self.options.limit]
+        pending = take_pending(jobs, self.options.limit)
         progress = Progress(len(pending), mode=progress_mode(self.options))
         planned_skips = sum(1 for job in jobs if job.status == "skipped")
         if planned_skips and progress.mode == "lines":
@@ -1582,9 +1591,6 @@ class CaptionRun:
         started = time.monotonic()
         workers = self.options.jobs
         try:
-            cache_folder = self.options.cache_dir or os.path.join(
-                self.options.output_dir or self.folder, CACHE_FOLDER)
-            self.cache = DescriptionCache(cache_folder)
             for first in range(0, len(pending), self.options.chunk):
                 chunk = pending[first:first + self.options.chunk]
                 progress.stage("vision", len(chunk))
@@ -1599,8 +1605,6 @@ class CaptionRun:
         finally:
             report.seconds = time.monotonic() - started
             progress.close()
-            if self.cache:
-                self.cache.close()
         return report
 
 
@@ -1614,19 +1618,22 @@ def read_image(path: str) -> bytes:
 
 
 def connect_hosts(config: Config) -> list[Host]:
-    """Check every server for both models; leave out those that cannot work, if others can."""
+    """Check every server for both models; leave out (as dropped) those that cannot work.
+
+    Raises the first server's problem when none can work.
+    """
     hosts, problems = [], []
     for url in config.hosts:
-        client = OllamaClient(url, timeout=config.timeout, retries=config.retries)
+        host = Host(OllamaClient(url, timeout=config.timeout, retries=config.retries))
         try:
-            check_models(client, config)
+            check_models(host.client, config)
         except (ServerUnreachable, ModelUnavailable) as exc:
             problems.append(exc)
+            host.dropped = str(exc)
             if len(config.hosts) > 1:
                 warn(f"leaving out {url}: {exc}")
-            continue
-        hosts.append(Host(client))
-    if not hosts:
+        hosts.append(host)
+    if len(problems) == len(hosts):
         raise problems[0]
     return hosts
 
@@ -1637,6 +1644,7 @@ def release_models(hosts: list[Host], models: Sequence[str]) -> None:
     for host in hosts:
         if host.dropped:
             continue
+        host.client.timeout = min(host.client.timeout, RELEASE_TIMEOUT)  # never hold up the exit
         try:
             for name in host.client.loaded_models():
                 if with_tag(name) in wanted:
@@ -1694,26 +1702,41 @@ def write_manifest(path: str, report: Report) -> int:
     return len(lines)
 
 
+def take_pending(jobs: list[Job], limit: int | None) -> list[Job]:
+    """The pending jobs this run works on.
+
+    With --limit, the first `limit` that are real images (checked now, so a broken
+    file does not use up a place); the rest wait for a later run.
+    """
+    pending = [job for job in jobs if job.status == "pending"]
+    if limit is None:
+        return pending
+    taken = []
+    for job in pending:
+        if len(taken) == limit:
+            job.status, job.reason = "later", f"beyond --limit {limit}"
+            continue
+        try:
+            sniff_image(job.image)
+        except ImageError as exc:
+            job.status, job.reason = "failed", str(exc)
+            continue
+        taken.append(job)
+    return taken
+
+
 def dry_run(jobs: list[Job], options: BatchOptions) -> str:
     """What a run would do, one line per image, without any model call."""
-    lines = []
-    pending = 0
-    for job in jobs:
-        if job.status == "pending":
-            try:
-                sniff_image(job.image)
-            except ImageError as exc:
-                job.status, job.reason = "failed", str(exc)
-        if job.status == "pending":
-            pending += 1
-            if options.limit is not None and pending > options.limit:
-                lines.append(f"later: {job.name} (beyond --limit {options.limit})")
-            else:
-                lines.append(f"caption: {job.name} -> {job.caption_file}")
-        else:
-            verb = "skip" if job.status == "skipped" else "fail"
-            lines.append(f"{verb}: {job.name} ({job.reason})")
-    return "\n".join(lines)
+    for job in take_pending(jobs, options.limit):
+        try:
+            sniff_image(job.image)
+        except ImageError as exc:
+            job.status, job.reason = "failed", str(exc)
+    verbs = {"pending": "caption", "skipped": "skip", "failed": "fail", "later": "later"}
+    return "\n".join(
+        f"caption: {job.name} -> {job.caption_file}" if job.status == "pending"
+        else f"{verbs[job.status]}: {job.name} ({job.reason})"
+        for job in jobs)
 
 
 def batch_options(args: argparse.Namespace, folder: str) -> BatchOptions:
@@ -1732,8 +1755,11 @@ def batch_options(args: argparse.Namespace, folder: str) -> BatchOptions:
     )
 
 
-FOLDER_ONLY = ("recursive", "output_dir", "limit", "dry_run", "manifest", "report", "cache_dir",
-               "no_cache")
+# Folder-run flags and their defaults: a single file refuses any other value.
+FOLDER_ONLY = {"recursive": False, "output_dir": None, "limit": None, "dry_run": False,
+               "manifest": None, "report": None, "cache_dir": None, "no_cache": False,
+               "ext": CAPTION_EXTENSION, "jobs": 1, "chunk": DEFAULT_CHUNK, "keep_alive": None,
+               "quiet": False}
 
 
 def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: BatchOptions) -> str | None:
@@ -1751,18 +1777,34 @@ def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: Batc
               "no model was called.", file=sys.stderr)
         return listing
     target = options.output_dir or folder
-    os.makedirs(target, exist_ok=True)
+    make_folder(target, "--output-dir" if options.output_dir else "the folder")
     check_writable(target)
+    for flag, path in (("--report", options.report), ("--manifest", options.manifest)):
+        if path:
+            check_writable(os.path.dirname(os.path.abspath(path)), flag=flag)
     check_templates(config, spec)
-    run = CaptionRun(config, spec, options, folder, connect_hosts(config))
-    report = run.report
-    report.jobs = jobs
+    report = Report(folder=folder, jobs=jobs)
+    try:
+        report.hosts = connect_hosts(config)
+    except OllamaError:
+        report.interrupted = True
+        finish_report(report, options)
+        raise
+    cache_folder = options.cache_dir or os.path.join(target, CACHE_FOLDER)
+    make_folder(cache_folder, "--cache-dir" if options.cache_dir else "the cache folder")
+    cache = DescriptionCache(cache_folder)
+    run = CaptionRun(config, spec, options, folder, report.hosts, cache)
+    run.report = report
     try:
         run.run(jobs)
     except (KeyboardInterrupt, OllamaError):
         print_summary(report)
         finish_report(report, options)
+        if options.release_models:
+            release_models(report.hosts, [config.vision_model, config.model])
         raise
+    finally:
+        cache.close()
     if options.release_models:
         release_models(report.hosts, [config.vision_model, config.model])
     print_summary(report, quiet=options.quiet)
@@ -1777,10 +1819,21 @@ def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: Batc
 
 def finish_report(report: Report, options: BatchOptions) -> None:
     """Write --report and --manifest, also after a run that stopped early."""
-    if options.report:
-        write_text_atomically(options.report, json.dumps(report.as_dict(), indent=2) + "\n")
-    if options.manifest:
-        write_manifest(options.manifest, report)
+    try:
+        if options.report:
+            write_text_atomically(options.report, json.dumps(report.as_dict(), indent=2) + "\n")
+        if options.manifest:
+            write_manifest(options.manifest, report)
+    except OSError as exc:  # the captions are written; say so rather than hide the run's outcome
+        warn(f"cannot write {exc.filename or 'the report'} ({exc.strerror or exc})")
+
+
+def make_folder(path: str, what: str) -> None:
+    """Create a folder a run writes into, or refuse the run before any model call."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{what} {path} cannot be used as a folder ({exc.strerror or exc})") from None
 
 
 def cmd_caption(config: Config, args: argparse.Namespace) -> str | None:
@@ -1791,8 +1844,8 @@ def cmd_caption(config: Config, args: argparse.Namespace) -> str | None:
         raise UsageError(f"{path} does not exist")
     if os.path.isdir(path):
         return caption_folder(config, spec, path, batch_options(args, path))
-    for name in FOLDER_ONLY:
-        if getattr(args, name):
+    for name, default in FOLDER_ONLY.items():
+        if getattr(args, name) != default:
             flag = "--" + name.replace("_", "-")
             raise UsageError(f"{flag} works on a folder, and {path} is a file")
     sniff_image(path)
