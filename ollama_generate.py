@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -1503,6 +1504,19 @@ def run_stage(hosts: list[Host], jobs: list[Job], step, *, workers: int, progres
             raise errors[0]
 
 
+@contextlib.contextmanager
+def failing_job(job: Job, writes: str) -> Iterator[None]:
+    """Turn a problem with one image into a failed job; let run-wide problems through."""
+    try:
+        yield
+    except (*HOST_DOWN, *FATAL_ERRORS):
+        raise
+    except OllamaError as exc:
+        job.status, job.reason = "failed", str(exc)
+    except OSError as exc:
+        job.status, job.reason = "failed", f"cannot write {writes} ({exc.strerror or exc})"
+
+
 class CaptionRun:
     """One folder run: settings, hosts, cache and the two stages."""
 
@@ -1523,7 +1537,7 @@ class CaptionRun:
         """Describe one image, from the cache when an answer was received before."""
         if self._taken(job, "caption exists"):
             return
-        try:
+        with failing_job(job, "the description cache"):
             sniff_image(job.image)
             data = read_image(job.image)
             key = DescriptionCache.key(hashlib.sha256(data).hexdigest(), self.config.vision_model,
@@ -1538,18 +1552,12 @@ class CaptionRun:
                 self.cache.put(key, {"image": job.name, "model": self.config.vision_model,
                                      "description": job.description})
             job.status = "described"
-        except (*HOST_DOWN, *FATAL_ERRORS):
-            raise
-        except OllamaError as exc:
-            job.status, job.reason = "failed", str(exc)
-        except OSError as exc:
-            job.status, job.reason = "failed", f"cannot write the description cache ({exc.strerror or exc})"
 
     def text_step(self, client: OllamaClient, job: Job) -> None:
         """Write one caption from its description."""
         if self._taken(job, "caption appeared during the run; kept it"):
             return
-        try:
+        with failing_job(job, job.caption_file):
             caption = write_caption(client, self.config, self.spec, job.description,
                                     keep_alive=self.options.keep_alive)
             with self.write_lock:
@@ -1558,12 +1566,6 @@ class CaptionRun:
                 os.makedirs(os.path.dirname(job.caption_file) or ".", exist_ok=True)
                 write_caption_file(job.caption_file, caption)
             job.status = "written"
-        except (*HOST_DOWN, *FATAL_ERRORS):
-            raise
-        except OllamaError as exc:
-            job.status, job.reason = "failed", str(exc)
-        except OSError as exc:
-            job.status, job.reason = "failed", f"cannot write {job.caption_file} ({exc.strerror or exc})"
         # Done with it either way (a job handed to another server keeps it): the
         # description is in the cache, and memory stays flat over a long run.
         job.description = ""

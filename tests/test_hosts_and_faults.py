@@ -4,41 +4,27 @@ and memory over a thousand images."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
 import threading
-import zlib
 
 import pytest
 from cli import run
 from images import png_bytes
+from traced import CACHE, TEXT, VISION, derived_answer, expected_caption, make_images, tag_of
 
 import ollama_generate as og
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "ollama_generate.py")
-CACHE = os.path.join(".ollama-generate", "descriptions.jsonl")
-TEXT = "qwen3-30b-a3b:latest"
-VISION = "qwen3-vl:32b"
 
 
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def tag_of(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:12]
-
-
-def derived_answer(rec) -> str:
-    """The vision answer names the image it was sent; the text answer echoes the description."""
-    if rec.path == "/api/chat":
-        return f"Picture {tag_of(base64.b64decode(rec.body['messages'][1]['images'][0]))} seen."
-    found = re.search(r"Picture ([0-9a-f]{12}) seen\.", rec.body.get("prompt", ""))
-    return f"caption of {found.group(1) if found else 'NO DESCRIPTION'}"
 
 
 def request_tag(rec) -> str:
@@ -49,16 +35,6 @@ def request_tag(rec) -> str:
     return found.group(1) if found else ""
 
 
-def expected_caption(image) -> str:
-    return f"Caption of {tag_of(image.read_bytes())}\n"
-
-
-def make_images(folder, names):
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        path = folder / name
-        path.write_bytes(png_bytes(seed=zlib.crc32(str(path).encode())))
-    return folder
 
 
 def chats(fake):
