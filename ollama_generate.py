@@ -175,6 +175,10 @@ class ImageError(OllamaError):
     """One file in a dataset cannot be captioned; a folder run goes on past it."""
 
 
+class RefusalError(ImageError):
+    """The model refused or hedged instead of answering; it is never written as a caption."""
+
+
 class BatchFailed(OllamaError):
     """A folder run finished, but some images failed (they are listed above)."""
 
@@ -782,6 +786,184 @@ def clean_tags(answer: str) -> list[str]:
     return tags
 
 
+# Sentences that talk about the answer or the instructions instead of the image.
+_META = re.compile(
+    r"^\(?\s*(?:(?:this|the|my) (?:description|caption|answer|response|text|prompt|tag list|list)"
+    r"(?: above| provided)? (?:adheres|follows|complies|meets|sticks|uses|avoids|focuses|has been|is written"
+    r"|was written|includes|contains|captures)"
+    r"|i (?:have|'ve) (?:avoided|kept|followed|included|omitted|focused|used|made|tried|written|described)"
+    r"|i (?:avoided|kept|followed|included|omitted|focused|used|made sure|described)\b"
+    r"|no other tags|all tags (?:are|were)|word count|\(?\d+ words\)?$|note\s*:|lorem ipsum)", re.I)
+# Hedges inside a caption: the model's doubts are not part of the picture.
+_HEDGE = re.compile(
+    r"^(?:i (?:can't|cannot|can not|am unable to|'m unable to|am not able to|'m not able to|do not|don't)"
+    r" (?:determine|identify|tell|see|know|confirm|make out|say|be sure|verify)"
+    r"|it(?:'s| is) (?:not possible|impossible|difficult|hard|unclear) to (?:determine|identify|tell|say|know)"
+    r"|(?:the )?(?:exact|specific) (?:identity|location|setting) (?:is|cannot be) (?:unknown|unclear|determined))",
+    re.I)
+# An answer that opens like this refused (or apologised) instead of describing.
+_REFUSAL = re.compile(
+    r"^(?:i'?m sorry|i am sorry|sorry[,.!]|i apologi[sz]e|i can(?:no|')t\b|i cannot\b|i can not\b"
+    r"|i(?:'m| am) (?:unable|not able)\b|i won'?t\b|i will not\b|as an ai\b|as a language model\b"
+    r"|unfortunately,? i\b|i'?m afraid i\b)", re.I)
+_ASIDE = re.compile(r"\s*\[[^\[\]\n]{0,80}\]\s*")
+_LOREM = re.compile(r"lorem ipsum", re.I)
+# A lead-in line in any language that ends in a colon ("好的，以下是标签：").
+_FOREIGN_LEAD = re.compile(r"^[^\x00-\x7f][^\n]{0,60}[:\uff1a]\s*\n", re.S)
+# Openers that describe the picture instead of what is in it; the caption starts after them.
+_BOILERPLATE = re.compile(
+    r"^(?:(?:the|this) (?:image|picture|photo|photograph|illustration|artwork|drawing|painting|render"
+    r"|scene) (?:shows|depicts|features|displays|presents|portrays|captures|showcases|contains"
+    r"|is of|is an? (?:image|picture|photo) of)"
+    r"|(?:in|within) (?:this|the) (?:image|picture|photo|photograph|illustration|artwork|scene),?"
+    r"|this is an? (?:image|picture|photo|photograph) of|the image is (?=an? ))\s*", re.I)
+# A BLIP captioner artefact that small models copy ("an arafed man").
+_ARAFED = re.compile(r"\b(?:(an?) )?(?:arafed|araffe|arafe|arafad)\b\s*", re.I)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def is_refusal(text: str) -> bool:
+    """Whether an answer refused, apologised or hedged instead of answering.
+
+    >>> is_refusal("I'm sorry, but I can't describe this image."), is_refusal("A sorry-looking dog.")
+    (True, False)
+    """
+    return bool(_REFUSAL.match(strip_wrapping_quotes(text.strip())))
+
+
+def drop_chatter_sentences(text: str) -> str:
+    """Remove sentences about the answer itself, hedges, filler and [asides] from prose."""
+    text = _ASIDE.sub(" ", text)
+    kept = [sentence for sentence in _SENTENCE_END.split(text)
+            if not (_META.match(sentence) or _HEDGE.match(sentence) or _LOREM.search(sentence))]
+    return " ".join(kept).strip()
+
+
+def strip_boilerplate(text: str) -> str:
+    """Start the caption with its subject, not with "The image shows"; drop "arafed".
+
+    >>> strip_boilerplate("The image shows an arafed man in a hat.")
+    'A man in a hat.'
+    """
+    removed = _BOILERPLATE.sub("", text, count=1)
+    removed = _ARAFED.sub(lambda m: _article_for(m, removed) if m.group(1) else "", removed)
+    return removed[:1].upper() + removed[1:] if removed != text else text
+
+
+def _article_for(match: re.Match, text: str) -> str:
+    """The article that fits the word after a removed "arafed"."""
+    following = text[match.end():match.end() + 1].lower()
+    article = "an" if following in "aeiou" and following else "a"
+    return (article.capitalize() if match.group(1)[0].isupper() else article) + " "
+
+
+def cut_loop(text: str, *, repeats: int = 3) -> str:
+    """Cut text where a phrase starts repeating itself `repeats` times in a row.
+
+    >>> cut_loop("A cat sits on a mat. A cat sits on a mat. A cat sits on a mat. A cat sits")
+    'A cat sits on a mat.'
+    >>> cut_loop("red, red, red, red")
+    'red'
+    """
+    words = text.split()
+    keys = [re.sub(r"[^\w]", "", word.lower()) for word in words]
+    for start in range(len(words)):
+        for size in range(1, min(40, (len(words) - start) // repeats) + 1):
+            unit = keys[start:start + size]
+            if all(keys[start + n * size:start + (n + 1) * size] == unit for n in range(1, repeats)):
+                kept = " ".join(words[:start + size]).rstrip(",;: ")
+                return kept if kept[-1:] in ".!?" or not kept else kept
+    return text
+
+
+def has_loop(text: str) -> bool:
+    """Whether the answer repeats a phrase in a loop."""
+    return cut_loop(text) != text
+
+
+def clean_caption_prose(answer: str, *, cut_off: bool = False) -> str:
+    """A prose caption from an answer: chatter, boilerplate and loops removed, one line.
+
+    Raises RefusalError for an answer that refused.
+    """
+    text = strip_chatter(_FOREIGN_LEAD.sub("", strip_think(answer), count=1))
+    if is_refusal(text):
+        raise RefusalError("the model refused to describe the image")
+    if cut_off:
+        text = drop_cut_off_end(text, style="training")
+    text = _HEADING_LINE.sub("", text)
+    text = one_line(strip_wrapping_quotes(strip_markdown(text)))
+    return strip_boilerplate(drop_chatter_sentences(cut_loop(text)))
+
+
+def is_kaomoji(tag: str) -> bool:
+    """Short emoticon tags like ^_^ and >_< keep their underscores.
+
+    >>> is_kaomoji("^_^"), is_kaomoji("o_o"), is_kaomoji("long_hair")
+    (True, True, False)
+    """
+    return len(tag) <= 4 and "_" in tag and not re.search(r"[a-z]{2}", tag)
+
+
+_WEIGHT = re.compile(r"^\(+([^():]+?)(?::\s*[\d.]+)?\)+$")
+_SENTENCE_TAG = re.compile(
+    r"^(?:the (?:image|picture|photo)|this (?:image|is)|there (?:is|are)|no other|all tags|here (?:is|are)"
+    r"|i |note\b|it is|these are)", re.I)
+
+
+def normalize_tag(raw: str, *, underscores: bool = False) -> str:
+    """One tag as trainers want it: lower case, single spaces, no weights or end periods.
+
+    >>> normalize_tag("  Long_Hair. "), normalize_tag("(masterpiece:1.2)"), normalize_tag(">_<")
+    ('long hair', 'masterpiece', '>_<')
+    """
+    tag = strip_wrapping_quotes(_BULLET.sub("", raw.strip()))
+    weighted = _WEIGHT.match(tag)
+    if weighted:
+        tag = weighted.group(1)
+    tag = one_line(tag.lower()).strip(" .")
+    if not underscores and not is_kaomoji(tag):
+        tag = one_line(tag.replace("_", " "))
+    return tag
+
+
+def parse_tag_answer(answer: str) -> list[str]:
+    """The raw tags of an answer: a JSON list (structured output) or comma/line separated text."""
+    text = strip_chatter(_FOREIGN_LEAD.sub("", strip_think(answer), count=1))
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if isinstance(value, dict):
+        value = next((item for item in value.values() if isinstance(item, list)), None)
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    lines = [line for line in text.splitlines()
+             if not (_META.match(line.strip()) or _OFFER.match(line.strip()))]
+    return re.split(r"[,\n;]", strip_markdown("\n".join(lines)))
+
+
+def clean_caption_tags(answer: str, *, cut_off: bool = False, underscores: bool = False,
+                       limit: int | None = None) -> list[str]:
+    """Tags from an answer: normalised, without duplicates, asides or sentences; at most limit.
+
+    Raises RefusalError for an answer that refused.
+    """
+    if is_refusal(strip_chatter(strip_think(answer))):
+        raise RefusalError("the model refused to tag the image")
+    raws = parse_tag_answer(answer)
+    if cut_off and len(raws) > 1:
+        raws = raws[:-1]
+    tags: list[str] = []
+    for raw in raws:
+        if re.fullmatch(r"\s*\[.*\]\s*", raw):
+            continue
+        tag = normalize_tag(raw, underscores=underscores)
+        if tag and tag not in tags and len(tag.split()) <= 6 and not _SENTENCE_TAG.match(tag):
+            tags.append(tag)
+    return tags[:limit] if limit else tags
+
+
 def _without_word(text: str, word: str) -> str:
     """Remove every whole-word occurrence of word, and the punctuation it leaves behind."""
     pattern = re.compile(rf"(?<![\w-]){re.escape(word)}(?![\w-])", re.I)
@@ -843,29 +1025,75 @@ def drop_cut_off_end(text: str, *, style: str) -> str:
     return text[:max(ends) + 1] if max(ends) > 0 else text
 
 
+TAG_RANGE = {False: (20, 40), True: (30, 50)}  # accurate and --creative
+WORD_RANGE = (50, 150)  # a training caption
+SENTENCE_RANGE = (2, 4)  # a detailed caption
+
+
 def finalize_caption(answer: str, *, style: str, trigger: str = "", prefix: str = "",
-                     cut_off: bool = False) -> str:
+                     cut_off: bool = False, creative: bool = False, underscores: bool = False,
+                     exclude: Sequence[str] = (), always_first: Sequence[str] = ()) -> str:
     """Turn the text model's answer into the caption line we write.
 
-    Raises ImageError when nothing usable is left, so no empty file is ever written.
+    Raises ImageError when nothing usable is left (RefusalError for a refusal), so
+    no empty file, and no refusal, is ever written.
     """
     trigger = trigger.strip()
-    if cut_off:
-        answer = drop_cut_off_end(strip_chatter(answer), style=style)
     if style == "tags":
-        taken = {t.casefold() for t in clean_tags(prefix)} | {trigger.casefold()}
-        tags = clean_tags(answer)
-        if trigger:  # "ohwx woman" would put the trigger in the caption twice
-            tags = [_without_word(tag, trigger) for tag in tags]
-        body = ", ".join(dict.fromkeys(t for t in tags if t and t.casefold() not in taken))
+        tags = clean_caption_tags(answer, cut_off=cut_off, underscores=underscores)
+        body = ", ".join(arrange_tags(tags, trigger=trigger, prefix=prefix, exclude=exclude,
+                                      always_first=always_first, underscores=underscores,
+                                      limit=TAG_RANGE[creative][1]))
     else:
-        body = clean_prose(answer)
+        body = clean_caption_prose(answer, cut_off=cut_off)
         if trigger:
             body = _without_word(body, trigger)
         body = continue_after_chunk(body) if prefix or trigger else body[:1].upper() + body[1:]
     if not body.strip(" ,.;:"):
-        raise ImageError("the text model's answer was empty after cleaning")
+        raise RefusalError("the text model's answer was empty after cleaning")
     return layout_caption(body, trigger=trigger, prefix=prefix)
+
+
+def arrange_tags(tags: list[str], *, trigger: str = "", prefix: str = "", exclude: Sequence[str] = (),
+                 always_first: Sequence[str] = (), underscores: bool = False,
+                 limit: int | None = None) -> list[str]:
+    """Order and trim tags: --always-first ones first, excluded and prefix tags out, at most limit.
+
+    The trigger is removed here (inside tags too: "ohwx woman"); layout_caption puts it first.
+
+    >>> arrange_tags(["smile", "1girl", "solo", "hat"], exclude=["hat"], always_first=["1girl", "solo"])
+    ['1girl', 'solo', 'smile']
+    """
+    def norm(tag: str) -> str:
+        return normalize_tag(tag, underscores=underscores)
+
+    taken = {norm(tag) for tag in clean_tags(prefix)} | {norm(tag) for tag in exclude}
+    if trigger:
+        taken.add(norm(trigger))
+        tags = [_without_word(tag, trigger) for tag in tags]
+    first = [norm(tag) for tag in always_first if norm(tag) and norm(tag) not in taken]
+    rest = [tag for tag in tags if tag and tag not in taken and tag not in first]
+    arranged = list(dict.fromkeys(first + rest))
+    return arranged[:max(limit, len(first))] if limit else arranged
+
+
+def caption_problem(caption_body: str, *, style: str, creative: bool = False) -> str:
+    """What is out of range in a caption, or "" when it is right.
+
+    >>> caption_problem("a b c", style="training")
+    'it has 3 words; a training caption has 50 to 150'
+    """
+    if style == "tags":
+        low, high = TAG_RANGE[creative]
+        count = len([tag for tag in caption_body.split(",") if tag.strip()])
+        return "" if count >= low else f"it has {count} tags; it needs {low} to {high}"
+    if style == "training":
+        low, high = WORD_RANGE
+        count = len(caption_body.split())
+        return "" if low <= count <= high else f"it has {count} words; a training caption has {low} to {high}"
+    low, high = SENTENCE_RANGE
+    count = len([part for part in _SENTENCE_END.split(caption_body.strip()) if part])
+    return "" if low <= count <= high else f"it has {count} sentences; a detailed caption has {low} to {high}"
 
 
 # -- Images -------------------------------------------------------------------
