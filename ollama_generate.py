@@ -126,6 +126,9 @@ TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {
     "enhance_extreme": ("prompt",),
     "describe": ("model_name", "lora_type", "tags"),
     "lore": ("scenario", "words"),
+    "hint": ("hint",),
+    "reask": ("request", "answer", "problem"),
+    "reask_vision": ("problem",),
 }
 
 # -- Errors -------------------------------------------------------------------
@@ -272,6 +275,10 @@ class Config:
     vision_model: str = DEFAULT_VISION_MODEL
     timeout: float = DEFAULT_TIMEOUT
     retries: int = RETRIES
+    temperature: float | None = None  # None: each action's own default (SAMPLING)
+    max_tokens: int | None = None
+    num_ctx: int = NUM_CTX
+    seed: int | None = None
 
     @property
     def host(self) -> str:
@@ -290,6 +297,10 @@ class Config:
                 or DEFAULT_VISION_MODEL
             ),
             timeout=args.timeout,
+            temperature=args.temperature,
+            max_tokens=args.max_tokens,
+            num_ctx=args.num_ctx or NUM_CTX,
+            seed=args.seed,
         )
 
 
@@ -336,6 +347,7 @@ class OllamaClient:
         self.loads_seen = 0
         self.load_seconds = 0.0
         self._load_ends: dict[str, float] = {}  # model -> when the last load we counted ended
+        self._version: tuple[int, ...] | None = None
         self._lock = threading.Lock()
 
     # Public endpoints, named after Ollama's.
@@ -354,13 +366,30 @@ class OllamaClient:
         return self._retrying(lambda: self._generation("/api/chat", body))
 
     def generate(self, model: str, prompt: str, *, options: dict,
-                 keep_alive: int | float | str | None = None) -> Answer:
+                 keep_alive: int | float | str | None = None, fmt: dict | None = None) -> Answer:
         """One /api/generate call, streamed and gathered into an Answer."""
         body = {"model": model, "prompt": prompt, "stream": True,
                 "think": False, "options": options}
         if keep_alive is not None:
             body["keep_alive"] = keep_alive
+        if fmt is not None:
+            body["format"] = fmt
         return self._retrying(lambda: self._generation("/api/generate", body))
+
+    def version(self) -> tuple[int, ...]:
+        """The server's version as numbers, asked once; () when the server does not say."""
+        if self._version is None:
+            try:
+                text = str(self._call("GET", "/api/version").get("version", ""))
+            except (OllamaError, AttributeError):
+                text = ""
+            self._version = tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+        return self._version
+
+    def supports_structured_output(self) -> bool:
+        """Whether "format" may hold a JSON schema (Ollama v0.5.0 and later; dev builds say 0.0.0)."""
+        version = self.version()
+        return bool(version) and (version >= STRUCTURED_OUTPUT_VERSION or version == (0, 0, 0))
 
     def loaded_models(self) -> list[str]:
         """Names of the models loaded in memory now (/api/ps)."""
@@ -1031,27 +1060,33 @@ SENTENCE_RANGE = (2, 4)  # a detailed caption
 
 
 def finalize_caption(answer: str, *, style: str, trigger: str = "", prefix: str = "",
-                     cut_off: bool = False, creative: bool = False, underscores: bool = False,
-                     exclude: Sequence[str] = (), always_first: Sequence[str] = ()) -> str:
+                     cut_off: bool = False) -> str:
     """Turn the text model's answer into the caption line we write.
 
     Raises ImageError when nothing usable is left (RefusalError for a refusal), so
     no empty file, and no refusal, is ever written.
     """
-    trigger = trigger.strip()
-    if style == "tags":
-        tags = clean_caption_tags(answer, cut_off=cut_off, underscores=underscores)
-        body = ", ".join(arrange_tags(tags, trigger=trigger, prefix=prefix, exclude=exclude,
-                                      always_first=always_first, underscores=underscores,
-                                      limit=TAG_RANGE[creative][1]))
+    spec = CaptionSpec(style=style, trigger=trigger.strip(), prefix=prefix)
+    return layout_caption(caption_body(answer, spec=spec, cut_off=cut_off),
+                          trigger=spec.trigger, prefix=prefix)
+
+
+def caption_body(answer: str, *, spec: CaptionSpec, cut_off: bool = False) -> str:
+    """The caption an answer gives, cleaned, before the prefix and trigger are placed."""
+    trigger = spec.trigger
+    if spec.style == "tags":
+        tags = clean_caption_tags(answer, cut_off=cut_off, underscores=spec.underscores)
+        body = ", ".join(arrange_tags(tags, trigger=trigger, prefix=spec.prefix, exclude=spec.exclude,
+                                      always_first=spec.always_first, underscores=spec.underscores,
+                                      limit=TAG_RANGE[spec.creative][1]))
     else:
         body = clean_caption_prose(answer, cut_off=cut_off)
         if trigger:
             body = _without_word(body, trigger)
-        body = continue_after_chunk(body) if prefix or trigger else body[:1].upper() + body[1:]
+        body = continue_after_chunk(body) if spec.prefix or trigger else body[:1].upper() + body[1:]
     if not body.strip(" ,.;:"):
         raise RefusalError("the text model's answer was empty after cleaning")
-    return layout_caption(body, trigger=trigger, prefix=prefix)
+    return body
 
 
 def arrange_tags(tags: list[str], *, trigger: str = "", prefix: str = "", exclude: Sequence[str] = (),
@@ -1075,6 +1110,12 @@ def arrange_tags(tags: list[str], *, trigger: str = "", prefix: str = "", exclud
     rest = [tag for tag in tags if tag and tag not in taken and tag not in first]
     arranged = list(dict.fromkeys(first + rest))
     return arranged[:max(limit, len(first))] if limit else arranged
+
+
+def estimate_clip_tokens(text: str) -> int:
+    """About how many CLIP tokens text uses (BOS and EOS not counted)."""
+    pieces = re.findall(r"[a-z]+|\d|[^\sa-z\d]", text.lower())
+    return sum(1 if not piece.isalpha() or len(piece) <= 7 else (len(piece) + 5) // 6 for piece in pieces)
 
 
 def caption_problem(caption_body: str, *, style: str, creative: bool = False) -> str:
@@ -1151,18 +1192,42 @@ def _image_complete(kind: str, head: bytes, tail: bytes, size: int) -> bool:
 
 @dataclass(frozen=True)
 class CaptionSpec:
-    """How captions are written: style, mood, and what code adds in front."""
+    """How captions are written: style, mood, context, tag rules and what code adds in front."""
 
     style: str = "training"
     creative: bool = False
     trigger: str = ""
     prefix: str = ""
+    hint: str = ""
+    underscores: bool = False
+    exclude: tuple[str, ...] = ()
+    always_first: tuple[str, ...] = ()
 
 
-def sampling(kind: str) -> dict:
-    """The options sent for one kind of request."""
+@dataclass
+class Caption:
+    """A finished caption line, and why a person should look at it, if they should."""
+
+    text: str
+    review: str = ""
+
+
+# Ollama's structured outputs (a JSON schema in "format") arrived in v0.5.0.
+STRUCTURED_OUTPUT_VERSION = (0, 5, 0)
+TAGS_SCHEMA = {"type": "array", "items": {"type": "string"}}
+CLIP_TOKEN_BUDGET = 75
+
+
+def sampling(config: Config, kind: str, *, writing: bool = True) -> dict:
+    """The options sent for one kind of request; --temperature and --max-tokens shape the writing."""
     temperature, num_predict = SAMPLING[kind]
-    return {"temperature": temperature, "num_predict": num_predict, "num_ctx": NUM_CTX}
+    if writing:
+        temperature = temperature if config.temperature is None else config.temperature
+        num_predict = config.max_tokens or num_predict
+    options = {"temperature": temperature, "num_predict": num_predict, "num_ctx": config.num_ctx}
+    if config.seed is not None:
+        options["seed"] = config.seed
+    return options
 
 
 def with_no_think(model: str, prompt: str) -> str:
@@ -1170,16 +1235,21 @@ def with_no_think(model: str, prompt: str) -> str:
     return f"{prompt}\n/no_think" if model_thinks_by_prompt(model) else prompt
 
 
+def with_hint(prompt: str, hint: str) -> str:
+    """Add the user's --hint to a prompt."""
+    return prompt + render("hint", hint=hint) if hint else prompt
+
+
 def connect(config: Config) -> OllamaClient:
     """A client for the configured server."""
     return OllamaClient(config.host, timeout=config.timeout, retries=config.retries)
 
 
-def ask_text_model(client: OllamaClient, config: Config, template: str, kind: str, *,
-                   keep_alive: int | float | str | None = None, **values: object) -> Answer:
-    """Render a template, send it to the text model, and return its answer without think blocks."""
-    prompt = with_no_think(config.model, render(template, **values))
-    answer = client.generate(config.model, prompt, options=sampling(kind), keep_alive=keep_alive)
+def ask_text_model(client: OllamaClient, config: Config, prompt: str, kind: str, *,
+                   keep_alive: int | float | str | None = None, fmt: dict | None = None) -> Answer:
+    """Send a rendered prompt to the text model; return its answer without think blocks."""
+    answer = client.generate(config.model, with_no_think(config.model, prompt),
+                             options=sampling(config, kind), keep_alive=keep_alive, fmt=fmt)
     answer.text = strip_think(answer.text)
     if not answer.text:
         raise OllamaError(
@@ -1200,36 +1270,100 @@ def text_result(answer: Answer) -> str:
     return answer.text
 
 
-def vision_prompt(config: Config) -> tuple[str, str]:
+def vision_prompt(config: Config, hint: str = "") -> tuple[str, str]:
     """The vision stage's system prompt and user message."""
-    return render("vision_system"), with_no_think(config.vision_model, render("vision_user"))
+    user = with_hint(render("vision_user"), hint)
+    return render("vision_system"), with_no_think(config.vision_model, user)
 
 
-def describe_image(client: OllamaClient, config: Config, image_base64: str, *,
+def describe_image(client: OllamaClient, config: Config, image_base64: str, *, hint: str = "",
                    keep_alive: int | float | str | None = None) -> str:
-    """Stage 1: the vision model describes what it sees."""
-    system, user = vision_prompt(config)
+    """Stage 1: the vision model describes what it sees.
+
+    A refusal or an empty answer is asked again once, with the reason; a looping
+    answer is retried once with a repeat penalty, and otherwise cut where it loops.
+    """
+    system, user = vision_prompt(config, hint)
     messages = [
         {"role": "system", "content": system},
         {"role": "user", "content": user, "images": [image_base64]},
     ]
-    answer = client.chat(config.vision_model, messages, options=sampling("vision"),
-                         keep_alive=keep_alive)
+    options = sampling(config, "vision", writing=False)
+    answer = client.chat(config.vision_model, messages, options=options, keep_alive=keep_alive)
     description = strip_chatter(answer.text)
-    if not description:
-        raise ImageError(f"the vision model {config.vision_model} gave an empty description"
-                         + _ran_out(answer))
+    problem = vision_problem(description, answer)
+    if problem:
+        again = messages + [
+            {"role": "assistant", "content": answer.text},
+            {"role": "user", "content": with_no_think(config.vision_model,
+                                                      render("reask_vision", problem=problem))},
+        ]
+        answer = client.chat(config.vision_model, again, options=options, keep_alive=keep_alive)
+        description = strip_chatter(answer.text)
+        problem = vision_problem(description, answer)
+        if problem:
+            raise RefusalError(f"the vision model {config.vision_model} {problem}, twice")
+    if has_loop(description):
+        retry = client.chat(config.vision_model, messages, keep_alive=keep_alive,
+                            options={**options, "repeat_penalty": LOOP_REPEAT_PENALTY})
+        retried = strip_chatter(retry.text)
+        if retried and not vision_problem(retried, retry) and not has_loop(retried):
+            return retried
+        description = cut_loop(description)
     return description
 
 
+LOOP_REPEAT_PENALTY = 1.2
+
+
+def vision_problem(description: str, answer: Answer) -> str:
+    """Why a vision answer cannot be used, or ""."""
+    if not description:
+        return "gave an empty description" + _ran_out(answer)
+    if is_refusal(description):
+        return "refused to describe the image"
+    return ""
+
+
 def write_caption(client: OllamaClient, config: Config, spec: CaptionSpec, description: str, *,
-                  keep_alive: int | float | str | None = None) -> str:
-    """Stage 2: the text model rewrites a description as a caption in the chosen style."""
+                  keep_alive: int | float | str | None = None) -> Caption:
+    """Stage 2: the text model rewrites a description as a caption in the chosen style.
+
+    An answer that refuses or is out of range (words, sentences, tags) is asked
+    again once with the reason. If the second answer is still out of range it is
+    kept and marked for review; a second refusal fails the image.
+    """
     kind = "caption-creative" if spec.creative else "caption"
-    answer = ask_text_model(client, config, caption_template(spec), kind, keep_alive=keep_alive,
-                            description=description)
-    return finalize_caption(answer.text, style=spec.style, trigger=spec.trigger, prefix=spec.prefix,
-                            cut_off=answer.done_reason == "length")
+    request = with_hint(render(caption_template(spec), description=description), spec.hint)
+    fmt = TAGS_SCHEMA if spec.style == "tags" and client.supports_structured_output() else None
+    answer = ask_text_model(client, config, request, kind, keep_alive=keep_alive, fmt=fmt)
+    body, problem = judge_caption(answer, spec)
+    if problem:
+        again = render("reask", request=request, answer=answer.text[:REASK_ANSWER_CHARS], problem=problem)
+        second_body, second_problem = judge_caption(
+            ask_text_model(client, config, again, kind, keep_alive=keep_alive, fmt=fmt), spec)
+        if second_body or not body:
+            body, problem = second_body, second_problem
+        if not body:
+            raise RefusalError(f"the text model {problem}, twice")
+    caption = layout_caption(body, trigger=spec.trigger, prefix=spec.prefix)
+    review = [problem] if problem else []
+    if spec.style == "tags" and estimate_clip_tokens(caption) > CLIP_TOKEN_BUDGET:
+        review.append(f"about {estimate_clip_tokens(caption)} CLIP tokens, over the "
+                      f"{CLIP_TOKEN_BUDGET}-token budget")
+    return Caption(caption, "; ".join(review))
+
+
+REASK_ANSWER_CHARS = 2000  # a looping answer can be long; the start shows the problem
+
+
+def judge_caption(answer: Answer, spec: CaptionSpec) -> tuple[str, str]:
+    """The cleaned caption body and what is wrong with it; an empty body means unusable."""
+    try:
+        body = caption_body(answer.text, spec=spec, cut_off=answer.done_reason == "length")
+    except RefusalError:
+        return "", "refused or gave no usable caption"
+    return body, caption_problem(body, style=spec.style, creative=spec.creative)
 
 
 def check_models(client: OllamaClient, config: Config) -> None:
@@ -1254,8 +1388,10 @@ def caption_template(spec: CaptionSpec) -> str:
 
 def check_templates(config: Config, spec: CaptionSpec) -> None:
     """Render every template a caption run needs, so a broken one fails before any model call."""
-    vision_prompt(config)
+    vision_prompt(config, "hint")
     render(caption_template(spec), description="")
+    render("reask", request="", answer="", problem="")
+    render("reask_vision", problem="")
 
 
 def caption_spec(args: argparse.Namespace) -> CaptionSpec:
@@ -1267,7 +1403,18 @@ def caption_spec(args: argparse.Namespace) -> CaptionSpec:
                          hint="put fixed tags that come first in --prefix")
     if "\n" in prefix or "\r" in prefix:
         raise UsageError("--prefix must be a single line: a caption file is one line")
-    return CaptionSpec(style=args.style, creative=args.creative, trigger=trigger, prefix=prefix)
+    tag_flags = ("underscores", "exclude_tags", "always_first")
+    if args.style != "tags" and any(getattr(args, name) for name in tag_flags):
+        raise UsageError("--underscores, --exclude-tags and --always-first shape tags; "
+                         "add --style tags")
+    return CaptionSpec(style=args.style, creative=args.creative, trigger=trigger, prefix=prefix,
+                       hint=one_line(args.hint or ""), underscores=args.underscores,
+                       exclude=tag_list(args.exclude_tags), always_first=tag_list(args.always_first))
+
+
+def tag_list(value: str | None) -> tuple[str, ...]:
+    """A comma-separated flag value as a tuple of tags."""
+    return tuple(tag.strip() for tag in (value or "").split(",") if tag.strip())
 
 
 def check_writable(folder: str, *, flag: str = "") -> None:
@@ -1291,18 +1438,33 @@ def read_text_argument(value: str, what: str) -> str:
 def cmd_prompt(config: Config, args: argparse.Namespace) -> str:
     """Write an image-generation prompt from a concept."""
     concept = read_text_argument(args.concept, "concept")
-    answer = ask_text_model(connect(config), config, f"prompt_{args.encoder}", "prompt",
-                            concept=concept)
+    answer = ask_text_model(connect(config), config,
+                            render(f"prompt_{args.encoder}", concept=concept), "prompt")
     text = text_result(answer)
-    return ", ".join(clean_tags(text)) if args.encoder == "clip" else clean_prose(text)
+    if args.encoder == "clip":
+        return fit_clip_budget([normalize_tag(tag, underscores=True) for tag in clean_tags(text)])
+    return clean_prose(text)
+
+
+def fit_clip_budget(tags: list[str]) -> str:
+    """Join tags, leaving off the last ones until the line fits CLIP's 75-token budget."""
+    tags = [tag for tag in dict.fromkeys(tags) if tag]
+    while len(tags) > 1 and estimate_clip_tokens(", ".join(tags)) > CLIP_TOKEN_BUDGET:
+        tags.pop()
+    return ", ".join(tags)
 
 
 def cmd_enhance(config: Config, args: argparse.Namespace) -> str:
     """Rewrite an existing prompt with more detail."""
     prompt = read_text_argument(args.prompt, "prompt")
-    answer = ask_text_model(connect(config), config, f"enhance_{args.intensity}",
-                            f"enhance-{args.intensity}", prompt=prompt)
-    return clean_prose(text_result(answer))
+    answer = ask_text_model(connect(config), config, render(f"enhance_{args.intensity}", prompt=prompt),
+                            f"enhance-{args.intensity}")
+    text = clean_prose(text_result(answer))
+    tokens = estimate_clip_tokens(text)
+    if tokens > CLIP_TOKEN_BUDGET:
+        warn(f"about {tokens} CLIP tokens: SDXL and Pony read only the first {CLIP_TOKEN_BUDGET}; "
+             "Flux's T5 reads far more")
+    return text
 
 
 def cmd_describe(config: Config, args: argparse.Namespace) -> str:
@@ -1311,17 +1473,17 @@ def cmd_describe(config: Config, args: argparse.Namespace) -> str:
     lora_type = args.lora_type.strip()
     if not lora_type:
         raise UsageError("--type is empty; say what kind of LoRA it is (character, style, concept, ...)")
-    answer = ask_text_model(connect(config), config, "describe", "describe",
-                            model_name=name, lora_type=lora_type,
-                            tags=(args.tags or "").strip() or "none")
+    request = render("describe", model_name=name, lora_type=lora_type,
+                     tags=(args.tags or "").strip() or "none")
+    answer = ask_text_model(connect(config), config, request, "describe")
     return strip_chatter(text_result(answer))
 
 
 def cmd_lore(config: Config, args: argparse.Namespace) -> str:
     """Write creative fiction, a scene, a character profile or world lore."""
     scenario = read_text_argument(args.scenario, "scenario")
-    answer = ask_text_model(connect(config), config, "lore", f"lore-{args.length}",
-                            scenario=scenario, words=LORE_WORDS[args.length])
+    request = render("lore", scenario=scenario, words=LORE_WORDS[args.length])
+    answer = ask_text_model(connect(config), config, request, f"lore-{args.length}")
     return strip_chatter(text_result(answer))
 
 
@@ -1363,6 +1525,7 @@ class Job:
     reason: str = ""
     description: str = ""
     cached: bool = False  # the description came from the cache, not the vision model
+    review: str = ""  # why a person should look at the written caption
 
 
 FINAL = ("written", "skipped", "failed")
@@ -1541,6 +1704,10 @@ class Report:
         return [job for job in self.jobs if job.status == "failed"]
 
     @property
+    def needs_review(self) -> list[Job]:
+        return [job for job in self.jobs if job.status == "written" and job.review]
+
+    @property
     def images_per_minute(self) -> float:
         return self.count("written") * 60 / self.seconds if self.seconds > 0 else 0.0
 
@@ -1552,6 +1719,7 @@ class Report:
             "written": self.count("written"),
             "skipped": self.count("skipped"),
             "failed": [{"image": job.name, "reason": job.reason} for job in self.failed],
+            "needs_review": [{"image": job.name, "reason": job.review} for job in self.needs_review],
             "not_reached": sum(1 for job in self.jobs if job.status not in (*FINAL, "later")),
             "later": self.count("later"),
             "interrupted": self.interrupted,
@@ -1756,7 +1924,7 @@ class CaptionRun:
         self.folder = folder
         self.report = Report(folder=folder, hosts=hosts)
         self.cache = cache
-        system, user = vision_prompt(config)
+        system, user = vision_prompt(config, spec.hint)
         self.prompt_sha256 = hashlib.sha256(f"{system}\0{user}".encode()).hexdigest()
         # Held while a caption file is written, so Ctrl-C never cuts one short.
         self.write_lock = threading.Lock()
@@ -1776,7 +1944,7 @@ class CaptionRun:
             else:
                 job.description = describe_image(
                     client, self.config, base64.b64encode(data).decode("ascii"),
-                    keep_alive=self.options.keep_alive)
+                    hint=self.spec.hint, keep_alive=self.options.keep_alive)
                 self.cache.put(key, {"image": job.name, "model": self.config.vision_model,
                                      "description": job.description})
             job.status = "described"
@@ -1792,8 +1960,8 @@ class CaptionRun:
                 if self._taken(job, "caption appeared during the run; kept it"):
                     return
                 os.makedirs(os.path.dirname(job.caption_file) or ".", exist_ok=True)
-                write_caption_file(job.caption_file, caption)
-            job.status = "written"
+                write_caption_file(job.caption_file, caption.text)
+            job.status, job.review = "written", caption.review
         # Done with it either way (a job handed to another server keeps it): the
         # description is in the cache, and memory stays flat over a long run.
         job.description = ""
@@ -1908,6 +2076,10 @@ def print_summary(report: Report, *, quiet: bool = False) -> None:
         print(f"{report.images_per_minute:.1f} images/min; {calls} model calls, "
               f"{report.cached} descriptions from the cache, {loads} model loads seen.",
               file=sys.stderr)
+    if report.needs_review and not quiet:
+        print(f"Needs review ({len(report.needs_review)}, written but out of range):", file=sys.stderr)
+        for job in report.needs_review:
+            print(f"  {job.name}: {job.review}", file=sys.stderr)
     if report.failed:
         print("Failed:", file=sys.stderr)
         for job in report.failed:
@@ -2083,7 +2255,10 @@ def cmd_caption(config: Config, args: argparse.Namespace) -> str | None:
     client = connect(config)
     check_models(client, config)
     image = base64.b64encode(read_image(path)).decode("ascii")
-    return write_caption(client, config, spec, describe_image(client, config, image))
+    caption = write_caption(client, config, spec, describe_image(client, config, image, hint=spec.hint))
+    if caption.review:
+        warn(f"needs review: {caption.review}")
+    return caption.text
 
 
 # -- Command-line interface ---------------------------------------------------
@@ -2097,6 +2272,17 @@ def positive_float(value: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
     if not number > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0, got {value!r}")
+    return number
+
+
+def non_negative_float(value: str) -> float:
+    """argparse type: a number of zero or more."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value!r}")
     return number
 
 
@@ -2140,9 +2326,20 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--timeout", type=positive_float, default=argparse.SUPPRESS,
                         metavar="SECONDS",
                         help=f"seconds to wait for the server to answer (default {DEFAULT_TIMEOUT:g})")
+    sampling_group = parser.add_argument_group(
+        "generation options", "defaults differ per action; see the table in README.md")
+    sampling_group.add_argument("--temperature", type=non_negative_float, default=argparse.SUPPRESS,
+                                metavar="T", help="sampling temperature of the writing model")
+    sampling_group.add_argument("--seed", type=int, default=argparse.SUPPRESS, metavar="N",
+                                help="random seed; with --temperature 0 the requests repeat exactly")
+    sampling_group.add_argument("--num-ctx", type=positive_int, default=argparse.SUPPRESS, metavar="N",
+                                help=f"context window of every request (default {NUM_CTX})")
+    sampling_group.add_argument("--max-tokens", type=positive_int, default=argparse.SUPPRESS,
+                                metavar="N", help="cap on the length of the written answer, in tokens")
 
 
-SERVER_DEFAULTS = {"host": None, "model": None, "timeout": DEFAULT_TIMEOUT}
+SERVER_DEFAULTS = {"host": None, "model": None, "timeout": DEFAULT_TIMEOUT, "temperature": None,
+                   "seed": None, "num_ctx": None, "max_tokens": None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -2183,6 +2380,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="text placed verbatim at the very start of every caption")
     caption.add_argument("--overwrite", action="store_true",
                          help="replace existing caption files (default: skip them)")
+    caption.add_argument("--hint", metavar="TEXT",
+                         help="context for both models: a character's name, what the dataset is about")
+    caption.add_argument("--underscores", action="store_true",
+                         help="tags: keep underscores (long_hair) instead of spaces (long hair)")
+    caption.add_argument("--exclude-tags", metavar="TAGS",
+                         help="tags: comma-separated tags never to write")
+    caption.add_argument("--always-first", metavar="TAGS",
+                         help="tags: comma-separated tags to put first, in this order, added if missing")
     caption.add_argument("--vision-model", metavar="NAME",
                          help=f"vision model (env: OLLAMA_VISION_MODEL; default {DEFAULT_VISION_MODEL})")
     folder = caption.add_argument_group("folder runs")

@@ -84,3 +84,18 @@ def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     import ollama_generate
 
     monkeypatch.setattr(ollama_generate, "BACKOFF_SECONDS", 0.0)
+
+
+@pytest.fixture(autouse=True)
+def lenient_ranges(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short fake answers count as in range, so only the tests about ranges see re-asks.
+
+    Mark a test `@pytest.mark.strict_ranges` to keep the real word, sentence and tag ranges.
+    """
+    if request.node.get_closest_marker("strict_ranges"):
+        return
+    import ollama_generate
+
+    monkeypatch.setattr(ollama_generate, "WORD_RANGE", (1, 10_000))
+    monkeypatch.setattr(ollama_generate, "SENTENCE_RANGE", (1, 1_000))
+    monkeypatch.setattr(ollama_generate, "TAG_RANGE", {False: (1, 40), True: (1, 50)})

@@ -530,7 +530,7 @@ def test_report_file_pins_every_key(make_ollama, capsys, tmp_path, monkeypatch):
     text = report_file.read_text(encoding="utf-8")
     assert text.endswith("\n")
     report = json.loads(text)
-    assert list(report) == ["folder", "total", "written", "skipped", "failed", "not_reached", "later",
+    assert list(report) == ["folder", "total", "written", "skipped", "failed", "needs_review", "not_reached", "later",
                             "interrupted", "seconds", "images_per_minute", "cached_descriptions",
                             "model_calls", "model_loads", "hosts"]
     seconds, per_minute = report.pop("seconds"), report.pop("images_per_minute")
@@ -540,6 +540,7 @@ def test_report_file_pins_every_key(make_ollama, capsys, tmp_path, monkeypatch):
         "written": 2,
         "skipped": 1,
         "failed": [{"image": "bad.png", "reason": "the file is empty"}],
+        "needs_review": [],
         "not_reached": 0,
         "later": 0,
         "interrupted": False,

@@ -209,20 +209,22 @@ def test_bad_images_are_reported_never_sent_and_the_run_goes_on(ollama, capsys, 
 def test_an_empty_caption_is_a_failure_not_an_empty_file(ollama, capsys, tmp_path):
     dataset = make_dataset(tmp_path / "set", ["a.png", "b.png"])
     queue_pair(ollama, caption="Here is the caption:")
+    ollama.reply("<think>still nothing</think>", endpoint="/api/generate")  # asked again: no better
     queue_pair(ollama, caption="caption b")
     code, out, err = run(capsys, "caption", dataset)
     assert code == 1
     assert not (dataset / "a.txt").exists()
     assert (dataset / "b.txt").read_text() == "Caption b\n"
-    assert "[1/2] a.png: failed: the text model's answer was empty after cleaning" in err
+    assert "[1/2] a.png: failed: the text model qwen3-30b-a3b:latest gave an empty answer" in err
 
 
 def test_an_empty_description_fails_that_image(ollama, capsys, tmp_path):
     dataset = make_dataset(tmp_path / "set", ["a.png"])
     ollama.reply("<think>hmm</think>", endpoint="/api/chat")
+    ollama.reply("", endpoint="/api/chat")  # asked again, once
     code, out, err = run(capsys, "caption", dataset)
     assert code == 1
-    assert "[1/1] a.png: failed: the vision model qwen3-vl:32b gave an empty description" in err
+    assert "[1/1] a.png: failed: the vision model qwen3-vl:32b gave an empty description, twice" in err
     assert [r for r in ollama.requests_to("/api/generate") if r.body.get("prompt")] == []
 
 
@@ -339,8 +341,9 @@ def test_a_cut_off_caption_loses_its_unfinished_end(ollama, capsys, photo):
 
 
 def test_an_empty_description_at_the_token_limit_says_so(ollama, capsys, photo):
-    ollama.reply("<think>looking at every pixel", endpoint="/api/chat", done_reason="length")
+    for _ in range(2):
+        ollama.reply("<think>looking at every pixel", endpoint="/api/chat", done_reason="length")
     code, out, err = run(capsys, "caption", photo)
     assert (code, out) == (1, "")
     assert err == ("ollama-generate: error: the vision model qwen3-vl:32b gave an empty description "
-                   "(it ran out of tokens)\n")
+                   "(it ran out of tokens), twice\n")

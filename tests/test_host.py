@@ -69,7 +69,7 @@ def test_parse_host_rejects_what_the_official_client_rejects(value):
 
 
 def _args(**kw):
-    base = {"host": None, "model": None, "timeout": og.DEFAULT_TIMEOUT}
+    base = dict(og.SERVER_DEFAULTS)
     base.update(kw)
     return argparse.Namespace(**base)
 

@@ -430,7 +430,9 @@ def test_a_server_that_restarts_quickly_is_waited_for(make_ollama, capsys, tmp_p
 
 def test_a_thousand_images_stay_under_100_mb(make_ollama, tmp_path):
     server = make_ollama()
-    server.default_text = "A small picture."
+    # A training caption in range (50-150 words), so no image is asked twice.
+    caption = " ".join(["A red fox stands in deep snow"] + [f"detail{n}" for n in range(50)]) + "."
+    server.default_text = caption
     dataset = tmp_path / "big"
     dataset.mkdir()
     for n in range(1000):
@@ -450,5 +452,5 @@ def test_a_thousand_images_stay_under_100_mb(make_ollama, tmp_path):
     assert (proc.returncode, (tmp_path / "out").read_bytes(), (tmp_path / "err").read_bytes()) == (0, b"", b"")
     assert usage.ru_maxrss < 100 * 1024  # KB on Linux
     assert len(list(dataset.glob("*.txt"))) == 1000
-    assert (dataset / "img0999.txt").read_text() == "A small picture.\n"
+    assert (dataset / "img0999.txt").read_text() == caption + "\n"
     assert len(caption_requests(server)) == len(chats(server)) == 1000
