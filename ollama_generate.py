@@ -687,12 +687,14 @@ _PREAMBLE = re.compile(
     r"|profile|lore|scene)s?\b[^\n:]{0,60}:\s*", re.I)
 _LABEL = re.compile(
     r"^[*_#\s]*(?:final |rewritten |enhanced |improved |training )?"
-    r"(?:caption|tags|description|prompt|answer|output|result|text)[*_]*\s*:[*_]*\s*", re.I)
+    r"(?:caption|tags|booru tags|description|prompt|answer|output|result|text|lora)[*_]*\s*:[*_]*\s*",
+    re.I)
 _OFFER = re.compile(
     r"(?:^|(?<=[.!?\n])\s*)(?:let me know\b|i hope (?:this|that)\b|feel free\b|would you like\b"
     r"|do you want\b|if you(?:'d| would)? (?:like|need|want)\b|happy to help\b"
-    r"|i can (?:also )?(?:adjust|provide|make|modify)\b|\(?\**note\**\s*:|\(?word count\s*:"
-    r"|\(\d+ words\))[^\n]*$", re.I)
+    r"|i can (?:also )?(?:adjust|provide|make|modify)\b|\**note\**\s*:|word count\s*:)[^\n]*$", re.I)
+# A parenthesised note or count can stand mid-text; only it goes, not the rest of the line.
+_PAREN_NOTE = re.compile(r"\s*\((?:\**note\**|word count)\s*:[^()]*\)|\s*\(\d+ words\)", re.I)
 _FENCE = re.compile(r"^\s*```[\w-]*\s*$", re.M)
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "\u00ab": "\u00bb", "`": "`"}
 _BULLET = re.compile(r"^\s*(?:[-*+\u2022]|\d{1,3}[.)])\s+", re.M)
@@ -758,7 +760,7 @@ def strip_chatter(text: str) -> str:
     'A red fox in snow.'
     """
     text = strip_think(text)
-    text = _FENCE.sub("", text).strip()
+    text = _PAREN_NOTE.sub("", _FENCE.sub("", text)).strip()
     for _ in range(3):
         before = text
         text = _INTERJECTION.sub("", text, count=1)
@@ -817,7 +819,8 @@ def clean_tags(answer: str) -> list[str]:
 
 # Sentences that talk about the answer or the instructions instead of the image.
 _META = re.compile(
-    r"^\(?\s*(?:(?:this|the|my) (?:description|caption|answer|response|text|prompt|tag list|list)"
+    r"^\(?\s*(?:(?:following|as per|per|according to) (?:the|your|these|all) (?:rules|instructions"
+    r"|guidelines|requirements)\b|(?:this|the|my) (?:description|caption|answer|response|text|prompt|tag list|list)"
     r"(?: above| provided)? (?:adheres|follows|complies|meets|sticks|uses|avoids|focuses|has been|is written"
     r"|was written|includes|contains|captures)"
     r"|i (?:have|'ve) (?:avoided|kept|followed|included|omitted|focused|used|made|tried|written|described)"
@@ -837,8 +840,12 @@ _REFUSAL = re.compile(
     r"|unfortunately,? i\b|i'?m afraid i\b)", re.I)
 _ASIDE = re.compile(r"\s*\[[^\[\]\n]{0,80}\]\s*")
 _LOREM = re.compile(r"lorem ipsum", re.I)
-# A lead-in line in any language that ends in a colon ("好的，以下是标签：").
-_FOREIGN_LEAD = re.compile(r"^[^\x00-\x7f][^\n]{0,60}[:\uff1a]\s*\n", re.S)
+# A lead-in in another language that ends in a colon ("好的，以下是标签：",
+# "Claro, aquí tienes el pie de foto:").
+_FOREIGN_LEAD = re.compile(
+    r"^(?:[^\x00-\x7f][^\n]{0,60}[:\uff1a]\s*\n|(?:claro|por supuesto|aqu\u00ed (?:tienes|est\u00e1)"
+    r"|voici|bien s\u00fbr|d'accord|nat\u00fcrlich|gerne|hier ist|ecco|certo|certamente)"
+    r"[^\n:\uff1a]{0,80}[:\uff1a]\s*)", re.I)
 # Openers that describe the picture instead of what is in it; the caption starts after them.
 _BOILERPLATE = re.compile(
     r"^(?:(?:the|this) (?:image|picture|photo|photograph|illustration|artwork|drawing|painting|render"

@@ -135,7 +135,8 @@ a bamboo forest|a snowy mountain pass|a neon-lit alley|a quiet library|a train p
 a desert canyon|a coral reef|a cathedral nave|a greenhouse|a vineyard at dusk|a lavender field|
 a subway car|a laundromat|a boxing gym|a jazz club|an observatory|a fjord|a salt flat|a mangrove swamp|
 the streets of Ljubljana|a cafe in Montmartre|a souk in Marrakech|a temple in Kyoto|
-a harbour in Reykjavík|a tram stop in Zürich|a rooftop in São Paulo|a square in Kraków|a piazza in Siena|a tea house in Chengdu|a bazaar in Isfahan|
+a harbour in Reykjavík|a tram stop in Zürich|a rooftop in São Paulo|a square in Kraków|
+a piazza in Siena|a tea house in Chengdu|a bazaar in Isfahan|
 the outskirts of Tbilisi|a village near Oaxaca|a pier in Valparaiso|a canal in Giethoorn|
 """)
 
@@ -162,7 +163,8 @@ a daguerreotype|a fashion editorial|a concept art piece|a children's book illust
 
 PROSE_ARTISTS = _words("""
 Hieronymus Bosch|Caravaggio|Johannes Vermeer|Alphonse Mucha|Gustav Klimt|Egon Schiele|
-Hokusai|Utagawa Hiroshige|Ilya Repin|Ivan Aivazovsky|Zdzisław Beksiński|Joaquín Sorolla|Albrecht Dürer|Moebius|Hayao Miyazaki|
+Hokusai|Utagawa Hiroshige|Ilya Repin|Ivan Aivazovsky|Zdzisław Beksiński|Joaquín Sorolla|Albrecht Dürer|
+Moebius|Hayao Miyazaki|
 Annie Leibovitz|Henri Cartier-Bresson|Sebastião Salgado|Édouard Manet|Vivian Maier|Wes Anderson|
 Andrei Tarkovsky|Roger Deakins|Greg Rutkowski|Artgerm|Yoshitaka Amano|Kinuko Craft|
 """)
@@ -261,11 +263,16 @@ def booru_tags(rng: random.Random, v: dict[str, list[str]]) -> str:
 def flux_prose(rng: random.Random, v: dict[str, list[str]]) -> str:
     """A Flux-style natural-language caption of about 50-150 words."""
     target = rng.randint(50, 150)
+    colours = ["ochre", "teal", "crimson", "sage green", "indigo", "burnt sienna", "cobalt blue",
+               "mustard yellow"]
     subject = rng.choice(v["PROSE_SUBJECTS"])
-    adj = lambda: rng.choice(v["PROSE_ADJECTIVES"])  # noqa: E731
+
+    def adj() -> str:
+        return rng.choice(v["PROSE_ADJECTIVES"])
+
     opener = rng.choice(v["PROSE_STYLES"])
-    sentences = [f"{opener[0].upper()}{opener[1:]} of {subject} {rng.choice(v['PROSE_ACTIONS'])} "
-                 f"in {rng.choice(v['PROSE_SETTINGS'])}."]
+    sentences = [(f"{opener[0].upper()}{opener[1:]} of {subject} {rng.choice(v['PROSE_ACTIONS'])} "
+                  f"in {rng.choice(v['PROSE_SETTINGS'])}.")]
     makers: list[Callable[[], str]] = [
         lambda: f"The subject is wearing {rng.choice(v['PROSE_CLOTHING'])} and "
                 f"{rng.choice(v['PROSE_CLOTHING'])}, both {adj()} and slightly {adj()}.",
@@ -279,7 +286,7 @@ def flux_prose(rng: random.Random, v: dict[str, list[str]]) -> str:
         lambda: f"In the foreground there is {rng.choice(v['PROSE_DETAILS'])}, slightly out of focus.",
         lambda: f"The atmosphere feels {adj()} \u2014 almost {adj()} \u2014 and the subject\u2019s gaze is "
                 f"{rng.choice(['direct', 'distant', 'wary', 'amused', 'tired', 'curious'])}.",
-        lambda: f"The colour palette is {adj()}, dominated by {rng.choice(['ochre', 'teal', 'crimson', 'sage green', 'indigo', 'burnt sienna', 'cobalt blue', 'mustard yellow'])} "
+        lambda: f"The colour palette is {adj()}, dominated by {rng.choice(colours)} "
                 f"and {rng.choice(['cream', 'charcoal', 'rose', 'olive', 'slate grey', 'amber'])} tones.",
         lambda: f"Another figure, {rng.choice(v['PROSE_SUBJECTS'])}, is {rng.choice(v['PROSE_ACTIONS'])} "
                 f"nearby, partly hidden by {rng.choice(v['PROSE_DETAILS'])}.",
@@ -290,7 +297,9 @@ def flux_prose(rng: random.Random, v: dict[str, list[str]]) -> str:
         sentences.append(rng.choice(makers)())
     text = " ".join(sentences)
     if rng.random() < 0.3:
-        text = f"{rng.choice(['ohwx', 'sks', 'TOK', 'zwx'])} {rng.choice(['woman', 'man', 'person', 'style'])}, " + text
+        word = rng.choice(["ohwx", "sks", "TOK", "zwx"])
+        trigger = f"{word} {rng.choice(['woman', 'man', 'person', 'style'])}"
+        text = f"{trigger}, {text}"
     return text
 
 
@@ -334,7 +343,8 @@ def short_tags(rng: random.Random, v: dict[str, list[str]]) -> str:
 MAKERS = {"tags": booru_tags, "prose": flux_prose, "sdxl": sdxl_prompt, "short": short_tags}
 
 
-def build_sample(seed: int, train_size: int = 240, test_size: int = 480) -> dict[str, list[tuple[str, str]]]:
+def build_sample(seed: int, train_size: int = 240,
+                 test_size: int = 480) -> dict[str, list[tuple[str, str]]]:
     """Return {"train": [(kind, text), ...], "test": [...]}, the two halves on disjoint vocabularies."""
     halves = split_vocabularies(seed)
     sample: dict[str, list[tuple[str, str]]] = {}
@@ -403,7 +413,19 @@ def report(rows: list[tuple[str, str, int, int]], worst: int) -> None:
     print(f"  false 'over':  {sum(e and not r for e, r in over)}  (estimate > {BUDGET}, real <= {BUDGET})")
     print(f"  false 'under': {sum(r and not e for e, r in over)}  (estimate <= {BUDGET}, real > {BUDGET}: "
           "a silent overflow)")
+    for kind, text, est, real in rows:
+        if (est > BUDGET) != (real > BUDGET):
+            shown = text if len(text) <= 110 else text[:107] + "..."
+            call = "over " if est > BUDGET else "under"
+            print(f"    {call} {kind:5s} est {est:3d} real {real:3d}  {shown}")
+    print("\nwith a safety band: call a caption over budget when the estimate exceeds T")
+    for limit in (75, 74, 73, 72, 71, 70):
+        calls = [(est > limit, real > BUDGET) for _, _, est, real in rows]
+        print(f"  T={limit}: false 'over' {sum(e and not r for e, r in calls):3d}   "
+              f"false 'under' {sum(r and not e for e, r in calls):3d}")
 
+    if worst <= 0:
+        return
     print(f"\nworst {worst} by absolute error:")
     for kind, text, est, real in sorted(rows, key=lambda row: -abs(row[2] - row[3]))[:worst]:
         shown = text if len(text) <= 150 else text[:147] + "..."
@@ -418,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--worst", type=int, default=10)
     args = parser.parse_args(argv)
-    print("command:", shlex.join([os.path.basename(sys.executable), *sys.argv]))
+    print("command:", shlex.join([sys.executable, *sys.argv]))
 
     sample = build_sample(args.seed)
     captions = sample["train"] + sample["test"] if args.split == "all" else sample[args.split]
@@ -431,13 +453,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"real tokenizer unavailable, comparison skipped: {about}")
         print("see bench/CLIP.md for how to get it. Estimates only:")
         for kind in MAKERS:
-            values = [est for (k, _), est in zip(captions, estimates) if k == kind]
+            values = [est for (k, _), est in zip(captions, estimates, strict=True) if k == kind]
             if values:
                 print(f"  {kind:6s}{len(values):4d} captions, estimate {min(values)}-{max(values)}, "
-                      f"mean {statistics.fmean(values):.1f}, over {BUDGET}: {sum(e > BUDGET for e in values)}")
+                      f"mean {statistics.fmean(values):.1f}, "
+                      f"over {BUDGET}: {sum(e > BUDGET for e in values)}")
         return 0
     print(f"real tokenizer: {about}\n")
-    report([(kind, text, est, count(text)) for (kind, text), est in zip(captions, estimates)], args.worst)
+    rows = [(kind, text, est, count(text)) for (kind, text), est in zip(captions, estimates, strict=True)]
+    report(rows, args.worst)
     return 0
 
 
