@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""How close bench/clip_estimate.py's CLIP token estimate comes to the real CLIP tokenizer.
+"""How close ollama_generate.estimate_clip_tokens() comes to the real CLIP tokenizer.
 
     python3 bench/clip_tokens.py [TOKENIZER_DIR] [--split test|train|all] [--seed 7] [--worst 10]
 
@@ -29,9 +29,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: ollama_generate.py
 
-from clip_estimate import estimate_clip_tokens
+from ollama_generate import estimate_clip_tokens
 
 BUDGET = 75  # CLIP's 77 positions less BOS and EOS
 
