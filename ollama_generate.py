@@ -126,7 +126,7 @@ TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {
     "enhance_mild": ("prompt",),
     "enhance_moderate": ("prompt",),
     "enhance_extreme": ("prompt",),
-    "describe": ("model_name", "lora_type", "tags"),
+    "describe": ("model_name", "lora_type", "tags", "dataset"),
     "lore": ("scenario", "words"),
     "hint": ("hint",),
     "reask": ("request", "answer", "problem"),
@@ -190,7 +190,18 @@ class BatchFailed(OllamaError):
 
 def warn(message: str) -> None:
     """A problem worth telling the user that does not stop the command (stderr)."""
-    print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+    print(f"{PROG}: {paint('warning', YELLOW)}: {message}", file=sys.stderr, flush=True)
+
+
+RED, YELLOW, GREEN = "31", "33", "32"
+
+
+def paint(text: str, colour: str, stream=None) -> str:
+    """Colour text for a terminal; plain when the stream is not one, or NO_COLOR is set."""
+    stream = stream or sys.stderr
+    if os.environ.get("NO_COLOR") or not stream.isatty():
+        return text
+    return f"\x1b[{colour}m{text}\x1b[0m"
 
 
 # Failures that would fail every image alike: a folder run stops on them.
@@ -281,6 +292,9 @@ class Config:
     max_tokens: int | None = None
     num_ctx: int = NUM_CTX
     seed: int | None = None
+    api_key: str = field(default="", repr=False)
+    verbose: bool = False
+    prompts_dir: str | None = None
 
     @property
     def host(self) -> str:
@@ -303,6 +317,9 @@ class Config:
             max_tokens=args.max_tokens,
             num_ctx=args.num_ctx or NUM_CTX,
             seed=args.seed,
+            api_key=env.get("OLLAMA_API_KEY", ""),
+            verbose=args.verbose,
+            prompts_dir=args.prompts_dir or env.get("OLLAMA_GENERATE_PROMPTS_DIR") or None,
         )
 
 
@@ -334,11 +351,14 @@ def model_thinks_by_prompt(model: str) -> bool:
 class OllamaClient:
     """One Ollama server. Every request goes through _open(); retries live in _retrying()."""
 
-    def __init__(self, host: str, *, timeout: float = DEFAULT_TIMEOUT,
-                 retries: int = RETRIES) -> None:
+    def __init__(self, host: str, *, timeout: float = DEFAULT_TIMEOUT, retries: int = RETRIES,
+                 api_key: str = "", verbose: bool = False) -> None:
         self.host = host
         self.timeout = timeout
         self.retries = retries
+        self._api_key = api_key  # sent as a bearer token, never shown
+        self.verbose = verbose
+        self.record: list[tuple[str, Answer]] | None = None  # (model, answer) of each call, if a list
         # A refused connection is retried only once the server has answered:
         # then it is a restart worth waiting for, not a server that is not there.
         self.answered = False
@@ -368,15 +388,27 @@ class OllamaClient:
         return self._retrying(lambda: self._generation("/api/chat", body))
 
     def generate(self, model: str, prompt: str, *, options: dict,
-                 keep_alive: int | float | str | None = None, fmt: dict | None = None) -> Answer:
-        """One /api/generate call, streamed and gathered into an Answer."""
+                 keep_alive: int | float | str | None = None, fmt: dict | None = None,
+                 on_piece=None) -> Answer:
+        """One /api/generate call, streamed and gathered into an Answer.
+
+        on_piece(text) sees each piece of the answer as it arrives. Once it has been
+        called, a failure is not retried: what was shown cannot be taken back.
+        """
         body = {"model": model, "prompt": prompt, "stream": True,
                 "think": False, "options": options}
         if keep_alive is not None:
             body["keep_alive"] = keep_alive
         if fmt is not None:
             body["format"] = fmt
-        return self._retrying(lambda: self._generation("/api/generate", body))
+        shown: list[str] = []
+
+        def show(piece: str) -> None:
+            shown.append(piece)
+            on_piece(piece)
+
+        return self._retrying(lambda: self._generation("/api/generate", body, show if on_piece else None),
+                              give_up=lambda: bool(shown))
 
     def version(self) -> tuple[int, ...]:
         """The server's version as numbers, asked once; () when the server does not say."""
@@ -393,6 +425,10 @@ class OllamaClient:
         version = self.version()
         return bool(version) and (version >= STRUCTURED_OUTPUT_VERSION or version == (0, 0, 0))
 
+    def tags(self) -> list[dict]:
+        """The installed models (/api/tags)."""
+        return list(self._retrying(lambda: self._call("GET", "/api/tags")).get("models") or [])
+
     def loaded_models(self) -> list[str]:
         """Names of the models loaded in memory now (/api/ps)."""
         models = self._call("GET", "/api/ps").get("models") or []
@@ -405,13 +441,15 @@ class OllamaClient:
 
     # The choke point.
 
-    def _retrying(self, attempt):
+    def _retrying(self, attempt, *, give_up=lambda: False):
         """Run attempt(), retrying transient failures with capped exponential backoff."""
         tries = 0
         while True:
             try:
                 return attempt()
             except (TransientError, ServerUnreachable) as exc:
+                if give_up():
+                    raise
                 if isinstance(exc, ServerUnreachable):
                     # A server that answered before is restarting or reloading: give it
                     # about a minute (1+2+4+8+16+30 s) before giving up on it.
@@ -426,7 +464,7 @@ class OllamaClient:
                 time.sleep(min(BACKOFF_SECONDS * 2 ** tries, BACKOFF_CAP_SECONDS))
                 tries += 1
 
-    def _generation(self, path: str, body: dict) -> Answer:
+    def _generation(self, path: str, body: dict, on_piece=None) -> Answer:
         """Send one streaming generation request and gather its NDJSON pieces."""
         model = body["model"]
         started = time.monotonic()
@@ -438,7 +476,7 @@ class OllamaClient:
             if "does not support thinking" in str(exc) and "think" in body:
                 # Ollama v0.12.4 refused think:false on models that never think.
                 self._no_think_field.add(model)
-                return self._generation(path, body)
+                return self._generation(path, body, on_piece)
             raise
         answer = Answer()
         text: list[str] = []
@@ -452,6 +490,8 @@ class OllamaClient:
                     raise TransientError(f"Ollama failed while answering: {piece['error']}")
                 message = piece.get("message") or {}
                 text.append(piece.get("response") or message.get("content") or "")
+                if on_piece and text[-1]:
+                    on_piece(text[-1])
                 thinking.append(piece.get("thinking") or message.get("thinking") or "")
                 if piece.get("done"):
                     done = True
@@ -464,7 +504,19 @@ class OllamaClient:
         answer.text = "".join(text)
         answer.thinking = "".join(thinking)
         self._count(model, answer, started)
+        if self.record is not None:
+            self.record.append((model, answer))
+        if self.verbose:
+            self._report(path, model, answer, time.monotonic() - started)
         return answer
+
+    def _report(self, path: str, model: str, answer: Answer, seconds: float) -> None:
+        """--verbose: one line per request on stderr with its timings and token counts."""
+        speed = answer.eval_count / (answer.eval_duration / 1e9) if answer.eval_duration else 0.0
+        print(f"{PROG}: {path} {model} on {self.host}: {seconds:.2f}s, load "
+              f"{answer.load_duration / 1e9:.2f}s, prompt {answer.prompt_eval_count} tokens, answer "
+              f"{answer.eval_count} tokens ({speed:.1f}/s), {answer.done_reason or 'no done_reason'}",
+              file=sys.stderr, flush=True)
 
     def _count(self, model: str, answer: Answer, started: float) -> None:
         """Add an answer to this server's tally.
@@ -530,11 +582,11 @@ class OllamaClient:
         import urllib.request
 
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(
-            self.host + path, data=data, method=method,
-            headers={"Content-Type": "application/json", "Accept": "application/json",
-                     "User-Agent": f"{PROG}/{__version__}"},
-        )
+        headers = {"Content-Type": "application/json", "Accept": "application/json",
+                   "User-Agent": f"{PROG}/{__version__}"}
+        if self._api_key:  # as the official client does for remote and cloud servers
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        request = urllib.request.Request(self.host + path, data=data, method=method, headers=headers)
         try:
             return self._opener().open(request, timeout=timeout)
         except urllib.error.HTTPError as exc:
@@ -603,7 +655,17 @@ class OllamaClient:
 # -- Prompt templates ---------------------------------------------------------
 
 
+# --prompts-dir (or OLLAMA_GENERATE_PROMPTS_DIR): searched before the built-in
+# templates. main() sets it once per run from the resolved Config.
+PROMPTS_OVERRIDE: str | None = None
+
+
 def template_dirs() -> list[str]:
+    """Where templates are looked for: --prompts-dir first, then the built-in ones."""
+    return ([PROMPTS_OVERRIDE] if PROMPTS_OVERRIDE else []) + builtin_template_dirs()
+
+
+def builtin_template_dirs() -> list[str]:
     """Where the built-in templates may live: beside the script, or where pip put them."""
     import sysconfig
 
@@ -1279,9 +1341,10 @@ def with_hint(prompt: str, hint: str) -> str:
     return prompt + render("hint", hint=hint) if hint else prompt
 
 
-def connect(config: Config) -> OllamaClient:
-    """A client for the configured server."""
-    return OllamaClient(config.host, timeout=config.timeout, retries=config.retries)
+def connect(config: Config, host: str = "") -> OllamaClient:
+    """A client for the configured server (or another of the configured ones)."""
+    return OllamaClient(host or config.host, timeout=config.timeout, retries=config.retries,
+                        api_key=config.api_key, verbose=config.verbose)
 
 
 def ask_text_model(client: OllamaClient, config: Config, prompt: str, kind: str, *,
@@ -1474,15 +1537,125 @@ def read_text_argument(value: str, what: str) -> str:
     return text.strip()
 
 
-def cmd_prompt(config: Config, args: argparse.Namespace) -> str:
+@dataclass
+class Product:
+    """What a command hands back: text for stdout, and the same as data for --json."""
+
+    text: str | None
+    data: dict
+    streamed: bool = False  # the text was printed as it arrived
+    error: OllamaError | None = None  # the run finished, but this went wrong (printed after it)
+
+
+def answer_data(answer: Answer, model: str) -> dict:
+    """A model answer's numbers for --json: tokens and seconds."""
+    return {"model": model, "done_reason": answer.done_reason,
+            "prompt_tokens": answer.prompt_eval_count, "answer_tokens": answer.eval_count,
+            "total_seconds": round(answer.total_duration / 1e9, 3),
+            "load_seconds": round(answer.load_duration / 1e9, 3),
+            "answer_seconds": round(answer.eval_duration / 1e9, 3)}
+
+
+class StreamPrinter:
+    """Print an answer on stdout as it arrives, holding back think blocks and a leading preamble."""
+
+    OPEN, CLOSE = "<think>", "</think>"
+
+    def __init__(self) -> None:
+        self.pending = ""  # received, not yet printed
+        self.head = ""  # the first line, held until we know it is not a preamble
+        self.thinking = False
+        self.started = False
+        self.last = "\n"
+
+    def feed(self, piece: str) -> None:
+        """Take one piece of the answer."""
+        self.pending += piece
+        while True:
+            lower = self.pending.lower()
+            if self.thinking:
+                end = lower.find(self.CLOSE)
+                if end < 0:
+                    self.pending = self.pending[-len(self.CLOSE):]
+                    return
+                self.pending, self.thinking = self.pending[end + len(self.CLOSE):], False
+                continue
+            start = lower.find(self.OPEN)
+            if start >= 0:
+                self._emit(self.pending[:start])
+                self.pending, self.thinking = self.pending[start + len(self.OPEN):], True
+                continue
+            keep = next((n for n in range(len(self.OPEN) - 1, 0, -1) if lower.endswith(self.OPEN[:n])), 0)
+            self._emit(self.pending[:len(self.pending) - keep])
+            self.pending = self.pending[len(self.pending) - keep:]
+            return
+
+    def finish(self) -> None:
+        """The answer is complete: print what was held back and end the line."""
+        if not self.thinking:
+            self._emit(self.pending)
+        self._start()
+        if self.last != "\n":
+            self._write("\n")
+
+    def _emit(self, text: str) -> None:
+        if self.started:
+            self._write(text)
+            return
+        self.head += text
+        if "\n" in self.head.lstrip() or len(self.head) > 200:
+            self._start()
+
+    def _start(self) -> None:
+        if self.started:
+            return
+        self.started = True
+        head = self.head.lstrip()
+        for pattern in (_INTERJECTION, _PREAMBLE, _LABEL):
+            head = pattern.sub("", head, count=1).lstrip()
+        self._write(head)
+
+    def _write(self, text: str) -> None:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            self.last = text[-1]
+
+
+def wants_stream(args: argparse.Namespace) -> bool:
+    """Stream text to a terminal unless --no-stream; never with --json."""
+    if args.json:
+        return False
+    return sys.stdout.isatty() if args.stream is None else args.stream
+
+
+def text_command(config: Config, args: argparse.Namespace, request: str, kind: str, clean) -> Product:
+    """Run a text action: ask, stream or print, and describe it for --json."""
+    printer = StreamPrinter() if wants_stream(args) else None
+    answer = connect(config).generate(config.model, with_no_think(config.model, request),
+                                      options=sampling(config, kind),
+                                      on_piece=printer.feed if printer else None)
+    if printer:
+        printer.finish()
+    answer.text = strip_think(answer.text)
+    if not answer.text:
+        raise OllamaError(f"the text model {config.model} gave an empty answer" + _ran_out(answer),
+                          hint="try again, or pick another model with --model or OLLAMA_MODEL")
+    text = clean(text_result(answer))
+    return Product(text, {"command": args.command, "text": text, **answer_data(answer, config.model)},
+                   streamed=printer is not None)
+
+
+def cmd_prompt(config: Config, args: argparse.Namespace) -> Product:
     """Write an image-generation prompt from a concept."""
     concept = read_text_argument(args.concept, "concept")
-    answer = ask_text_model(connect(config), config,
-                            render(f"prompt_{args.encoder}", concept=concept), "prompt")
-    text = text_result(answer)
-    if args.encoder == "clip":
-        return fit_clip_budget([normalize_tag(tag, underscores=True) for tag in clean_tags(text)])
-    return clean_prose(text)
+
+    def clean(text: str) -> str:
+        if args.encoder == "clip":
+            return fit_clip_budget([normalize_tag(tag, underscores=True) for tag in clean_tags(text)])
+        return clean_prose(text)
+
+    return text_command(config, args, render(f"prompt_{args.encoder}", concept=concept), "prompt", clean)
 
 
 def fit_clip_budget(tags: list[str]) -> str:
@@ -1493,37 +1666,117 @@ def fit_clip_budget(tags: list[str]) -> str:
     return ", ".join(tags)
 
 
-def cmd_enhance(config: Config, args: argparse.Namespace) -> str:
+def cmd_enhance(config: Config, args: argparse.Namespace) -> Product:
     """Rewrite an existing prompt with more detail."""
     prompt = read_text_argument(args.prompt, "prompt")
-    answer = ask_text_model(connect(config), config, render(f"enhance_{args.intensity}", prompt=prompt),
-                            f"enhance-{args.intensity}")
-    text = clean_prose(text_result(answer))
-    tokens = estimate_clip_tokens(text)
+    product = text_command(config, args, render(f"enhance_{args.intensity}", prompt=prompt),
+                           f"enhance-{args.intensity}", clean_prose)
+    tokens = estimate_clip_tokens(product.text or "")
+    product.data["clip_tokens"] = tokens
     if tokens > CLIP_TOKEN_BUDGET:
         warn(f"about {tokens} CLIP tokens: SDXL and Pony read only the first {CLIP_TOKEN_BUDGET}; "
              "Flux's T5 reads far more")
-    return text
+    return product
 
 
-def cmd_describe(config: Config, args: argparse.Namespace) -> str:
+def cmd_describe(config: Config, args: argparse.Namespace) -> Product:
     """Write a model card description (Markdown) for a LoRA."""
     name = read_text_argument(args.model_name, "model name")
     lora_type = args.lora_type.strip()
     if not lora_type:
         raise UsageError("--type is empty; say what kind of LoRA it is (character, style, concept, ...)")
+    dataset = dataset_facts(args.dataset, trigger=args.trigger or "") if args.dataset else None
     request = render("describe", model_name=name, lora_type=lora_type,
-                     tags=(args.tags or "").strip() or "none")
-    answer = ask_text_model(connect(config), config, request, "describe")
-    return strip_chatter(text_result(answer))
+                     tags=(args.tags or "").strip() or "none",
+                     dataset=dataset.summary() if dataset else "none")
+    product = text_command(config, args, request, "describe", strip_chatter)
+    card = model_card(product.text or "", name=name, lora_type=lora_type, args=args, dataset=dataset)
+    product.data["text"] = card
+    if product.streamed:  # the body is on screen; add what code writes around it
+        extra = card[card.index(product.text) + len(product.text):] if product.text in card else ""
+        if extra.strip():
+            write_product(extra.strip("\n"))
+    product.text = card
+    return product
 
 
-def cmd_lore(config: Config, args: argparse.Namespace) -> str:
+def cmd_lore(config: Config, args: argparse.Namespace) -> Product:
     """Write creative fiction, a scene, a character profile or world lore."""
     scenario = read_text_argument(args.scenario, "scenario")
     request = render("lore", scenario=scenario, words=LORE_WORDS[args.length])
-    answer = ask_text_model(connect(config), config, request, f"lore-{args.length}")
-    return strip_chatter(text_result(answer))
+    return text_command(config, args, request, f"lore-{args.length}", strip_chatter)
+
+
+@dataclass
+class DatasetFacts:
+    """What a dataset's captions say, for a model card that tells the truth."""
+
+    images: int
+    captioned: int
+    top_tags: list[tuple[str, int]]
+    samples: list[str]
+
+    def summary(self) -> str:
+        """One line of facts for the model card prompt."""
+        tags = ", ".join(f"{tag} ({count})" for tag, count in self.top_tags) or "none"
+        return (f"{self.images} training images, {self.captioned} with captions; most frequent "
+                f"caption tags or phrases: {tags}")
+
+
+def dataset_facts(folder: str, *, trigger: str = "", top: int = 15, samples: int = 3) -> DatasetFacts:
+    """Count a dataset's images and read its captions: frequent tags and a few samples."""
+    if not os.path.isdir(folder):
+        raise UsageError(f"--dataset {folder} is not a folder")
+    images = find_images(folder, recursive=True)
+    counts: collections.Counter = collections.Counter()
+    captions = []
+    for image in images:
+        for ext in (CAPTION_EXTENSION, ".caption"):
+            try:
+                with open(os.path.splitext(image)[0] + ext, encoding="utf-8") as handle:
+                    caption = handle.readline().strip()
+            except (OSError, UnicodeDecodeError):
+                continue
+            if caption:
+                captions.append(caption)
+                counts.update({chunk.strip().lower() for chunk in caption.split(",")
+                               if chunk.strip() and chunk.strip().lower() != trigger.lower()
+                               and len(chunk.split()) <= 4})
+                break
+    return DatasetFacts(len(images), len(captions), counts.most_common(top), captions[:samples])
+
+
+def model_card(body: str, *, name: str, lora_type: str, args: argparse.Namespace,
+               dataset: DatasetFacts | None) -> str:
+    """The card: YAML front matter and the sections code can write truthfully, around the body."""
+    parts = []
+    if args.base_model or args.trigger or args.license:
+        tags = ["text-to-image", "lora", lora_type.lower().replace(" ", "-")]
+        tags += [tag.strip() for tag in (args.tags or "").split(",") if tag.strip()]
+        front = ["---"]
+        if args.base_model:
+            front.append(f"base_model: {json.dumps(args.base_model)}")
+        if args.trigger:
+            front.append(f"instance_prompt: {json.dumps(args.trigger)}")
+        front.append("tags:")
+        front += [f"- {json.dumps(tag)}" for tag in dict.fromkeys(tags)]
+        if args.license:
+            front.append(f"license: {json.dumps(args.license)}")
+        parts.append("\n".join(front + ["---"]))
+    parts.append(f"# {name}")
+    parts.append(body.strip())
+    if args.trigger:
+        parts.append(f"## Trigger words\n\nYou should use `{args.trigger}` to trigger the image generation.")
+    if dataset:
+        lines = [f"## Training data\n\n{dataset.images} images, {dataset.captioned} of them captioned."]
+        if dataset.top_tags:
+            lines.append("Most frequent tags: " + ", ".join(f"{tag} ({count})" for tag, count in dataset.top_tags)
+                         + ".")
+        parts.append("\n\n".join(lines))
+        if dataset.samples:
+            parts.append("## Example prompts\n\n" + "\n\n".join(f"```\n{sample}\n```"
+                                                               for sample in dataset.samples))
+    return "\n\n".join(parts) + "\n"
 
 
 # -- Batch engine -------------------------------------------------------------
@@ -2061,7 +2314,7 @@ def connect_hosts(config: Config) -> list[Host]:
     """
     hosts, problems = [], []
     for url in config.hosts:
-        host = Host(OllamaClient(url, timeout=config.timeout, retries=config.retries))
+        host = Host(connect(config, url))
         try:
             check_models(host.client, config)
         except (ServerUnreachable, ModelUnavailable) as exc:
@@ -2203,7 +2456,7 @@ FOLDER_ONLY = {"recursive": False, "output_dir": None, "limit": None, "dry_run":
                "quiet": False}
 
 
-def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: BatchOptions) -> str | None:
+def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: BatchOptions) -> Product:
     """Caption a folder: plan, check, run, report."""
     images = find_images(folder, recursive=options.recursive)
     if not images:
@@ -2216,7 +2469,10 @@ def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: Batc
         print(f"Dry run: {counts['caption']} to caption, {counts['skip']} skipped, "
               f"{counts['fail']} failing, {counts['later']} left for later (of {len(jobs)} images); "
               "no model was called.", file=sys.stderr)
-        return listing
+        actions = {"pending": "caption", "skipped": "skip", "failed": "fail", "later": "later"}
+        return Product(listing, {"command": "caption", "dry_run": [
+            {"image": job.name, "action": actions[job.status], "caption_file": job.caption_file,
+             "reason": job.reason or None} for job in jobs]})
     target = options.output_dir or folder
     make_folder(target, "--output-dir" if options.output_dir else "the folder")
     check_writable(target)
@@ -2238,11 +2494,12 @@ def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: Batc
     run.report = report
     try:
         run.run(jobs)
-    except (KeyboardInterrupt, OllamaError):
+    except (KeyboardInterrupt, OllamaError) as exc:
         print_summary(report)
         finish_report(report, options)
         if options.release_models:
             release_models(report.hosts, [config.vision_model, config.model])
+        exc.report = report.as_dict()  # --json prints it with the error
         raise
     finally:
         cache.close()
@@ -2250,12 +2507,13 @@ def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: Batc
         release_models(report.hosts, [config.vision_model, config.model])
     print_summary(report, quiet=options.quiet)
     finish_report(report, options)
+    product = Product(None, {"command": "caption", **report.as_dict()})
     if report.failed:
-        raise BatchFailed(
+        product.error = BatchFailed(
             f"{len(report.failed)} of {len(report.jobs)} images failed",
             hint="fix or remove them and run the same command again; finished captions are kept",
         )
-    return None
+    return product
 
 
 def finish_report(report: Report, options: BatchOptions) -> None:
@@ -2277,7 +2535,7 @@ def make_folder(path: str, what: str) -> None:
         raise UsageError(f"{what} {path} cannot be used as a folder ({exc.strerror or exc})") from None
 
 
-def cmd_caption(config: Config, args: argparse.Namespace) -> str | None:
+def cmd_caption(config: Config, args: argparse.Namespace) -> Product:
     """Caption one image (printed) or every image in a folder (written beside each)."""
     spec = caption_spec(args)
     path = args.path
@@ -2292,12 +2550,183 @@ def cmd_caption(config: Config, args: argparse.Namespace) -> str | None:
     sniff_image(path)
     check_templates(config, spec)
     client = connect(config)
+    client.record = []
     check_models(client, config)
     image = base64.b64encode(read_image(path)).decode("ascii")
-    caption = write_caption(client, config, spec, describe_image(client, config, image, hint=spec.hint))
+    description = describe_image(client, config, image, hint=spec.hint)
+    caption = write_caption(client, config, spec, description)
     if caption.review:
         warn(f"needs review: {caption.review}")
-    return caption.text
+    return Product(caption.text, {
+        "command": "caption", "image": path, "style": spec.style, "creative": spec.creative,
+        "text": caption.text, "description": description, "needs_review": caption.review or None,
+        "vision_model": config.vision_model, "model": config.model,
+        "requests": [answer_data(answer, model) for model, answer in client.record]})
+
+
+# -- Diagnostics: doctor, models, templates ----------------------------------
+
+
+@dataclass
+class Check:
+    """One doctor finding."""
+
+    name: str
+    status: str  # ok, fail, note
+    detail: str
+    fix: str = ""
+    exit_code: int = 1
+
+
+def doctor_checks(config: Config) -> list[Check]:
+    """Everything a caption run needs, checked without generating anything."""
+    checks: list[Check] = []
+    for url in config.hosts:
+        client = connect(config, url)
+        try:
+            version = ".".join(map(str, client.version())) or "unknown"
+            client.loaded_models()  # /api/version may be absent on old servers; this must answer
+        except ServerUnreachable as exc:
+            checks.append(Check("server", "fail", str(exc),
+                                "start it with `ollama serve`, or set OLLAMA_HOST (or --host) to where it runs",
+                                exit_code=3))
+            continue
+        except OllamaError as exc:
+            checks.append(Check("server", "fail", str(exc), "check OLLAMA_HOST", exit_code=1))
+            continue
+        checks.append(Check("server", "ok", f"Ollama {version} at {url}"))
+        for role, model in (("vision model", config.vision_model), ("text model", config.model)):
+            checks.extend(model_checks(client, role, model))
+    checks.append(template_check())
+    return checks
+
+
+def model_checks(client: OllamaClient, role: str, model: str) -> list[Check]:
+    """Is the model installed, can the vision model see, and does the model think?"""
+    try:
+        details = client.show(model)
+    except ModelUnavailable:
+        return [Check(role, "fail", f"{model} is not installed on {client.host}",
+                      f"ollama pull {model}", exit_code=4)]
+    capabilities = details.get("capabilities")
+    checks = [Check(role, "ok", f"{model} is installed ({', '.join(capabilities or ['capabilities unknown'])})")]
+    if role == "vision model" and capabilities is not None and "vision" not in capabilities:
+        checks.append(Check(role, "fail", f"{model} cannot see images",
+                            f"ollama pull {DEFAULT_VISION_MODEL}, then use it with --vision-model",
+                            exit_code=4))
+    if capabilities and "thinking" in capabilities:
+        checks.append(Check(role, "note", f"{model} thinks; every request sends think:false"
+                            + (" and /no_think" if model_thinks_by_prompt(model) else "")
+                            + ", and think blocks are stripped"))
+    return checks
+
+
+def template_check() -> Check:
+    """Every template renders: no missing or unknown placeholders, and none missing."""
+    problems = []
+    for name, fields in TEMPLATE_FIELDS.items():
+        try:
+            render(name, **{field: "x" for field in fields})
+        except TemplateError as exc:
+            problems.append(str(exc))
+    where = f" (with overrides from {PROMPTS_OVERRIDE})" if PROMPTS_OVERRIDE else ""
+    if problems:
+        return Check("templates", "fail", "; ".join(problems), "fix the placeholders, or remove the override")
+    return Check("templates", "ok", f"all {len(TEMPLATE_FIELDS)} templates are complete{where}")
+
+
+def cmd_doctor(config: Config, args: argparse.Namespace) -> Product:
+    """Check the server, the models and the templates a caption run needs."""
+    checks = doctor_checks(config)
+    failed = [check for check in checks if check.status == "fail"]
+    marks = {"ok": paint("ok", GREEN, sys.stdout), "fail": paint("FAIL", RED, sys.stdout), "note": "note"}
+    lines = []
+    for check in checks:
+        lines.append(f"{marks[check.status]:<4}  {check.name}: {check.detail}")
+        if check.fix:
+            lines.append(f"      fix: {check.fix}")
+    lines.append("A caption run would work." if not failed else
+                 f"{len(failed)} problem{'s' if len(failed) > 1 else ''} to fix before a caption run.")
+    product = Product("\n".join(lines), {"command": "doctor", "ok": not failed, "checks": [
+        {"name": c.name, "status": c.status, "detail": c.detail, "fix": c.fix or None} for c in checks]})
+    if failed:
+        product.error = OllamaError(f"{len(failed)} check{'s' if len(failed) > 1 else ''} failed; see above")
+        product.error.exit_code = failed[0].exit_code
+    return product
+
+
+def cmd_models(config: Config, args: argparse.Namespace) -> Product:
+    """List the installed models, marking the configured text and vision models."""
+    client = connect(config)
+    listed = client.tags()
+    configured = {with_tag(config.model): "text", with_tag(config.vision_model): "vision"}
+    if with_tag(config.model) == with_tag(config.vision_model):
+        configured[with_tag(config.model)] = "text+vision"
+    rows = []
+    for entry in listed:
+        name = str(entry.get("name") or entry.get("model"))
+        details = entry.get("details") or {}
+        capabilities = entry.get("capabilities")
+        if capabilities is None:  # /api/tags lists capabilities from Ollama v0.30 on
+            capabilities = client.show(name).get("capabilities")
+        rows.append({"name": name, "size": int(entry.get("size") or 0), "family": details.get("family", ""),
+                     "parameter_size": details.get("parameter_size", ""),
+                     "quantization_level": details.get("quantization_level", ""),
+                     "capabilities": capabilities, "configured_as": configured.get(with_tag(name))})
+    missing = [{"name": name, "configured_as": role} for name, role in configured.items()
+               if name not in {with_tag(row["name"]) for row in rows}]
+    table = [("NAME", "SIZE", "FAMILY", "PARAMS", "QUANT", "CAPABILITIES", "USED AS")]
+    for row in rows:
+        table.append((row["name"], format_size(row["size"]), row["family"], row["parameter_size"],
+                      row["quantization_level"], ",".join(row["capabilities"] or ["?"]),
+                      row["configured_as"] or ""))
+    widths = [max(len(cells[n]) for cells in table) for n in range(len(table[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip() for cells in table]
+    for entry in missing:
+        lines.append(f"{entry['configured_as']} model {entry['name']} is not installed: "
+                     f"ollama pull {entry['name']}")
+    return Product("\n".join(lines), {"command": "models", "models": rows, "missing": missing})
+
+
+def format_size(size: int) -> str:
+    """Bytes as Ollama shows them.
+
+    >>> format_size(5_225_388_164), format_size(0)
+    ('5.2 GB', '-')
+    """
+    if not size:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return ""  # pragma: no cover - the loop returns at TB
+
+
+def cmd_templates(config: Config, args: argparse.Namespace) -> Product:
+    """List the prompt templates with their placeholders, or print one."""
+    if args.name:
+        name = args.name.removesuffix(".txt")
+        if name not in TEMPLATE_FIELDS:
+            raise UsageError(f"there is no template {args.name!r}",
+                             hint="`ollama-generate templates` lists them")
+        path, text = load_template(name)
+        return Product(text.rstrip("\n"), {"command": "templates", "name": name, "path": path,
+                                           "placeholders": list(TEMPLATE_FIELDS[name]), "text": text})
+    rows = []
+    for name, fields in TEMPLATE_FIELDS.items():
+        path = load_template(name)[0]
+        source = "override" if PROMPTS_OVERRIDE and os.path.dirname(path) == PROMPTS_OVERRIDE else "built-in"
+        rows.append({"name": name, "placeholders": list(fields), "path": path, "source": source})
+    width = max(len(row["name"]) for row in rows)
+    lines = [f"{row['name']:<{width}}  {' '.join('$' + f for f in row['placeholders']) or '-':<40}  {row['source']}"
+             for row in rows]
+    if PROMPTS_OVERRIDE:
+        unknown = sorted(name for name in os.listdir(PROMPTS_OVERRIDE)
+                         if name.endswith(".txt") and name[:-4] not in TEMPLATE_FIELDS)
+        for name in unknown:
+            warn(f"{os.path.join(PROMPTS_OVERRIDE, name)} replaces no template (check its name)")
+    return Product("\n".join(lines), {"command": "templates", "templates": rows})
 
 
 # -- Command-line interface ---------------------------------------------------
@@ -2365,6 +2794,13 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--timeout", type=positive_float, default=argparse.SUPPRESS,
                         metavar="SECONDS",
                         help=f"seconds to wait for the server to answer (default {DEFAULT_TIMEOUT:g})")
+    server.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="print each request's timings, token counts and model load time on stderr")
+    server.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print one JSON document on stdout instead of text (shape in README.md)")
+    server.add_argument("--prompts-dir", metavar="DIR", default=argparse.SUPPRESS,
+                        help="folder of template files that replace the built-in ones by name "
+                             "(env: OLLAMA_GENERATE_PROMPTS_DIR)")
     sampling_group = parser.add_argument_group(
         "generation options", "defaults differ per action; see the table in README.md")
     sampling_group.add_argument("--temperature", type=non_negative_float, default=argparse.SUPPRESS,
@@ -2378,7 +2814,8 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
 
 
 SERVER_DEFAULTS = {"host": None, "model": None, "timeout": DEFAULT_TIMEOUT, "temperature": None,
-                   "seed": None, "num_ctx": None, "max_tokens": None}
+                   "seed": None, "num_ctx": None, "max_tokens": None, "verbose": False,
+                   "json": False, "prompts_dir": None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -2481,12 +2918,37 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("--type", dest="lora_type", required=True, metavar="TYPE",
                           help="what kind of LoRA: character, style, concept, clothing, ...")
     describe.add_argument("--tags", metavar="TAGS", help="comma-separated keywords for the card")
+    describe.add_argument("--base-model", metavar="MODEL",
+                          help="the base model, for the card's front matter (e.g. black-forest-labs/FLUX.1-dev)")
+    describe.add_argument("--trigger", metavar="WORD",
+                          help="the trigger word: front matter instance_prompt and a Trigger words section")
+    describe.add_argument("--license", metavar="LICENSE", help="the license, for the card's front matter")
+    describe.add_argument("--dataset", metavar="DIR",
+                          help="ground the card in this dataset: image count, frequent tags, sample captions")
 
     lore = add("lore", cmd_lore,
                '  ollama-generate lore "the last lighthouse keeper" --length short')
     lore.add_argument("scenario", metavar="SCENARIO", help="what to write about ('-' reads stdin)")
     lore.add_argument("--length", choices=LENGTHS, default="medium",
                       help="short (~150 words), medium (~400) or long (~900) (default: medium)")
+    for sub in (prompt, enhance, describe, lore):
+        streaming = sub.add_mutually_exclusive_group()
+        streaming.add_argument("--stream", dest="stream", action="store_true", default=None,
+                               help="print the text as it arrives (default when stdout is a terminal)")
+        streaming.add_argument("--no-stream", dest="stream", action="store_false",
+                               help="print the text once it is complete")
+
+    add("doctor", cmd_doctor,
+        "  ollama-generate doctor\n"
+        "  ollama-generate doctor --json --vision-model llava")
+    models = add("models", cmd_models, "  ollama-generate models")
+    templates = add("templates", cmd_templates,
+                    "  ollama-generate templates\n"
+                    "  ollama-generate templates caption_tags > my-prompts/caption_tags.txt")
+    templates.add_argument("name", metavar="NAME", nargs="?", help="print this template")
+    for sub in (models, commands.choices["doctor"]):
+        sub.add_argument("--vision-model", metavar="NAME",
+                         help=f"vision model (env: OLLAMA_VISION_MODEL; default {DEFAULT_VISION_MODEL})")
     return parser
 
 
@@ -2500,9 +2962,17 @@ def write_product(text: str) -> None:
 
 def print_error(exc: OllamaError) -> None:
     """The one place errors reach the user: an error line, then a hint line if we have one."""
-    print(f"{PROG}: error: {exc}", file=sys.stderr)
+    print(f"{PROG}: {paint('error', RED)}: {exc}", file=sys.stderr)
     if exc.hint:
         print(f"{PROG}: hint: {exc.hint}", file=sys.stderr)
+
+
+def check_prompts_dir(path: str | None) -> str | None:
+    """The --prompts-dir folder, which must exist."""
+    if path and not os.path.isdir(path):
+        raise UsageError(f"--prompts-dir {path} is not a folder",
+                         hint="give a folder of .txt templates; `ollama-generate templates` lists the names")
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -2512,15 +2982,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, name):
             setattr(args, name, default)
     debug = bool(os.environ.get("OLLAMA_GENERATE_DEBUG"))
+    global PROMPTS_OVERRIDE
     try:
         config = Config.resolve(args, os.environ)
+        PROMPTS_OVERRIDE = check_prompts_dir(config.prompts_dir)
         product = args.run(config, args)
-        if product is not None:
-            write_product(product)
+        if args.json:
+            write_product(json.dumps(product.data, ensure_ascii=False, indent=2))
+        elif product.text is not None and not product.streamed:
+            write_product(product.text)
+        if product.error:
+            print_error(product.error)
+            return product.error.exit_code
     except OllamaError as exc:
         if debug:
             raise
         print_error(exc)
+        if args.json:
+            write_product(json.dumps({"error": str(exc), "hint": exc.hint or None,
+                                      "exit_code": exc.exit_code, "report": getattr(exc, "report", None)},
+                                     ensure_ascii=False, indent=2))
         return exc.exit_code
     except KeyboardInterrupt:
         if debug:

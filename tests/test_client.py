@@ -141,7 +141,7 @@ def test_broken_pipe_redirects_stdout_and_exits_0(monkeypatch):
 
     def lore(config, args):
         """A command that prints text."""
-        return "text"
+        return og.Product("text", {})
 
     moved = []
     monkeypatch.setattr(og, "cmd_lore", lore)

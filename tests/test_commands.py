@@ -84,10 +84,10 @@ def test_describe_keeps_markdown_and_fills_every_field(ollama, capsys):
     card = "Neon Noir is a style LoRA.\n\n## How to use\n- weight **0.8**"
     ollama.reply(f"<think>plan</think>Here is the model card:\n\n{card}\n\nI hope this helps!")
     code, out, err = run(capsys, "describe", "Neon Noir", "--type", "style", "--tags", "neon, rain")
-    assert (code, out, err) == (0, card + "\n", "")
+    assert (code, out, err) == (0, "# Neon Noir\n\n" + card + "\n", "")
     body = only_generation(ollama).body
     assert body["prompt"] == og.render("describe", model_name="Neon Noir", lora_type="style",
-                                       tags="neon, rain") + "\n/no_think"
+                                       tags="neon, rain", dataset="none") + "\n/no_think"
     assert body["options"]["num_predict"] == 1500
 
 

@@ -266,7 +266,7 @@ def test_a_bug_is_one_line_not_a_traceback(ollama, capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(og, "ask_text_model", broken)
+    monkeypatch.setattr(og, "text_command", broken)
     code, out, err = run(capsys, "prompt", "x")
     assert (code, out) == (1, "")
     assert err.splitlines() == [

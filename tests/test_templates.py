@@ -45,9 +45,9 @@ def prompts(tmp_path, monkeypatch):
 def test_missing_placeholders_are_listed_together(prompts):
     (prompts / "describe.txt").write_text("Write a card for $model_name.\n")
     with pytest.raises(og.OllamaError) as caught:
-        og.render("describe", model_name="x", lora_type="style", tags="none")
-    assert str(caught.value) == f"template {prompts / 'describe.txt'} is missing $lora_type, $tags"
-    assert caught.value.hint == "describe.txt takes $model_name, $lora_type, $tags"
+        og.render("describe", model_name="x", lora_type="style", tags="none", dataset="none")
+    assert str(caught.value) == f"template {prompts / 'describe.txt'} is missing $lora_type, $tags, $dataset"
+    assert caught.value.hint == "describe.txt takes $model_name, $lora_type, $tags, $dataset"
 
 
 def test_unknown_placeholders_are_listed_together(prompts):
