@@ -12,11 +12,14 @@ Usage:
   ollama-generate enhance "a cat on a sofa" --intensity mild
   ollama-generate describe "Neon Noir" --type style --tags "neon, rain"
   ollama-generate lore "the last lighthouse keeper" --length short
+  ollama-generate doctor
 
 Environment:
   OLLAMA_HOST          Ollama server URL (default http://localhost:11434)
   OLLAMA_MODEL         text model (default qwen3-30b-a3b:latest)
   OLLAMA_VISION_MODEL  vision model (default qwen3-vl:32b)
+  OLLAMA_API_KEY       bearer token for a remote server (default unset)
+  OLLAMA_GENERATE_PROMPTS_DIR  folder of template overrides (default unset)
   OLLAMA_GENERATE_DEBUG  set to 1 to show Python tracebacks (default unset)
 
 Exit status:
