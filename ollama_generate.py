@@ -392,11 +392,12 @@ class OllamaClient:
 
     def generate(self, model: str, prompt: str, *, options: dict,
                  keep_alive: int | float | str | None = None, fmt: dict | None = None,
-                 on_piece=None) -> Answer:
+                 printer=None) -> Answer:
         """One /api/generate call, streamed and gathered into an Answer.
 
-        on_piece(text) sees each piece of the answer as it arrives. Once it has been
-        called, a failure is not retried: what was shown cannot be taken back.
+        printer.feed(text) sees each piece of the answer as it arrives. Once the printer
+        has shown text, a failure is not retried: what was shown cannot be taken back;
+        before that, printer.restart() begins each new attempt.
         """
         body = {"model": model, "prompt": prompt, "stream": True,
                 "think": False, "options": options}
@@ -404,14 +405,14 @@ class OllamaClient:
             body["keep_alive"] = keep_alive
         if fmt is not None:
             body["format"] = fmt
-        shown: list[str] = []
+        if printer is None:
+            return self._retrying(lambda: self._generation("/api/generate", body))
 
-        def show(piece: str) -> None:
-            shown.append(piece)
-            on_piece(piece)
+        def attempt() -> Answer:
+            printer.restart()
+            return self._generation("/api/generate", body, printer.feed)
 
-        return self._retrying(lambda: self._generation("/api/generate", body, show if on_piece else None),
-                              give_up=lambda: bool(shown))
+        return self._retrying(attempt, give_up=lambda: printer.shown)
 
     def version(self) -> tuple[int, ...]:
         """The server's version as numbers, asked once; () when the server does not say."""
@@ -601,6 +602,11 @@ class OllamaClient:
                 raise self._timeout(timeout) from None
             if isinstance(reason, (ConnectionResetError, ConnectionAbortedError)):
                 raise TransientError(f"the connection to Ollama at {self.host} dropped ({reason})") from None
+            if type(reason).__name__.startswith("SSL"):
+                raise ServerUnreachable(
+                    f"cannot make a secure connection to {self.host} ({getattr(reason, 'reason', None) or reason})",
+                    hint="if the server uses its own certificate, point SSL_CERT_FILE at it",
+                ) from None
             raise ServerUnreachable(
                 f"cannot connect to Ollama at {self.host} ({getattr(reason, 'strerror', None) or reason})",
                 hint="start it with `ollama serve`, or set OLLAMA_HOST (or --host) to where it runs",
@@ -1562,9 +1568,16 @@ def answer_data(answer: Answer, model: str) -> dict:
 class StreamPrinter:
     """Print an answer on stdout as it arrives, holding back think blocks and a leading preamble."""
 
-    OPEN, CLOSE = "<think>", "</think>"
+    OPEN = re.compile(r"<think(?:ing)?>", re.I)
+    CLOSE = re.compile(r"</think(?:ing)?>", re.I)
+    LONGEST_TAG = len("</thinking>")
 
     def __init__(self) -> None:
+        self.restart()
+        self.shown = False  # text reached stdout: it cannot be taken back
+
+    def restart(self) -> None:
+        """Forget what a failed attempt sent but did not show."""
         self.pending = ""  # received, not yet printed
         self.head = ""  # the first line, held until we know it is not a preamble
         self.thinking = False
@@ -1575,31 +1588,37 @@ class StreamPrinter:
         """Take one piece of the answer."""
         self.pending += piece
         while True:
-            lower = self.pending.lower()
             if self.thinking:
-                end = lower.find(self.CLOSE)
-                if end < 0:
-                    self.pending = self.pending[-len(self.CLOSE):]
+                end = self.CLOSE.search(self.pending)
+                if not end:
+                    self.pending = self.pending[-self.LONGEST_TAG:]
                     return
-                self.pending, self.thinking = self.pending[end + len(self.CLOSE):], False
+                self.pending, self.thinking = self.pending[end.end():], False
                 continue
-            start = lower.find(self.OPEN)
-            if start >= 0:
-                self._emit(self.pending[:start])
-                self.pending, self.thinking = self.pending[start + len(self.OPEN):], True
+            start = self.OPEN.search(self.pending)
+            if start:
+                self._emit(self.pending[:start.start()])
+                self.pending, self.thinking = self.pending[start.end():], True
                 continue
-            keep = next((n for n in range(len(self.OPEN) - 1, 0, -1) if lower.endswith(self.OPEN[:n])), 0)
-            self._emit(self.pending[:len(self.pending) - keep])
-            self.pending = self.pending[len(self.pending) - keep:]
+            cut = self.pending.rfind("<")  # a tag may be split across pieces: hold it back
+            if cut < 0 or len(self.pending) - cut >= self.LONGEST_TAG or ">" in self.pending[cut:]:
+                cut = len(self.pending)
+            self._emit(self.pending[:cut])
+            self.pending = self.pending[cut:]
             return
 
     def finish(self) -> None:
-        """The answer is complete: print what was held back and end the line."""
+        """The answer is complete (or broke off): print what was held back and end the line."""
         if not self.thinking:
             self._emit(self.pending)
+        self.pending = ""
         self._start()
         if self.last != "\n":
             self._write("\n")
+
+    def write_now(self, text: str) -> None:
+        """Print text of our own (a card's front matter) before or after the answer."""
+        self._write(text)
 
     def _emit(self, text: str) -> None:
         if self.started:
@@ -1622,6 +1641,7 @@ class StreamPrinter:
         if text:
             sys.stdout.write(text)
             sys.stdout.flush()
+            self.shown = True
             self.last = text[-1]
 
 
@@ -1632,19 +1652,27 @@ def wants_stream(args: argparse.Namespace) -> bool:
     return sys.stdout.isatty() if args.stream is None else args.stream
 
 
-def text_command(config: Config, args: argparse.Namespace, request: str, kind: str, clean) -> Product:
-    """Run a text action: ask, stream or print, and describe it for --json."""
-    printer = StreamPrinter() if wants_stream(args) else None
-    answer = connect(config).generate(config.model, with_no_think(config.model, request),
-                                      options=sampling(config, kind),
-                                      on_piece=printer.feed if printer else None)
-    if printer:
+def text_command(config: Config, args: argparse.Namespace, request: str, kind: str, clean, *,
+                 lead: str = "", stream: bool = True) -> Product:
+    """Run a text action: ask, stream or print, and describe it for --json.
+
+    lead is text of our own printed before a streamed answer (a card's front matter).
+    """
+    printer = StreamPrinter() if stream and wants_stream(args) else None
+    if printer and lead:
+        printer.write_now(lead)
+    try:
+        answer = connect(config).generate(config.model, with_no_think(config.model, request),
+                                          options=sampling(config, kind), printer=printer)
+    finally:
+        if printer and printer.shown:
+            printer.finish()  # a broken stream keeps what it showed, on a line of its own
+    if printer and not printer.shown:
         printer.finish()
-    answer.text = strip_think(answer.text)
-    if not answer.text:
+    text = clean(text_result(answer)) if strip_think(answer.text) else ""
+    if not text:
         raise OllamaError(f"the text model {config.model} gave an empty answer" + _ran_out(answer),
                           hint="try again, or pick another model with --model or OLLAMA_MODEL")
-    text = clean(text_result(answer))
     return Product(text, {"command": args.command, "text": text, **answer_data(answer, config.model)},
                    streamed=printer is not None)
 
@@ -1658,7 +1686,9 @@ def cmd_prompt(config: Config, args: argparse.Namespace) -> Product:
             return fit_clip_budget([normalize_tag(tag, underscores=True) for tag in clean_tags(text)])
         return clean_prose(text)
 
-    return text_command(config, args, render(f"prompt_{args.encoder}", concept=concept), "prompt", clean)
+    # A CLIP prompt is trimmed to its token budget once complete, so it is not streamed.
+    return text_command(config, args, render(f"prompt_{args.encoder}", concept=concept), "prompt", clean,
+                        stream=args.encoder != "clip")
 
 
 def fit_clip_budget(tags: list[str]) -> str:
@@ -1692,14 +1722,13 @@ def cmd_describe(config: Config, args: argparse.Namespace) -> Product:
     request = render("describe", model_name=name, lora_type=lora_type,
                      tags=(args.tags or "").strip() or "none",
                      dataset=dataset.summary() if dataset else "none")
-    product = text_command(config, args, request, "describe", strip_chatter)
-    card = model_card(product.text or "", name=name, lora_type=lora_type, args=args, dataset=dataset)
-    product.data["text"] = card
-    if product.streamed:  # the body is on screen; add what code writes around it
-        extra = card[card.index(product.text) + len(product.text):] if product.text in card else ""
-        if extra.strip():
-            write_product(extra.strip("\n"))
-    product.text = card
+    head = card_head(name=name, lora_type=lora_type, args=args)
+    product = text_command(config, args, request, "describe", strip_chatter, lead=head + "\n\n")
+    tail = card_tail(args=args, dataset=dataset)
+    card = "\n\n".join([head, product.text or ""] + ([tail] if tail else []))
+    if product.streamed and tail:  # the head and body are on screen; the tail follows
+        write_product("\n" + tail)
+    product.text = product.data["text"] = card
     return product
 
 
@@ -1742,16 +1771,16 @@ def dataset_facts(folder: str, *, trigger: str = "", top: int = 15, samples: int
                 continue
             if caption:
                 captions.append(caption)
-                counts.update({chunk.strip().lower() for chunk in caption.split(",")
-                               if chunk.strip() and chunk.strip().lower() != trigger.lower()
-                               and len(chunk.split()) <= 4})
+                counts.update(list(dict.fromkeys(  # each tag once per caption, in caption order
+                    chunk.strip().lower() for chunk in caption.split(",")
+                    if chunk.strip() and chunk.strip().lower() != trigger.lower()
+                    and len(chunk.split()) <= 4)))
                 break
     return DatasetFacts(len(images), len(captions), counts.most_common(top), captions[:samples])
 
 
-def model_card(body: str, *, name: str, lora_type: str, args: argparse.Namespace,
-               dataset: DatasetFacts | None) -> str:
-    """The card: YAML front matter and the sections code can write truthfully, around the body."""
+def card_head(*, name: str, lora_type: str, args: argparse.Namespace) -> str:
+    """A card's YAML front matter (with --base-model, --trigger or --license) and title."""
     parts = []
     if args.base_model or args.trigger or args.license:
         tags = ["text-to-image", "lora", lora_type.lower().replace(" ", "-")]
@@ -1767,7 +1796,12 @@ def model_card(body: str, *, name: str, lora_type: str, args: argparse.Namespace
             front.append(f"license: {json.dumps(args.license)}")
         parts.append("\n".join(front + ["---"]))
     parts.append(f"# {name}")
-    parts.append(body.strip())
+    return "\n\n".join(parts)
+
+
+def card_tail(*, args: argparse.Namespace, dataset: DatasetFacts | None) -> str:
+    """The sections code writes after the body: trigger words and the training data's facts."""
+    parts = []
     if args.trigger:
         parts.append(f"## Trigger words\n\nYou should use `{args.trigger}` to trigger the image generation.")
     if dataset:
@@ -1779,7 +1813,7 @@ def model_card(body: str, *, name: str, lora_type: str, args: argparse.Namespace
         if dataset.samples:
             parts.append("## Example prompts\n\n" + "\n\n".join(f"```\n{sample}\n```"
                                                                for sample in dataset.samples))
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join(parts)
 
 
 # -- Batch engine -------------------------------------------------------------
@@ -2642,10 +2676,10 @@ def cmd_doctor(config: Config, args: argparse.Namespace) -> Product:
     """Check the server, the models and the templates a caption run needs."""
     checks = doctor_checks(config)
     failed = [check for check in checks if check.status == "fail"]
-    marks = {"ok": paint("ok", GREEN, sys.stdout), "fail": paint("FAIL", RED, sys.stdout), "note": "note"}
+    marks = {"ok": paint("ok  ", GREEN, sys.stdout), "fail": paint("FAIL", RED, sys.stdout), "note": "note"}
     lines = []
     for check in checks:
-        lines.append(f"{marks[check.status]:<4}  {check.name}: {check.detail}")
+        lines.append(f"{marks[check.status]}  {check.name}: {check.detail}")
         if check.fix:
             lines.append(f"      fix: {check.fix}")
     lines.append("A caption run would work." if not failed else
@@ -2719,16 +2753,12 @@ def cmd_templates(config: Config, args: argparse.Namespace) -> Product:
     rows = []
     for name, fields in TEMPLATE_FIELDS.items():
         path = load_template(name)[0]
-        source = "override" if PROMPTS_OVERRIDE and os.path.dirname(path) == PROMPTS_OVERRIDE else "built-in"
+        source = "override" if PROMPTS_OVERRIDE and os.path.dirname(os.path.abspath(path)) == PROMPTS_OVERRIDE \
+            else "built-in"
         rows.append({"name": name, "placeholders": list(fields), "path": path, "source": source})
     width = max(len(row["name"]) for row in rows)
     lines = [f"{row['name']:<{width}}  {' '.join('$' + f for f in row['placeholders']) or '-':<40}  {row['source']}"
              for row in rows]
-    if PROMPTS_OVERRIDE:
-        unknown = sorted(name for name in os.listdir(PROMPTS_OVERRIDE)
-                         if name.endswith(".txt") and name[:-4] not in TEMPLATE_FIELDS)
-        for name in unknown:
-            warn(f"{os.path.join(PROMPTS_OVERRIDE, name)} replaces no template (check its name)")
     return Product("\n".join(lines), {"command": "templates", "templates": rows})
 
 
@@ -2971,10 +3001,17 @@ def print_error(exc: OllamaError) -> None:
 
 
 def check_prompts_dir(path: str | None) -> str | None:
-    """The --prompts-dir folder, which must exist."""
-    if path and not os.path.isdir(path):
-        raise UsageError(f"--prompts-dir {path} is not a folder",
+    """The --prompts-dir folder, absolute; it must exist, and a file in it that replaces no
+    template (a misspelt name) is worth a warning."""
+    if not path:
+        return None
+    if not os.path.isdir(path):
+        raise UsageError(f"--prompts-dir (or OLLAMA_GENERATE_PROMPTS_DIR) {path} is not a folder",
                          hint="give a folder of .txt templates; `ollama-generate templates` lists the names")
+    path = os.path.abspath(path)
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".txt") and name[:-4] not in TEMPLATE_FIELDS:
+            warn(f"{os.path.join(path, name)} replaces no template (check its name)")
     return path
 
 
