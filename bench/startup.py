@@ -15,11 +15,13 @@ alternating child processes (A, B, A, B, ...) so that machine noise hits both si
 URL is the tests' fake Ollama server (tests/fake_ollama.py) on 127.0.0.1, in this process, with no
 simulated latency. `python3 -c pass` runs in the first interleave too, as the interpreter's floor.
 Each command runs --warmup times before measuring (byte-code caches written, files in the page
-cache). Wall time is time.perf_counter() around subprocess.run. OLLAMA_* and proxy variables are
-cleared for the children. The ratios are of medians (the verdict) and of minimums (the least noisy
-run of each). Then, for diagnosis: `-X importtime` of the --help (and prompt) run, the imports the
-script makes that the baseline does not, and the time to compile the script's source, which Python
-pays on every run because it never caches byte code for a script run by path.
+cache). Wall time is time.perf_counter() around subprocess.run. The children run without OLLAMA_*,
+proxy and cost-changing PYTHON* variables (PYTHONDONTWRITEBYTECODE among them, so imported modules
+are read from their byte-code caches). The ratios are of medians (the verdict) and of minimums (the
+least noisy run of each). Then, for diagnosis: `-X importtime` of the --help and prompt runs, the
+imports the script makes that its baseline does not, the time to compile the script's source, which
+Python pays on every run because it never caches byte code for a script run by path, and the same
+--help with the code loaded from a byte-code cache instead (what a small launcher script would cost).
 
 --cli measures another copy of the script (a candidate change) in place of ./ollama_generate.py.
 --no-site runs every child with -S: no site-packages .pth hooks, which on some machines pre-import
@@ -292,14 +294,27 @@ def main() -> int:
 
     fake = FakeOllama().start()
     fake.default_text = ANSWER
+    work = Path(tempfile.mkdtemp(prefix="ollama-startup-"))
     try:
         tool_prompt = importtime([*py_cmd, cli, "prompt", CONCEPT, "--no-stream", "--host", fake.url], env, startup)
+        body_file = work / "body.json"
+        body_file.write_bytes(fake.requests[-1].raw)
+        base_prompt = importtime([*py_cmd, BASELINE, fake.url, str(body_file)], env, startup)
     finally:
         fake.stop()
+        shutil.rmtree(work, ignore_errors=True)
     print(f"  python3 -X importtime {cli} prompt ... : top 10 cumulative imports beyond `python3 -c pass`'s:")
     top = sorted(tool_prompt, key=lambda row: -row[3])[:10]
     print_table([["module", "level", "self ms", "cumulative ms"]]
                 + [[name, str(level), f"{own / 1000:.1f}", f"{cum / 1000:.1f}"] for name, level, own, cum in top])
+    base_modules = {name for name, *_ in base_prompt}
+    extra = [(name, cum) for name, level, _, cum in tool_prompt if level == 0 and name not in base_modules]
+    print(f"  level-0 imports of {cli} prompt that {BASELINE} never loads:")
+    print("    " + ", ".join(f"{name} {cum / 1000:.1f}" for name, cum in sorted(extra, key=lambda e: -e[1]))
+          + f"  = {sum(c for _, c in extra) / 1000:.1f} ms")
+    print(f"  all imports beyond `python3 -c pass`'s: {len(tool_prompt)} modules, "
+          f"{sum(o for _, _, o, _ in tool_prompt) / 1000:.1f} ms ({cli} prompt) vs {len(base_prompt)} modules, "
+          f"{sum(o for _, _, o, _ in base_prompt) / 1000:.1f} ms (baseline)")
     print()
     print("Result: " + ("a target was MISSED" if missed else "both targets met"))
     return 1 if missed else 0
