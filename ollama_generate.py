@@ -50,7 +50,6 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import NoReturn
 
 __version__ = "0.1.0"
@@ -214,6 +213,64 @@ FATAL_ERRORS = (ServerUnreachable, ModelUnavailable, TemplateError)
 # -- Configuration ------------------------------------------------------------
 
 
+class Record:
+    """A data holder: fields from the class annotations, given as arguments or left at the
+    class defaults (a list or dict default is copied). A few lines instead of dataclasses,
+    whose import every one of an agent's many calls would pay for.
+    """
+
+    _hidden: tuple[str, ...] = ()  # fields kept out of repr()
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        fields = self._fields()
+        if len(args) > len(fields):
+            raise TypeError(f"{type(self).__name__} takes at most {len(fields)} arguments")
+        values = dict(zip(fields, args))
+        for name, value in kwargs.items():
+            if name not in fields or name in values:
+                raise TypeError(f"{type(self).__name__} got an unexpected or repeated field {name!r}")
+            values[name] = value
+        for name in fields:
+            if name not in values:
+                if not hasattr(type(self), name):
+                    raise TypeError(f"{type(self).__name__} needs {name!r}")
+                default = getattr(type(self), name)
+                values[name] = type(default)(default) if isinstance(default, (list, dict)) else default
+            object.__setattr__(self, name, values[name])
+
+    @classmethod
+    def _fields(cls) -> tuple[str, ...]:
+        if "_field_names" not in cls.__dict__:
+            names: dict[str, None] = {}
+            for klass in reversed(cls.__mro__):
+                names.update(dict.fromkeys(name for name in getattr(klass, "__annotations__", {})
+                                           if not name.startswith("_")))
+            cls._field_names = tuple(names)
+        return cls._field_names
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields()
+                          if name not in self._hidden)
+        return f"{type(self).__name__}({shown})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and all(
+            getattr(self, name) == getattr(other, name) for name in self._fields())
+
+    __hash__ = None  # mutable records are not hashable
+
+
+class Frozen(Record):
+    """A Record whose fields cannot change after it is made."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen; {name} cannot change")
+
+    def __hash__(self) -> int:
+        return hash(tuple(getattr(self, name) for name in self._fields()))
+
+
+
 def parse_host(value: str | None) -> str:
     """Turn an OLLAMA_HOST value into a base URL, as the official Python client does.
 
@@ -282,9 +339,10 @@ def parse_keep_alive(value: str) -> int | float | str:
         f"expected seconds (300, -1 for forever) or a duration like 30m or 1h30m, got {value!r}")
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(Frozen):
     """Settings for one run, resolved once: flag, then environment, then default."""
+
+    _hidden = ("api_key",)
 
     hosts: tuple[str, ...] = (DEFAULT_HOST,)
     model: str = DEFAULT_MODEL
@@ -295,7 +353,7 @@ class Config:
     max_tokens: int | None = None
     num_ctx: int = NUM_CTX
     seed: int | None = None
-    api_key: str = field(default="", repr=False)
+    api_key: str = ""  # never shown: see _hidden
     verbose: bool = False
     prompts_dir: str | None = None
 
@@ -329,8 +387,7 @@ class Config:
 # -- Ollama HTTP client -------------------------------------------------------
 
 
-@dataclass
-class Answer:
+class Answer(Record):
     """One model answer with the metrics Ollama reports (missing ones are 0)."""
 
     text: str = ""
@@ -1300,8 +1357,7 @@ def _image_complete(kind: str, head: bytes, tail: bytes, size: int) -> bool:
 # -- Commands -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CaptionSpec:
+class CaptionSpec(Frozen):
     """How captions are written: style, mood, context, tag rules and what code adds in front."""
 
     style: str = "training"
@@ -1314,8 +1370,7 @@ class CaptionSpec:
     always_first: tuple[str, ...] = ()
 
 
-@dataclass
-class Caption:
+class Caption(Record):
     """A finished caption line, and why a person should look at it, if they should."""
 
     text: str
@@ -1546,8 +1601,7 @@ def read_text_argument(value: str, what: str) -> str:
     return text.strip()
 
 
-@dataclass
-class Product:
+class Product(Record):
     """What a command hands back: text for stdout, and the same as data for --json."""
 
     text: str | None
@@ -1739,8 +1793,7 @@ def cmd_lore(config: Config, args: argparse.Namespace) -> Product:
     return text_command(config, args, request, f"lore-{args.length}", strip_chatter)
 
 
-@dataclass
-class DatasetFacts:
+class DatasetFacts(Record):
     """What a dataset's captions say, for a model card that tells the truth."""
 
     images: int
@@ -1822,8 +1875,7 @@ def card_tail(*, args: argparse.Namespace, dataset: DatasetFacts | None) -> str:
 # --jobs workers per host. Stages never know how they are scheduled.
 
 
-@dataclass(frozen=True)
-class BatchOptions:
+class BatchOptions(Frozen):
     """How a folder run goes: which files, where captions go, how hard to push."""
 
     overwrite: bool = False
@@ -1843,8 +1895,7 @@ class BatchOptions:
     manifest: str | None = None
 
 
-@dataclass
-class Job:
+class Job(Record):
     """One image of a folder run and where it stands."""
 
     image: str
@@ -2001,21 +2052,19 @@ class DescriptionCache:
         self._file.close()
 
 
-@dataclass
-class Host:
+class Host(Record):
     """One Ollama server of a folder run."""
 
     client: OllamaClient
     dropped: str = ""  # why it left the run, if it did
 
 
-@dataclass
-class Report:
+class Report(Record):
     """What a folder run did; the summary, --report and --json render it."""
 
     folder: str
-    jobs: list[Job] = field(default_factory=list)
-    hosts: list[Host] = field(default_factory=list)
+    jobs: list[Job] = []  # a fresh copy for each report (Record copies list defaults)
+    hosts: list[Host] = []
     seconds: float = 0.0
     interrupted: bool = False
 
@@ -2604,8 +2653,7 @@ def cmd_caption(config: Config, args: argparse.Namespace) -> Product:
 # -- Diagnostics: doctor, models, templates ----------------------------------
 
 
-@dataclass
-class Check:
+class Check(Record):
     """One doctor finding."""
 
     name: str
