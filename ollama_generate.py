@@ -34,23 +34,22 @@ Exit status:
 from __future__ import annotations
 
 import argparse
-import base64
 import collections
-import contextlib
-import hashlib
-import html
 import json
 import math
 import os
 import re
 import string
 import sys
-import tempfile
-import threading
 import time
-import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
-from typing import NoReturn
+
+# Agents call this tool many times, so start-up matters: modules that only some
+# commands need (urllib, threading, hashlib, base64, tempfile, html) are imported
+# where they are used.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 __version__ = "0.1.0"
 
@@ -281,6 +280,8 @@ def parse_host(value: str | None) -> str:
     >>> parse_host("https://[0001:002:003:0004::1]")
     'https://[0001:002:003:0004::1]:443'
     """
+    import urllib.parse
+
     value = value or ""
     port = DEFAULT_PORT
     scheme, _, hostport = value.partition("://")
@@ -428,6 +429,8 @@ class OllamaClient:
         self.calls = 0
         self.loads_seen = 0
         self.load_seconds = 0.0
+        import threading
+
         self._load_ends: dict[str, float] = {}  # model -> when the last load we counted ended
         self._version: tuple[int, ...] | None = None
         self._lock = threading.Lock()
@@ -675,6 +678,7 @@ class OllamaClient:
 
     def _opener(self):
         """urllib's opener; a server on this machine is never reached through a proxy."""
+        import urllib.parse
         import urllib.request
 
         host = urllib.parse.urlsplit(self.host).hostname or ""
@@ -733,10 +737,12 @@ def template_dirs() -> list[str]:
 
 def builtin_template_dirs() -> list[str]:
     """Where the built-in templates may live: beside the script, or where pip put them."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+    if os.path.isdir(here):  # a checkout: no need to ask sysconfig where pip puts data
+        return [here]
     import sysconfig
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    candidates = [os.path.join(here, "prompts"), os.path.join(sys.prefix, "share", PROG, "prompts")]
+    candidates = [here, os.path.join(sys.prefix, "share", PROG, "prompts")]
     # pip puts data files under the scheme's data path: the venv, --user, or a
     # distribution's own layout (Debian's /usr/local).
     for scheme in sysconfig.get_scheme_names():
@@ -1267,6 +1273,8 @@ def estimate_clip_tokens(text: str) -> int:
     >>> estimate_clip_tokens("")
     0
     """
+    import html
+
     # CLIP's ftfy pass straightens curly quotes; dashes and the ellipsis are one token each anyway.
     text = html.unescape(text).lower().translate(
         {0x2018: "'", 0x2019: "'", 0x201C: '"', 0x201D: '"', 0x2013: "-", 0x2014: "-", 0x2026: "."})
@@ -1963,6 +1971,8 @@ def plan_jobs(folder: str, images: list[str], options: BatchOptions) -> list[Job
 
 def write_text_atomically(path: str, text: str) -> None:
     """Write a UTF-8 file whole or not at all: a temp file in the same folder, then os.replace."""
+    import tempfile
+
     folder = os.path.dirname(path) or "."
     fd, temp = tempfile.mkstemp(dir=folder, prefix=".ollama-generate-", suffix=".tmp")
     try:
@@ -2003,6 +2013,8 @@ class DescriptionCache:
     FILENAME = "descriptions.jsonl"
 
     def __init__(self, folder: str) -> None:
+        import threading
+
         os.makedirs(folder, exist_ok=True)
         self.path = os.path.join(folder, self.FILENAME)
         self._file = open(self.path, "a+b")  # noqa: SIM115 - held open for the run
@@ -2021,6 +2033,8 @@ class DescriptionCache:
     @staticmethod
     def key(image_sha256: str, model: str, prompt_sha256: str) -> str:
         """The cache key of one description."""
+        import hashlib
+
         return hashlib.sha256(f"{image_sha256}\0{model}\0{prompt_sha256}".encode()).hexdigest()
 
     def get(self, key: str) -> str | None:
@@ -2131,6 +2145,8 @@ class Progress:
     """Progress on stderr: a live line on a terminal, a line per image otherwise, or nothing."""
 
     def __init__(self, total: int, *, mode: str) -> None:
+        import threading
+
         self.mode = mode  # "live", "lines" or "quiet"
         self.total = total  # images this run works on
         self.finished = 0
@@ -2227,6 +2243,8 @@ def run_stage(hosts: list[Host], jobs: list[Job], step, *, workers: int, progres
     A host that stops answering gives its job back and leaves the run; the others
     finish the stage. Raises ServerUnreachable when no host is left.
     """
+    import threading
+
     queue = collections.deque(jobs)
     lock = threading.Lock()
     stop = threading.Event()
@@ -2278,17 +2296,25 @@ def run_stage(hosts: list[Host], jobs: list[Job], step, *, workers: int, progres
             raise errors[0]
 
 
-@contextlib.contextmanager
-def failing_job(job: Job, writes: str) -> Iterator[None]:
+class failing_job:  # noqa: N801 - used as a context manager, named like contextlib's
     """Turn a problem with one image into a failed job; let run-wide problems through."""
-    try:
-        yield
-    except (*HOST_DOWN, *FATAL_ERRORS):
-        raise
-    except OllamaError as exc:
-        job.status, job.reason = "failed", str(exc)
-    except OSError as exc:
-        job.status, job.reason = "failed", f"cannot write {writes} ({exc.strerror or exc})"
+
+    def __init__(self, job: Job, writes: str) -> None:
+        self.job, self.writes = job, writes
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, traceback) -> bool:
+        if exc is None or isinstance(exc, (*HOST_DOWN, *FATAL_ERRORS)) or not isinstance(exc, Exception):
+            return False
+        if isinstance(exc, OllamaError):
+            self.job.status, self.job.reason = "failed", str(exc)
+        elif isinstance(exc, OSError):
+            self.job.status, self.job.reason = "failed", f"cannot write {self.writes} ({exc.strerror or exc})"
+        else:
+            return False
+        return True
 
 
 class CaptionRun:
@@ -2301,6 +2327,9 @@ class CaptionRun:
         self.options = options
         self.folder = folder
         self.report = Report(folder=folder, hosts=hosts)
+        import hashlib
+        import threading
+
         self.cache = cache
         system, user = vision_prompt(config, spec.hint)
         self.prompt_sha256 = hashlib.sha256(f"{system}\0{user}".encode()).hexdigest()
@@ -2311,6 +2340,9 @@ class CaptionRun:
         """Describe one image, from the cache when an answer was received before."""
         if self._taken(job, "caption exists"):
             return
+        import base64
+        import hashlib
+
         with failing_job(job, "the description cache"):
             sniff_image(job.image)
             data = read_image(job.image)
@@ -2633,6 +2665,8 @@ def cmd_caption(config: Config, args: argparse.Namespace) -> Product:
         if getattr(args, name) != default:
             flag = "--" + name.replace("_", "-")
             raise UsageError(f"{flag} works on a folder, and {path} is a file")
+    import base64
+
     sniff_image(path)
     check_templates(config, spec)
     client = connect(config)

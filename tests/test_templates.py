@@ -87,7 +87,15 @@ def test_templates_are_found_from_another_working_directory(tmp_path, monkeypatc
     assert "$description" in text
 
 
-def test_installed_location_is_searched():
+def test_installed_location_is_searched(tmp_path, monkeypatch):
     import sys
 
-    assert os.path.join(sys.prefix, "share", "ollama-generate", "prompts") in og.template_dirs()
+    # Installed, the module has no prompts/ beside it: pip's data folders are searched.
+    monkeypatch.setattr(og, "__file__", str(tmp_path / "ollama_generate.py"))
+    dirs = og.template_dirs()
+    assert dirs[0] == str(tmp_path / "prompts")
+    assert os.path.join(sys.prefix, "share", "ollama-generate", "prompts") in dirs
+
+
+def test_a_checkout_uses_its_own_prompts_folder():
+    assert og.template_dirs() == [os.path.join(ROOT, "prompts")]
