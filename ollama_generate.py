@@ -740,9 +740,12 @@ def builtin_template_dirs() -> list[str]:
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
     if os.path.isdir(here):  # a checkout: no need to ask sysconfig where pip puts data
         return [here]
+    installed = os.path.join(sys.prefix, "share", PROG, "prompts")
+    if os.path.isdir(installed):  # pip or pipx put them in this environment
+        return [here, installed]
     import sysconfig
 
-    candidates = [here, os.path.join(sys.prefix, "share", PROG, "prompts")]
+    candidates = [here, installed]
     # pip puts data files under the scheme's data path: the venv, --user, or a
     # distribution's own layout (Debian's /usr/local).
     for scheme in sysconfig.get_scheme_names():
@@ -806,39 +809,54 @@ def render(name: str, **values: object) -> str:
 # -- Output cleaning ----------------------------------------------------------
 # Pure functions from a model's raw answer to text we can trust.
 
-_THINK_BLOCK = re.compile(r"<(think|thinking)>.*?</\1>", re.S | re.I)
-_THINK_OPEN = re.compile(r"<(?:think|thinking)>", re.I)
-_THINK_CLOSE = re.compile(r"</(?:think|thinking)>", re.I)
+
+class lazy_pattern:  # noqa: N801 - stands in for re.compile at module level
+    """A regular expression compiled on first use: most commands need few of them, and
+    compiling them all would add to every call's start-up time."""
+
+    def __init__(self, pattern: str, flags: int = 0) -> None:
+        self._source = (pattern, flags)
+        self._compiled: re.Pattern | None = None
+
+    def __getattr__(self, name: str):
+        if self._compiled is None:
+            self._compiled = re.compile(*self._source)
+        return getattr(self._compiled, name)
+
+
+_THINK_BLOCK = lazy_pattern(r"<(think|thinking)>.*?</\1>", re.S | re.I)
+_THINK_OPEN = lazy_pattern(r"<(?:think|thinking)>", re.I)
+_THINK_CLOSE = lazy_pattern(r"</(?:think|thinking)>", re.I)
 # An interjection is chatter only as a sentence of its own ("Sure!") or when a
 # preamble follows it ("Sure, here is..."): "Sure, a woman..." and "Great Wall of
 # China..." are captions.
-_INTERJECTION = re.compile(
+_INTERJECTION = lazy_pattern(
     r"^(?:sure|certainly|of course|absolutely|okay|ok|alright|great|got it|here you go|here it is)"
     r"(?:\s*[!.:]+(?=\s|$)|\s*,?\s*(?=(?:here|below|this is)\b))\s*", re.I)
 # A preamble names what it delivers before its colon: "Here are two women walking:
 # one holds..." is a caption.
-_PREAMBLE = re.compile(
+_PREAMBLE = lazy_pattern(
     r"^(?:here(?:'s| is| are)|below is|this is)\b[^\n:]{0,80}?"
     r"\b(?:caption|tag|description|prompt|version|rewrite|result|card|story|text|answer|output"
     r"|profile|lore|scene)s?\b[^\n:]{0,60}:\s*", re.I)
-_LABEL = re.compile(
+_LABEL = lazy_pattern(
     r"^[*_#\s]*(?:final |rewritten |enhanced |improved |training )?"
     r"(?:caption|tags|booru tags|description|prompt|answer|output|result|text|lora)[*_]*\s*:[*_]*\s*",
     re.I)
-_OFFER = re.compile(
+_OFFER = lazy_pattern(
     r"(?:^|(?<=[.!?\n])\s*)(?:let me know\b|i hope (?:this|that)\b|feel free\b|would you like\b"
     r"|do you want\b|if you(?:'d| would)? (?:like|need|want)\b|happy to help\b"
     r"|i can (?:also )?(?:adjust|provide|make|modify)\b|\**note\**\s*:|word count\s*:)[^\n]*$", re.I)
 # A parenthesised note or count can stand mid-text; only it goes, not the rest of the line.
-_PAREN_NOTE = re.compile(r"\s*\((?:\**note\**|word count)\s*:[^()]*\)|\s*\(\d+ words\)", re.I)
-_FENCE = re.compile(r"^\s*```[\w-]*\s*$", re.M)
+_PAREN_NOTE = lazy_pattern(r"\s*\((?:\**note\**|word count)\s*:[^()]*\)|\s*\(\d+ words\)", re.I)
+_FENCE = lazy_pattern(r"^\s*```[\w-]*\s*$", re.M)
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "\u00ab": "\u00bb", "`": "`"}
-_BULLET = re.compile(r"^\s*(?:[-*+\u2022]|\d{1,3}[.)])\s+", re.M)
-_HEADING = re.compile(r"^\s*#{1,6}\s*", re.M)
-_HEADING_LINE = re.compile(r"^\s*#{1,6}\s.*$|^\s*[-*_]{3,}\s*$", re.M)
-_BLOCKQUOTE = re.compile(r"^\s*>\s?", re.M)
+_BULLET = lazy_pattern(r"^\s*(?:[-*+\u2022]|\d{1,3}[.)])\s+", re.M)
+_HEADING = lazy_pattern(r"^\s*#{1,6}\s*", re.M)
+_HEADING_LINE = lazy_pattern(r"^\s*#{1,6}\s.*$|^\s*[-*_]{3,}\s*$", re.M)
+_BLOCKQUOTE = lazy_pattern(r"^\s*>\s?", re.M)
 # Emphasis marks hug words from outside; an underscore inside a tag (score_8_up) is no mark.
-_EMPHASIS = re.compile(r"(?<![\w*])(\*\*|__|\*|_)(?=\S)(.+?)(?<=\S)\1(?![\w*])")
+_EMPHASIS = lazy_pattern(r"(?<![\w*])(\*\*|__|\*|_)(?=\S)(.+?)(?<=\S)\1(?![\w*])")
 
 
 def strip_think(text: str) -> str:
@@ -954,7 +972,7 @@ def clean_tags(answer: str) -> list[str]:
 
 
 # Sentences that talk about the answer or the instructions instead of the image.
-_META = re.compile(
+_META = lazy_pattern(
     r"^\(?\s*(?:(?:following|as per|per|according to) (?:the|your|these|all) (?:rules|instructions"
     r"|guidelines|requirements)\b|(?:this|the|my) (?:description|caption|answer|response|text|prompt|tag list|list)"
     r"(?: above| provided)? (?:adheres|follows|complies|meets|sticks|uses|avoids|focuses|has been|is written"
@@ -963,35 +981,35 @@ _META = re.compile(
     r"|i (?:avoided|kept|followed|included|omitted|focused|used|made sure|described)\b"
     r"|no other tags|all tags (?:are|were)|word count|\(?\d+ words\)?$|note\s*:|lorem ipsum)", re.I)
 # Hedges inside a caption: the model's doubts are not part of the picture.
-_HEDGE = re.compile(
+_HEDGE = lazy_pattern(
     r"^(?:i (?:can't|cannot|can not|am unable to|'m unable to|am not able to|'m not able to|do not|don't)"
     r" (?:determine|identify|tell|see|know|confirm|make out|say|be sure|verify)"
     r"|it(?:'s| is) (?:not possible|impossible|difficult|hard|unclear) to (?:determine|identify|tell|say|know)"
     r"|(?:the )?(?:exact|specific) (?:identity|location|setting) (?:is|cannot be) (?:unknown|unclear|determined))",
     re.I)
 # An answer that opens like this refused (or apologised) instead of describing.
-_REFUSAL = re.compile(
+_REFUSAL = lazy_pattern(
     r"^(?:i'?m sorry|i am sorry|sorry[,.!]|i apologi[sz]e|i can(?:no|')t\b|i cannot\b|i can not\b"
     r"|i(?:'m| am) (?:unable|not able)\b|i won'?t\b|i will not\b|as an ai\b|as a language model\b"
     r"|unfortunately,? i\b|i'?m afraid i\b)", re.I)
-_ASIDE = re.compile(r"\s*\[[^\[\]\n]{0,80}\]\s*")
-_LOREM = re.compile(r"lorem ipsum", re.I)
+_ASIDE = lazy_pattern(r"\s*\[[^\[\]\n]{0,80}\]\s*")
+_LOREM = lazy_pattern(r"lorem ipsum", re.I)
 # A lead-in in another language that ends in a colon ("好的，以下是标签：",
 # "Claro, aquí tienes el pie de foto:").
-_FOREIGN_LEAD = re.compile(
+_FOREIGN_LEAD = lazy_pattern(
     r"^(?:[^\x00-\x7f][^\n]{0,60}[:\uff1a]\s*\n|(?:claro|por supuesto|aqu\u00ed (?:tienes|est\u00e1)"
     r"|voici|bien s\u00fbr|d'accord|nat\u00fcrlich|gerne|hier ist|ecco|certo|certamente)"
     r"[^\n:\uff1a]{0,80}[:\uff1a]\s*)", re.I)
 # Openers that describe the picture instead of what is in it; the caption starts after them.
-_BOILERPLATE = re.compile(
+_BOILERPLATE = lazy_pattern(
     r"^(?:(?:the|this) (?:image|picture|photo|photograph|illustration|artwork|drawing|painting|render"
     r"|scene) (?:shows|depicts|features|displays|presents|portrays|captures|showcases|contains"
     r"|is of|is an? (?:image|picture|photo) of)"
     r"|(?:in|within) (?:this|the) (?:image|picture|photo|photograph|illustration|artwork|scene),?"
     r"|this is an? (?:image|picture|photo|photograph) of|the image is (?=an? ))\s*", re.I)
 # A BLIP captioner artefact that small models copy ("an arafed man").
-_ARAFED = re.compile(r"\b(?:(an?) )?(?:arafed|araffe|arafe|arafad)\b\s*", re.I)
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_ARAFED = lazy_pattern(r"\b(?:(an?) )?(?:arafed|araffe|arafe|arafad)\b\s*", re.I)
+_SENTENCE_END = lazy_pattern(r"(?<=[.!?])\s+")
 
 
 def is_refusal(text: str) -> bool:
@@ -1077,8 +1095,8 @@ def is_kaomoji(tag: str) -> bool:
     return len(tag) <= 4 and "_" in tag and not re.search(r"[a-z]{2}", tag)
 
 
-_WEIGHT = re.compile(r"^\(+([^():]+?)(?::\s*[\d.]+)?\)+$")
-_SENTENCE_TAG = re.compile(
+_WEIGHT = lazy_pattern(r"^\(+([^():]+?)(?::\s*[\d.]+)?\)+$")
+_SENTENCE_TAG = lazy_pattern(
     r"^(?:the (?:image|picture|photo)|this (?:image|is)|there (?:is|are)|no other|all tags|here (?:is|are)"
     r"|i |note\b|it is|these are)", re.I)
 
@@ -1630,8 +1648,8 @@ def answer_data(answer: Answer, model: str) -> dict:
 class StreamPrinter:
     """Print an answer on stdout as it arrives, holding back think blocks and a leading preamble."""
 
-    OPEN = re.compile(r"<think(?:ing)?>", re.I)
-    CLOSE = re.compile(r"</think(?:ing)?>", re.I)
+    OPEN = lazy_pattern(r"<think(?:ing)?>", re.I)
+    CLOSE = lazy_pattern(r"</think(?:ing)?>", re.I)
     LONGEST_TAG = len("</thinking>")
 
     def __init__(self) -> None:
@@ -2933,8 +2951,47 @@ SERVER_DEFAULTS = {"host": None, "model": None, "timeout": DEFAULT_TIMEOUT, "tem
                    "json": False, "prompts_dir": None}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line: one subcommand per action, shared server flags on each."""
+COMMANDS = ("caption", "prompt", "enhance", "describe", "lore", "doctor", "models", "templates")
+# Flags before the command name that take a value (so the value is not the command).
+VALUE_FLAGS = ("--host", "-m", "--model", "--timeout", "--prompts-dir", "--temperature", "--seed",
+               "--num-ctx", "--max-tokens")
+
+
+def command_in(argv: Sequence[str]) -> str | None:
+    """The command a command line names, found without parsing it all; None if unclear.
+
+    >>> command_in(["--host", "prompt", "lore", "x"]), command_in(["--help"])
+    ('lore', None)
+    """
+    takes_value = False
+    for token in argv:
+        if takes_value:
+            takes_value = False
+        elif token.startswith("-"):
+            takes_value = token in VALUE_FLAGS
+        else:
+            return token if token in COMMANDS else None
+    return None
+
+
+class _Skipped:
+    """Stands in for the parser of a command that is not running: its options are not built,
+    which saves start-up time on every call."""
+
+    def add_argument(self, *args: object, **kwargs: object) -> None:
+        return None
+
+    def add_argument_group(self, *args: object, **kwargs: object) -> _Skipped:
+        return self
+
+    add_mutually_exclusive_group = add_argument_group
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line: one subcommand per action, shared server flags on each.
+
+    With only, the other commands are listed but their options are not built.
+    """
     parser = _Parser(
         prog=PROG, formatter_class=_HelpFormatter,
         description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
@@ -2951,6 +3008,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=summary, description=summary,
                                   epilog="examples:\n" + epilog, formatter_class=_HelpFormatter)
         sub.set_defaults(run=function)
+        if only and name != only:
+            return _Skipped()
         add_server_options(sub)
         return sub
 
@@ -3053,15 +3112,15 @@ def build_parser() -> argparse.ArgumentParser:
         streaming.add_argument("--no-stream", dest="stream", action="store_false",
                                help="print the text once it is complete")
 
-    add("doctor", cmd_doctor,
-        "  ollama-generate doctor\n"
-        "  ollama-generate doctor --json --vision-model llava")
+    doctor = add("doctor", cmd_doctor,
+                 "  ollama-generate doctor\n"
+                 "  ollama-generate doctor --json --vision-model llava")
     models = add("models", cmd_models, "  ollama-generate models")
     templates = add("templates", cmd_templates,
                     "  ollama-generate templates\n"
                     "  ollama-generate templates caption_tags > my-prompts/caption_tags.txt")
     templates.add_argument("name", metavar="NAME", nargs="?", help="print this template")
-    for sub in (models, commands.choices["doctor"]):
+    for sub in (models, doctor):
         sub.add_argument("--vision-model", metavar="NAME",
                          help=f"vision model (env: OLLAMA_VISION_MODEL; default {DEFAULT_VISION_MODEL})")
     return parser
@@ -3099,7 +3158,8 @@ def check_prompts_dir(path: str | None) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    args = build_parser().parse_args(argv)  # usage errors exit 2 here
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(command_in(argv)).parse_args(argv)  # usage errors exit 2 here
     for name, default in SERVER_DEFAULTS.items():
         if not hasattr(args, name):
             setattr(args, name, default)
