@@ -38,8 +38,8 @@ def documented_flags(text: str) -> set[str]:
     """Long flags anywhere, short flags in our own command lines and code spans."""
     flags = set()
     for line in text.splitlines():
-        if "pytest" in line or "pip install" in line:
-            continue  # the test command's flags belong to pip and pytest
+        if "pytest" in line or "pip install" in line or "bench/" in line:
+            continue  # flags of pip, pytest and the benchmark scripts
         flags.update(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line))
         flags.update(re.findall(r"`(-[a-zA-Z])[` ]", line))
     return flags
