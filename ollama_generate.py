@@ -836,9 +836,9 @@ _INTERJECTION = lazy_pattern(
 # A preamble names what it delivers before its colon: "Here are two women walking:
 # one holds..." is a caption.
 _PREAMBLE = lazy_pattern(
-    r"^(?:here(?:'s| is| are)|below is|this is)\b[^\n:]{0,80}?"
-    r"\b(?:caption|tag|description|prompt|version|rewrite|result|card|story|text|answer|output"
-    r"|profile|lore|scene)s?\b[^\n:]{0,60}:\s*", re.I)
+    r"^(?:here(?:'s| is| are)|below is|this is)\s+(?:(?:the|your|a|an|my|some)\s+)?(?:[\w-]+\s+){0,3}?"
+    r"(?:caption|tag|description|prompt|version|rewrite|result|card|story|answer|output|profile)s?\b"
+    r"[^\n:]{0,60}:\s*", re.I)
 _LABEL = lazy_pattern(
     r"^[*_#\s]*(?:final |rewritten |enhanced |improved |training )?"
     r"(?:caption|tags|booru tags|description|prompt|answer|output|result|text|lora)[*_]*\s*:[*_]*\s*",
@@ -974,12 +974,12 @@ def clean_tags(answer: str) -> list[str]:
 # Sentences that talk about the answer or the instructions instead of the image.
 _META = lazy_pattern(
     r"^\(?\s*(?:(?:following|as per|per|according to) (?:the|your|these|all) (?:rules|instructions"
-    r"|guidelines|requirements)\b|(?:this|the|my) (?:description|caption|answer|response|text|prompt|tag list|list)"
-    r"(?: above| provided)? (?:adheres|follows|complies|meets|sticks|uses|avoids|focuses|has been|is written"
-    r"|was written|includes|contains|captures)"
+    r"|guidelines|requirements)\b|(?:this|the|my) (?:description|caption|answer|response|prompt|tag list)"
+    r"(?: above| provided)? (?:adheres|follows|complies|meets|sticks|avoids|focuses|has been written"
+    r"|is written|was written)"
     r"|i (?:have|'ve) (?:avoided|kept|followed|included|omitted|focused|used|made|tried|written|described)"
     r"|i (?:avoided|kept|followed|included|omitted|focused|used|made sure|described)\b"
-    r"|no other tags|all tags (?:are|were)|word count|\(?\d+ words\)?$|note\s*:|lorem ipsum)", re.I)
+    r"|no other tags|all tags (?:are|were)|word count|\(?\d+ words\)?$|note\s*:)", re.I)
 # Hedges inside a caption: the model's doubts are not part of the picture.
 _HEDGE = lazy_pattern(
     r"^(?:i (?:can't|cannot|can not|am unable to|'m unable to|am not able to|'m not able to|do not|don't)"
@@ -993,7 +993,18 @@ _REFUSAL = lazy_pattern(
     r"|i(?:'m| am) (?:unable|not able)\b|i won'?t\b|i will not\b|as an ai\b|as a language model\b"
     r"|unfortunately,? i\b|i'?m afraid i\b)", re.I)
 _ASIDE = lazy_pattern(r"\s*\[[^\[\]\n]{0,80}\]\s*")
-_LOREM = lazy_pattern(r"lorem ipsum", re.I)
+_LOREM_WORDS = {"lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed",
+                "do", "eiusmod", "tempor", "incididunt", "ut", "labore", "et", "dolore", "magna", "aliqua"}
+
+
+def is_filler(sentence: str) -> bool:
+    """Placeholder text ("Lorem ipsum dolor sit amet..."), not a caption that mentions it.
+
+    >>> is_filler("Lorem ipsum dolor sit amet, consectetur."), is_filler("A shirt printed with lorem ipsum.")
+    (True, False)
+    """
+    words = re.findall(r"[a-z]+", sentence.lower())
+    return bool(words) and sum(word in _LOREM_WORDS for word in words) / len(words) >= 0.6
 # A lead-in in another language that ends in a colon ("好的，以下是标签：",
 # "Claro, aquí tienes el pie de foto:").
 _FOREIGN_LEAD = lazy_pattern(
@@ -1025,7 +1036,7 @@ def drop_chatter_sentences(text: str) -> str:
     """Remove sentences about the answer itself, hedges, filler and [asides] from prose."""
     text = _ASIDE.sub(" ", text)
     kept = [sentence for sentence in _SENTENCE_END.split(text)
-            if not (_META.match(sentence) or _HEDGE.match(sentence) or _LOREM.search(sentence))]
+            if not (_META.match(sentence) or _HEDGE.match(sentence) or is_filler(sentence))]
     return " ".join(kept).strip()
 
 
@@ -1048,19 +1059,27 @@ def _article_for(match: re.Match, text: str) -> str:
 
 
 def cut_loop(text: str, *, repeats: int = 3) -> str:
-    """Cut text where a phrase starts repeating itself `repeats` times in a row.
+    """Cut text where a phrase starts repeating itself in a loop.
+
+    A phrase of 8 letters or more must come `repeats` times in a row, a shorter one
+    twice as often: "very very very long hair" and a row of stars are not loops.
 
     >>> cut_loop("A cat sits on a mat. A cat sits on a mat. A cat sits on a mat. A cat sits")
     'A cat sits on a mat.'
-    >>> cut_loop("red, red, red, red")
-    'red'
+    >>> cut_loop("red, red, red, red, red, red"), cut_loop("very very very long hair")
+    ('red', 'very very very long hair')
     """
     words = text.split()
     keys = [re.sub(r"[^\w]", "", word.lower()) for word in words]
     for start in range(len(words)):
         for size in range(1, min(40, (len(words) - start) // repeats) + 1):
             unit = keys[start:start + size]
-            if all(keys[start + n * size:start + (n + 1) * size] == unit for n in range(1, repeats)):
+            if not all(unit):
+                continue
+            times = repeats if sum(map(len, unit)) >= 8 else 2 * repeats
+            if start + times * size > len(words):
+                continue
+            if all(keys[start + n * size:start + (n + 1) * size] == unit for n in range(1, times)):
                 kept = " ".join(words[:start + size]).rstrip(",;: ")
                 return kept if kept[-1:] in ".!?" or not kept else kept
     return text
@@ -1101,7 +1120,7 @@ _SENTENCE_TAG = lazy_pattern(
     r"|i |note\b|it is|these are)", re.I)
 
 
-def normalize_tag(raw: str, *, underscores: bool = False) -> str:
+def normalize_tag(raw: str, *, underscores: bool = False, keep_weights: bool = False) -> str:
     """One tag as trainers want it: lower case, single spaces, no weights or end periods.
 
     >>> normalize_tag("  Long_Hair. "), normalize_tag("(masterpiece:1.2)"), normalize_tag(">_<")
@@ -1109,7 +1128,7 @@ def normalize_tag(raw: str, *, underscores: bool = False) -> str:
     """
     tag = strip_wrapping_quotes(_BULLET.sub("", raw.strip()))
     weighted = _WEIGHT.match(tag)
-    if weighted:
+    if weighted and not keep_weights:
         tag = weighted.group(1)
     tag = one_line(tag.lower()).strip(" .")
     if not underscores and not is_kaomoji(tag):
@@ -1126,15 +1145,15 @@ def parse_tag_answer(answer: str) -> list[str]:
         value = None
     if isinstance(value, dict):
         value = next((item for item in value.values() if isinstance(item, list)), None)
-    if isinstance(value, list) and all(isinstance(item, str) for item in value):
-        return value
+    if isinstance(value, list):
+        return [item for item in value if isinstance(item, str)]
     lines = [line for line in text.splitlines()
              if not (_META.match(line.strip()) or _OFFER.match(line.strip()))]
     return re.split(r"[,\n;]", strip_markdown("\n".join(lines)))
 
 
 def clean_caption_tags(answer: str, *, cut_off: bool = False, underscores: bool = False,
-                       limit: int | None = None) -> list[str]:
+                       limit: int | None = None, keep_weights: bool = False) -> list[str]:
     """Tags from an answer: normalised, without duplicates, asides or sentences; at most limit.
 
     Raises RefusalError for an answer that refused.
@@ -1148,7 +1167,7 @@ def clean_caption_tags(answer: str, *, cut_off: bool = False, underscores: bool 
     for raw in raws:
         if re.fullmatch(r"\s*\[.*\]\s*", raw):
             continue
-        tag = normalize_tag(raw, underscores=underscores)
+        tag = normalize_tag(raw, underscores=underscores, keep_weights=keep_weights)
         if tag and tag not in tags and len(tag.split()) <= 6 and not _SENTENCE_TAG.match(tag):
             tags.append(tag)
     return tags[:limit] if limit else tags
@@ -1311,23 +1330,41 @@ def estimate_clip_tokens(text: str) -> int:
     return math.ceil(total * 1.01)
 
 
+def caption_size(caption_body: str, style: str) -> int:
+    """What a style's range counts: tags, words or sentences."""
+    if style == "tags":
+        return len([tag for tag in caption_body.split(",") if tag.strip()])
+    if style == "training":
+        return len(caption_body.split())
+    return len([part for part in _SENTENCE_END.split(caption_body.strip()) if part])
+
+
+def style_range(style: str, creative: bool = False) -> tuple[int, int]:
+    """The allowed size of a caption in this style."""
+    return TAG_RANGE[creative] if style == "tags" else WORD_RANGE if style == "training" else SENTENCE_RANGE
+
+
+def out_of_range(caption_body: str, spec: CaptionSpec) -> int:
+    """How far a caption is from its style's range (0 inside it)."""
+    low, high = style_range(spec.style, spec.creative)
+    size = caption_size(caption_body, spec.style)
+    return max(low - size, size - high, 0) if spec.style != "tags" else max(low - size, 0)
+
+
 def caption_problem(caption_body: str, *, style: str, creative: bool = False) -> str:
     """What is out of range in a caption, or "" when it is right.
 
     >>> caption_problem("a b c", style="training")
     'it has 3 words; a training caption has 50 to 150'
     """
+    low, high = style_range(style, creative)
+    count = caption_size(caption_body, style)
     if style == "tags":
-        low, high = TAG_RANGE[creative]
-        count = len([tag for tag in caption_body.split(",") if tag.strip()])
         return "" if count >= low else f"it has {count} tags; it needs {low} to {high}"
-    if style == "training":
-        low, high = WORD_RANGE
-        count = len(caption_body.split())
-        return "" if low <= count <= high else f"it has {count} words; a training caption has {low} to {high}"
-    low, high = SENTENCE_RANGE
-    count = len([part for part in _SENTENCE_END.split(caption_body.strip()) if part])
-    return "" if low <= count <= high else f"it has {count} sentences; a detailed caption has {low} to {high}"
+    if low <= count <= high:
+        return ""
+    noun, kind = ("words", "a training caption") if style == "training" else ("sentences", "a detailed caption")
+    return f"it has {count} {noun}; {kind} has {low} to {high}"
 
 
 # -- Images -------------------------------------------------------------------
@@ -1534,7 +1571,9 @@ def write_caption(client: OllamaClient, config: Config, spec: CaptionSpec, descr
         again = render("reask", request=request, answer=answer.text[:REASK_ANSWER_CHARS], problem=problem)
         second_body, second_problem = judge_caption(
             ask_text_model(client, config, again, kind, keep_alive=keep_alive, fmt=fmt), spec)
-        if second_body or not body:
+        # The second answer wins unless it is further out of range than the first.
+        if not body or second_body and (not second_problem or out_of_range(second_body, spec)
+                                        <= out_of_range(body, spec)):
             body, problem = second_body, second_problem
         if not body:
             raise RefusalError(f"the text model {problem}, twice")
@@ -1749,6 +1788,9 @@ def text_command(config: Config, args: argparse.Namespace, request: str, kind: s
             printer.finish()  # a broken stream keeps what it showed, on a line of its own
     if printer and not printer.shown:
         printer.finish()
+    if is_refusal(strip_chatter(answer.text)):
+        raise OllamaError(f"the text model {config.model} refused: {one_line(strip_chatter(answer.text))[:80]}",
+                          hint="rephrase the request, or pick another model with --model")
     text = clean(text_result(answer)) if strip_think(answer.text) else ""
     if not text:
         raise OllamaError(f"the text model {config.model} gave an empty answer" + _ran_out(answer),
@@ -1763,7 +1805,7 @@ def cmd_prompt(config: Config, args: argparse.Namespace) -> Product:
 
     def clean(text: str) -> str:
         if args.encoder == "clip":
-            return fit_clip_budget([normalize_tag(tag, underscores=True) for tag in clean_tags(text)])
+            return fit_clip_budget(clean_caption_tags(text, underscores=True, keep_weights=True))
         return clean_prose(text)
 
     # A CLIP prompt is trimmed to its token budget once complete, so it is not streamed.

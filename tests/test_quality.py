@@ -268,3 +268,32 @@ def test_tag_captions_over_the_clip_budget_are_flagged(ollama, capsys, photo):
     tokens = og.estimate_clip_tokens(out.strip())
     assert tokens > 75
     assert err == f"ollama-generate: warning: needs review: about {tokens} CLIP tokens, over the 75-token budget\n"
+
+
+@pytest.mark.strict_ranges
+def test_a_worse_second_answer_does_not_replace_a_closer_first_one(ollama, capsys, photo):
+    forty = " ".join(f"word{n}" for n in range(40)) + "."
+    ollama.reply(DESCRIPTION, endpoint="/api/chat")
+    ollama.reply(forty, endpoint="/api/generate")
+    ollama.reply("A woman walks.", endpoint="/api/generate")
+    code, out, err = run(capsys, "caption", photo)
+    assert (code, out) == (0, forty[0].upper() + forty[1:] + "\n")
+    assert err == ("ollama-generate: warning: needs review: it has 40 words; "
+                   "a training caption has 50 to 150\n")
+
+
+def test_text_commands_refuse_to_print_a_refusal(ollama, capsys):
+    ollama.reply("I'm sorry, but I can't help with that.")
+    code, out, err = run(capsys, "prompt", "x")
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        "ollama-generate: error: the text model qwen3-30b-a3b:latest refused: "
+        "I'm sorry, but I can't help with that.",
+        "ollama-generate: hint: rephrase the request, or pick another model with --model",
+    ]
+
+
+def test_clip_prompts_drop_chatter_and_keep_weights(ollama, capsys):
+    ollama.reply("(masterpiece:1.2), lighthouse, storm_clouds, waves\n\nI kept it under 25 tags.")
+    assert run(capsys, "prompt", "x", "--encoder", "clip") == (
+        0, "(masterpiece:1.2), lighthouse, storm_clouds, waves\n", "")
