@@ -1559,8 +1559,8 @@ def write_caption(client: OllamaClient, config: Config, spec: CaptionSpec, descr
     """Stage 2: the text model rewrites a description as a caption in the chosen style.
 
     An answer that refuses or is out of range (words, sentences, tags) is asked
-    again once with the reason. If the second answer is still out of range it is
-    kept and marked for review; a second refusal fails the image.
+    again once with the reason. If the second answer is still out of range, the one
+    closer to the range is kept and marked for review; a second refusal fails the image.
     """
     kind = "caption-creative" if spec.creative else "caption"
     request = with_hint(render(caption_template(spec), description=description), spec.hint)
