@@ -2907,37 +2907,23 @@ def cmd_templates(config: Config, args: argparse.Namespace) -> Product:
 # -- Command-line interface ---------------------------------------------------
 
 
-def positive_float(value: str) -> float:
-    """argparse type: a number above zero."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {value!r}")
-    return number
+def number_type(convert, expected: str, low: float, rule: str):
+    """An argparse type: convert the value, then hold it to a lower bound (rule names it)."""
+    def parse(value: str):
+        try:
+            number = convert(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+        if not (number > low if rule.startswith("more than") else number >= low):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value!r}")
+        return number
+
+    return parse
 
 
-def non_negative_float(value: str) -> float:
-    """argparse type: a number of zero or more."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value!r}")
-    return number
-
-
-def positive_int(value: str) -> int:
-    """argparse type: a whole number above zero."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value!r}")
-    return number
+positive_float = number_type(float, "a number of seconds", 0, "more than 0")
+non_negative_float = number_type(float, "a number", 0, "0 or more")
+positive_int = number_type(int, "a whole number", 1, "1 or more")
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
