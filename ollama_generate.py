@@ -949,8 +949,8 @@ def one_line(text: str) -> str:
 
 
 def clean_prose(answer: str) -> str:
-    """A prose answer as one clean line; headings and rules are chatter in a caption."""
-    text = _HEADING_LINE.sub("", strip_chatter(answer))
+    """A prose answer as one clean line; headings, rules and lead-ins are chatter."""
+    text = _HEADING_LINE.sub("", strip_chatter(_FOREIGN_LEAD.sub("", strip_think(answer), count=1)))
     return one_line(strip_wrapping_quotes(strip_markdown(strip_chatter(text))))
 
 
@@ -1095,13 +1095,11 @@ def clean_caption_prose(answer: str, *, cut_off: bool = False) -> str:
 
     Raises RefusalError for an answer that refused.
     """
-    text = strip_chatter(_FOREIGN_LEAD.sub("", strip_think(answer), count=1))
+    text = clean_prose(answer)
     if is_refusal(text):
         raise RefusalError("the model refused to describe the image")
     if cut_off:
         text = drop_cut_off_end(text, style="training")
-    text = _HEADING_LINE.sub("", text)
-    text = one_line(strip_wrapping_quotes(strip_markdown(text)))
     return strip_boilerplate(drop_chatter_sentences(cut_loop(text)))
 
 
@@ -1475,17 +1473,22 @@ def connect(config: Config, host: str = "") -> OllamaClient:
 
 
 def ask_text_model(client: OllamaClient, config: Config, prompt: str, kind: str, *,
-                   keep_alive: int | float | str | None = None, fmt: dict | None = None) -> Answer:
+                   keep_alive: int | float | str | None = None, fmt: dict | None = None,
+                   printer: StreamPrinter | None = None) -> Answer:
     """Send a rendered prompt to the text model; return its answer without think blocks."""
     answer = client.generate(config.model, with_no_think(config.model, prompt),
-                             options=sampling(config, kind), keep_alive=keep_alive, fmt=fmt)
+                             options=sampling(config, kind), keep_alive=keep_alive, fmt=fmt,
+                             printer=printer)
     answer.text = strip_think(answer.text)
     if not answer.text:
-        raise OllamaError(
-            f"the text model {config.model} gave an empty answer" + _ran_out(answer),
-            hint="try again, or pick another model with --model or OLLAMA_MODEL",
-        )
+        raise empty_answer(config, answer)
     return answer
+
+
+def empty_answer(config: Config, answer: Answer) -> OllamaError:
+    """The error for an answer with nothing usable in it."""
+    return OllamaError(f"the text model {config.model} gave an empty answer" + _ran_out(answer),
+                       hint="try again, or pick another model with --model or OLLAMA_MODEL")
 
 
 def _ran_out(answer: Answer) -> str:
@@ -1781,20 +1784,19 @@ def text_command(config: Config, args: argparse.Namespace, request: str, kind: s
     if printer and lead:
         printer.write_now(lead)
     try:
-        answer = connect(config).generate(config.model, with_no_think(config.model, request),
-                                          options=sampling(config, kind), printer=printer)
-    finally:
+        answer = ask_text_model(connect(config), config, request, kind, printer=printer)
+    except BaseException:
         if printer and printer.shown:
             printer.finish()  # a broken stream keeps what it showed, on a line of its own
-    if printer and not printer.shown:
+        raise
+    if printer:
         printer.finish()
     if is_refusal(strip_chatter(answer.text)):
         raise OllamaError(f"the text model {config.model} refused: {one_line(strip_chatter(answer.text))[:80]}",
                           hint="rephrase the request, or pick another model with --model")
-    text = clean(text_result(answer)) if strip_think(answer.text) else ""
+    text = clean(text_result(answer))
     if not text:
-        raise OllamaError(f"the text model {config.model} gave an empty answer" + _ran_out(answer),
-                          hint="try again, or pick another model with --model or OLLAMA_MODEL")
+        raise empty_answer(config, answer)
     return Product(text, {"command": args.command, "text": text, **answer_data(answer, config.model)},
                    streamed=printer is not None)
 
@@ -2378,18 +2380,17 @@ class failing_job:  # noqa: N801 - used as a context manager, named like context
 
 
 class CaptionRun:
-    """One folder run: settings, hosts, cache and the two stages."""
+    """One folder run: settings, cache and the two stages; the report holds its jobs and hosts."""
 
-    def __init__(self, config: Config, spec: CaptionSpec, options: BatchOptions, folder: str,
-                 hosts: list[Host], cache: DescriptionCache) -> None:
-        self.config = config
-        self.spec = spec
-        self.options = options
-        self.folder = folder
-        self.report = Report(folder=folder, hosts=hosts)
+    def __init__(self, config: Config, spec: CaptionSpec, options: BatchOptions, report: Report,
+                 cache: DescriptionCache) -> None:
         import hashlib
         import threading
 
+        self.config = config
+        self.spec = spec
+        self.options = options
+        self.report = report
         self.cache = cache
         system, user = vision_prompt(config, spec.hint)
         self.prompt_sha256 = hashlib.sha256(f"{system}\0{user}".encode()).hexdigest()
@@ -2443,10 +2444,10 @@ class CaptionRun:
             return True
         return False
 
-    def run(self, jobs: list[Job]) -> Report:
+    def run(self) -> Report:
         """Caption the pending jobs chunk by chunk: all vision, then all text."""
         report = self.report
-        report.jobs = jobs
+        jobs = report.jobs
         pending = take_pending(jobs, self.options.limit)
         progress = Progress(len(pending), mode=progress_mode(self.options))
         planned_skips = sum(1 for job in jobs if job.status == "skipped")
@@ -2668,21 +2669,17 @@ def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: Batc
     cache_folder = options.cache_dir or os.path.join(target, CACHE_FOLDER)
     make_folder(cache_folder, "--cache-dir" if options.cache_dir else "the cache folder")
     cache = DescriptionCache(cache_folder)
-    run = CaptionRun(config, spec, options, folder, report.hosts, cache)
-    run.report = report
     try:
-        run.run(jobs)
+        CaptionRun(config, spec, options, report, cache).run()
     except (KeyboardInterrupt, OllamaError) as exc:
         print_summary(report)
         finish_report(report, options)
-        if options.release_models:
-            release_models(report.hosts, [config.vision_model, config.model])
         exc.report = report.as_dict()  # --json prints it with the error
         raise
     finally:
         cache.close()
-    if options.release_models:
-        release_models(report.hosts, [config.vision_model, config.model])
+        if options.release_models:
+            release_models(report.hosts, [config.vision_model, config.model])
     print_summary(report, quiet=options.quiet)
     finish_report(report, options)
     product = Product(None, {"command": "caption", **report.as_dict()})
@@ -3066,8 +3063,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                          help="tags: comma-separated tags never to write")
     caption.add_argument("--always-first", metavar="TAGS",
                          help="tags: comma-separated tags to put first, in this order, added if missing")
-    caption.add_argument("--vision-model", metavar="NAME",
-                         help=f"vision model (env: OLLAMA_VISION_MODEL; default {DEFAULT_VISION_MODEL})")
     folder = caption.add_argument_group("folder runs")
     folder.add_argument("-r", "--recursive", action="store_true",
                         help="also caption images in subfolders (symlinked folders are not entered)")
@@ -3148,7 +3143,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                     "  ollama-generate templates\n"
                     "  ollama-generate templates caption_tags > my-prompts/caption_tags.txt")
     templates.add_argument("name", metavar="NAME", nargs="?", help="print this template")
-    for sub in (models, doctor):
+    for sub in (caption, models, doctor):
         sub.add_argument("--vision-model", metavar="NAME",
                          help=f"vision model (env: OLLAMA_VISION_MODEL; default {DEFAULT_VISION_MODEL})")
     return parser
