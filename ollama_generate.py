@@ -86,7 +86,6 @@ DEFAULT_KEEP_ALIVE = -1
 RELEASE_KEEP_ALIVE = "5m"
 RELEASE_TIMEOUT = 5.0
 
-STYLES = ("training", "tags", "detailed")
 ENCODERS = ("clip", "t5")
 INTENSITIES = ("mild", "moderate", "extreme")
 LENGTHS = ("short", "medium", "long")
@@ -181,10 +180,6 @@ class ImageError(OllamaError):
     """One file in a dataset cannot be captioned; a folder run goes on past it."""
 
 
-class RefusalError(ImageError):
-    """The model refused or hedged instead of answering; it is never written as a caption."""
-
-
 class BatchFailed(OllamaError):
     """A folder run finished, but some images failed (they are listed above)."""
 
@@ -246,6 +241,10 @@ class Record:
                                            if not name.startswith("_")))
             cls._field_names = tuple(names)
         return cls._field_names
+
+    def replace(self, **changes: object) -> Record:
+        """A copy with some fields changed."""
+        return type(self)(**{**{name: getattr(self, name) for name in self._fields()}, **changes})
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields()
@@ -806,8 +805,12 @@ def render(name: str, **values: object) -> str:
     return string.Template(text).substitute({k: str(v) for k, v in values.items()})
 
 
-# -- Output cleaning ----------------------------------------------------------
-# Pure functions from a model's raw answer to text we can trust.
+# -- Caption policy -----------------------------------------------------------
+# A model's answer becomes the text we write in one pass, clean(answer, style): the
+# style table says how each kind of answer is judged, the rule table says what is
+# removed or flagged. A rule may delete only what is unmistakably about the task, the
+# prompt, the file or the model; whatever else it would delete, it flags instead and
+# the words stay. What each rule removed or flagged is kept, for --report and review.
 
 
 class lazy_pattern:  # noqa: N801 - stands in for re.compile at module level
@@ -824,59 +827,510 @@ class lazy_pattern:  # noqa: N801 - stands in for re.compile at module level
         return getattr(self._compiled, name)
 
 
-_THINK_BLOCK = lazy_pattern(r"<(think|thinking)>.*?</\1>", re.S | re.I)
-_THINK_OPEN = lazy_pattern(r"<(?:think|thinking)>", re.I)
-_THINK_CLOSE = lazy_pattern(r"</(?:think|thinking)>", re.I)
-# An interjection is chatter only as a sentence of its own ("Sure!") or when a
-# preamble follows it ("Sure, here is..."): "Sure, a woman..." and "Great Wall of
-# China..." are captions.
-_INTERJECTION = lazy_pattern(
-    r"^(?:sure|certainly|of course|absolutely|okay|ok|alright|great|got it|here you go|here it is)"
-    r"(?:\s*[!.:]+(?=\s|$)|\s*,?\s*(?=(?:here|below|this is)\b))\s*", re.I)
-# A preamble names what it delivers before its colon: "Here are two women walking:
-# one holds..." is a caption.
-_PREAMBLE = lazy_pattern(
-    r"^(?:here(?:'s| is| are)|below is|this is)\s+(?:(?:the|your|a|an|my|some)\s+)?(?:[\w-]+\s+){0,3}?"
-    r"(?:caption|tag|description|prompt|version|rewrite|result|card|story|answer|output|profile)s?\b"
-    r"[^\n:]{0,60}:\s*", re.I)
-_LABEL = lazy_pattern(
-    r"^[*_#\s]*(?:final |rewritten |enhanced |improved |training )?"
-    r"(?:caption|tags|booru tags|description|prompt|answer|output|result|text|lora)[*_]*\s*:[*_]*\s*",
-    re.I)
-_OFFER = lazy_pattern(
-    r"(?:^|(?<=[.!?\n])\s*)(?:let me know\b|i hope (?:this|that)\b|feel free\b|would you like\b"
-    r"|do you want\b|if you(?:'d| would)? (?:like|need|want)\b|happy to help\b"
-    r"|i can (?:also )?(?:adjust|provide|make|modify)\b|\**note\**\s*:|word count\s*:)[^\n]*$", re.I)
-# A parenthesised note or count can stand mid-text; only it goes, not the rest of the line.
-_PAREN_NOTE = lazy_pattern(r"\s*\((?:\**note\**|word count)\s*:[^()]*\)|\s*\(\d+ words\)", re.I)
-_FENCE = lazy_pattern(r"^\s*```[\w-]*\s*$", re.M)
-_QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "\u00ab": "\u00bb", "`": "`"}
-_BULLET = lazy_pattern(r"^\s*(?:[-*+\u2022]|\d{1,3}[.)])\s+", re.M)
-_HEADING = lazy_pattern(r"^\s*#{1,6}\s*", re.M)
-_HEADING_LINE = lazy_pattern(r"^\s*#{1,6}\s.*$|^\s*[-*_]{3,}\s*$", re.M)
-_BLOCKQUOTE = lazy_pattern(r"^\s*>\s?", re.M)
-# Emphasis marks hug words from outside; an underscore inside a tag (score_8_up) is no mark.
+class OddQuotes:
+    """Matches a tag with an unpaired double quote: a piece of a sentence (`steed."`), not a tag."""
+
+    def match(self, text: str) -> bool:
+        return (text.count('"') + text.count("\u201c") + text.count("\u201d")) % 2 == 1
+
+
+class Style(Frozen):
+    """One kind of answer: how it is asked for, measured, cleaned and judged (a row of STYLES)."""
+
+    name: str
+    form: str  # prose: one line; tags: a tag list; text: lines kept (Markdown, fiction)
+    family: str  # which cleaning rules apply: caption, prompt, card, fiction, vision
+    unit: str = ""  # what the range counts, a key of UNITS; "" for no range
+    low: int = 0
+    high: int = 0
+    template: str = ""
+    sampling: str = ""  # the SAMPLING row of its requests
+    structured: bool = False  # asked for as a JSON array where the server can
+    clip_budget: bool = False  # a caption over CLIP's 75 tokens is flagged
+    faithful: bool = False  # its concrete words must come from the description
+    keep_weights: bool = False  # (tag:1.2) weights stay (prompts)
+    underscores: bool = False  # tags keep underscores (prompts)
+    cut_long: bool = False  # over the maximum is cut to it, not asked again (tag lists)
+    clip_fit: bool = False  # trailing tags are left off until the line fits CLIP's budget (printed whole)
+
+    def size(self, body: str) -> int:
+        """The caption's size in the style's unit."""
+        return UNITS[self.unit][0](body) if self.unit else 0
+
+    def problem(self, body: str) -> str:
+        """What is out of range, or "".
+
+        >>> STYLES["training"].problem("a b c")
+        'it has 3 words; a training caption has 50 to 150'
+        """
+        if not self.unit:
+            return ""
+        size, noun = self.size(body), UNITS[self.unit][1]
+        if self.low <= size <= self.high or size > self.high and self.cut_long:
+            return ""  # a long tag list is cut to its maximum, not asked again
+        return f"it has {plural(size, noun)}; a {self.name.split('-')[0]} caption has {self.low} to {self.high}"
+
+    def distance(self, body: str) -> int:
+        """How far a caption is from the range (0 inside it)."""
+        if not self.unit:
+            return 0
+        size = self.size(body)
+        return max(self.low - size, 0 if self.cut_long else size - self.high, 0)
+
+    def far_too_long(self, answer: str) -> bool:
+        """An answer beyond four times the maximum is a runaway, never written whole."""
+        return bool(self.unit) and len(answer.split()) > 4 * self.high * UNITS[self.unit][2]
+
+    def schema(self) -> dict:
+        """The JSON schema of a structured tag answer, sized by the range."""
+        return {"type": "array", "items": {"type": "string"}, "minItems": self.low, "maxItems": self.high}
+
+
+def plural(count: int, noun: str) -> str:
+    """A count and its noun, singular for one.
+
+    >>> plural(1, "tags"), plural(3, "images"), plural(1, "descriptions")
+    ('1 tag', '3 images', '1 description')
+    """
+    return f"{count} {noun[:-1] if count == 1 and noun.endswith('s') else noun}"
+
+
+_SENTENCE_END = lazy_pattern(r"(?<=[.!?])\s+(?=\S)")
+
+
+def count_words(body: str) -> int:
+    return len(body.split())
+
+
+def count_sentences(body: str) -> int:
+    return len(split_sentences(body.strip()))
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a line; a sentence end inside double quotes (a sign's text) is no end.
+
+    >>> split_sentences('A card reads "Hi. Bye." on a desk. It is red.')
+    ['A card reads "Hi. Bye." on a desk.', 'It is red.']
+    """
+    parts, start = [], 0
+    for match in _SENTENCE_END.finditer(text):
+        before = text[start:match.start()]
+        if before.count('"') % 2 == 0 and before.count("\u201c") <= before.count("\u201d"):
+            parts.append(before)
+            start = match.end()
+    parts.append(text[start:])
+    return [part for part in parts if part]
+
+
+def count_tags(body: str) -> int:
+    return len([tag for tag in body.split(",") if tag.strip()])
+
+
+# What each unit counts, its name, and about how many words it takes.
+UNITS = {"words": (count_words, "words", 1), "sentences": (count_sentences, "sentences", 40),
+         "tags": (count_tags, "tags", 4)}
+
+# Every caption style, accurate and --creative, and the styles of the text commands.
+STYLES = {row.name: row for row in (
+    Style("training", "prose", "caption", "words", 50, 150, "caption_training", "caption", faithful=True),
+    Style("training-creative", "prose", "caption", "words", 50, 150, "caption_training_creative",
+          "caption-creative"),
+    Style("tags", "tags", "caption", "tags", 20, 40, "caption_tags", "caption", structured=True,
+          clip_budget=True, faithful=True, cut_long=True),
+    Style("tags-creative", "tags", "caption", "tags", 30, 50, "caption_tags_creative", "caption-creative",
+          structured=True, clip_budget=True, cut_long=True),
+    Style("detailed", "prose", "caption", "sentences", 2, 4, "caption_detailed", "caption", faithful=True),
+    Style("detailed-creative", "prose", "caption", "sentences", 2, 4, "caption_detailed_creative",
+          "caption-creative"),
+    Style("vision", "text", "vision", sampling="vision"),
+    Style("prompt-t5", "prose", "prompt", template="prompt_t5", sampling="prompt"),
+    Style("prompt-clip", "tags", "prompt", template="prompt_clip", sampling="prompt", keep_weights=True,
+          underscores=True, clip_fit=True),
+    Style("enhance", "prose", "prompt", sampling="enhance-moderate"),
+    Style("describe", "text", "card", template="describe", sampling="describe"),
+    Style("lore", "text", "fiction", template="lore", sampling="lore-medium"),
+)}
+CAPTION_STYLES = ("training", "tags", "detailed")
+
+
+class Rule(Frozen):
+    """One cleaning rule: where it looks, what it does, to which families of styles.
+
+    scope: answer (anywhere in the raw answer), start (the answer's opening), end (its
+    last lines), line, sentence, tag. action: strip (remove the match), drop (remove the
+    whole sentence, line or tag), flag (keep it; a person should look). review: a strip
+    that still flags the caption (the answer was in the wrong shape).
+    """
+
+    name: str
+    scope: str
+    action: str
+    pattern: object  # a lazy_pattern
+    families: tuple[str, ...] = ("caption", "prompt", "card", "fiction", "vision")
+    review: bool = False
+    keep: object = None  # for strip: what of the match stays (a function of the match)
+    forms: tuple[str, ...] = ("prose", "tags", "text")
+    capitalise: bool = False  # the text that now comes first starts with a capital
+
+
+_ALL = ("caption", "prompt", "card", "fiction", "vision")
+_WRITTEN = ("caption", "prompt", "vision")  # answers about a picture, not fiction or a card
+_TASK = (r"(?:caption|captions|description|descriptions|prompt|prompts|tag list|tags|answer|response"
+         r"|output|rewrite|text)")
+_PICTURE = r"(?:image|picture|photo|photograph|illustration|artwork|drawing|painting|render|scene)"
+
+RULES = (
+    # The whole answer.
+    Rule("think block", "answer", "strip", lazy_pattern(r"<(think|thinking)>.*?</\1>\s*", re.S | re.I)),
+    Rule("think block", "answer", "strip", lazy_pattern(r"\A.*</(?:think|thinking)>\s*", re.S | re.I)),
+    Rule("think block", "answer", "strip", lazy_pattern(r"\s*<(?:think|thinking)>.*\Z", re.S | re.I)),
+    Rule("code fence", "answer", "strip", lazy_pattern(r"^[ \t]*```[\w-]*[ \t]*$", re.M)),
+    Rule("note", "answer", "strip", lazy_pattern(
+        r"[ \t]*\((?:\**note\**|word count|tag count)\s*:[^()\n]*\)|[ \t]*\(\d+ (?:words|tags)\)", re.I)),
+    # The opening: lead-ins, labels and boilerplate, taken off one after another.
+    Rule("lead-in", "start", "strip", lazy_pattern(
+        r"\A(?:[^\x00-\x7f][^\n]{0,60}[:\uff1a][ \t]*\n|(?:claro|por supuesto|aqu\u00ed (?:tienes|est\u00e1)"
+        r"|voici|bien s\u00fbr|d'accord|nat\u00fcrlich|gerne|hier ist|ecco|certo|certamente)"
+        r"[^\n:\uff1a]{0,80}[:\uff1a]\s*)", re.I)),
+    Rule("lead-in", "start", "strip", lazy_pattern(
+        r"\A(?:sure|certainly|of course|absolutely|okay|ok|alright|great|got it|here you go|here it is)"
+        r"(?:\s*[!.:]+(?=\s|$)|\s*,?\s*(?=(?:here|below|this is)\b))\s*", re.I)),
+    Rule("lead-in", "start", "strip", lazy_pattern(
+        r"\A(?:here(?:'s| is| are)|below is|this is)\s+(?:(?:the|your|a|an|my|some)\s+)?(?:[\w/-]+\s+){0,4}?"
+        r"(?:caption|tag|description|prompt|version|rewrite|result|card|story|answer|output|profile)s?\b"
+        r"[^\n:]{0,60}:\s*", re.I)),
+    Rule("lead-in", "start", "strip", lazy_pattern(
+        rf"\A(?:the|this|my|your)\s+(?:(?:image|final|training|rewritten)\s+)?{_TASK}\s+"
+        r"(?:is as follows|follows|is below|reads as follows)\s*[:.]\s*", re.I)),
+    Rule("label", "start", "strip", lazy_pattern(
+        r"\A[*_#\s]*(?:(?:final|rewritten|enhanced|improved|training|booru|danbooru|flux|sdxl|image|the)\s+){0,3}"
+        r"(?:caption|tags|tag list|description|prompt|answer|output|result|text|lora)"
+        r"(?:\s+(?:for|of)\s+[\w/. -]{1,40}?)?[*_]*\s*[:\uff1a][*_]*[ \t]*\n?", re.I)),
+    Rule("boilerplate opener", "start", "strip", lazy_pattern(
+        rf"\A(?:(?:the|this) {_PICTURE} (?:shows|depicts|features|displays|presents|portrays|captures"
+        r"|showcases|contains|is of|is an? (?:image|picture|photo) of)\b"
+        rf"|(?:in|within) (?:this|the) {_PICTURE}\b,?|this is an? (?:image|picture|photo|photograph) of\b"
+        r"|the image is (?=an? ))\s*", re.I), families=("caption", "prompt"), forms=("prose",), capitalise=True),
+    # The last lines: offers and notes to the reader.
+    Rule("offer", "end", "drop", lazy_pattern(
+        r"\A(?:let me know\b|i hope (?:this|that|you)\b|feel free\b|would you like\b|do you want\b"
+        r"|if you(?:'d| would)? (?:like|need|want)\b|happy to help\b|hope this helps\b"
+        r"|i can (?:also )?(?:adjust|provide|make|modify|change)\b)", re.I),
+         families=("caption", "prompt", "card", "vision")),
+    # In fiction a character may say "let me know": only an offer about the text itself goes.
+    Rule("offer", "end", "drop", lazy_pattern(
+        r"\A(?:let me know if you(?:'d| would)? (?:like|want|need)|i hope (?:you enjoy|this|that)\b"
+        r"|would you like (?:me to|a |another|more)|feel free to (?:ask|let me know|request)"
+        r"|if you(?:'d| would)? like (?:me to|a |another|more)|happy to help\b|hope this helps\b)", re.I),
+         families=("fiction",)),
+    Rule("note", "end", "drop", lazy_pattern(
+        r"\A[*_]*(?:note|notes|explanation|word count|tag count|total tags|character count)[*_]*\s*:", re.I)),
+    # Lines: Markdown around prose, and list items where a paragraph was asked for.
+    Rule("heading", "line", "drop", lazy_pattern(r"\A\s*(?:#{1,6}\s.*|[-*_]{3,}\s*)\Z"),
+         families=_WRITTEN),
+    Rule("template echo", "line", "drop", lazy_pattern(
+        r"\A\s*[*_]*(?:requirements|output format|output|format|rules|structure|instructions|constraints"
+        r"|style|length)[*_]*\s*:", re.I), families=("caption", "prompt")),
+    Rule("list numbering", "line", "strip", lazy_pattern(r"\A\s*(?:[-*+\u2022]|\d{1,3}[.)])\s+"),
+         families=("caption", "prompt"), review=True, forms=("prose",)),
+    Rule("markdown", "line", "strip", lazy_pattern(r"\A\s*>\s?"), families=_WRITTEN),
+    # Sentences of prose. Drop rules are about the task, the prompt, the file or the model.
+    Rule("meta talk", "sentence", "drop", lazy_pattern(
+        r"\b(?:flux|t5|lora|loras|sdxl|booru|danbooru|stable diffusion)\b[^.!?]{0,60}"
+        rf"\b(?:{_TASK}|training|dataset)\b|\bimage descriptions?\b|\b(?:as an ai|as a language model"
+        r"|(?:ai|language|vision|text) model)\b"
+        r"|\A\(?\s*(?:(?:following|as per|per|according to|in line with) (?:the|your|these|all|my) "
+        r"(?:rules|instructions|guidelines|requirements|request)\b"
+        rf"|(?:this|the|my|above|previous|following) (?:(?:final|training|rewritten|revised|above) )?{_TASK}"
+        r"(?: above| provided| below)? (?:adheres|follows|complies|meets|sticks|avoids|focuses|has been"
+        r"|is written|was written|is based|captures|includes|uses|should|contains|describes the image)"
+        r"|i (?:have|'ve) (?:avoided|kept|followed|included|omitted|focused|used|made|tried|written|described"
+        r"|added|removed|ensured|limited|chosen|rewritten)"
+        r"|i (?:avoided|kept|followed|included|omitted|focused|used|made sure|described|ensured)\b"
+        r"|no other tags|all tags (?:are|were)|word count|\(?\d+ words\)?\.?\Z)", re.I),
+         families=_WRITTEN),
+    Rule("hedge", "sentence", "drop", lazy_pattern(
+        r"\A(?:i|we) (?:can't|cannot|can not|am unable to|'m unable to|am not able to|'m not able to"
+        r"|do not|don't|could not|couldn't) (?:determine|identify|tell|see|know|confirm|make out|say"
+        r"|be sure|verify|read|discern)\b", re.I), families=_WRITTEN),
+    # "It is impossible to tell where the sky ends" describes the picture; doubts about who or
+    # what something is are the model's.
+    Rule("hedge", "sentence", "flag", lazy_pattern(
+        r"\Ait(?:'s| is) (?:not possible|impossible|difficult|hard|unclear) to (?:determine|identify|confirm"
+        r"|verify|(?:tell|say|know|see) (?:who|what|whether|if|the (?:exact|specific|identity|name|brand|age)))\b"
+        r"|\A(?:the )?(?:exact|specific) (?:identity|location|setting|age|species|breed)"
+        r" (?:is|cannot be|remains) (?:unknown|unclear|determined|not clear)", re.I),
+         families=("caption", "prompt")),
+    # "this photograph" may be a print someone holds; "this image" is the model looking at its input.
+    Rule("meta talk", "sentence", "flag", lazy_pattern(
+        r"\bthis image\b|\bthe image (?:shows|depicts|features|captures|conveys|evokes|appears|is|has|gives"
+        r"|creates|presents)\b", re.I), families=("caption", "prompt")),
+    Rule("template echo", "sentence", "flag", lazy_pattern(
+        r"\b\d+ to \d+ (?:tags|words|sentences)\b|\bone single line\b|\bno trailing comma\b"
+        r"|\bwell-formed sentences\b|\band so on\.?\Z|\betc\.?\Z", re.I), families=("caption", "prompt")),
+    Rule("filler", "sentence", "drop", lazy_pattern(r"\blorem ipsum\b", re.I),
+         families=("caption", "prompt", "card", "vision")),
+    Rule("aside", "sentence", "strip", lazy_pattern(
+        r"\s*\[(?:insert|trigger|name|subject|character|placeholder|note|your)\b[^\[\]\n]{0,60}\]", re.I),
+         families=_WRITTEN),
+    Rule("arafed", "sentence", "strip", lazy_pattern(r"\b(an? )?(?:arafed|araffe|arafe|arafad)\b\s*", re.I),
+         families=_WRITTEN, keep=lambda match: _article_for(match)),
+    Rule("aside", "sentence", "strip", lazy_pattern(r"\s*\[[^\[\]\n]{1,80}\]"), families=_WRITTEN, review=True),
+    Rule("invented link", "sentence", "strip", lazy_pattern(r"!\[[^\]\n]*\]\([^)\n]*\)\s*"),
+         families=("card",)),
+    # Tags.
+    Rule("meta talk", "tag", "drop", lazy_pattern(
+        rf"\A(?:no other tags|all tags|here (?:is|are)|the {_PICTURE} (?:shows|depicts)|this {_PICTURE}"
+        r"|these are|tags? (?:used|count)|total tags|i (?:have |'ve )?(?:hope|used|avoided|kept|included"
+        r"|omitted|made|tried|focused|added|removed|limited|chose|followed)\b)", re.I)),
+    Rule("aside", "tag", "drop", lazy_pattern(r"\A\[[^\[\]]*\]\Z")),
+    Rule("meta talk", "tag", "drop", lazy_pattern(r"\A(?:the|these|above|all|those) tags?\b", re.I)),
+    Rule("template echo", "tag", "drop", lazy_pattern(
+        r"\A(?:and so on|etc\.?|\d+ to \d+ (?:tags|words)|no trailing comma|output format\b.*|requirements\b.*"
+        r"|separated by (?:a )?commas?|all lowercase)\Z", re.I)),
+    Rule("fragment", "tag", "drop", lazy_pattern(r"\A(?:([-*_#=~:,;'\"|])\1*|\.|[^\w\s]*[\[\]{}][^\w]*|.*[^\w\s]:)\Z")),
+    Rule("fragment", "tag", "drop", OddQuotes()),
+    Rule("sentence in tags", "tag", "flag", lazy_pattern(r"\A(?:\S+\s+){6,}\S+\Z")),
+)
+
+
+class Cleaned(Record):
+    """What clean() made of an answer: the text, and each span a rule removed or flagged."""
+
+    text: str = ""
+    spans: list = []  # (rule name, action, text)
+    refused: bool = False
+
+    def note(self, rule: Rule, text: str) -> None:
+        """Record what a rule did."""
+        text = one_line(text)
+        if text or rule.action == "flag":
+            self.spans.append((rule.name, "flag" if rule.review else rule.action, text))
+
+    @property
+    def flags(self) -> list[str]:
+        """The rules that flagged the text for review, each once."""
+        return list(dict.fromkeys(name for name, action, _ in self.spans if action == "flag"))
+
+    @property
+    def fired(self) -> list[str]:
+        """Every rule that removed or flagged something, each once."""
+        return list(dict.fromkeys(name for name, _, _ in self.spans))
+
+
+def rules_for(style: Style, scope: str) -> list[Rule]:
+    """The rules of one scope that apply to a style, in table order."""
+    return [rule for rule in RULES if rule.scope == scope and style.family in rule.families
+            and style.form in rule.forms]
+
+
+def clean(answer: str, style: Style, *, cut_off: bool = False) -> Cleaned:
+    """Clean one answer for one style, in one pass; nothing is cleaned twice.
+
+    cut_off: the answer stopped at the token limit, so its unfinished end goes.
+
+    >>> clean("Sure! Here is the caption: A red fox in snow. Let me know!", STYLES["training"]).text
+    'A red fox in snow.'
+    """
+    result = Cleaned()
+    text = answer.replace("\r\n", "\n")
+    for rule in rules_for(style, "answer"):
+        text = _apply(rule, text, result)
+    text = strip_wrapping_quotes(_strip_start(text, style, result))
+    if is_refusal(text, style):
+        result.refused = True
+        result.spans.append(("refusal", "drop", one_line(text)[:200]))
+        return result
+    text = _strip_end(text, style, result)
+    lines = [_clean_line(line, style, result) for line in text.split("\n")]
+    FORMS[style.form](lines, style, result, cut_off)
+    return result
+
+
+def _apply(rule: Rule, text: str, result: Cleaned, count: int = 0) -> str:
+    """Remove what a strip rule matches, recording each match."""
+    def remove(match: re.Match) -> str:
+        result.note(rule, match.group(0))
+        return rule.keep(match) if rule.keep else ""
+
+    return rule.pattern.sub(remove, text, count=count)
+
+
+def _strip_start(text: str, style: Style, result: Cleaned) -> str:
+    """Take lead-ins, labels and boilerplate off the answer's opening, one after another."""
+    text = text.strip()
+    for _ in range(4):
+        before = text
+        for rule in rules_for(style, "start"):
+            stripped = strip_wrapping_quotes(_apply(rule, text, result, count=1).lstrip())
+            if rule.capitalise and stripped != text:
+                stripped = stripped[:1].upper() + stripped[1:]
+            text = stripped
+        if text == before:
+            break
+    return text
+
+
+def _strip_end(text: str, style: Style, result: Cleaned) -> str:
+    """Drop trailing lines and sentences that talk to the reader (offers, notes)."""
+    lines = text.rstrip().split("\n")
+    rules = rules_for(style, "end")
+    while lines:
+        last = lines[-1].strip()
+        if not last:
+            lines.pop()
+            continue
+        # One of the last few sentences of the last line opens an offer or a note: it goes, and
+        # all after it. (Only the last few: an offer ends an answer, and long lines stay linear.)
+        parts = split_sentences(last)
+        for cut in range(max(0, len(parts) - END_SENTENCES), len(parts)):
+            rule = next((rule for rule in rules if not _quoted(parts[cut]) and rule.pattern.match(parts[cut])),
+                        None)
+            if rule:
+                result.note(rule, " ".join(parts[cut:]))
+                lines[-1] = " ".join(parts[:cut])
+                break
+        else:
+            break
+    return strip_wrapping_quotes("\n".join(lines).strip())
+
+
+END_SENTENCES = 4
+
+
+def _quoted(text: str) -> bool:
+    """Whether a sentence opens with a quote: someone's words, not the model's."""
+    return text[:1] in "\"'\u201c\u2018\u00ab"
+
+
+def _clean_line(line: str, style: Style, result: Cleaned) -> str:
+    """One line: Markdown and list markers off, echo lines dropped."""
+    for rule in rules_for(style, "line"):
+        if rule.action == "drop":
+            if rule.pattern.match(line):
+                result.note(rule, line)
+                return ""
+        else:
+            line = _apply(rule, line, result, count=1)
+    return line.strip()
+
+
+def _clean_prose(lines: list[str], style: Style, result: Cleaned, cut_off: bool) -> None:
+    """Prose: one line of sentences; emphasis marks off, loops cut at the end, sentence rules applied."""
+    text = one_line(" ".join(_EMPHASIS.sub(r"\2", line).replace("`", "") for line in lines))
+    if cut_off:
+        text = _drop_unfinished_sentence(text, result)
+    text = cut_loop(text, result, cut_off=cut_off)
+    result.text = strip_wrapping_quotes(_clean_sentences(text, style, result))
+
+
+def _clean_text(lines: list[str], style: Style, result: Cleaned, cut_off: bool) -> None:
+    """Text that keeps its lines (a card's Markdown, fiction): sentence rules line by line,
+    paragraph breaks kept."""
+    kept: list[str] = []
+    for line in lines or []:
+        cleaned = _clean_sentences(line, style, result) if line else ""
+        if cleaned or kept and kept[-1]:
+            kept.append(cleaned)
+    result.text = "\n".join(kept).strip()
+
+
+def _clean_sentences(text: str, style: Style, result: Cleaned) -> str:
+    """Apply the sentence rules: strip spans, drop task talk, flag the doubtful."""
+    rules = rules_for(style, "sentence")
+    kept = []
+    for sentence in split_sentences(text):
+        for rule in rules:
+            if rule.action == "strip":
+                sentence = _apply(rule, sentence, result)
+            elif rule.action == "drop" and not _quoted(sentence) and _unquoted_match(rule, sentence):
+                result.note(rule, sentence)
+                sentence = ""
+                break
+            elif rule.action == "flag" and _unquoted_match(rule, sentence):
+                result.note(rule, sentence)
+        sentence = sentence.strip()
+        if sentence:
+            kept.append(sentence)
+    return " ".join(kept)
+
+
+def _unquoted_match(rule: Rule, sentence: str) -> bool:
+    """Whether a rule matches a sentence outside the words it quotes (a sign's text is content)."""
+    return bool(rule.pattern.search(_QUOTED.sub('""', sentence)))
+
+
+_QUOTED = lazy_pattern(r"\"[^\"]*\"|\u201c[^\u201d]*\u201d|\u00ab[^\u00bb]*\u00bb|(?<!\w)'[^']*'(?!\w)")
 _EMPHASIS = lazy_pattern(r"(?<![\w*])(\*\*|__|\*|_)(?=\S)(.+?)(?<=\S)\1(?![\w*])")
 
 
-def strip_think(text: str) -> str:
-    """Remove reasoning blocks, closed or not.
+def _article_for(match: re.Match) -> str:
+    """The article that fits the word after a removed "arafed" ("an arafed man" -> "a man")."""
+    if not match.group(1):
+        return ""
+    following = match.string[match.end():match.end() + 1].lower()
+    article = "an" if following and following in "aeiou" else "a"
+    return (article.capitalize() if match.group(1)[0].isupper() else article) + " "
 
-    >>> strip_think("<think>hmm</think>A cat.")
-    'A cat.'
-    >>> strip_think("plan first</think>A dog.")
-    'A dog.'
-    >>> strip_think("A bird. <think>ran out of tokens")
-    'A bird.'
-    """
-    text = _THINK_BLOCK.sub("", text)
-    closes = list(_THINK_CLOSE.finditer(text))
-    if closes:  # the opening tag was part of the prompt: all before the close is reasoning
-        text = text[closes[-1].end():]
-    opened = _THINK_OPEN.search(text)
-    if opened:  # the answer ran out of tokens while reasoning
-        text = text[:opened.start()]
-    return text.strip()
+
+def _drop_unfinished_sentence(text: str, result: Cleaned) -> str:
+    """An answer cut at the token limit ends mid-sentence: keep what was finished."""
+    end = max(text.rfind(mark) for mark in ".!?")
+    if 0 < end < len(text) - 1:
+        result.spans.append(("cut off", "strip", text[end + 1:].strip()))
+        return text[:end + 1]
+    return text
+
+
+def _clean_tags(lines: list[str], style: Style, result: Cleaned, cut_off: bool) -> None:
+    """Tags: a JSON list, or split on commas and new lines only; every kaomoji character kept."""
+    raws = _json_tags("\n".join(lines))
+    if raws is None:  # commas and new lines only: ;) and :d are tags, not separators
+        raws = [part for line in lines for part in _TAG_SEPARATOR(line).split(line)]
+    raws = [raw.strip() for raw in raws if raw.strip()]
+    if cut_off and len(raws) > 1:
+        result.spans.append(("cut off", "strip", raws.pop()))
+    rules = rules_for(style, "tag")
+    tags: list[str] = []
+    for raw in raws:
+        tag = normalize_tag(raw, underscores=style.underscores, keep_weights=style.keep_weights)
+        rule = next((rule for rule in rules if rule.pattern.match(tag)), None)
+        if rule and rule.action == "drop" or not tag:
+            if rule:
+                result.note(rule, raw)
+            continue
+        if rule:
+            result.note(rule, tag)
+        if tag not in tags:
+            tags.append(tag)
+    result.text = ", ".join(tags)
+
+
+def _TAG_SEPARATOR(line: str):  # noqa: N802 - picks the separator pattern of a line
+    """Commas; a line with no comma but several "; " is a list separated by semicolons."""
+    return _SEMICOLONS if "," not in line and line.count("; ") >= 2 else _COMMAS
+
+
+_COMMAS = lazy_pattern(r",")
+_SEMICOLONS = lazy_pattern(r";\s+")
+
+
+def _json_tags(text: str) -> list[str] | None:
+    """The tags of a structured (JSON) answer, or None when it is not one."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(value, dict):
+        value = next((item for item in value.values() if isinstance(item, list)), None)
+    if isinstance(value, list):
+        return [item for item in value if isinstance(item, str)]
+    return None
+
+
+FORMS = {"prose": _clean_prose, "tags": _clean_tags, "text": _clean_text}
+
+_QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "\u00ab": "\u00bb", "`": "`"}
 
 
 def strip_wrapping_quotes(text: str) -> str:
@@ -907,215 +1361,124 @@ def _quotes_inside(text: str) -> bool:
     return False
 
 
-def strip_chatter(text: str) -> str:
-    """Remove think blocks, preambles, code fences and trailing offers from an answer.
-
-    >>> strip_chatter('Sure! Here is your caption:\\n"A red fox in snow."\\nLet me know if you need more.')
-    'A red fox in snow.'
-    """
-    text = strip_think(text)
-    text = _PAREN_NOTE.sub("", _FENCE.sub("", text)).strip()
-    for _ in range(3):
-        before = text
-        text = _INTERJECTION.sub("", text, count=1)
-        text = _PREAMBLE.sub("", text, count=1)
-        text = _LABEL.sub("", text, count=1).strip()
-        if text == before:
-            break
-    lines = text.splitlines()
-    while lines and (not lines[-1].strip() or _OFFER.match(lines[-1].strip())):
-        lines.pop()
-    text = "\n".join(lines)
-    text = _OFFER.sub("", text).strip()
-    return strip_wrapping_quotes(text)
-
-
-def strip_markdown(text: str) -> str:
-    """Remove headings, bullets, emphasis and inline code marks.
-
-    >>> strip_markdown("## Look\\n- **bold** fox\\n- `calm` lake")
-    'Look\\nbold fox\\ncalm lake'
-    """
-    text = _HEADING.sub("", text)
-    text = _BLOCKQUOTE.sub("", text)
-    text = _BULLET.sub("", text)
-    text = _EMPHASIS.sub(r"\2", text)
-    return text.replace("`", "")
-
-
 def one_line(text: str) -> str:
     """Join lines and collapse whitespace into a single line."""
     return " ".join(text.split())
 
 
-def clean_prose(answer: str) -> str:
-    """A prose answer as one clean line; headings, rules and lead-ins are chatter."""
-    text = _HEADING_LINE.sub("", strip_chatter(_FOREIGN_LEAD.sub("", strip_think(answer), count=1)))
-    return one_line(strip_wrapping_quotes(strip_markdown(strip_chatter(text))))
+def strip_think(text: str) -> str:
+    """Remove reasoning blocks, closed or not.
 
-
-def clean_tags(answer: str) -> list[str]:
-    """Split a tag answer into unique tags, in order.
-
-    >>> clean_tags("Tags: 1girl, Solo,\\n- red hair, solo, smile.")
-    ['1girl', 'Solo', 'red hair', 'smile']
+    >>> strip_think("<think>hmm</think>A cat.")
+    'A cat.'
+    >>> strip_think("plan first</think>A dog.")
+    'A dog.'
+    >>> strip_think("A bird. <think>ran out of tokens")
+    'A bird.'
     """
-    tags: list[str] = []
-    seen: set[str] = set()
-    for raw in re.split(r"[,\n;]", strip_markdown(strip_chatter(answer))):
-        tag = strip_wrapping_quotes(one_line(raw)).strip(" .")
-        key = tag.casefold()
-        if tag and key not in seen:
-            seen.add(key)
-            tags.append(tag)
-    return tags
+    for rule in RULES[:3]:
+        text = rule.pattern.sub("", text)
+    return text.strip()
 
 
-# Sentences that talk about the answer or the instructions instead of the image.
-_META = lazy_pattern(
-    r"^\(?\s*(?:(?:following|as per|per|according to) (?:the|your|these|all) (?:rules|instructions"
-    r"|guidelines|requirements)\b|(?:this|the|my) (?:description|caption|answer|response|prompt|tag list)"
-    r"(?: above| provided)? (?:adheres|follows|complies|meets|sticks|avoids|focuses|has been written"
-    r"|is written|was written)"
-    r"|i (?:have|'ve) (?:avoided|kept|followed|included|omitted|focused|used|made|tried|written|described)"
-    r"|i (?:avoided|kept|followed|included|omitted|focused|used|made sure|described)\b"
-    r"|no other tags|all tags (?:are|were)|word count|\(?\d+ words\)?$|note\s*:)", re.I)
-# Hedges inside a caption: the model's doubts are not part of the picture.
-_HEDGE = lazy_pattern(
-    r"^(?:i (?:can't|cannot|can not|am unable to|'m unable to|am not able to|'m not able to|do not|don't)"
-    r" (?:determine|identify|tell|see|know|confirm|make out|say|be sure|verify)"
-    r"|it(?:'s| is) (?:not possible|impossible|difficult|hard|unclear) to (?:determine|identify|tell|say|know)"
-    r"|(?:the )?(?:exact|specific) (?:identity|location|setting) (?:is|cannot be) (?:unknown|unclear|determined))",
-    re.I)
-# An answer that opens like this refused (or apologised) instead of describing.
-_REFUSAL = lazy_pattern(
-    r"^(?:i'?m sorry|i am sorry|sorry[,.!]|i apologi[sz]e|i can(?:no|')t\b|i cannot\b|i can not\b"
-    r"|i(?:'m| am) (?:unable|not able)\b|i won'?t\b|i will not\b|as an ai\b|as a language model\b"
-    r"|unfortunately,? i\b|i'?m afraid i\b)", re.I)
-_ASIDE = lazy_pattern(r"\s*\[[^\[\]\n]{0,80}\]\s*")
-_LOREM_WORDS = {"lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed",
-                "do", "eiusmod", "tempor", "incididunt", "ut", "labore", "et", "dolore", "magna", "aliqua"}
+_REFUSAL_OPENER = lazy_pattern(
+    r"\A(?:i'?m sorry|i am sorry|sorry[,.!]|i apologi[sz]e|my apologies|i can(?:no|')t\b|i cannot\b"
+    r"|i can not\b|i(?:'m| am) (?:unable|not able)\b|i won'?t\b|i will not\b|as an ai\b"
+    r"|as a language model\b|unfortunately,? i\b|i'?m afraid i\b)", re.I)
+_REFUSAL_REASON = lazy_pattern(
+    r"\b(?:can(?:no|')t|cannot|can not|unable to|not able to|won'?t|will not|not comfortable|must decline"
+    r"|decline to|not allowed to|not permitted to)\s+(?:\w+\s+){0,3}?(?:describe|help|assist|provide|caption"
+    r"|tag|process|comply|fulfil+|create|generate|write|identify|view|see|analy[sz]e|do that|continue"
+    r"|produce|make|access|open)\b|\bas an ai\b|\bas a language model\b|\bcontent polic", re.I)
+_FICTION_REFUSAL = lazy_pattern(
+    r"\bas an ai\b|\blanguage model\b|\bcontent polic|\bguidelines\b|\b(?:this|that|your) request\b"
+    r"|\binappropriate\b|\bexplicit content\b", re.I)
+# A short answer that only says the picture cannot be made out.
+_CANNOT_SEE = lazy_pattern(
+    r"\Ait(?:'s| is) (?:not possible|impossible|difficult|hard) to (?:determine|tell|see|say|make out) what"
+    r" (?:the|this) (?:image|picture|photo)", re.I)
+REFUSAL_WORDS = 60  # a refusal is short: a long answer that apologises is describing something
 
 
-def is_filler(sentence: str) -> bool:
-    """Placeholder text ("Lorem ipsum dolor sit amet..."), not a caption that mentions it.
+def is_refusal(text: str, style: Style | None = None) -> bool:
+    """Whether a whole answer refused instead of answering: short, apologetic, and saying it will not.
 
-    >>> is_filler("Lorem ipsum dolor sit amet, consectetur."), is_filler("A shirt printed with lorem ipsum.")
-    (True, False)
-    """
-    words = re.findall(r"[a-z]+", sentence.lower())
-    return bool(words) and sum(word in _LOREM_WORDS for word in words) / len(words) >= 0.6
-# A lead-in in another language that ends in a colon ("好的，以下是标签：",
-# "Claro, aquí tienes el pie de foto:").
-_FOREIGN_LEAD = lazy_pattern(
-    r"^(?:[^\x00-\x7f][^\n]{0,60}[:\uff1a]\s*\n|(?:claro|por supuesto|aqu\u00ed (?:tienes|est\u00e1)"
-    r"|voici|bien s\u00fbr|d'accord|nat\u00fcrlich|gerne|hier ist|ecco|certo|certamente)"
-    r"[^\n:\uff1a]{0,80}[:\uff1a]\s*)", re.I)
-# Openers that describe the picture instead of what is in it; the caption starts after them.
-_BOILERPLATE = lazy_pattern(
-    r"^(?:(?:the|this) (?:image|picture|photo|photograph|illustration|artwork|drawing|painting|render"
-    r"|scene) (?:shows|depicts|features|displays|presents|portrays|captures|showcases|contains"
-    r"|is of|is an? (?:image|picture|photo) of)"
-    r"|(?:in|within) (?:this|the) (?:image|picture|photo|photograph|illustration|artwork|scene),?"
-    r"|this is an? (?:image|picture|photo|photograph) of|the image is (?=an? ))\s*", re.I)
-# A BLIP captioner artefact that small models copy ("an arafed man").
-_ARAFED = lazy_pattern(r"\b(?:(an?) )?(?:arafed|araffe|arafe|arafad)\b\s*", re.I)
-_SENTENCE_END = lazy_pattern(r"(?<=[.!?])\s+")
-
-
-def is_refusal(text: str) -> bool:
-    """Whether an answer refused, apologised or hedged instead of answering.
+    Judged on the answer as a whole, never on a sentence inside a caption; in fiction the
+    first person is the genre, so only talk of requests, policies or being an AI counts.
 
     >>> is_refusal("I'm sorry, but I can't describe this image."), is_refusal("A sorry-looking dog.")
     (True, False)
+    >>> is_refusal("I cannot remember when the sea took my brother.", STYLES["lore"])
+    False
     """
-    return bool(_REFUSAL.match(strip_wrapping_quotes(text.strip())))
+    text = strip_wrapping_quotes(text.strip())
+    if len(text.split()) > REFUSAL_WORDS:
+        return False
+    if _CANNOT_SEE.match(text):
+        return True
+    if not _REFUSAL_OPENER.match(text):
+        return False
+    style = style or STYLES["training"]
+    reason = _FICTION_REFUSAL if style.family == "fiction" else _REFUSAL_REASON
+    return bool(reason.search(text))
 
 
-def drop_chatter_sentences(text: str) -> str:
-    """Remove sentences about the answer itself, hedges, filler and [asides] from prose."""
-    text = _ASIDE.sub(" ", text)
-    kept = [sentence for sentence in _SENTENCE_END.split(text)
-            if not (_META.match(sentence) or _HEDGE.match(sentence) or is_filler(sentence))]
-    return " ".join(kept).strip()
+LOOP_SCAN = 40  # the longest repeated phrase looked for, in words
+_PUNCTUATION = ".,;:!?\"'()[]{}*_\u201c\u201d\u2018\u2019"
 
 
-def strip_boilerplate(text: str) -> str:
-    """Start the caption with its subject, not with "The image shows"; drop "arafed".
+def cut_loop(text: str, result: Cleaned | None = None, *, cut_off: bool = False) -> str:
+    """Cut a loop: a phrase repeated on to the end of the answer.
 
-    >>> strip_boilerplate("The image shows an arafed man in a hat.")
-    'A man in a hat.'
-    """
-    removed = _BOILERPLATE.sub("", text, count=1)
-    removed = _ARAFED.sub(lambda m: _article_for(m, removed) if m.group(1) else "", removed)
-    return removed[:1].upper() + removed[1:] if removed != text else text
-
-
-def _article_for(match: re.Match, text: str) -> str:
-    """The article that fits the word after a removed "arafed"."""
-    following = text[match.end():match.end() + 1].lower()
-    article = "an" if following in "aeiou" and following else "a"
-    return (article.capitalize() if match.group(1)[0].isupper() else article) + " "
-
-
-def cut_loop(text: str, *, repeats: int = 3) -> str:
-    """Cut text where a phrase starts repeating itself in a loop.
-
-    A phrase of 8 letters or more must come `repeats` times in a row, a shorter one
-    twice as often: "very very very long hair" and a row of stars are not loops.
+    A phrase of 8 letters or more must come 3 times in a row, a shorter one 6 times; a
+    repetition inside the text (a pattern, the words on a sign) is content and stays.
+    With cut_off (the answer hit the token limit) the last repetition may be unfinished.
+    Linear in the length of the text.
 
     >>> cut_loop("A cat sits on a mat. A cat sits on a mat. A cat sits on a mat. A cat sits")
     'A cat sits on a mat.'
-    >>> cut_loop("red, red, red, red, red, red"), cut_loop("very very very long hair")
-    ('red', 'very very very long hair')
+    >>> cut_loop("black and white, black and white, black and white tiles in a hallway.")
+    'black and white, black and white, black and white tiles in a hallway.'
     """
     words = text.split()
-    keys = [re.sub(r"[^\w]", "", word.lower()) for word in words]
-    for start in range(len(words)):
-        for size in range(1, min(40, (len(words) - start) // repeats) + 1):
-            unit = keys[start:start + size]
-            if not all(unit):
-                continue
-            times = repeats if sum(map(len, unit)) >= 8 else 2 * repeats
-            if start + times * size > len(words):
-                continue
-            if all(keys[start + n * size:start + (n + 1) * size] == unit for n in range(1, times)):
-                kept = " ".join(words[:start + size]).rstrip(",;: ")
-                return kept if kept[-1:] in ".!?" or not kept else kept
+    keys = [word.lower().strip(_PUNCTUATION) for word in words]
+    count = len(words)
+    for size in range(1, min(LOOP_SCAN, count // 3) + 1):
+        # Walk back from the end while each word equals the one a phrase earlier.
+        first = count
+        while first - size > 0 and keys[first - 1] == keys[first - 1 - size]:
+            first -= 1
+        start = first - size  # the periodic run is words[start:]
+        unit = keys[start:start + size]
+        if not all(unit):
+            continue
+        times = 3 if sum(map(len, unit)) >= 8 else 6
+        if count - start >= times * size:
+            kept = " ".join(words[:start + size]).rstrip(",;: ")
+            if result is not None:
+                result.spans.append(("loop", "strip", " ".join(words[start + size:])))
+            return kept
     return text
 
 
 def has_loop(text: str) -> bool:
-    """Whether the answer repeats a phrase in a loop."""
+    """Whether the answer ends in a loop."""
     return cut_loop(text) != text
 
 
-def clean_caption_prose(answer: str, *, cut_off: bool = False) -> str:
-    """A prose caption from an answer: chatter, boilerplate and loops removed, one line.
-
-    Raises RefusalError for an answer that refused.
-    """
-    text = clean_prose(answer)
-    if is_refusal(text):
-        raise RefusalError("the model refused to describe the image")
-    if cut_off:
-        text = drop_cut_off_end(text, style="training")
-    return strip_boilerplate(drop_chatter_sentences(cut_loop(text)))
-
-
 def is_kaomoji(tag: str) -> bool:
-    """Short emoticon tags like ^_^ and >_< keep their underscores.
+    """Emoticon tags like ^_^, >_< and ;) keep every character.
 
-    >>> is_kaomoji("^_^"), is_kaomoji("o_o"), is_kaomoji("long_hair")
-    (True, True, False)
+    >>> is_kaomoji("^_^"), is_kaomoji("o_o"), is_kaomoji(";)"), is_kaomoji("long_hair")
+    (True, True, True, False)
     """
-    return len(tag) <= 4 and "_" in tag and not re.search(r"[a-z]{2}", tag)
+    return len(tag) <= 5 and not re.search(r"[a-z]{2}|\s", tag) and bool(re.search(r"[^\w\s]|_", tag))
 
 
 _WEIGHT = lazy_pattern(r"^\(+([^():]+?)(?::\s*[\d.]+)?\)+$")
-_SENTENCE_TAG = lazy_pattern(
-    r"^(?:the (?:image|picture|photo)|this (?:image|is)|there (?:is|are)|no other|all tags|here (?:is|are)"
-    r"|i |note\b|it is|these are)", re.I)
+# Tags whose underscores are part of the name: Pony's score_9, source_anime, rating_safe.
+_UNDERSCORED = lazy_pattern(r"^(?:score_\d\w*|source_\w+|rating_\w+)$")
+_LIST_MARK = lazy_pattern(r"^\s*(?:[-*+\u2022]|\d{1,3}[.)])\s+")
 
 
 def normalize_tag(raw: str, *, underscores: bool = False, keep_weights: bool = False) -> str:
@@ -1123,63 +1486,42 @@ def normalize_tag(raw: str, *, underscores: bool = False, keep_weights: bool = F
 
     >>> normalize_tag("  Long_Hair. "), normalize_tag("(masterpiece:1.2)"), normalize_tag(">_<")
     ('long hair', 'masterpiece', '>_<')
+    >>> normalize_tag("score_8_up"), normalize_tag(";)"), normalize_tag("**smile**")
+    ('score_8_up', ';)', 'smile')
     """
-    tag = strip_wrapping_quotes(_BULLET.sub("", raw.strip()))
+    tag = _LIST_MARK.sub("", raw.strip())
+    tag = re.sub(r"^(\*\*|`)(.*\w.*)\1$", r"\2", tag)  # a whole tag in bold or code marks
+    tag = strip_wrapping_quotes(tag)
     weighted = _WEIGHT.match(tag)
     if weighted and not keep_weights:
         tag = weighted.group(1)
-    tag = one_line(tag.lower()).strip(" .")
-    if not underscores and not is_kaomoji(tag):
+    tag = one_line(tag.lower())
+    if re.search(r"\w", tag):
+        tag = tag.rstrip(".").strip()
+    if not (underscores or is_kaomoji(tag) or _UNDERSCORED.match(tag)):
         tag = one_line(tag.replace("_", " "))
     return tag
 
 
-def parse_tag_answer(answer: str) -> list[str]:
-    """The raw tags of an answer: a JSON list (structured output) or comma/line separated text."""
-    text = strip_chatter(_FOREIGN_LEAD.sub("", strip_think(answer), count=1))
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
-    if isinstance(value, dict):
-        value = next((item for item in value.values() if isinstance(item, list)), None)
-    if isinstance(value, list):
-        return [item for item in value if isinstance(item, str)]
-    lines = [line for line in text.splitlines()
-             if not (_META.match(line.strip()) or _OFFER.match(line.strip()))]
-    return re.split(r"[,\n;]", strip_markdown("\n".join(lines)))
+def without_trigger(text: str, trigger: str) -> str:
+    """Remove standalone mentions of the trigger and the punctuation they leave behind.
 
+    Never part of a word, a possessive or a hyphenated name.
 
-def clean_caption_tags(answer: str, *, cut_off: bool = False, underscores: bool = False,
-                       limit: int | None = None, keep_weights: bool = False) -> list[str]:
-    """Tags from an answer: normalised, without duplicates, asides or sentences; at most limit.
-
-    Raises RefusalError for an answer that refused.
+    >>> without_trigger("ohwx, a woman holding Mira's red umbrella", "ohwx")
+    "a woman holding Mira's red umbrella"
+    >>> without_trigger("Mira holds Mira's umbrella", "Mira")
+    "holds Mira's umbrella"
     """
-    if is_refusal(strip_chatter(strip_think(answer))):
-        raise RefusalError("the model refused to tag the image")
-    raws = parse_tag_answer(answer)
-    if cut_off and len(raws) > 1:
-        raws = raws[:-1]
-    tags: list[str] = []
-    for raw in raws:
-        if re.fullmatch(r"\s*\[.*\]\s*", raw):
-            continue
-        tag = normalize_tag(raw, underscores=underscores, keep_weights=keep_weights)
-        if tag and tag not in tags and len(tag.split()) <= 6 and not _SENTENCE_TAG.match(tag):
-            tags.append(tag)
-    return tags[:limit] if limit else tags
-
-
-def _without_word(text: str, word: str) -> str:
-    """Remove every whole-word occurrence of word, and the punctuation it leaves behind."""
-    pattern = re.compile(rf"(?<![\w-]){re.escape(word)}(?![\w-])", re.I)
+    pattern = re.compile(rf"(?<![\w'\u2019-]){re.escape(trigger)}(?![\w'\u2019-])", re.I)
+    if not pattern.search(text):
+        return text
     text = pattern.sub("", text)
     text = re.sub(r"\(\s*\)|\[\s*\]|\"\s*\"", "", text)
-    text = re.sub(r"\s+([,.;:!?])", r"\1", text)
-    text = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", text)
-    text = re.sub(r"[,;:]+(?=[.!?])", "", text)
-    return one_line(text).strip(" ,;:")
+    text = re.sub(r"\s+([,.;!?])", r"\1", text)
+    text = re.sub(r"([,;])(?:\s*[,;])+", r"\1", text)
+    text = re.sub(r"[,;]+(?=[.!?])", "", text)
+    return one_line(text).strip(" ,;")
 
 
 # Sentence openers that read wrong capitalised in the middle of "ohwx, A woman ...".
@@ -1218,76 +1560,29 @@ def layout_caption(body: str, *, trigger: str = "", prefix: str = "") -> str:
     return ", ".join(chunks)
 
 
-def drop_cut_off_end(text: str, *, style: str) -> str:
-    """Remove the unfinished end of an answer that hit the token limit.
-
-    >>> drop_cut_off_end("1girl, solo, long ha", style="tags")
-    '1girl, solo'
-    >>> drop_cut_off_end("A fox sits. It looks to", style="training")
-    'A fox sits.'
-    """
-    if style == "tags":
-        return text.rsplit(",", 1)[0] if "," in text else text
-    ends = [text.rfind(mark) for mark in ".!?"]
-    return text[:max(ends) + 1] if max(ends) > 0 else text
-
-
-TAG_RANGE = {False: (20, 40), True: (30, 50)}  # accurate and --creative
-WORD_RANGE = (50, 150)  # a training caption
-SENTENCE_RANGE = (2, 4)  # a detailed caption
-
-
-def finalize_caption(answer: str, *, style: str, trigger: str = "", prefix: str = "",
-                     cut_off: bool = False) -> str:
-    """Turn the text model's answer into the caption line we write.
-
-    Raises ImageError when nothing usable is left (RefusalError for a refusal), so
-    no empty file, and no refusal, is ever written.
-    """
-    spec = CaptionSpec(style=style, trigger=trigger.strip(), prefix=prefix)
-    return layout_caption(caption_body(answer, spec=spec, cut_off=cut_off),
-                          trigger=spec.trigger, prefix=prefix)
-
-
-def caption_body(answer: str, *, spec: CaptionSpec, cut_off: bool = False) -> str:
-    """The caption an answer gives, cleaned, before the prefix and trigger are placed."""
-    trigger = spec.trigger
-    if spec.style == "tags":
-        tags = clean_caption_tags(answer, cut_off=cut_off, underscores=spec.underscores)
-        body = ", ".join(arrange_tags(tags, trigger=trigger, prefix=spec.prefix, exclude=spec.exclude,
-                                      always_first=spec.always_first, underscores=spec.underscores,
-                                      limit=TAG_RANGE[spec.creative][1]))
-    else:
-        body = clean_caption_prose(answer, cut_off=cut_off)
-        if trigger:
-            body = _without_word(body, trigger)
-        body = continue_after_chunk(body) if spec.prefix or trigger else body[:1].upper() + body[1:]
-    if not body.strip(" ,.;:"):
-        raise RefusalError("the text model's answer was empty after cleaning")
-    return body
-
-
 def arrange_tags(tags: list[str], *, trigger: str = "", prefix: str = "", exclude: Sequence[str] = (),
                  always_first: Sequence[str] = (), underscores: bool = False,
-                 limit: int | None = None) -> list[str]:
+                 limit: int | None = None) -> tuple[list[str], list[str]]:
     """Order and trim tags: --always-first ones first, excluded and prefix tags out, at most limit.
 
-    The trigger is removed here (inside tags too: "ohwx woman"); layout_caption puts it first.
+    Returns (the tags to write, the model's own among them). The trigger is removed here
+    (also as a word inside a tag: "ohwx woman"); layout_caption puts it first.
 
     >>> arrange_tags(["smile", "1girl", "solo", "hat"], exclude=["hat"], always_first=["1girl", "solo"])
-    ['1girl', 'solo', 'smile']
+    (['1girl', 'solo', 'smile'], ['smile'])
     """
     def norm(tag: str) -> str:
         return normalize_tag(tag, underscores=underscores)
 
-    taken = {norm(tag) for tag in clean_tags(prefix)} | {norm(tag) for tag in exclude}
+    taken = {norm(tag) for tag in prefix.split(",")} | {norm(tag) for tag in exclude}
     if trigger:
         taken.add(norm(trigger))
-        tags = [_without_word(tag, trigger) for tag in tags]
+        tags = [without_trigger(tag, trigger) if not is_kaomoji(tag) else tag for tag in tags]
     first = [norm(tag) for tag in always_first if norm(tag) and norm(tag) not in taken]
-    rest = [tag for tag in tags if tag and tag not in taken and tag not in first]
-    arranged = list(dict.fromkeys(first + rest))
-    return arranged[:max(limit, len(first))] if limit else arranged
+    own = [tag for tag in dict.fromkeys(tags) if tag and tag not in taken and tag not in first]
+    arranged = list(dict.fromkeys(first + own))
+    arranged = arranged[:max(limit, len(first))] if limit else arranged
+    return arranged, [tag for tag in arranged if tag in own]
 
 
 def estimate_clip_tokens(text: str) -> int:
@@ -1328,41 +1623,143 @@ def estimate_clip_tokens(text: str) -> int:
     return math.ceil(total * 1.01)
 
 
-def caption_size(caption_body: str, style: str) -> int:
-    """What a style's range counts: tags, words or sentences."""
-    if style == "tags":
-        return len([tag for tag in caption_body.split(",") if tag.strip()])
-    if style == "training":
-        return len(caption_body.split())
-    return len([part for part in _SENTENCE_END.split(caption_body.strip()) if part])
+# -- Faithfulness ---------------------------------------------------------------
+# In accurate mode the text model only rewrites: every concrete word of the caption
+# (objects, colours, counts, clothing, named text) should come from the vision
+# description. Words are compared by stem, and through a few synonym groups.
+
+_FUNCTION_WORDS = frozenset("""
+a an the and or but nor of in on at to for with without from by as is are was were be been being am
+has have had having do does did it its it's this that these those there here their theirs they them
+he she his her hers him i we you your yours our ours my me us who whom whose which what while where
+when then than so such very more most less least also just only into onto over under above below
+behind between beside besides near next across along around through up down out off against toward
+towards upon within among amid each every both either neither other another same own not no nor too
+can could would should will shall may might must one ones some any all few many much several whose
+if because though although yet still even ever about after before during since until via per like
+""".split())
+# Words a caption may use without the description's say-so: the vocabulary of composition,
+# medium and tag conventions that the templates themselves ask for.
+_GENERIC_WORDS = frozenset("""
+image photo photograph photographic picture scene view shot composition composed framing framed frame
+angle lighting light lit tone tones toned colour color colours colors coloured colored palette hue hues
+atmosphere mood moody style styled medium detail details detailed background foreground midground
+left right center centre centered centred side sides front back top bottom middle upper lower camera
+eye level focus focused depth field shallow subject subjects visible appears appear seems seem
+showing shows depicts depicted features featuring captured captures overall setting set sense
+portrait close closeup close-up wide full body half cowboy solo 1girl 1boy 2girls 2boys 3girls
+multiple humans girls boys looking viewer away facing faces pose posing posed stands standing
+photorealistic realistic realism anime illustration digital art artwork painting drawing render
+rendered style quality soft softly gentle natural slightly slight partly partially mostly
+clearly clear gives give creates create adds add making make evoking evokes evoke quiet calm
+indoors outdoors indoor outdoor day daytime natural simple plain present presence
+stand sit sits sitting seated hold holds holding wear wears wearing worn dressed
+lie lies lying come comes fill fills cast casts carry carries surround surrounds glow glows take taken
+see seen rise rises stretch stretches look looks lead leads leave leaves rest rests fall falls reflect
+reflects print printed written word words hang hangs line lined show shown feel feels define defines
+depict depicts crowd crowds mount mounted share shares circle circles past beneath behind faint broken
+ride rides imagery surface list head heads number puff puffs capital title titled scatter scattered
+handwritten paper read reads reading run runs sits edge corner end form forms open closed wait waits
+text english theme themed clothes clothing animal animals scenery blurry monochrome greyscale lineart
+expressionless blush sweatdrop male female score source rating headwear eyewear focus happy playful
+""".split())
+_SYNONYMS = (
+    "woman lady female women ladies girl girls", "man male guy gentleman men boy boys",
+    "child children kid kids", "sofa couch settee", "colour color", "red crimson scarlet",
+    "blue navy azure cobalt", "grey gray silver silvery", "transparent clear see-through",
+    "mature older elderly middle-aged fifties sixties", "toy figurine figure", "road path lane track",
+    "spike spiky spikes", "small little tiny miniature", "shirt top blouse tee t-shirt", "trousers pants slacks", "jumper sweater pullover",
+    "cap hat", "cat kitten feline", "dog puppy canine hound", "car vehicle automobile", "road street",
+    "sea ocean", "forest woods woodland", "smile smiling grin grinning", "glasses spectacles eyeglasses",
+    "jacket coat blazer", "rock stone boulder", "big large huge", "bright brightly",
+    "dark dim", "shop store", "tired exhausted sleepy", "cafe café coffeehouse", "armor armour",
+    "city cityscape urban town", "surprised shocked astonished", "confused puzzled", "twintails pigtails", "hair hairstyle haircut", "sunlight sunlit sunny sun", "wooden wood",
+    "golden gold", "photo photograph", "two 2 pair", "three 3", "four 4", "five 5",
+)
+_SYNONYM_OF: dict[str, int] = {}
+_WORD = lazy_pattern(r"[^\W\d_][\w'\u2019-]*|\d+")
 
 
-def style_range(style: str, creative: bool = False) -> tuple[int, int]:
-    """The allowed size of a caption in this style."""
-    return TAG_RANGE[creative] if style == "tags" else WORD_RANGE if style == "training" else SENTENCE_RANGE
+def word_stem(word: str) -> str:
+    """A rough stem, so that inflections compare equal (both sides are stemmed alike).
 
-
-def out_of_range(caption_body: str, spec: CaptionSpec) -> int:
-    """How far a caption is from its style's range (0 inside it)."""
-    low, high = style_range(spec.style, spec.creative)
-    size = caption_size(caption_body, spec.style)
-    return max(low - size, size - high, 0) if spec.style != "tags" else max(low - size, 0)
-
-
-def caption_problem(caption_body: str, *, style: str, creative: bool = False) -> str:
-    """What is out of range in a caption, or "" when it is right.
-
-    >>> caption_problem("a b c", style="training")
-    'it has 3 words; a training caption has 50 to 150'
+    >>> [word_stem(w) for w in ("umbrellas", "sitting", "dresses", "buildings", "woman's", "berries")]
+    ['umbrella', 'sit', 'dress', 'build', 'woman', 'berry']
     """
-    low, high = style_range(style, creative)
-    count = caption_size(caption_body, style)
-    if style == "tags":
-        return "" if count >= low else f"it has {count} tags; it needs {low} to {high}"
-    if low <= count <= high:
-        return ""
-    noun, kind = ("words", "a training caption") if style == "training" else ("sentences", "a detailed caption")
-    return f"it has {count} {noun}; {kind} has {low} to {high}"
+    word = re.sub(r"'s?$", "", word.lower().replace("\u2019", "'"))
+    for _ in range(2):  # a plural of an inflected form ("buildings") takes two steps
+        for suffix, replacement in _SUFFIXES:
+            if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+                if suffix == "s" and word.endswith(("ss", "us", "is")):
+                    return word
+                word = word[:len(word) - len(suffix)] + replacement
+                if suffix in ("ing", "ed") and word[-1] == word[-2] and word[-1] not in "lsz":
+                    word = word[:-1]
+                if suffix not in ("s", "es"):
+                    return word
+                break
+        else:
+            return word
+    return word
+
+
+_SUFFIXES = (("ies", "y"), ("sses", "ss"), ("ches", "ch"), ("shes", "sh"), ("xes", "x"), ("ing", ""),
+             ("ed", ""), ("es", "e"), ("s", ""))
+
+
+def _concepts(word: str) -> set:
+    """What a word stands for: its stem, and its synonym group if it has one."""
+    if not _SYNONYM_OF:
+        for number, group in enumerate(_SYNONYMS):
+            for member in group.split():
+                _SYNONYM_OF[word_stem(member)] = number
+    stem = word_stem(word)
+    return {stem, _SYNONYM_OF.get(stem, stem)}
+
+
+def _words(text: str) -> list[str]:
+    """The words of a text, lower case, hyphenated ones in parts."""
+    return [part.strip("'") for word in _WORD.findall(text.lower().replace("_", " "))
+            for part in word.split("-") if part.strip("'")]
+
+
+def content_words(text: str) -> list[str]:
+    """The concrete words of a text: not function words, not the generic vocabulary of captions."""
+    return [word for word in _words(text)
+            if len(word) >= 3 and word not in _FUNCTION_WORDS and word not in _GENERIC_WORDS
+            and word_stem(word) not in _GENERIC_WORDS and not word.endswith("ly")]
+
+
+def unsupported_words(caption: str, description: str) -> tuple[list[str], float]:
+    """The caption's concrete words that the description does not support, and their share.
+
+    A word is supported by the same stem, a synonym, or a shared beginning: "signpost"
+    supports "sign", "hill" supports "hillside", "reflect" supports "reflection".
+
+    >>> unsupported_words("A woman holds a red umbrella.", "A lady in a red coat stands in rain.")
+    (['umbrella'], 0.333)
+    """
+    known: set = set()
+    beginnings: set = set()
+    for word in _words(description):  # every word of it supports, not only the concrete ones
+        known |= _concepts(word)
+        stem = word_stem(word)
+        beginnings.update(stem[:size] for size in range(4, len(stem) + 1))
+    words = list(dict.fromkeys(word_stem(word) for word in content_words(caption)))
+
+    def supported(word: str) -> bool:
+        return bool(_concepts(word) & known) or len(word) >= 4 and word in beginnings \
+            or len(word) >= 5 and word[:5] in beginnings \
+            or any(word[:size] in known for size in range(4, len(word)))
+
+    missing = [word for word in words if not supported(word)]
+    return missing, round(len(missing) / len(words), 3) if words else 0.0
+
+
+# Flag a caption with at least this many unsupported words making up at least this share of its
+# concrete words. Tags are held to less: Danbooru's own vocabulary (mature female, cityscape,
+# miniature) names what a description says in other words. Measured by bench/policy.py.
+INVENTED_FLAG = {"prose": (2, 0.0), "tags": (3, 0.15)}
 
 
 # -- Images -------------------------------------------------------------------
@@ -1429,19 +1826,33 @@ class CaptionSpec(Frozen):
     underscores: bool = False
     exclude: tuple[str, ...] = ()
     always_first: tuple[str, ...] = ()
+    structured: bool = True  # ask for tags as a JSON array where the server can (--no-structured)
+
+    @property
+    def row(self) -> Style:
+        """The style table's row for this style and mood, with --underscores applied."""
+        row = STYLES[self.style + ("-creative" if self.creative else "")]
+        return row.replace(underscores=True) if self.underscores else row
 
 
 class Caption(Record):
-    """A finished caption line, and why a person should look at it, if they should."""
+    """A finished caption line, why a person should look at it, and how cleaning got there."""
 
     text: str
-    review: str = ""
+    review: list = []  # why a person should look: range problems, rules that flagged, inventions
+    fired: list = []  # every cleaning rule that removed or flagged something
+    spans: list = []  # (rule, action, text): what each rule removed or flagged
+    raw: str = ""  # the model's answer as it came
+    invented: list = []  # concrete words the description does not support
+    unsupported_share: float | None = None  # their share of the caption's concrete words
 
 
 # Ollama's structured outputs (a JSON schema in "format") arrived in v0.5.0.
 STRUCTURED_OUTPUT_VERSION = (0, 5, 0)
-TAGS_SCHEMA = {"type": "array", "items": {"type": "string"}}
 CLIP_TOKEN_BUDGET = 75
+# A model that spends its whole answer thinking is asked once more with this many times
+# the token budget (and think:false, as always).
+THINKING_BUDGET_FACTOR = 4
 
 
 def sampling(config: Config, kind: str, *, writing: bool = True) -> dict:
@@ -1457,7 +1868,7 @@ def sampling(config: Config, kind: str, *, writing: bool = True) -> dict:
 
 
 def with_no_think(model: str, prompt: str) -> str:
-    """Add qwen3's /no_think switch; think:false alone is not honoured by every build."""
+    """Add qwen3's /no_think switch, as the seed documents; think:false is what current servers honour."""
     return f"{prompt}\n/no_think" if model_thinks_by_prompt(model) else prompt
 
 
@@ -1472,23 +1883,50 @@ def connect(config: Config, host: str = "") -> OllamaClient:
                         api_key=config.api_key, verbose=config.verbose)
 
 
+class ModelAnswerError(ImageError):
+    """The model answered, but nothing usable came of it (a refusal, nothing, only thinking)."""
+
+
+def thought_it_all(answer: Answer) -> bool:
+    """The model spent its whole budget thinking: no answer, cut at the token limit."""
+    return not strip_think(answer.text) and answer.done_reason == "length" \
+        and bool(answer.thinking or "<think" in answer.text.lower())
+
+
+def thinking_error(model: str, *, writing: bool = True) -> ModelAnswerError:
+    """The error for a model that thinks through every budget it is given."""
+    return ModelAnswerError(
+        f"the model {model} spent its whole answer thinking and wrote nothing, twice",
+        hint=f"use a variant that does not think, such as an -instruct tag of {model.split(':')[0]}"
+             + (", or raise --max-tokens" if writing else ""))
+
+
 def ask_text_model(client: OllamaClient, config: Config, prompt: str, kind: str, *,
                    keep_alive: int | float | str | None = None, fmt: dict | None = None,
                    printer: StreamPrinter | None = None) -> Answer:
-    """Send a rendered prompt to the text model; return its answer without think blocks."""
-    answer = client.generate(config.model, with_no_think(config.model, prompt),
-                             options=sampling(config, kind), keep_alive=keep_alive, fmt=fmt,
+    """Send a rendered prompt to the text model; return its answer as it came.
+
+    A model that spent all its tokens thinking gets one more try with a larger budget.
+    """
+    options = sampling(config, kind)
+    prompt = with_no_think(config.model, prompt)
+    answer = client.generate(config.model, prompt, options=options, keep_alive=keep_alive, fmt=fmt,
                              printer=printer)
-    answer.text = strip_think(answer.text)
-    if not answer.text:
+    if thought_it_all(answer):
+        options = {**options, "num_predict": options["num_predict"] * THINKING_BUDGET_FACTOR}
+        answer = client.generate(config.model, prompt, options=options, keep_alive=keep_alive, fmt=fmt,
+                                 printer=printer)
+        if thought_it_all(answer):
+            raise thinking_error(config.model)
+    if not strip_think(answer.text):
         raise empty_answer(config, answer)
     return answer
 
 
 def empty_answer(config: Config, answer: Answer) -> OllamaError:
     """The error for an answer with nothing usable in it."""
-    return OllamaError(f"the text model {config.model} gave an empty answer" + _ran_out(answer),
-                       hint="try again, or pick another model with --model or OLLAMA_MODEL")
+    return ModelAnswerError(f"the text model {config.model} gave an empty answer" + _ran_out(answer),
+                            hint="try again, or pick another model with --model or OLLAMA_MODEL")
 
 
 def _ran_out(answer: Answer) -> str:
@@ -1508,12 +1946,16 @@ def vision_prompt(config: Config, hint: str = "") -> tuple[str, str]:
     return render("vision_system"), with_no_think(config.vision_model, user)
 
 
+LOOP_REPEAT_PENALTY = 1.2
+
+
 def describe_image(client: OllamaClient, config: Config, image_base64: str, *, hint: str = "",
                    keep_alive: int | float | str | None = None) -> str:
-    """Stage 1: the vision model describes what it sees.
+    """Stage 1: the vision model describes what it sees; returns the cleaned description.
 
-    A refusal or an empty answer is asked again once, with the reason; a looping
-    answer is retried once with a repeat penalty, and otherwise cut where it loops.
+    A refusal or an empty answer is asked again once, with the reason; an answer that
+    thought through its whole budget gets a larger one; a looping answer is retried once
+    with a repeat penalty, and otherwise cut where it loops.
     """
     system, user = vision_prompt(config, hint)
     messages = [
@@ -1521,83 +1963,131 @@ def describe_image(client: OllamaClient, config: Config, image_base64: str, *, h
         {"role": "user", "content": user, "images": [image_base64]},
     ]
     options = sampling(config, "vision", writing=False)
-    answer = client.chat(config.vision_model, messages, options=options, keep_alive=keep_alive)
-    description = strip_chatter(answer.text)
-    problem = vision_problem(description, answer)
+
+    def ask(messages: list[dict], options: dict) -> tuple[Answer, str, str]:
+        """One exchange: the answer, its cleaned description, and what is wrong with it."""
+        answer = client.chat(config.vision_model, messages, options=options, keep_alive=keep_alive)
+        if thought_it_all(answer):
+            options = {**options, "num_predict": options["num_predict"] * THINKING_BUDGET_FACTOR}
+            answer = client.chat(config.vision_model, messages, options=options, keep_alive=keep_alive)
+            if thought_it_all(answer):
+                raise thinking_error(config.vision_model, writing=False)
+        cleaned = clean(answer.text, STYLES["vision"])
+        if cleaned.refused:
+            return answer, "", "refused to describe the image"
+        if not cleaned.text:
+            return answer, "", "gave an empty description" + _ran_out(answer)
+        return answer, cleaned.text, ""
+
+    answer, description, problem = ask(messages, options)
     if problem:
         again = messages + [
             {"role": "assistant", "content": answer.text},
             {"role": "user", "content": with_no_think(config.vision_model,
                                                       render("reask_vision", problem=problem))},
         ]
-        answer = client.chat(config.vision_model, again, options=options, keep_alive=keep_alive)
-        description = strip_chatter(answer.text)
-        problem = vision_problem(description, answer)
+        answer, description, problem = ask(again, options)
         if problem:
-            raise RefusalError(f"the vision model {config.vision_model} {problem}, twice")
+            raise ModelAnswerError(f"the vision model {config.vision_model} {problem}, twice",
+                                   hint="try another vision model with --vision-model")
     if has_loop(description):
-        retry = client.chat(config.vision_model, messages, keep_alive=keep_alive,
-                            options={**options, "repeat_penalty": LOOP_REPEAT_PENALTY})
-        retried = strip_chatter(retry.text)
-        if retried and not vision_problem(retried, retry) and not has_loop(retried):
+        _, retried, problem = ask(messages, {**options, "repeat_penalty": LOOP_REPEAT_PENALTY})
+        if not problem and not has_loop(retried):
             return retried
         description = cut_loop(description)
     return description
 
 
-LOOP_REPEAT_PENALTY = 1.2
+class Draft(Record):
+    """One answer of the text model, judged: the caption body it gives and what is wrong with it."""
+
+    answer: Answer
+    cleaned: Cleaned
+    body: str = ""  # empty: nothing usable
+    own: str = ""  # the model's own content in the body (no --always-first tags)
+    problem: str = ""  # why it is asked again; with a body, why it needs review
+    plain: bool = False  # the structured answer failed: ask again for plain text
 
 
-def vision_problem(description: str, answer: Answer) -> str:
-    """Why a vision answer cannot be used, or ""."""
-    if not description:
-        return "gave an empty description" + _ran_out(answer)
-    if is_refusal(description):
-        return "refused to describe the image"
-    return ""
+def judge_caption(answer: Answer, spec: CaptionSpec, *, structured: bool = False) -> Draft:
+    """Clean an answer for the spec's style and say what is wrong with it."""
+    style = spec.row
+    if style.far_too_long(answer.text):  # a runaway is judged before any cleaning, and never written
+        words = len(answer.text.split())
+        return Draft(answer, Cleaned(), problem=f"wrote {plural(words, 'words')}, far beyond a "
+                                                f"{style.name.split('-')[0]} caption's {style.high} {style.unit}")
+    cleaned = clean(answer.text, style, cut_off=answer.done_reason == "length")
+    if cleaned.refused:
+        return Draft(answer, cleaned, problem="refused to write a caption")
+    body, own = CAPTION_BODIES[style.form](cleaned.text, spec, style)
+    if not own:
+        problem = "gave an empty or unusable structured answer" if structured else "wrote no caption content"
+        return Draft(answer, cleaned, problem=problem, plain=structured)
+    return Draft(answer, cleaned, body, own, style.problem(body))
+
+
+def _prose_body(text: str, spec: CaptionSpec, style: Style) -> tuple[str, str]:
+    """A prose caption's body: without the trigger, continuing after the trigger or prefix."""
+    body = without_trigger(text, spec.trigger) if spec.trigger else text
+    if not body.strip(" ,.;:!?"):
+        return "", ""
+    body = continue_after_chunk(body) if spec.prefix or spec.trigger else body[:1].upper() + body[1:]
+    return body, body
+
+
+def _tag_body(text: str, spec: CaptionSpec, style: Style) -> tuple[str, str]:
+    """A tag caption's body: --always-first tags first, excluded ones out, at most the maximum."""
+    tags, own = arrange_tags([tag for tag in text.split(", ") if tag], trigger=spec.trigger,
+                             prefix=spec.prefix, exclude=spec.exclude, always_first=spec.always_first,
+                             underscores=spec.underscores, limit=style.high)
+    return ", ".join(tags), ", ".join(own)
+
+
+CAPTION_BODIES = {"prose": _prose_body, "tags": _tag_body}
+REASK_ANSWER_CHARS = 2000  # a looping answer can be long; the start shows the problem
 
 
 def write_caption(client: OllamaClient, config: Config, spec: CaptionSpec, description: str, *,
                   keep_alive: int | float | str | None = None) -> Caption:
-    """Stage 2: the text model rewrites a description as a caption in the chosen style.
+    """Stage 2: the text model rewrites a description as a caption in the spec's style.
 
-    An answer that refuses or is out of range (words, sentences, tags) is asked
-    again once with the reason. If the second answer is still out of range, the one
-    closer to the range is kept and marked for review; a second refusal fails the image.
+    An answer that refuses, is empty, runs away or is out of range is asked again once
+    with the reason (an empty structured answer, as plain text). Of two usable answers
+    the one closer to the range is kept; a second unusable one fails the image.
     """
-    kind = "caption-creative" if spec.creative else "caption"
-    request = with_hint(render(caption_template(spec), description=description), spec.hint)
-    fmt = TAGS_SCHEMA if spec.style == "tags" and client.supports_structured_output() else None
-    answer = ask_text_model(client, config, request, kind, keep_alive=keep_alive, fmt=fmt)
-    body, problem = judge_caption(answer, spec)
-    if problem:
-        again = render("reask", request=request, answer=answer.text[:REASK_ANSWER_CHARS], problem=problem)
-        second_body, second_problem = judge_caption(
-            ask_text_model(client, config, again, kind, keep_alive=keep_alive, fmt=fmt), spec)
-        # The second answer wins unless it is further out of range than the first.
-        if not body or second_body and (not second_problem or out_of_range(second_body, spec)
-                                        <= out_of_range(body, spec)):
-            body, problem = second_body, second_problem
-        if not body:
-            raise RefusalError(f"the text model {problem}, twice")
-    caption = layout_caption(body, trigger=spec.trigger, prefix=spec.prefix)
-    review = [problem] if problem else []
-    if spec.style == "tags" and estimate_clip_tokens(caption) > CLIP_TOKEN_BUDGET:
-        review.append(f"about {estimate_clip_tokens(caption)} CLIP tokens, over the "
-                      f"{CLIP_TOKEN_BUDGET}-token budget")
-    return Caption(caption, "; ".join(review))
+    style = spec.row
+    request = with_hint(render(style.template, description=description), spec.hint)
+    fmt = style.schema() if style.structured and spec.structured and client.supports_structured_output() \
+        else None
+    draft = judge_caption(ask_text_model(client, config, request, style.sampling, keep_alive=keep_alive,
+                                         fmt=fmt), spec, structured=fmt is not None)
+    if draft.problem:
+        again = render("reask", request=request, answer=draft.answer.text[:REASK_ANSWER_CHARS],
+                       problem=draft.problem)
+        fmt = None if draft.plain else fmt
+        second = judge_caption(ask_text_model(client, config, again, style.sampling, keep_alive=keep_alive,
+                                              fmt=fmt), spec, structured=fmt is not None)
+        if not draft.body or second.body and style.distance(second.body) <= style.distance(draft.body):
+            draft = second
+    if not draft.body:
+        raise ModelAnswerError(f"the text model {config.model} {draft.problem}, twice",
+                               hint="try another text model with --model or OLLAMA_MODEL")
+    return finish_caption(draft, spec, description)
 
 
-REASK_ANSWER_CHARS = 2000  # a looping answer can be long; the start shows the problem
-
-
-def judge_caption(answer: Answer, spec: CaptionSpec) -> tuple[str, str]:
-    """The cleaned caption body and what is wrong with it; an empty body means unusable."""
-    try:
-        body = caption_body(answer.text, spec=spec, cut_off=answer.done_reason == "length")
-    except RefusalError:
-        return "", "refused or gave no usable caption"
-    return body, caption_problem(body, style=spec.style, creative=spec.creative)
+def finish_caption(draft: Draft, spec: CaptionSpec, description: str) -> Caption:
+    """Lay out a judged answer and list why a person should look at it."""
+    style = spec.row
+    text = layout_caption(draft.body, trigger=spec.trigger, prefix=spec.prefix)
+    review = [draft.problem] if draft.problem else []
+    review += draft.cleaned.flags
+    invented, share = unsupported_words(draft.own, description) if style.faithful else ([], None)
+    least, share_at_least = INVENTED_FLAG[style.form]
+    if invented and len(invented) >= least and share >= share_at_least:
+        review.append("invented: " + ", ".join(invented))
+    if style.clip_budget and estimate_clip_tokens(text) > CLIP_TOKEN_BUDGET:
+        review.append(f"about {estimate_clip_tokens(text)} CLIP tokens, over the {CLIP_TOKEN_BUDGET}-token budget")
+    return Caption(text, review, draft.cleaned.fired, draft.cleaned.spans, draft.answer.text, invented, share)
 
 
 def check_models(client: OllamaClient, config: Config) -> None:
@@ -1615,15 +2105,10 @@ def check_models(client: OllamaClient, config: Config) -> None:
             )
 
 
-def caption_template(spec: CaptionSpec) -> str:
-    """The template that writes captions in this style and mood."""
-    return f"caption_{spec.style}" + ("_creative" if spec.creative else "")
-
-
 def check_templates(config: Config, spec: CaptionSpec) -> None:
     """Render every template a caption run needs, so a broken one fails before any model call."""
     vision_prompt(config, "hint")
-    render(caption_template(spec), description="")
+    render(spec.row.template, description="")
     render("reask", request="", answer="", problem="")
     render("reask_vision", problem="")
 
@@ -1638,12 +2123,13 @@ def caption_spec(args: argparse.Namespace) -> CaptionSpec:
     if "\n" in prefix or "\r" in prefix:
         raise UsageError("--prefix must be a single line: a caption file is one line")
     tag_flags = ("underscores", "exclude_tags", "always_first")
-    if args.style != "tags" and any(getattr(args, name) for name in tag_flags):
+    if STYLES[args.style].form != "tags" and any(getattr(args, name) for name in tag_flags):
         raise UsageError("--underscores, --exclude-tags and --always-first shape tags; "
                          "add --style tags")
     return CaptionSpec(style=args.style, creative=args.creative, trigger=trigger, prefix=prefix,
                        hint=one_line(args.hint or ""), underscores=args.underscores,
-                       exclude=tag_list(args.exclude_tags), always_first=tag_list(args.always_first))
+                       exclude=tag_list(args.exclude_tags), always_first=tag_list(args.always_first),
+                       structured=not args.no_structured)
 
 
 def tag_list(value: str | None) -> tuple[str, ...]:
@@ -1755,8 +2241,9 @@ class StreamPrinter:
             return
         self.started = True
         head = self.head.lstrip()
-        for pattern in (_INTERJECTION, _PREAMBLE, _LABEL):
-            head = pattern.sub("", head, count=1).lstrip()
+        for rule in RULES:
+            if rule.scope == "start" and rule.name in ("lead-in", "label"):
+                head = rule.pattern.sub("", head, count=1).lstrip()
         self._write(head)
 
     def _write(self, text: str) -> None:
@@ -1774,9 +2261,9 @@ def wants_stream(args: argparse.Namespace) -> bool:
     return sys.stdout.isatty() if args.stream is None else args.stream
 
 
-def text_command(config: Config, args: argparse.Namespace, request: str, kind: str, clean, *,
+def text_command(config: Config, args: argparse.Namespace, request: str, kind: str, style: Style, *,
                  lead: str = "", stream: bool = True) -> Product:
-    """Run a text action: ask, stream or print, and describe it for --json.
+    """Run a text action: ask, stream or print, clean for its style, and describe it for --json.
 
     lead is text of our own printed before a streamed answer (a card's front matter).
     """
@@ -1791,28 +2278,30 @@ def text_command(config: Config, args: argparse.Namespace, request: str, kind: s
         raise
     if printer:
         printer.finish()
-    if is_refusal(strip_chatter(answer.text)):
-        raise OllamaError(f"the text model {config.model} refused: {one_line(strip_chatter(answer.text))[:80]}",
-                          hint="rephrase the request, or pick another model with --model")
-    text = clean(text_result(answer))
-    if not text:
+    cleaned = clean(text_result(answer), style)
+    if cleaned.refused:
+        raise ModelAnswerError(f"the text model {config.model} refused: {one_line(strip_think(answer.text))[:80]}",
+                               hint="rephrase the request, or pick another model with --model")
+    if not cleaned.text:
         raise empty_answer(config, answer)
-    return Product(text, {"command": args.command, "text": text, **answer_data(answer, config.model)},
+    if cleaned.flags:
+        warn(f"needs review: {', '.join(cleaned.flags)}")
+    return Product(cleaned.text, {"command": args.command, "text": cleaned.text,
+                                  "needs_review": "; ".join(cleaned.flags) or None, "rules": cleaned.fired,
+                                  **answer_data(answer, config.model)},
                    streamed=printer is not None)
 
 
 def cmd_prompt(config: Config, args: argparse.Namespace) -> Product:
     """Write an image-generation prompt from a concept."""
     concept = read_text_argument(args.concept, "concept")
-
-    def clean(text: str) -> str:
-        if args.encoder == "clip":
-            return fit_clip_budget(clean_caption_tags(text, underscores=True, keep_weights=True))
-        return clean_prose(text)
-
+    style = STYLES[f"prompt-{args.encoder}"]
     # A CLIP prompt is trimmed to its token budget once complete, so it is not streamed.
-    return text_command(config, args, render(f"prompt_{args.encoder}", concept=concept), "prompt", clean,
-                        stream=args.encoder != "clip")
+    product = text_command(config, args, render(style.template, concept=concept), style.sampling, style,
+                           stream=not style.clip_fit)
+    if style.clip_fit:
+        product.text = product.data["text"] = fit_clip_budget(product.text.split(", "))
+    return product
 
 
 def fit_clip_budget(tags: list[str]) -> str:
@@ -1827,7 +2316,7 @@ def cmd_enhance(config: Config, args: argparse.Namespace) -> Product:
     """Rewrite an existing prompt with more detail."""
     prompt = read_text_argument(args.prompt, "prompt")
     product = text_command(config, args, render(f"enhance_{args.intensity}", prompt=prompt),
-                           f"enhance-{args.intensity}", clean_prose)
+                           f"enhance-{args.intensity}", STYLES["enhance"])
     tokens = estimate_clip_tokens(product.text or "")
     product.data["clip_tokens"] = tokens
     if tokens > CLIP_TOKEN_BUDGET:
@@ -1847,7 +2336,7 @@ def cmd_describe(config: Config, args: argparse.Namespace) -> Product:
                      tags=(args.tags or "").strip() or "none",
                      dataset=dataset.summary() if dataset else "none")
     head = card_head(name=name, lora_type=lora_type, args=args)
-    product = text_command(config, args, request, "describe", strip_chatter, lead=head + "\n\n")
+    product = text_command(config, args, request, "describe", STYLES["describe"], lead=head + "\n\n")
     tail = card_tail(args=args, dataset=dataset)
     card = "\n\n".join([head, product.text or ""] + ([tail] if tail else []))
     if product.streamed and tail:  # the head and body are on screen; the tail follows
@@ -1860,7 +2349,7 @@ def cmd_lore(config: Config, args: argparse.Namespace) -> Product:
     """Write creative fiction, a scene, a character profile or world lore."""
     scenario = read_text_argument(args.scenario, "scenario")
     request = render("lore", scenario=scenario, words=LORE_WORDS[args.length])
-    return text_command(config, args, request, f"lore-{args.length}", strip_chatter)
+    return text_command(config, args, request, f"lore-{args.length}", STYLES["lore"])
 
 
 class DatasetFacts(Record):
@@ -1975,7 +2464,14 @@ class Job(Record):
     reason: str = ""
     description: str = ""
     cached: bool = False  # the description came from the cache, not the vision model
-    review: str = ""  # why a person should look at the written caption
+    caption: Caption | None = None  # the caption written (kept without the raw answer unless a rule fired)
+    by_model: bool = False  # it failed because the model's answers were unusable
+    hint: str = ""  # how to fix what made it fail
+
+    @property
+    def review(self) -> list[str]:
+        """Why a person should look at the written caption."""
+        return self.caption.review if self.caption else []
 
 
 FINAL = ("written", "skipped", "failed")
@@ -2173,7 +2669,8 @@ class Report(Record):
             "written": self.count("written"),
             "skipped": self.count("skipped"),
             "failed": [{"image": job.name, "reason": job.reason} for job in self.failed],
-            "needs_review": [{"image": job.name, "reason": job.review} for job in self.needs_review],
+            "needs_review": [{"image": job.name, "reason": "; ".join(job.review),
+                              "rules": job.caption.fired} for job in self.needs_review],
             "not_reached": sum(1 for job in self.jobs if job.status not in (*FINAL, "later")),
             "later": self.count("later"),
             "interrupted": self.interrupted,
@@ -2185,7 +2682,27 @@ class Report(Record):
             "hosts": [{"url": host.client.host, "model_calls": host.client.calls,
                        "model_loads": host.client.loads_seen, "dropped": host.dropped or None}
                       for host in self.hosts],
+            "cleaning": self.cleaning_counts(),
+            "captions": [caption_record(job) for job in self.jobs if job.status == "written" and job.caption],
         }
+
+    def cleaning_counts(self) -> dict[str, int]:
+        """How many written captions each cleaning rule touched, most first."""
+        counts = collections.Counter(rule for job in self.jobs if job.status == "written" and job.caption
+                                     for rule in job.caption.fired)
+        return dict(counts.most_common())
+
+
+def caption_record(job: Job) -> dict:
+    """One written caption in --report: the rules that fired, its faithfulness, and, when a rule
+    removed or flagged something, the raw answer and each span, so nothing is lost unseen."""
+    caption = job.caption
+    record = {"image": job.name, "rules": caption.fired, "unsupported_share": caption.unsupported_share,
+              "invented": caption.invented}
+    if caption.spans:
+        record["raw"] = caption.raw
+        record["spans"] = [{"rule": rule, "action": action, "text": text} for rule, action, text in caption.spans]
+    return record
 
 
 def format_duration(seconds: float) -> str:
@@ -2371,7 +2888,8 @@ class failing_job:  # noqa: N801 - used as a context manager, named like context
         if exc is None or isinstance(exc, (*HOST_DOWN, *FATAL_ERRORS)) or not isinstance(exc, Exception):
             return False
         if isinstance(exc, OllamaError):
-            self.job.status, self.job.reason = "failed", str(exc)
+            self.job.status, self.job.reason, self.job.hint = "failed", str(exc), exc.hint
+            self.job.by_model = isinstance(exc, ModelAnswerError)
         elif isinstance(exc, OSError):
             self.job.status, self.job.reason = "failed", f"cannot write {self.writes} ({exc.strerror or exc})"
         else:
@@ -2380,7 +2898,9 @@ class failing_job:  # noqa: N801 - used as a context manager, named like context
 
 
 class CaptionRun:
-    """One folder run: settings, cache and the two stages; the report holds its jobs and hosts."""
+    """The engine of a caption run: it schedules the two stages over the jobs and alone records
+    what they return. A job without a caption file (one image on the command line) keeps its
+    caption for printing."""
 
     def __init__(self, config: Config, spec: CaptionSpec, options: BatchOptions, report: Report,
                  cache: DescriptionCache) -> None:
@@ -2398,48 +2918,55 @@ class CaptionRun:
         self.write_lock = threading.Lock()
 
     def vision_step(self, client: OllamaClient, job: Job) -> None:
-        """Describe one image, from the cache when an answer was received before."""
+        """Describe one image (from the cache when it was described before) and record it."""
         if self._taken(job, "caption exists"):
             return
+        with failing_job(job, "the description cache"):
+            job.description, job.cached = self.describe(client, job)
+            job.status = "described"
+
+    def describe(self, client: OllamaClient, job: Job) -> tuple[str, bool]:
+        """Stage 1 for one job: its description, and whether it came from the cache."""
         import base64
         import hashlib
 
-        with failing_job(job, "the description cache"):
-            sniff_image(job.image)
-            data = read_image(job.image)
-            key = DescriptionCache.key(hashlib.sha256(data).hexdigest(), self.config.vision_model,
-                                       self.prompt_sha256)
-            cached = self.cache.get(key) if self.options.use_cache else None
-            if cached:
-                job.description, job.cached = cached, True
-            else:
-                job.description = describe_image(
-                    client, self.config, base64.b64encode(data).decode("ascii"),
-                    hint=self.spec.hint, keep_alive=self.options.keep_alive)
-                self.cache.put(key, {"image": job.name, "model": self.config.vision_model,
-                                     "description": job.description})
-            job.status = "described"
+        sniff_image(job.image)
+        data = read_image(job.image)
+        key = DescriptionCache.key(hashlib.sha256(data).hexdigest(), self.config.vision_model,
+                                   self.prompt_sha256)
+        cached = self.cache.get(key) if self.options.use_cache else None
+        if cached:
+            return cached, True
+        description = describe_image(client, self.config, base64.b64encode(data).decode("ascii"),
+                                     hint=self.spec.hint, keep_alive=self.options.keep_alive)
+        self.cache.put(key, {"image": job.name, "model": self.config.vision_model,
+                             "description": description})
+        return description, False
 
     def text_step(self, client: OllamaClient, job: Job) -> None:
-        """Write one caption from its description."""
+        """Write one caption from its description and record it."""
         if self._taken(job, "caption appeared during the run; kept it"):
             return
         with failing_job(job, job.caption_file):
             caption = write_caption(client, self.config, self.spec, job.description,
                                     keep_alive=self.options.keep_alive)
+            if not caption.spans:
+                caption.raw = ""  # nothing was removed or flagged: the caption is the answer
             with self.write_lock:
                 if self._taken(job, "caption appeared during the run; kept it"):
                     return
-                os.makedirs(os.path.dirname(job.caption_file) or ".", exist_ok=True)
-                write_caption_file(job.caption_file, caption.text)
-            job.status, job.review = "written", caption.review
+                if job.caption_file:
+                    os.makedirs(os.path.dirname(job.caption_file) or ".", exist_ok=True)
+                    write_caption_file(job.caption_file, caption.text)
+            job.status, job.caption = "written", caption
         # Done with it either way (a job handed to another server keeps it): the
         # description is in the cache, and memory stays flat over a long run.
-        job.description = ""
+        if job.caption_file:
+            job.description = ""
 
     def _taken(self, job: Job, reason: str) -> bool:
         """Skip an image whose caption another run (or the user) wrote meanwhile."""
-        if not self.options.overwrite and os.path.exists(job.caption_file):
+        if job.caption_file and not self.options.overwrite and os.path.exists(job.caption_file):
             job.status, job.reason = "skipped", reason
             return True
         return False
@@ -2547,10 +3074,14 @@ def print_summary(report: Report, *, quiet: bool = False) -> None:
         print(f"{report.images_per_minute:.1f} images/min; {calls} model calls, "
               f"{report.cached} descriptions from the cache, {loads} model loads seen.",
               file=sys.stderr)
+    cleaning = report.cleaning_counts()
+    if cleaning and not quiet:
+        print("Cleaning touched: " + ", ".join(f"{rule} ({count})" for rule, count in cleaning.items())
+              + "; --report keeps each raw answer and what was removed.", file=sys.stderr)
     if report.needs_review and not quiet:
-        print(f"Needs review ({len(report.needs_review)}, written but out of range):", file=sys.stderr)
+        print(f"Needs review ({len(report.needs_review)}, written):", file=sys.stderr)
         for job in report.needs_review:
-            print(f"  {job.name}: {job.review}", file=sys.stderr)
+            print(f"  {job.name}: {'; '.join(job.review)}", file=sys.stderr)
     if report.failed:
         print("Failed:", file=sys.stderr)
         for job in report.failed:
@@ -2630,7 +3161,7 @@ def batch_options(args: argparse.Namespace, folder: str) -> BatchOptions:
 
 # Folder-run flags and their defaults: a single file refuses any other value.
 FOLDER_ONLY = {"recursive": False, "output_dir": None, "limit": None, "dry_run": False,
-               "manifest": None, "report": None, "cache_dir": None, "no_cache": False,
+               "manifest": None, "report": None,
                "ext": CAPTION_EXTENSION, "jobs": 1, "chunk": DEFAULT_CHUNK, "keep_alive": None,
                "quiet": False}
 
@@ -2684,11 +3215,21 @@ def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: Batc
     finish_report(report, options)
     product = Product(None, {"command": "caption", **report.as_dict()})
     if report.failed:
-        product.error = BatchFailed(
-            f"{len(report.failed)} of {len(report.jobs)} images failed",
-            hint="fix or remove them and run the same command again; finished captions are kept",
-        )
+        product.error = batch_failed(report, config)
     return product
+
+
+def batch_failed(report: Report, config: Config) -> BatchFailed:
+    """The error of a run in which some images failed; the hint blames what failed them."""
+    failed = report.failed
+    by_model = [job for job in failed if job.by_model]
+    if len(by_model) == len(failed):
+        return BatchFailed(
+            f"{len(failed)} of {len(report.jobs)} images failed: the models gave no usable answer",
+            hint=f"try another text model (--model, now {config.model}) or vision model "
+                 f"(--vision-model, now {config.vision_model}); finished captions are kept")
+    return BatchFailed(f"{len(failed)} of {len(report.jobs)} images failed",
+                       hint="fix or remove them and run the same command again; finished captions are kept")
 
 
 def finish_report(report: Report, options: BatchOptions) -> None:
@@ -2722,23 +3263,57 @@ def cmd_caption(config: Config, args: argparse.Namespace) -> Product:
         if getattr(args, name) != default:
             flag = "--" + name.replace("_", "-")
             raise UsageError(f"{flag} works on a folder, and {path} is a file")
-    import base64
+    return caption_image(config, spec, path, BatchOptions(
+        keep_alive=None, release_models=False, quiet=True, cache_dir=args.cache_dir,
+        use_cache=not args.no_cache))
 
+
+def caption_image(config: Config, spec: CaptionSpec, path: str, options: BatchOptions) -> Product:
+    """Caption one image and print it: a run of one job, with the cache and the same judging."""
     sniff_image(path)
     check_templates(config, spec)
-    client = connect(config)
-    client.record = []
-    check_models(client, config)
-    image = base64.b64encode(read_image(path)).decode("ascii")
-    description = describe_image(client, config, image, hint=spec.hint)
-    caption = write_caption(client, config, spec, description)
+    folder = os.path.dirname(os.path.abspath(path))
+    job = Job(path, os.path.basename(path), "")
+    report = Report(folder=folder, jobs=[job], hosts=connect_hosts(config))
+    for host in report.hosts:
+        host.client.record = []
+    cache = open_cache(options.cache_dir or os.path.join(folder, CACHE_FOLDER))
+    try:
+        CaptionRun(config, spec, options, report, cache).run()
+    finally:
+        cache.close()
+    if job.status == "failed":
+        raise (ModelAnswerError if job.by_model else ImageError)(job.reason, hint=job.hint)
+    caption = job.caption
     if caption.review:
-        warn(f"needs review: {caption.review}")
+        warn(f"needs review: {'; '.join(caption.review)}")
+    requests = [answer_data(answer, model) for host in report.hosts for model, answer in host.client.record]
     return Product(caption.text, {
-        "command": "caption", "image": path, "style": spec.style, "creative": spec.creative,
-        "text": caption.text, "description": description, "needs_review": caption.review or None,
-        "vision_model": config.vision_model, "model": config.model,
-        "requests": [answer_data(answer, model) for model, answer in client.record]})
+        **caption_record(job), "command": "caption", "image": path, "style": spec.style,
+        "creative": spec.creative, "text": caption.text, "description": job.description, "cached": job.cached,
+        "needs_review": "; ".join(caption.review) or None, "vision_model": config.vision_model,
+        "model": config.model, "requests": requests})
+
+
+class NoCache:
+    """Stands in for the description cache where none can be kept (a folder we cannot write)."""
+
+    def get(self, key: str) -> None:
+        return None
+
+    def put(self, key: str, record: dict) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def open_cache(folder: str) -> DescriptionCache | NoCache:
+    """The description cache in folder, or none when it cannot be kept there."""
+    try:
+        return DescriptionCache(folder)
+    except OSError:
+        return NoCache()
 
 
 # -- Diagnostics: doctor, models, templates ----------------------------------
@@ -2771,10 +3346,20 @@ def doctor_checks(config: Config) -> list[Check]:
             checks.append(Check("server", "fail", str(exc), "check OLLAMA_HOST", exit_code=1))
             continue
         checks.append(Check("server", "ok", f"Ollama {version} at {url}"))
+        checks.append(structured_output_check(client, version))
         for role, model in (("vision model", config.vision_model), ("text model", config.model)):
             checks.extend(model_checks(client, role, model))
     checks.append(template_check())
     return checks
+
+
+def structured_output_check(client: OllamaClient, version: str) -> Check:
+    """Whether tag captions are asked for as a JSON array, and how to turn that off."""
+    if client.supports_structured_output():
+        return Check("structured outputs", "note", f"tags are asked for as a JSON array of 20 to 40 (Ollama "
+                     f"{version}); `caption --no-structured` asks for plain text instead")
+    return Check("structured outputs", "note", f"not available on Ollama {version} (needs 0.5 or later): "
+                 "tags are asked for as plain text")
 
 
 def model_checks(client: OllamaClient, role: str, model: str) -> list[Check]:
@@ -3043,7 +3628,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                   "  ollama-generate caption ./dataset/ --trigger ohwx --overwrite\n"
                   "  ollama-generate caption photo.png --style detailed --creative")
     caption.add_argument("path", metavar="PATH", help="an image file, or a folder of images")
-    caption.add_argument("--style", choices=STYLES, default="training",
+    caption.add_argument("--style", choices=CAPTION_STYLES, default="training",
                          help="training: a 50-150 word paragraph (Flux/T5); tags: 20-40 booru "
                               "tags (SDXL/Pony/Illustrious); detailed: 2-4 sentences of prose "
                               "(default: training)")
@@ -3061,6 +3646,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                          help="tags: keep underscores (long_hair) instead of spaces (long hair)")
     caption.add_argument("--exclude-tags", metavar="TAGS",
                          help="tags: comma-separated tags never to write")
+    caption.add_argument("--no-structured", action="store_true",
+                         help="tags: ask for plain text instead of a JSON array (structured outputs, "
+                              "Ollama 0.5 and later)")
     caption.add_argument("--always-first", metavar="TAGS",
                          help="tags: comma-separated tags to put first, in this order, added if missing")
     folder = caption.add_argument_group("folder runs")

@@ -18,6 +18,7 @@ for _p in (str(REPO_ROOT), str(TESTS_DIR)):
 
 from fake_ollama import FakeOllama
 from images import jpeg_bytes, png_bytes
+from traced import realistic_answer
 
 # Proxy variables would make urllib send 127.0.0.1 traffic to a developer's proxy.
 _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
@@ -40,6 +41,7 @@ def _stop_and_check(fake: FakeOllama) -> None:
 def ollama(clean_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOllama]:
     """A running FakeOllama with the default models; OLLAMA_HOST points at it."""
     fake = FakeOllama().start()
+    fake.default_text = realistic_answer  # in-range answers: the real caption ranges apply
     monkeypatch.setenv("OLLAMA_HOST", fake.url)
     try:
         yield fake
@@ -54,6 +56,7 @@ def make_ollama(clean_env: None) -> Iterator[Callable[..., FakeOllama]]:
 
     def factory(**kwargs: Any) -> FakeOllama:
         fake = FakeOllama(**kwargs).start()
+        fake.default_text = realistic_answer
         made.append(fake)
         return fake
 
@@ -84,18 +87,3 @@ def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     import ollama_generate
 
     monkeypatch.setattr(ollama_generate, "BACKOFF_SECONDS", 0.0)
-
-
-@pytest.fixture(autouse=True)
-def lenient_ranges(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Short fake answers count as in range, so only the tests about ranges see re-asks.
-
-    Mark a test `@pytest.mark.strict_ranges` to keep the real word, sentence and tag ranges.
-    """
-    if request.node.get_closest_marker("strict_ranges"):
-        return
-    import ollama_generate
-
-    monkeypatch.setattr(ollama_generate, "WORD_RANGE", (1, 10_000))
-    monkeypatch.setattr(ollama_generate, "SENTENCE_RANGE", (1, 1_000))
-    monkeypatch.setattr(ollama_generate, "TAG_RANGE", {False: (1, 40), True: (1, 50)})

@@ -1,9 +1,11 @@
 """A corpus of raw answers as small local models send them, and the caption line each must become.
 
-Every file in tests/fixtures/answers/ holds one answer and, per style, the line
-finalize_caption must return for it (null: the answer must be rejected with
-ImageError, of which RefusalError is a kind). The expectations were written by
-hand from the cleaning rules, not produced by the code under test.
+Every file in tests/fixtures/answers/ holds one answer and, per style, the line the
+caption stage writes for it (null: the answer is unusable and is asked again or fails),
+and optionally, per style, the cleaning rules that must flag it for review (none when
+absent: the caption must come out clean). The answers go through judge_caption and
+finish_caption, the caption stage's own calls. The expectations were written by hand
+from the cleaning rules, not produced by the code under test.
 """
 
 from __future__ import annotations
@@ -50,19 +52,21 @@ def _cases() -> list[Any]:
             if style in data.get("expected", {}):
                 cases.append(pytest.param(
                     data["answer"], style, bool(data.get("cut_off", False)),
-                    data["expected"][style], data.get("note", ""),
+                    data["expected"][style], data.get("flags", {}).get(style, []), data.get("note", ""),
                     id=f"{name.removesuffix('.json')}-{style}"))
     return cases
 
 
-@pytest.mark.parametrize(("answer", "style", "cut_off", "expected", "note"), _cases())
+@pytest.mark.parametrize(("answer", "style", "cut_off", "expected", "flags", "note"), _cases())
 def test_answer_is_cleaned(answer: str, style: str, cut_off: bool, expected: str | None,
-                           note: str) -> None:
+                           flags: list[str], note: str) -> None:
+    spec = og.CaptionSpec(style=style)
+    draft = og.judge_caption(og.Answer(text=answer, done_reason="length" if cut_off else "stop"), spec)
     if expected is None:
-        with pytest.raises(og.ImageError):
-            og.finalize_caption(answer, style=style, cut_off=cut_off)
-    else:
-        assert og.finalize_caption(answer, style=style, cut_off=cut_off) == expected, note
+        assert not draft.body, note
+        return
+    assert og.finish_caption(draft, spec, "").text == expected, note
+    assert draft.cleaned.flags == flags, note
 
 
 # -- The corpus itself ----------------------------------------------------------
@@ -71,7 +75,9 @@ def test_answer_is_cleaned(answer: str, style: str, cut_off: bool, expected: str
 @pytest.mark.parametrize(("name", "data"), FIXTURES, ids=[n for n, _ in FIXTURES])
 def test_fixture_is_well_formed(name: str, data: dict[str, Any]) -> None:
     assert NAME.match(name), f"{name}: name must be NNN-short-name.json"
-    assert set(data) == {"answer", "cut_off", "note", "category", "expected"}, name
+    assert {"answer", "cut_off", "note", "category", "expected"} <= set(data) <= {
+        "answer", "cut_off", "note", "category", "expected", "flags"}, name
+    assert set(data.get("flags", {})) <= set(data["expected"]), name
     assert isinstance(data["answer"], str) and data["answer"].strip()
     assert isinstance(data["cut_off"], bool)
     assert isinstance(data["note"], str) and data["note"].strip() and "\n" not in data["note"]

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 from cli import run, run_exit
-from traced import CACHE, TEXT, VISION, derived_answer, expected_caption, make_images, tag_of
+from traced import (CACHE, DESCRIPTION, TAGS, TEXT, TRAINING, VISION, derived_answer, expected_caption,
+                    make_images, tag_of)
 
 import ollama_generate as og
 
@@ -243,7 +244,8 @@ def test_each_description_is_cached_the_moment_it_arrives(make_ollama, capsys, t
     assert seen == [(chat, 0), (chat, 1), (chat, 2), (gen, 3), (gen, 3), (gen, 3)]
     lines = cache_lines(dataset)
     assert [(line["image"], line["model"], line["description"]) for line in lines] == [
-        (n, VISION, f"Picture {tag_of((dataset / n).read_bytes())} seen.") for n in ["a.png", "b.png", "c.png"]]
+        (n, VISION, f"Picture {tag_of((dataset / n).read_bytes())} seen. {DESCRIPTION}")
+        for n in ["a.png", "b.png", "c.png"]]
     assert all(set(line) == {"key", "image", "model", "description"} for line in lines)
     assert len({line["key"] for line in lines}) == 3
 
@@ -294,6 +296,8 @@ def test_restyling_a_captioned_folder_makes_only_text_calls(fake, capsys, tmp_pa
     dataset = make_images(tmp_path / "set", ["a.png", "b.png"])
     assert run(capsys, "caption", dataset)[0] == 0
     before = len(fake.requests)
+    # The tags style gets an in-range tag list (structured: a JSON array), so no re-ask.
+    fake.default_text = lambda rec: json.dumps(TAGS.split(", ")) if rec.body.get("format") else derived_answer(rec)
     code, _out, _err = run(capsys, "caption", dataset, "--overwrite", "--style", "tags", "--report",
                          tmp_path / "r.json")
     assert code == 0
@@ -301,21 +305,23 @@ def test_restyling_a_captioned_folder_makes_only_text_calls(fake, capsys, tmp_pa
     assert [r.path for r in rerun if r.path == "/api/chat"] == []
     prompts = [r.body["prompt"] for r in rerun if r.path == "/api/generate" and r.body.get("prompt")]
     assert prompts == [
-        og.render("caption_tags", description=f"Picture {tag_of((dataset / n).read_bytes())} seen.")
+        og.render("caption_tags", description=f"Picture {tag_of((dataset / n).read_bytes())} seen. {DESCRIPTION}")
         + "\n/no_think" for n in ["a.png", "b.png"]]
+    assert [(dataset / n).read_text() for n in ["a.txt", "b.txt"]] == [TAGS + "\n"] * 2
     assert json.loads((tmp_path / "r.json").read_text())["cached_descriptions"] == 2
 
 
 def test_no_cache_asks_again_and_its_answers_win_next_time(fake, capsys, tmp_path):
     dataset = make_images(tmp_path / "set", ["a.png", "b.png"])
     answers = {"round": "one"}
-    fake.default_text = lambda rec: (f"Round {answers['round']} view." if rec.path == "/api/chat"
-                                     else "a caption")
+    fake.default_text = lambda rec: (f"Round {answers['round']} view. {DESCRIPTION}" if rec.path == "/api/chat"
+                                     else TRAINING)  # in range: one text request per image
     assert run(capsys, "caption", dataset)[0] == 0
     assert len(chats(fake)) == 2
     answers["round"] = "two"
     assert run(capsys, "caption", dataset, "--overwrite", "--no-cache")[0] == 0
     assert len(chats(fake)) == 4
+    assert len(caption_prompts(fake)) == 4
     before = len(fake.requests)
     assert run(capsys, "caption", dataset, "--overwrite")[0] == 0
     rerun = fake.requests[before:]
@@ -532,7 +538,7 @@ def test_report_file_pins_every_key(make_ollama, capsys, tmp_path, monkeypatch):
     report = json.loads(text)
     assert list(report) == ["folder", "total", "written", "skipped", "failed", "needs_review", "not_reached", "later",
                             "interrupted", "seconds", "images_per_minute", "cached_descriptions",
-                            "model_calls", "model_loads", "hosts"]
+                            "model_calls", "model_loads", "hosts", "cleaning", "captions"]
     seconds, per_minute = report.pop("seconds"), report.pop("images_per_minute")
     assert report == {
         "folder": str(dataset),
@@ -548,6 +554,9 @@ def test_report_file_pins_every_key(make_ollama, capsys, tmp_path, monkeypatch):
         "model_calls": 4,
         "model_loads": 0,
         "hosts": [{"url": server.url, "model_calls": 4, "model_loads": 0, "dropped": None}],
+        # Nothing was cleaned away or flagged, and every concrete word of each caption is in its description.
+        "cleaning": {},
+        "captions": [{"image": n, "rules": [], "unsupported_share": 0.0, "invented": []} for n in ["a.png", "b.png"]],
     }
     assert isinstance(seconds, float) and seconds > 0
     assert per_minute == pytest.approx(2 * 60 / seconds, rel=0.05)
@@ -718,8 +727,7 @@ def test_manifest_lists_every_captioned_image(fake, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--recursive"], ["-r"], ["--output-dir", "out"], ["--limit", "1"],
-                                  ["--dry-run"], ["--manifest", "m.jsonl"], ["--report", "r.json"],
-                                  ["--cache-dir", "cache"], ["--no-cache"]])
+                                  ["--dry-run"], ["--manifest", "m.jsonl"], ["--report", "r.json"]])
 def test_folder_only_flags_on_a_single_file(fake, capsys, tmp_path, argv):
     photo = make_images(tmp_path, ["a.png"]) / "a.png"
     code, out, err = run(capsys, "caption", photo, *argv)
@@ -727,6 +735,34 @@ def test_folder_only_flags_on_a_single_file(fake, capsys, tmp_path, argv):
     assert (code, out, err) == (2, "", f"ollama-generate: error: {flag} works on a folder, and {photo} is a file\n")
     assert fake.requests == []
     assert os.listdir(tmp_path) == ["a.png"]
+
+
+def test_cache_flags_work_on_a_single_image(fake, capsys, tmp_path):
+    photo = make_images(tmp_path / "set", ["a.png"]) / "a.png"
+    cache = tmp_path / "cache"
+    assert run(capsys, "caption", photo, "--cache-dir", cache) == (0, expected_caption(photo), "")
+    # The description went to --cache-dir, nothing (no cache folder, no caption file) beside the image.
+    assert os.listdir(photo.parent) == ["a.png"]
+    [line] = [json.loads(line) for line in (cache / "descriptions.jsonl").read_text().splitlines()]
+    assert (line["image"], line["model"]) == ("a.png", VISION)
+    assert len(chats(fake)) == 1
+    # Again with the same cache: no vision call; with --no-cache: the vision model is asked again.
+    assert run(capsys, "caption", photo, "--cache-dir", cache) == (0, expected_caption(photo), "")
+    assert len(chats(fake)) == 1
+    assert run(capsys, "caption", photo, "--cache-dir", cache, "--no-cache") == (0, expected_caption(photo), "")
+    assert len(chats(fake)) == 2
+    assert len(caption_prompts(fake)) == 3
+
+
+def test_a_single_image_uses_the_cache_beside_it(fake, capsys, tmp_path):
+    photo = make_images(tmp_path / "set", ["a.png"]) / "a.png"
+    for _ in range(2):
+        assert run(capsys, "caption", photo) == (0, expected_caption(photo), "")
+    assert sorted(os.listdir(photo.parent)) == [".ollama-generate", "a.png"]  # no caption file
+    assert [line["image"] for line in cache_lines(photo.parent)] == ["a.png"]
+    assert len(chats(fake)) == 1 and len(caption_prompts(fake)) == 2
+    assert run(capsys, "caption", photo, "--no-cache") == (0, expected_caption(photo), "")
+    assert len(chats(fake)) == 2
 
 
 @pytest.mark.parametrize("flag", ["--cache-dir", "--output-dir"])

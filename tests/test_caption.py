@@ -4,15 +4,33 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 
 import pytest
 from cli import run
 from images import jpeg_bytes, png_bytes
+from traced import ANSWERS, DESCRIPTION, TAGS, TRAINING
 
 import ollama_generate as og
 
-DESCRIPTION = "A woman with short black hair in a red coat stands in a snowy park at dusk."
-CAPTION = "A woman in a red coat stands in a snowy park at dusk, soft blue light."
+# In-range answers (the real ranges apply): a 71-word training caption whose every concrete
+# word the description supports.
+CAPTION = TRAINING
+
+
+def numbered_description(name):
+    """A description of image `name`, so its caption can be traced back to it."""
+    return f"Picture {name} seen. {DESCRIPTION}"
+
+
+def numbered_caption(name):
+    """An in-range training caption of image `name`, as the model writes it (lower-case start)."""
+    return f"picture {name} seen. {TRAINING}"
+
+
+def written(name):
+    """numbered_caption(name) as the caption file holds it: capitalised, one line."""
+    return f"Picture {name} seen. {TRAINING}\n"
 
 
 
@@ -52,18 +70,27 @@ def test_single_image_two_stages_and_stdout_only_the_caption(ollama, capsys, pho
     assert text["prompt"] == og.render("caption_training", description=DESCRIPTION) + "\n/no_think"
     assert text["options"] == {"temperature": 0.3, "num_predict": 512, "num_ctx": 8192}
     assert text["stream"] is True and text["think"] is False
-    # A single image gets no caption file.
-    assert sorted(os.listdir(photo.parent)) == ["photo.png"]
+    # An in-range answer is not asked again: exactly one text request.
+    assert len(ollama.requests_to("/api/generate")) == 1
+    # A single image gets no caption file; its description goes to the cache beside it.
+    assert sorted(os.listdir(photo.parent)) == [".ollama-generate", "photo.png"]
+    assert not [name for name in os.listdir(photo.parent) if name.endswith(".txt")]
 
 
-@pytest.mark.parametrize("style", og.STYLES)
+@pytest.mark.parametrize("style", og.CAPTION_STYLES)
 @pytest.mark.parametrize("creative", [False, True])
 def test_style_and_creative_pick_the_template_and_temperature(ollama, capsys, photo, style, creative):
-    queue_pair(ollama, caption="1girl, red coat, snow" if style == "tags" else CAPTION)
+    template = f"caption_{style}" + ("_creative" if creative else "")
+    queue_pair(ollama, caption=ANSWERS[template])  # in range for that style and mood
     argv = ["caption", photo, "--style", style] + (["--creative"] if creative else [])
     code, out, err = run(capsys, *argv)
-    assert code == 0
-    template = f"caption_{style}" + ("_creative" if creative else "")
+    assert (code, out) == (0, ANSWERS[template] + "\n")
+    if template == "caption_tags_creative":  # 30 tags, some long: over CLIP's budget, written and flagged
+        assert re.fullmatch(r"ollama-generate: warning: needs review: about \d+ CLIP tokens, "
+                            r"over the 75-token budget\n", err)
+    else:
+        assert err == ""
+    assert len(ollama.requests_to("/api/generate")) == 1
     text = ollama.requests_to("/api/generate")[0].body
     assert text["prompt"] == og.render(template, description=DESCRIPTION) + "\n/no_think"
     assert text["options"]["temperature"] == (0.8 if creative else 0.3)
@@ -84,17 +111,23 @@ def test_the_vision_answer_is_cleaned_before_the_text_stage(ollama, capsys, phot
 
 
 def test_trigger_and_prefix_placed_by_code(ollama, capsys, photo):
-    queue_pair(ollama, caption="Here's the caption: ohwx, a woman in a red coat, OHWX smiling.")
+    body = CAPTION[0].lower() + CAPTION[1:]
+    assert ", wearing a long red wool coat" in body
+    answer = "Here's the caption: ohwx, " + body.replace(", wearing a long", ", OHWX wearing a long")
+    queue_pair(ollama, caption=answer)
     code, out, err = run(capsys, "caption", photo, "--trigger", "ohwx", "--prefix", "photo")
-    assert (code, out, err) == (0, "photo, ohwx, a woman in a red coat, smiling.\n", "")
+    assert (code, out, err) == (0, f"photo, ohwx, {body}\n", "")
     # The model is never asked to place the trigger.
     assert "ohwx" not in ollama.requests_to("/api/generate")[0].body["prompt"]
 
 
 def test_tags_are_deduplicated_with_trigger_first(ollama, capsys, photo):
-    queue_pair(ollama, caption="Tags: 1girl, solo, Solo, red coat,\nsnow, ohwx.")
+    assert TAGS.startswith("1girl, solo, short hair, ")
+    answer = "Tags: " + TAGS.replace("solo, short hair, ", "solo, Solo, short hair,\n") + ", ohwx."
+    queue_pair(ollama, caption=answer)
     code, out, err = run(capsys, "caption", photo, "--style", "tags", "--trigger", "ohwx")
-    assert (code, out, err) == (0, "ohwx, 1girl, solo, red coat, snow\n", "")
+    assert (code, out, err) == (0, f"ohwx, {TAGS}\n", "")
+    assert len(ollama.requests_to("/api/generate")) == 1
 
 
 def test_vision_model_flag_and_environment(ollama, capsys, photo, monkeypatch):
@@ -119,12 +152,12 @@ def test_folder_writes_a_caption_beside_each_image(ollama, capsys, tmp_path):
     dataset = make_dataset(tmp_path / "set", ["b.png", "a.jpg", "C.PNG"])
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in dataset.iterdir()}
     for n in range(3):
-        queue_pair(ollama, description=f"description {n}", caption=f"caption {n}")
+        queue_pair(ollama, description=numbered_description(n), caption=numbered_caption(n))
     code, out, err = run(capsys, "caption", dataset, "--trigger", "ohwx")
     assert (code, out) == (0, "")
-    assert (dataset / "C.txt").read_bytes() == b"ohwx, caption 0\n"
-    assert (dataset / "a.txt").read_bytes() == b"ohwx, caption 1\n"
-    assert (dataset / "b.txt").read_bytes() == b"ohwx, caption 2\n"
+    assert (dataset / "C.txt").read_text() == f"ohwx, {numbered_caption(0)}\n"
+    assert (dataset / "a.txt").read_text() == f"ohwx, {numbered_caption(1)}\n"
+    assert (dataset / "b.txt").read_text() == f"ohwx, {numbered_caption(2)}\n"
     lines = err.splitlines()
     assert lines[:3] == ["[1/3] C.PNG: written", "[2/3] a.jpg: written", "[3/3] b.png: written"]
     assert lines[3].startswith("Done after ")
@@ -147,11 +180,11 @@ def test_folder_writes_a_caption_beside_each_image(ollama, capsys, tmp_path):
 def test_folder_skips_existing_captions_unless_overwrite(ollama, capsys, tmp_path):
     dataset = make_dataset(tmp_path / "set", ["a.png", "b.png"])
     (dataset / "a.txt").write_text("keep me\n")
-    queue_pair(ollama, caption="new b")
+    queue_pair(ollama, caption=numbered_caption("new b"))
     code, out, err = run(capsys, "caption", dataset)
     assert code == 0
     assert (dataset / "a.txt").read_text() == "keep me\n"
-    assert (dataset / "b.txt").read_text() == "New b\n"
+    assert (dataset / "b.txt").read_text() == written("new b")
     assert err.splitlines()[:2] == [
         "Skipping 1 images that already have captions (--overwrite redoes them).",
         "[1/1] b.png: written",
@@ -159,12 +192,12 @@ def test_folder_skips_existing_captions_unless_overwrite(ollama, capsys, tmp_pat
     assert ": 1 written, 1 skipped, 0 failed (of 2 images)." in err
     assert len(ollama.requests_to("/api/chat")) == 1
 
-    queue_pair(ollama, caption="fresh a")
-    queue_pair(ollama, caption="fresh b")
+    queue_pair(ollama, caption=numbered_caption("fresh a"))
+    queue_pair(ollama, caption=numbered_caption("fresh b"))
     code, out, err = run(capsys, "caption", dataset, "--overwrite")
     assert code == 0
-    assert (dataset / "a.txt").read_text() == "Fresh a\n"
-    assert (dataset / "b.txt").read_text() == "Fresh b\n"
+    assert (dataset / "a.txt").read_text() == written("fresh a")
+    assert (dataset / "b.txt").read_text() == written("fresh b")
 
 
 def test_folder_all_captioned_makes_no_model_call(ollama, capsys, tmp_path):
@@ -180,12 +213,12 @@ def test_bad_images_are_reported_never_sent_and_the_run_goes_on(ollama, capsys, 
     dataset = make_dataset(tmp_path / "set", ["a.png", "d.png"])
     (dataset / "b.jpg").write_bytes(b"this is not a jpeg")
     (dataset / "c.png").write_bytes(b"")
-    queue_pair(ollama, caption="caption a")
-    queue_pair(ollama, caption="caption d")
+    queue_pair(ollama, caption=numbered_caption("a"))
+    queue_pair(ollama, caption=numbered_caption("d"))
     code, out, err = run(capsys, "caption", dataset)
     assert (code, out) == (1, "")
-    assert (dataset / "a.txt").read_text() == "Caption a\n"
-    assert (dataset / "d.txt").read_text() == "Caption d\n"
+    assert (dataset / "a.txt").read_text() == written("a")
+    assert (dataset / "d.txt").read_text() == written("d")
     assert not (dataset / "b.txt").exists() and not (dataset / "c.txt").exists()
     assert len(ollama.requests_to("/api/chat")) == 2
     lines = err.splitlines()
@@ -210,11 +243,11 @@ def test_an_empty_caption_is_a_failure_not_an_empty_file(ollama, capsys, tmp_pat
     dataset = make_dataset(tmp_path / "set", ["a.png", "b.png"])
     queue_pair(ollama, caption="Here is the caption:")
     ollama.reply("<think>still nothing</think>", endpoint="/api/generate")  # asked again: no better
-    queue_pair(ollama, caption="caption b")
+    queue_pair(ollama, caption=numbered_caption("b"))
     code, out, err = run(capsys, "caption", dataset)
     assert code == 1
     assert not (dataset / "a.txt").exists()
-    assert (dataset / "b.txt").read_text() == "Caption b\n"
+    assert (dataset / "b.txt").read_text() == written("b")
     assert "[1/2] a.png: failed: the text model qwen3-30b-a3b:latest gave an empty answer" in err
 
 
@@ -265,24 +298,25 @@ def test_a_caption_written_meanwhile_is_not_overwritten(ollama, capsys, tmp_path
 
     def caption_then_race(client, config, spec, description, **kwargs):
         text = real_caption(client, config, spec, description, **kwargs)
-        if description == "description c":  # ... and c while its caption is being written
+        if description == numbered_description("c"):  # ... and c while its caption is being written
             (dataset / "c.txt").write_text("c by someone else\n")
         return text
 
     monkeypatch.setattr(og, "write_caption_file", write_and_race)
     monkeypatch.setattr(og, "write_caption", caption_then_race)
     for name in "abc":
-        queue_pair(ollama, description=f"description {name}", caption=f"caption {name}")
+        queue_pair(ollama, description=numbered_description(name), caption=numbered_caption(name))
     code, out, err = run(capsys, "caption", dataset)
     assert code == 0
-    assert (dataset / "a.txt").read_text() == "Caption a\n"
+    assert (dataset / "a.txt").read_text() == written("a")
     assert (dataset / "b.txt").read_text() == "b by someone else\n"
     assert (dataset / "c.txt").read_text() == "c by someone else\n"
     assert "[2/3] b.png: skipped (caption appeared during the run; kept it)" in err
     assert "[3/3] c.png: skipped (caption appeared during the run; kept it)" in err
     # b's caption was never asked for: the check comes before each stage's model call.
     prompts = [r.body["prompt"] for r in ollama.requests_to("/api/generate") if r.body.get("prompt")]
-    assert len(prompts) == 2 and "\ndescription b\n" not in " ".join(prompts)
+    assert len(prompts) == 2 and numbered_description("b") not in " ".join(prompts)
+    assert numbered_description("a") in prompts[0] and numbered_description("c") in prompts[1]
 
 
 def test_a_folder_that_cannot_be_written_is_refused_before_model_calls(ollama, capsys, tmp_path, monkeypatch):
@@ -335,15 +369,27 @@ def test_a_single_file_that_is_not_an_image_needs_no_server(capsys, tmp_path, mo
 
 def test_a_cut_off_caption_loses_its_unfinished_end(ollama, capsys, photo):
     ollama.reply(DESCRIPTION, endpoint="/api/chat")
-    ollama.reply("1girl, solo, red coat, sno", endpoint="/api/generate", done_reason="length")
+    ollama.reply(TAGS + ", sno", endpoint="/api/generate", done_reason="length")
     code, out, err = run(capsys, "caption", photo, "--style", "tags")
-    assert (code, out, err) == (0, "1girl, solo, red coat\n", "")
+    assert (code, out, err) == (0, TAGS + "\n", "")
+    assert len(ollama.requests_to("/api/generate")) == 1
 
 
 def test_an_empty_description_at_the_token_limit_says_so(ollama, capsys, photo):
+    # The model spent its whole answer thinking: asked once more with 4x the budget, then a
+    # clear error that says the model thinks and suggests an -instruct tag (issue 8).
     for _ in range(2):
         ollama.reply("<think>looking at every pixel", endpoint="/api/chat", done_reason="length")
     code, out, err = run(capsys, "caption", photo)
     assert (code, out) == (1, "")
-    assert err == ("ollama-generate: error: the vision model qwen3-vl:32b gave an empty description "
-                   "(it ran out of tokens), twice\n")
+    error, hint = err.splitlines()
+    assert error == ("ollama-generate: error: the model qwen3-vl:32b spent its whole answer thinking "
+                     "and wrote nothing, twice")
+    assert hint.startswith("ollama-generate: hint: use a variant that does not think, such as an "
+                           "-instruct tag of qwen3-vl")
+    # --max-tokens does not reach the vision stage (its num_predict is fixed), so it is no fix here.
+    assert "--max-tokens" not in hint
+    chats = ollama.requests_to("/api/chat")
+    assert [c.body["options"]["num_predict"] for c in chats] == [1024, 4 * 1024]
+    assert all(c.body["think"] is False for c in chats)
+    assert ollama.requests_to("/api/generate") == []

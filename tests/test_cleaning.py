@@ -1,4 +1,8 @@
-"""Cleaning model answers, and placing the trigger and prefix: pure functions, table-driven."""
+"""Cleaning model answers, and placing the trigger and prefix: the policy layer, table-driven.
+
+Every test goes through the production entry points: clean(answer, style) for one answer, and
+judge_caption + finish_caption, the two calls the caption stage makes, for a whole caption line.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,14 @@ import pytest
 import ollama_generate as og
 
 CAPTION = "A red fox sits in fresh snow under a pale winter sky."
+
+
+def caption(raw: str, style: str = "training", *, trigger: str = "", prefix: str = "", cut_off: bool = False,
+            description: str = "") -> str | None:
+    """The caption line the caption stage writes for one answer (None: the answer is unusable)."""
+    spec = og.CaptionSpec(style=style, trigger=trigger, prefix=prefix)
+    draft = og.judge_caption(og.Answer(text=raw, done_reason="length" if cut_off else "stop"), spec)
+    return og.finish_caption(draft, spec, description).text if draft.body else None
 LOWER = "a" + CAPTION[1:]
 
 # (raw answer as a model might send it, the cleaned prose line)
@@ -72,7 +84,7 @@ PROSE = [
 
 @pytest.mark.parametrize(("raw", "expected"), [case[1:] for case in PROSE], ids=[c[0] for c in PROSE])
 def test_clean_prose(raw, expected):
-    assert og.clean_prose(raw) == expected
+    assert og.clean(raw, og.STYLES["training"]).text == expected
 
 
 # (raw tag answer, the tags we keep)
@@ -83,7 +95,7 @@ TAGS = [
     ("newlines", "1girl\nsolo\nsmile", ["1girl", "solo", "smile"]),
     ("bullets", "- 1girl\n- solo\n* smile", ["1girl", "solo", "smile"]),
     ("numbered", "1. 1girl\n2. solo\n3) smile", ["1girl", "solo", "smile"]),
-    ("duplicates any case", "1girl, Solo, solo, SOLO, smile", ["1girl", "Solo", "smile"]),
+    ("duplicates any case", "1girl, Solo, solo, SOLO, smile", ["1girl", "solo", "smile"]),
     ("empties", "1girl,, ,solo , ,", ["1girl", "solo"]),
     ("preamble", "Here are the tags:\n1girl, solo", ["1girl", "solo"]),
     ("label", "Tags: 1girl, solo", ["1girl", "solo"]),
@@ -94,13 +106,13 @@ TAGS = [
     ("trailing offer", "1girl, solo\nLet me know if you need more tags.", ["1girl", "solo"]),
     ("kaomoji stays", "1girl, ^_^, smile", ["1girl", "^_^", "smile"]),
     ("note after tags", "1girl, solo\n\nNote: I omitted the background.", ["1girl", "solo"]),
-    ("underscores stay", "score_9, long_hair", ["score_9", "long_hair"]),
+    ("score tags keep underscores", "score_9, score_8_up, long_hair", ["score_9", "score_8_up", "long hair"]),
 ]
 
 
 @pytest.mark.parametrize(("raw", "expected"), [case[1:] for case in TAGS], ids=[c[0] for c in TAGS])
 def test_clean_tags(raw, expected):
-    assert og.clean_tags(raw) == expected
+    assert og.clean(raw, og.STYLES["tags"]).text.split(", ") == expected
 
 
 @pytest.mark.parametrize(
@@ -140,29 +152,27 @@ def test_clean_tags(raw, expected):
         ("a c++ fox", "training", "c++", "", "c++, a fox"),
     ],
 )
-def test_finalize_caption_places_prefix_and_trigger(raw, style, trigger, prefix, expected):
-    caption = og.finalize_caption(raw, style=style, trigger=trigger, prefix=prefix)
-    assert caption == expected
-    assert "\n" not in caption
+def test_the_caption_line_places_prefix_and_trigger(raw, style, trigger, prefix, expected):
+    line = caption(raw, style, trigger=trigger, prefix=prefix)
+    assert line == expected
+    assert "\n" not in line
     if prefix:
-        assert caption.startswith(prefix.rstrip(", "))
+        assert line.startswith(prefix.rstrip(", "))
     if trigger:
-        chunks = [chunk.strip().lower() for chunk in caption.split(",")]
+        chunks = [chunk.strip().lower() for chunk in line.split(",")]
         assert trigger.lower() in chunks[: len(prefix.split(",")) + 1] or trigger.lower() in prefix.lower()
-        words = re.findall(rf"(?<![\w-]){re.escape(trigger)}(?![\w-])", caption, re.I)
+        words = re.findall(rf"(?<![\w-]){re.escape(trigger)}(?![\w-])", line, re.I)
         assert len(words) == 1
 
 
 @pytest.mark.parametrize("raw", ["", "   ", "<think>only thoughts</think>", "Here is the caption:", '""', ",,, ."])
-@pytest.mark.parametrize("style", og.STYLES)
-def test_finalize_caption_refuses_an_empty_caption(raw, style):
-    with pytest.raises(og.ImageError, match="empty after cleaning"):
-        og.finalize_caption(raw, style=style, trigger="ohwx", prefix="photo")
+@pytest.mark.parametrize("style", og.CAPTION_STYLES)
+def test_an_answer_with_no_caption_content_is_unusable(raw, style):
+    assert caption(raw, style, trigger="ohwx", prefix="photo") is None
 
 
 def test_tags_that_only_repeat_the_trigger_are_empty():
-    with pytest.raises(og.ImageError):
-        og.finalize_caption("ohwx, OHWX", style="tags", trigger="ohwx")
+    assert caption("ohwx, OHWX", "tags", trigger="ohwx") is None
 
 
 def test_strip_think_keeps_text_between_blocks():
@@ -171,7 +181,8 @@ def test_strip_think_keeps_text_between_blocks():
 
 def test_strip_chatter_keeps_markdown_for_model_cards():
     card = "Intro paragraph.\n\n## How to use\n- **weight** 0.8"
-    assert og.strip_chatter(f"Here is the model card:\n{card}\n\nLet me know if you want changes.") == card
+    answer = f"Here is the model card:\n{card}\n\nLet me know if you want changes."
+    assert og.clean(answer, og.STYLES["describe"]).text == card
 
 
 def test_model_thinks_by_prompt_only_for_qwen3():
@@ -191,4 +202,4 @@ def test_model_thinks_by_prompt_only_for_qwen3():
     ],
 )
 def test_an_answer_cut_off_at_the_token_limit_loses_its_unfinished_end(raw, style, expected):
-    assert og.finalize_caption(raw, style=style, cut_off=True) == expected
+    assert caption(raw, style, cut_off=True) == expected

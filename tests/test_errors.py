@@ -5,8 +5,19 @@ from __future__ import annotations
 import pytest
 from cli import run
 from images import png_bytes
+from traced import DESCRIPTION, TRAINING
 
 import ollama_generate as og
+
+
+def description_of(name):
+    """A description of image `name` (the real ranges apply: captions must be in range)."""
+    return f"Picture {name} seen. {DESCRIPTION}"
+
+
+def caption_of(name):
+    """An in-range training caption of image `name`, every concrete word in its description."""
+    return f"Picture {name} seen. {TRAINING}"
 
 
 @pytest.fixture
@@ -84,9 +95,10 @@ def test_old_servers_without_capabilities_are_trusted(make_ollama, capsys, tmp_p
     server = make_ollama(show_capabilities=False)
     monkeypatch.setenv("OLLAMA_HOST", server.url)
     (tmp_path / "a.png").write_bytes(png_bytes())
-    server.reply("a description", endpoint="/api/chat")
-    server.reply("a caption", endpoint="/api/generate")
-    assert run(capsys, "caption", tmp_path / "a.png")[:2] == (0, "A caption\n")
+    server.reply(DESCRIPTION, endpoint="/api/chat")
+    server.reply(TRAINING[0].lower() + TRAINING[1:], endpoint="/api/generate")
+    assert run(capsys, "caption", tmp_path / "a.png") == (0, TRAINING + "\n", "")
+    assert len(server.requests_to("/api/generate")) == 1
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 429])
@@ -178,13 +190,28 @@ def test_other_4xx_errors_are_reported_with_the_server_message(ollama, capsys):
 
 
 def test_empty_answer_after_thinking_says_why(ollama, capsys):
-    ollama.reply("<think>long reasoning", done_reason="length")
+    # Only thinking, cut at the token limit: asked once more with 4x num_predict, then it fails
+    # with an error that says the model thinks and suggests an -instruct tag.
+    for _ in range(2):
+        ollama.reply("<think>long reasoning", done_reason="length")
     code, out, err = run(capsys, "prompt", "x")
     assert (code, out) == (1, "")
     assert err.splitlines() == [
-        "ollama-generate: error: the text model qwen3-30b-a3b:latest gave an empty answer (it ran out of tokens)",
-        "ollama-generate: hint: try again, or pick another model with --model or OLLAMA_MODEL",
+        "ollama-generate: error: the model qwen3-30b-a3b:latest spent its whole answer thinking and wrote "
+        "nothing, twice",
+        "ollama-generate: hint: use a variant that does not think, such as an -instruct tag of qwen3-30b-a3b, "
+        "or raise --max-tokens",
     ]
+    asked = ollama.generation_requests()
+    assert [r.body["options"]["num_predict"] for r in asked] == [400, 1600]
+    assert all(r.body["think"] is False for r in asked)
+
+
+def test_an_answer_after_thinking_on_the_larger_budget_is_used(ollama, capsys):
+    ollama.reply("<think>long reasoning", done_reason="length")
+    ollama.reply("A lighthouse on a cliff in a storm.")
+    assert run(capsys, "prompt", "x") == (0, "A lighthouse on a cliff in a storm.\n", "")
+    assert [r.body["options"]["num_predict"] for r in ollama.generation_requests()] == [400, 1600]
 
 
 def test_server_dies_mid_folder_run_keeps_finished_work(make_ollama, capsys, tmp_path, monkeypatch):
@@ -192,8 +219,8 @@ def test_server_dies_mid_folder_run_keeps_finished_work(make_ollama, capsys, tmp
     for seed, name in enumerate(["a.png", "b.png", "c.png"]):
         (tmp_path / name).write_bytes(png_bytes(seed=seed))
     for name in "abc":
-        server.reply(f"description {name}", endpoint="/api/chat")
-    server.reply("caption a", endpoint="/api/generate")
+        server.reply(description_of(name), endpoint="/api/chat")
+    server.reply(caption_of("a"), endpoint="/api/generate")
     real_generate = og.OllamaClient.generate
     kills = []
 
@@ -207,7 +234,7 @@ def test_server_dies_mid_folder_run_keeps_finished_work(make_ollama, capsys, tmp
     monkeypatch.setattr(og.OllamaClient, "generate", generate_then_die)
     code, out, err = run(capsys, "caption", tmp_path, "--host", server.url)
     assert (code, out) == (3, "")
-    assert (tmp_path / "a.txt").read_text() == "Caption a\n"
+    assert (tmp_path / "a.txt").read_text() == caption_of("a") + "\n"
     assert not (tmp_path / "b.txt").exists()
     lines = err.splitlines()
     assert lines[0] == "[1/3] a.png: written"
@@ -222,14 +249,15 @@ def test_server_dies_mid_folder_run_keeps_finished_work(make_ollama, capsys, tmp
     # The server comes back: the rerun asks the vision model nothing it answered before.
     server.restart()
     before = len(server.requests)
-    server.reply("caption b", endpoint="/api/generate")
-    server.reply("caption c", endpoint="/api/generate")
+    server.reply(caption_of("b"), endpoint="/api/generate")
+    server.reply(caption_of("c"), endpoint="/api/generate")
     assert run(capsys, "caption", tmp_path, "--host", server.url)[0] == 0
     rerun = server.requests[before:]
     assert [r.path for r in rerun if r.path == "/api/chat"] == []
     assert len([r for r in rerun if r.path == "/api/generate" and r.body.get("prompt")]) == 2
-    assert (tmp_path / "b.txt").read_text() == "Caption b\n"
-    assert (tmp_path / "a.txt").read_text() == "Caption a\n"
+    assert (tmp_path / "b.txt").read_text() == caption_of("b") + "\n"
+    assert (tmp_path / "c.txt").read_text() == caption_of("c") + "\n"
+    assert (tmp_path / "a.txt").read_text() == caption_of("a") + "\n"
 
 
 def test_ctrl_c_exits_130_and_leaves_no_partial_file(ollama, capsys, tmp_path, monkeypatch):
@@ -285,8 +313,8 @@ def test_write_failure_fails_that_image_only(ollama, capsys, tmp_path, monkeypat
     for seed, name in enumerate(["a.png", "b.png"]):
         (tmp_path / name).write_bytes(png_bytes(seed=seed))
     for name in "ab":
-        ollama.reply(f"description {name}", endpoint="/api/chat")
-        ollama.reply(f"caption {name}", endpoint="/api/generate")
+        ollama.reply(description_of(name), endpoint="/api/chat")
+        ollama.reply(caption_of(name), endpoint="/api/generate")
     real = og.write_caption_file
 
     def disk_full(path, caption):
@@ -298,4 +326,4 @@ def test_write_failure_fails_that_image_only(ollama, capsys, tmp_path, monkeypat
     code, out, err = run(capsys, "caption", tmp_path)
     assert code == 1
     assert f"[1/2] a.png: failed: cannot write {tmp_path / 'a.txt'} (No space left on device)" in err
-    assert (tmp_path / "b.txt").read_text() == "Caption b\n"
+    assert (tmp_path / "b.txt").read_text() == caption_of("b") + "\n"

@@ -14,7 +14,7 @@ import threading
 import pytest
 from cli import run
 from images import png_bytes
-from traced import CACHE, TEXT, VISION, derived_answer, expected_caption, make_images, tag_of
+from traced import CACHE, DESCRIPTION, TEXT, VISION, derived_answer, expected_caption, make_images, tag_of
 
 import ollama_generate as og
 
@@ -287,7 +287,7 @@ def test_a_fault_in_each_stage_is_retried(make_ollama, capsys, tmp_path, monkeyp
     assert (len(chats(server)), len(caption_requests(server))) == (4, 4)
     assert request_tag(chats(server)[0]) == request_tag(chats(server)[1])  # the same image again
     assert cached_descriptions(dataset) == sorted(
-        f"Picture {tag_of((dataset / n).read_bytes())} seen." for n in NAMES[:3])
+        f"Picture {tag_of((dataset / n).read_bytes())} seen. {DESCRIPTION}" for n in NAMES[:3])
     assert leftovers(dataset) == []
 
 
@@ -325,7 +325,7 @@ def test_a_lasting_fault_fails_one_image_and_a_rerun_finishes(make_ollama, capsy
     assert f"Failed:\n  a.png: {failed[0]['reason']}\n" in err
     # Only whole descriptions are cached.
     assert set(cached_descriptions(dataset)) <= {
-        f"Picture {tag_of((dataset / n).read_bytes())} seen." for n in NAMES[:3]}
+        f"Picture {tag_of((dataset / n).read_bytes())} seen. {DESCRIPTION}" for n in NAMES[:3]}
 
     before = len(server.requests)
     assert run(capsys, "caption", dataset)[0] == 0

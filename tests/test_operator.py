@@ -14,6 +14,7 @@ import sys
 import pytest
 from cli import run, run_exit
 from images import png_bytes
+from traced import DESCRIPTION, TRAINING
 
 import ollama_generate as og
 
@@ -24,6 +25,12 @@ VISION = og.DEFAULT_VISION_MODEL  # qwen3-vl:32b: completion, vision, tools
 SERVE_FIX = "start it with `ollama serve`, or set OLLAMA_HOST (or --host) to where it runs"
 QWEN_NOTE = (f"note  text model: {TEXT} thinks; every request sends think:false and /no_think, "
              "and think blocks are stripped")
+
+
+def structured_note(version: str = "0.13.0") -> str:
+    """doctor's line on structured outputs for a server of this version (0.5 or later has them)."""
+    return (f"note  structured outputs: tags are asked for as a JSON array of 20 to 40 (Ollama {version}); "
+            "`caption --no-structured` asks for plain text instead")
 
 # Fixed metrics for a scripted answer, and what --json makes of them.
 METRICS = {"total_duration": 2_500_000_000, "load_duration": 1_250_000_000,
@@ -117,6 +124,7 @@ def test_doctor_all_good(ollama, capsys):
     assert (code, err) == (0, "")
     assert out.splitlines() == [
         f"ok    server: Ollama 0.13.0 at {ollama.url}",
+        structured_note(),
         f"ok    vision model: {VISION} is installed (completion, vision, tools)",
         f"ok    text model: {TEXT} is installed (completion, tools, thinking)",
         QWEN_NOTE,
@@ -150,6 +158,7 @@ def test_doctor_a_missing_model_gets_its_pull_line_and_exits_4(ollama, capsys):
     assert code == 4
     assert out.splitlines() == [
         f"ok    server: Ollama 0.13.0 at {ollama.url}",
+        structured_note(),
         f"ok    vision model: {VISION} is installed (completion, vision, tools)",
         f"FAIL  text model: llama3.2 is not installed on {ollama.url}",
         "      fix: ollama pull llama3.2",
@@ -165,6 +174,7 @@ def test_doctor_a_vision_model_that_cannot_see_exits_4(ollama, capsys):
     assert code == 4
     assert out.splitlines() == [
         f"ok    server: Ollama 0.13.0 at {ollama.url}",
+        structured_note(),
         "ok    vision model: llama3.2 is installed (completion, tools)",
         "FAIL  vision model: llama3.2 cannot see images",
         f"      fix: ollama pull {VISION}, then use it with --vision-model",
@@ -194,9 +204,21 @@ def test_doctor_notes_a_thinking_model(ollama, capsys, model, capabilities, note
     code, out, err = run(capsys, "doctor", "-m", model)
     assert (code, err) == (0, "")
     lines = out.splitlines()
-    assert lines[2] == f"ok    text model: {model} is installed ({', '.join(capabilities)})"
-    assert [line for line in lines if line.startswith("note")] == ([note] if note else [])
+    assert lines[3] == f"ok    text model: {model} is installed ({', '.join(capabilities)})"
+    assert [line for line in lines if line.startswith("note  text model")] == ([note] if note else [])
+    assert [line for line in lines if line.startswith("note")] == [structured_note()] + ([note] if note else [])
     assert lines[-1] == "A caption run would work."
+
+
+def test_doctor_says_an_old_server_gets_tags_as_plain_text(make_ollama, capsys):
+    server = make_ollama(version="0.4.7")
+    code, out, err = run(capsys, "doctor", "--host", server.url)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[:2] == [
+        f"ok    server: Ollama 0.4.7 at {server.url}",
+        "note  structured outputs: not available on Ollama 0.4.7 (needs 0.5 or later): "
+        "tags are asked for as plain text",
+    ]
 
 
 def test_doctor_names_a_broken_template_override(ollama, capsys, tmp_path):
@@ -225,6 +247,8 @@ def test_doctor_json_is_one_document(ollama, capsys):
     assert (code, err) == (0, "")
     assert one_json(out) == {"command": "doctor", "ok": True, "checks": [
         {"name": "server", "status": "ok", "detail": f"Ollama 0.13.0 at {ollama.url}", "fix": None},
+        {"name": "structured outputs", "status": "note",
+         "detail": structured_note().removeprefix("note  structured outputs: "), "fix": None},
         {"name": "vision model", "status": "ok",
          "detail": f"{VISION} is installed (completion, vision, tools)", "fix": None},
         {"name": "text model", "status": "ok",
@@ -257,10 +281,12 @@ def test_doctor_checks_every_host(make_ollama, capsys):
     assert code == 4
     assert out.splitlines() == [
         f"ok    server: Ollama 0.13.0 at {first.url}",
+        structured_note(),
         f"ok    vision model: {VISION} is installed (completion, vision, tools)",
         f"ok    text model: {TEXT} is installed (completion, tools, thinking)",
         QWEN_NOTE,
         f"ok    server: Ollama 0.12.6 at {second.url}",
+        structured_note("0.12.6"),
         f"FAIL  vision model: {VISION} is not installed on {second.url}",
         f"      fix: ollama pull {VISION}",
         f"ok    text model: {TEXT} is installed (completion, tools, thinking)",
@@ -282,7 +308,8 @@ def test_doctor_with_one_of_two_hosts_down_exits_3(make_ollama, capsys):
     assert (code, err) == (3, "ollama-generate: error: 1 check failed; see above\n")
     lines = out.splitlines()
     assert lines[0] == f"ok    server: Ollama 0.13.0 at {up.url}"
-    assert lines[4:6] == [f"FAIL  server: cannot connect to Ollama at {down_url} (Connection refused)",
+    assert lines[1] == structured_note()
+    assert lines[5:7] == [f"FAIL  server: cannot connect to Ollama at {down_url} (Connection refused)",
                           f"      fix: {SERVE_FIX}"]
     assert len(up.requests_to("/api/show")) == 2
 
@@ -511,17 +538,19 @@ def test_a_prompts_dir_variable_that_is_not_a_folder_exits_2(capsys, tmp_path, m
 # -- --json ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("argv", "answer", "text"), [
-    (["prompt", "a fox"], "Here is your prompt:\nA red fox in snow.", "A red fox in snow."),
+@pytest.mark.parametrize(("argv", "answer", "text", "rules"), [
+    (["prompt", "a fox"], "Here is your prompt:\nA red fox in snow.", "A red fox in snow.", ["lead-in"]),
     (["lore", "a keeper"], "The keeper climbed.\n\nThe lamp was cold.",
-     "The keeper climbed.\n\nThe lamp was cold."),
-    (["describe", "X", "--type", "style"], "A style LoRA.", "# X\n\nA style LoRA."),
+     "The keeper climbed.\n\nThe lamp was cold.", []),
+    (["describe", "X", "--type", "style"], "A style LoRA.", "# X\n\nA style LoRA.", []),
 ])
-def test_json_text_commands_print_one_document(ollama, capsys, printers, argv, answer, text):
+def test_json_text_commands_print_one_document(ollama, capsys, printers, argv, answer, text, rules):
     ollama.reply(answer, final_fields=METRICS)
     code, out, err = run(capsys, *argv, "--json")
     assert (code, err) == (0, "")
-    assert one_json(out) == {"command": argv[0], "text": text, "model": TEXT, **NUMBERS}
+    # rules: what cleaning removed or flagged (the lead-in); nothing was flagged for review.
+    assert one_json(out) == {"command": argv[0], "text": text, "needs_review": None, "rules": rules,
+                             "model": TEXT, **NUMBERS}
     assert printers == []  # never streamed
 
 
@@ -529,8 +558,8 @@ def test_json_enhance_adds_clip_tokens(ollama, capsys):
     ollama.reply("A cat on a velvet sofa.", final_fields=METRICS)
     code, out, err = run(capsys, "enhance", "a cat", "--json")
     assert (code, err) == (0, "")
-    assert one_json(out) == {"command": "enhance", "text": "A cat on a velvet sofa.", "model": TEXT,
-                             **NUMBERS, "clip_tokens": 8}
+    assert one_json(out) == {"command": "enhance", "text": "A cat on a velvet sofa.", "needs_review": None,
+                             "rules": [], "model": TEXT, **NUMBERS, "clip_tokens": 8}
 
 
 def test_json_never_streams_even_when_asked_or_on_a_terminal(ollama, capsys, printers, monkeypatch):
@@ -543,15 +572,17 @@ def test_json_never_streams_even_when_asked_or_on_a_terminal(ollama, capsys, pri
 
 
 def test_json_single_image_caption(ollama, capsys, photo):
-    ollama.reply("A red fox sits in deep snow.", endpoint="/api/chat", final_fields=METRICS)
-    ollama.reply("A red fox sitting in snow.", endpoint="/api/generate",
+    ollama.reply(DESCRIPTION, endpoint="/api/chat", final_fields=METRICS)
+    ollama.reply(TRAINING, endpoint="/api/generate",
                  final_fields={**METRICS, "eval_count": 9, "done_reason": "length"})
     code, out, err = run(capsys, "caption", photo, "--json")
     assert (code, err) == (0, "")
     assert one_json(out) == {
         "command": "caption", "image": str(photo), "style": "training", "creative": False,
-        "text": "A red fox sitting in snow.", "description": "A red fox sits in deep snow.",
-        "needs_review": None, "vision_model": VISION, "model": TEXT,
+        "text": TRAINING, "description": DESCRIPTION, "cached": False,
+        # In range, nothing cleaned away, every concrete word in the description.
+        "needs_review": None, "rules": [], "unsupported_share": 0.0, "invented": [],
+        "vision_model": VISION, "model": TEXT,
         "requests": [
             {"model": VISION, **NUMBERS},
             {"model": TEXT, **NUMBERS, "answer_tokens": 9, "done_reason": "length"},
@@ -578,8 +609,10 @@ def test_json_folder_run_prints_the_run_report(ollama, capsys, tmp_path):
         "failed": [], "needs_review": [], "not_reached": 0, "later": 0, "interrupted": False,
         "cached_descriptions": 0, "model_calls": 4, "model_loads": 0,
         "hosts": [{"url": ollama.url, "model_calls": 4, "model_loads": 0, "dropped": None}],
+        "cleaning": {},
+        "captions": [{"image": n, "rules": [], "unsupported_share": 0.0, "invented": []} for n in ["a.png", "b.png"]],
     }
-    assert (folder / "a.txt").read_text() == "A fake answer.\n"
+    assert (folder / "a.txt").read_text() == TRAINING + "\n"  # the fake's in-range answer
     assert "Done after" in err
 
 
@@ -845,7 +878,7 @@ def test_describe_json_text_is_the_whole_card(ollama, capsys):
     ollama.reply(CARD_BODY, final_fields=METRICS)
     code, out, err = run(capsys, "describe", "Neon Noir", *CARD_FLAGS, "--json")
     assert (code, err) == (0, "")
-    assert one_json(out) == {"command": "describe", "model": TEXT, **NUMBERS,
+    assert one_json(out) == {"command": "describe", "model": TEXT, **NUMBERS, "needs_review": None, "rules": [],
                              "text": f"{FRONT_MATTER}\n\n# Neon Noir\n\n{CARD_BODY}\n\n{TRIGGER_SECTION}"}
 
 
@@ -919,7 +952,7 @@ KEY = "sk-secret-4f9a2c"
 def test_the_api_key_is_sent_on_every_request_of_a_caption(ollama, capsys, photo, monkeypatch):
     monkeypatch.setenv("OLLAMA_API_KEY", KEY)
     code, out, err = run(capsys, "caption", photo, "--verbose")
-    assert (code, out) == (0, "A fake answer.\n")
+    assert (code, out) == (0, TRAINING + "\n")  # the fake's in-range answer: not asked again
     assert [r.path for r in ollama.requests] == ["/api/show", "/api/show", "/api/chat", "/api/generate"]
     assert [r.headers.get("authorization") for r in ollama.requests] == [f"Bearer {KEY}"] * 4
     assert len(err.splitlines()) == 2  # --verbose printed, without the key
@@ -1039,12 +1072,12 @@ def test_verbose_prints_one_line_per_request(ollama, capsys):
 
 
 def test_verbose_on_a_caption_reports_both_stages(ollama, capsys, photo):
-    ollama.reply("A fox in snow.", endpoint="/api/chat", final_fields=METRICS)
-    ollama.reply("A fox.", endpoint="/api/generate",
+    ollama.reply(DESCRIPTION, endpoint="/api/chat", final_fields=METRICS)
+    ollama.reply(TRAINING, endpoint="/api/generate",
                  final_fields={**METRICS, "eval_count": 30, "eval_duration": 2_000_000_000,
                                "load_duration": 0, "done_reason": None})
     code, out, err = run(capsys, "caption", photo, "-v")
-    assert (code, out) == (0, "A fox.\n")
+    assert (code, out) == (0, TRAINING + "\n")
     first, second = err.splitlines()
     assert re.fullmatch(verbose_line("/api/chat", VISION, ollama.url,
                                      r"load 1\.25s, prompt 42 tokens, answer 7 tokens \(7\.0/s\), stop"),

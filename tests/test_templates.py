@@ -28,7 +28,11 @@ def test_every_template_file_is_known():
 def test_six_caption_templates_exist():
     captions = [name for name in og.TEMPLATE_FIELDS if name.startswith("caption_")]
     assert sorted(captions) == sorted(
-        f"caption_{style}{mood}" for style in og.STYLES for mood in ("", "_creative"))
+        f"caption_{style}{mood}" for style in og.CAPTION_STYLES for mood in ("", "_creative"))
+    assert len(captions) == 6
+    # Each caption style and its -creative row in the style table asks with its own template.
+    assert sorted(og.STYLES[style + mood].template for style in og.CAPTION_STYLES
+                  for mood in ("", "-creative")) == sorted(captions)
 
 
 def test_template_placeholders_in_order_without_escapes():
