@@ -895,7 +895,9 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun[:-1] if count == 1 and noun.endswith('s') else noun}"
 
 
-_SENTENCE_END = lazy_pattern(r"(?<=[.!?])\s+(?=\S)")
+# After a closing quote a sentence ends only where the next one starts with a capital:
+# 'reads "Hi. Bye." on a desk' goes on.
+_SENTENCE_END = lazy_pattern(r"(?<=[.!?])\s+(?=\S)|(?<=[.!?][\"\u201d'])\s+(?=[^\sa-z])")
 
 
 def count_words(body: str) -> int:
@@ -1001,7 +1003,7 @@ RULES = (
         r"[^\n:]{0,60}:\s*", re.I)),
     Rule("lead-in", "start", "strip", lazy_pattern(
         rf"\A(?:the|this|my|your)\s+(?:(?:image|final|training|rewritten)\s+)?{_TASK}\s+"
-        r"(?:is as follows|follows|is below|reads as follows)\s*[:.]\s*", re.I)),
+        r"(?:is as follows|follows|is below|reads as follows|is|reads)\s*:\s*", re.I)),
     Rule("label", "start", "strip", lazy_pattern(
         r"\A[*_#\s]*(?:(?:final|rewritten|enhanced|improved|training|booru|danbooru|flux|sdxl|image|the)\s+){0,3}"
         r"(?:caption|tags|tag list|description|prompt|answer|output|result|text|lora)"
@@ -1031,13 +1033,24 @@ RULES = (
     Rule("template echo", "line", "drop", lazy_pattern(
         r"\A\s*[*_]*(?:requirements|output format|output|format|rules|structure|instructions|constraints"
         r"|style|length)[*_]*\s*:", re.I), families=("caption", "prompt")),
+    Rule("label", "line", "drop", lazy_pattern(r"\A\s*[*_#]*\s*(?:title|subtitle|heading)[*_]*\s*:", re.I),
+         families=("caption", "prompt")),
+    # A label inside the answer ("Rewrite:", "Image Description:") means it has more than one part.
+    Rule("label", "line", "strip", lazy_pattern(
+        r"\A\s*[*_#]*\s*(?:(?:image|final|training|revised|new) )?(?:description|caption|tags|prompt|rewrite"
+        r"|rewritten(?: caption| version)?|revised version|output|answer)[*_]*\s*:[*_]*\s*", re.I),
+         families=("caption", "prompt"), review=True),
     Rule("list numbering", "line", "strip", lazy_pattern(r"\A\s*(?:[-*+\u2022]|\d{1,3}[.)])\s+"),
          families=("caption", "prompt"), review=True, forms=("prose",)),
     Rule("markdown", "line", "strip", lazy_pattern(r"\A\s*>\s?"), families=_WRITTEN),
     # Sentences of prose. Drop rules are about the task, the prompt, the file or the model.
     Rule("meta talk", "sentence", "drop", lazy_pattern(
         r"\b(?:flux|t5|lora|loras|sdxl|booru|danbooru|stable diffusion)\b[^.!?]{0,60}"
-        rf"\b(?:{_TASK}|training|dataset)\b|\bimage descriptions?\b|\b(?:as an ai|as a language model"
+        rf"\b(?:{_TASK}|training|dataset)\b|\bimage descriptions?\b|\btraining captions?\b"
+        r"|\bflux/t5\b|\b(?:flux|sdxl|t5) loras?\b|\blora (?:dataset|training|model)\b"
+        r"|\bno (?:description|caption|tags|commentary|notes?|preamble) (?:is )?(?:added|included|follows)\b"
+        r"|\bthis is an? (?:[\w-]+ ){0,4}(?:description|caption)\b"
+        r"|\bimage described\b|\b(?:as an ai|as a language model"
         r"|(?:ai|language|vision|text) model)\b"
         r"|\A\(?\s*(?:(?:following|as per|per|according to|in line with) (?:the|your|these|all|my) "
         r"(?:rules|instructions|guidelines|requirements|request)\b"
@@ -1045,7 +1058,7 @@ RULES = (
         r"(?: above| provided| below)? (?:adheres|follows|complies|meets|sticks|avoids|focuses|has been"
         r"|is written|was written|is based|captures|includes|uses|should|contains|describes the image)"
         r"|i (?:have|'ve) (?:avoided|kept|followed|included|omitted|focused|used|made|tried|written|described"
-        r"|added|removed|ensured|limited|chosen|rewritten)"
+        r"|added|removed|ensured|limited|chosen|rewritten|reworked|revised|edited|changed|adjusted)"
         r"|i (?:avoided|kept|followed|included|omitted|focused|used|made sure|described|ensured)\b"
         r"|no other tags|all tags (?:are|were)|word count|\(?\d+ words\)?\.?\Z)", re.I),
          families=_WRITTEN),
@@ -1063,12 +1076,16 @@ RULES = (
          families=("caption", "prompt")),
     # "this photograph" may be a print someone holds; "this image" is the model looking at its input.
     Rule("meta talk", "sentence", "flag", lazy_pattern(
-        r"\bthis image\b|\bthe image (?:shows|depicts|features|captures|conveys|evokes|appears|is|has|gives"
-        r"|creates|presents)\b", re.I), families=("caption", "prompt")),
+        r"\bthis image\b|\bthe image(?:'s)? (?:shows|depicts|features|captures|conveys|evokes|appears|is|has"
+        r"|gives|creates|presents|was|looks|contains|appeal|style|composition)\b|\bdescrib(?:e|es|ing) (?:the|this) image\b"
+        r"|\bthe use of (?:the )?words?\b|\b(?:of|in|on|across) (?:the|this) image\b|\b(?:the|this|my) (?:caption|rewrite|narrative|answer|response) itself\b"
+        r"|\bthe original description\b|\bpreamble\b", re.I), families=("caption", "prompt")),
     Rule("template echo", "sentence", "flag", lazy_pattern(
         r"\b\d+ to \d+ (?:tags|words|sentences)\b|\bone single line\b|\bno trailing comma\b"
         r"|\bwell-formed sentences\b|\band so on\.?\Z|\betc\.?\Z", re.I), families=("caption", "prompt")),
-    Rule("filler", "sentence", "drop", lazy_pattern(r"\blorem ipsum\b", re.I),
+    Rule("filler", "sentence", "drop", lazy_pattern(
+        r"\blorem ipsum(?:[\s,.]+(?:dolor|sit|amet|consectetur|adipiscing|elit|sed|do|eiusmod|tempor|incididunt"
+        r"|ut|labore|et|dolore|magna|aliqua)\b)*", re.I),
          families=("caption", "prompt", "card", "vision")),
     Rule("aside", "sentence", "strip", lazy_pattern(
         r"\s*\[(?:insert|trigger|name|subject|character|placeholder|note|your)\b[^\[\]\n]{0,60}\]", re.I),
@@ -1136,7 +1153,7 @@ def clean(answer: str, style: Style, *, cut_off: bool = False) -> Cleaned:
     text = answer.replace("\r\n", "\n")
     for rule in rules_for(style, "answer"):
         text = _apply(rule, text, result)
-    text = strip_wrapping_quotes(_strip_start(text, style, result))
+    text = strip_stray_quote(strip_wrapping_quotes(_strip_start(text, style, result)))
     if is_refusal(text, style):
         result.refused = True
         result.spans.append(("refusal", "drop", one_line(text)[:200]))
@@ -1192,15 +1209,19 @@ def _strip_end(text: str, style: Style, result: Cleaned) -> str:
                 break
         else:
             break
-    return strip_wrapping_quotes("\n".join(lines).strip())
+    return strip_stray_quote(strip_wrapping_quotes("\n".join(lines).strip()))
 
 
 END_SENTENCES = 4
 
 
 def _quoted(text: str) -> bool:
-    """Whether a sentence opens with a quote: someone's words, not the model's."""
-    return text[:1] in "\"'\u201c\u2018\u00ab"
+    """Whether a sentence opens with a quotation that closes inside it ('"Sorry, we're closed"
+    reads the sign'): someone's words, not the model's. A quote that runs to the end is the
+    model's own answer in quote marks."""
+    close = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "\u00ab": "\u00bb"}.get(text[:1])
+    end = text.find(close, 1) if close else -1
+    return 0 < end < len(text.rstrip(" .!?")) - 1
 
 
 def _clean_line(line: str, style: Style, result: Cleaned) -> str:
@@ -1244,6 +1265,9 @@ def _clean_sentences(text: str, style: Style, result: Cleaned) -> str:
             if rule.action == "strip":
                 sentence = _apply(rule, sentence, result)
             elif rule.action == "drop" and not _quoted(sentence) and _unquoted_match(rule, sentence):
+                if _describes_something(rule, sentence):  # task talk wrapped around content: keep it
+                    result.spans.append((rule.name, "flag", one_line(sentence)))
+                    continue
                 result.note(rule, sentence)
                 sentence = ""
                 break
@@ -1253,6 +1277,17 @@ def _clean_sentences(text: str, style: Style, result: Cleaned) -> str:
         if sentence:
             kept.append(sentence)
     return " ".join(kept)
+
+
+CONTENT_WORDS_KEPT = 4  # a sentence with this many concrete words besides a rule's match says something
+
+
+def _describes_something(rule: Rule, sentence: str) -> bool:
+    """Whether a sentence a drop rule matched also describes the picture ("The image description
+    is a classic example of a LoRA, with a girl in a red coat and boots"): then it is flagged, not
+    deleted."""
+    rest = rule.pattern.sub(" ", sentence)
+    return len(content_words(rest)) >= CONTENT_WORDS_KEPT
 
 
 def _unquoted_match(rule: Rule, sentence: str) -> bool:
@@ -1347,10 +1382,26 @@ def strip_wrapping_quotes(text: str) -> str:
     return text
 
 
+def strip_stray_quote(text: str) -> str:
+    """Remove a quote mark that opens or closes the whole answer and has no partner.
+
+    >>> strip_stray_quote('"A fox in snow.'), strip_stray_quote('A sign reads "OPEN" now."')
+    ('A fox in snow.', 'A sign reads "OPEN" now.')
+    """
+    if text.count('"') % 2 and text[:1] == '"':
+        return text[1:].strip()
+    if text.count('"') % 2 and text[-1:] == '"':
+        return text[:-1].strip()
+    return text
+
+
 def _quotes_inside(text: str) -> bool:
     """Whether the inner text uses the wrapping quote mark as a quote (not an apostrophe)."""
     inner = text[1:-1]
     for mark in {text[0], text[-1]}:
+        first = inner.find(mark)
+        if mark == '"' and first > 0 and inner[first - 1].isspace() and inner.count(mark) % 2 == 0:
+            continue  # the inner quotes open after a space and close again: the outer pair wraps
         for index, char in enumerate(inner):
             if char != mark:
                 continue

@@ -30,8 +30,9 @@ def lines(path: Path) -> list[dict]:
 
 def written(answer: str, style: str, description: str = "", *, trigger: str = "",
             cut_off: bool = False) -> og.Caption | None:
-    """What the caption stage makes of one answer, through its own calls."""
-    spec = og.CaptionSpec(style=style, trigger=trigger)
+    """What the caption stage makes of one answer, through its own calls (style: a STYLES row)."""
+    spec = og.CaptionSpec(style=style.removesuffix("-creative"), creative=style.endswith("-creative"),
+                          trigger=trigger)
     draft = og.judge_caption(og.Answer(text=answer, done_reason="length" if cut_off else "stop"), spec)
     return og.finish_caption(draft, spec, description) if draft.body else None
 
@@ -62,15 +63,30 @@ def messy() -> tuple[int, int, int, int]:
         data = json.loads(path.read_text(encoding="utf-8"))
         real = "real" in (data["category"] if isinstance(data["category"], list) else [data["category"]])
         for style, expected in data["expected"].items():
-            caption = written(data["answer"], style, cut_off=data["cut_off"])
+            caption = written(data["answer"], style, data.get("description", ""), cut_off=data["cut_off"])
+            review = caption.review if caption and "description" in data else \
+                [reason for reason in caption.review if not reason.startswith(("it has", "about", "invented"))] \
+                if caption else []
             ok = caption is None if expected is None else caption is not None and caption.text == expected \
-                and [reason for reason in caption.review if not reason.startswith(("it has", "about", "invented"))] == \
-                data.get("flags", {}).get(style, [])
+                and review == data.get("flags", {}).get(style, [])
             good += ok
             total += 1
             real_good += ok and real
             real_total += real
     return good, total, real_good, real_total
+
+
+def real_outcomes() -> tuple[int, int, int]:
+    """The real answers of a small local model: written clean, written but needs review, unusable."""
+    clean = flagged = unusable = 0
+    for path in sorted((FIXTURES / "answers").glob("*-real-*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        for style in data["expected"]:
+            caption = written(data["answer"], style, data["description"], cut_off=data["cut_off"])
+            clean += bool(caption) and not caption.review
+            flagged += bool(caption) and bool(caption.review)
+            unusable += caption is None
+    return clean, flagged, unusable
 
 
 def faithfulness() -> tuple[int, int, int, int]:
@@ -102,6 +118,9 @@ def main() -> None:
     good, count, real_good, real_count = messy()
     print(f"messy answers clean or flagged as their fixture says: {good}/{count} "
           f"(real answers from a small local model: {real_good}/{real_count})")
+    clean, flagged, unusable = real_outcomes()
+    print(f"real answers: {clean} written clean (each read by hand), {flagged} written and listed as needs "
+          f"review, {unusable} unusable (asked again)")
     false_flags, legit, caught, planted = faithfulness()
     print(f"faithfulness: {false_flags}/{legit} legitimate captions flagged, {caught}/{planted} planted "
           "inventions caught")

@@ -3,9 +3,12 @@
 Every file in tests/fixtures/answers/ holds one answer and, per style, the line the
 caption stage writes for it (null: the answer is unusable and is asked again or fails),
 and optionally, per style, the cleaning rules that must flag it for review (none when
-absent: the caption must come out clean). The answers go through judge_caption and
-finish_caption, the caption stage's own calls. The expectations were written by hand
-from the cleaning rules, not produced by the code under test.
+absent: the caption must come out clean). A fixture with the vision "description" the
+answer was written from (the real answers of a small local model, category "real") lists
+instead every reason the caption is listed as needs review: range, rules, inventions and
+CLIP's budget. The answers go through judge_caption and finish_caption, the caption
+stage's own calls. The expectations of the hand-made answers were written by hand from the
+cleaning rules; those of the real answers were read and checked one by one.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ import pytest
 import ollama_generate as og
 
 ANSWERS_DIR = Path(__file__).resolve().parent / "fixtures" / "answers"
-STYLES = ("training", "detailed", "tags")
+STYLES = ("training", "detailed", "tags", "training-creative", "detailed-creative", "tags-creative")
 CATEGORIES = frozenset({
     "think", "preamble", "refusal", "hedge", "loop", "markdown", "json-tags", "numbered",
     "quoted", "offer", "meta", "aside", "label", "filler", "boilerplate", "underscores",
-    "kaomoji", "weights", "mixed-language", "truncated", "good",
+    "kaomoji", "weights", "mixed-language", "truncated", "good", "real",
 })
 NAME = re.compile(r"^\d{3}-[a-z0-9]+(?:-[a-z0-9]+)*\.json$")
 
@@ -52,21 +55,22 @@ def _cases() -> list[Any]:
             if style in data.get("expected", {}):
                 cases.append(pytest.param(
                     data["answer"], style, bool(data.get("cut_off", False)),
-                    data["expected"][style], data.get("flags", {}).get(style, []), data.get("note", ""),
-                    id=f"{name.removesuffix('.json')}-{style}"))
+                    data["expected"][style], data.get("flags", {}).get(style, []), data.get("description"),
+                    data.get("note", ""), id=f"{name.removesuffix('.json')}-{style}"))
     return cases
 
 
-@pytest.mark.parametrize(("answer", "style", "cut_off", "expected", "flags", "note"), _cases())
+@pytest.mark.parametrize(("answer", "style", "cut_off", "expected", "flags", "description", "note"), _cases())
 def test_answer_is_cleaned(answer: str, style: str, cut_off: bool, expected: str | None,
-                           flags: list[str], note: str) -> None:
-    spec = og.CaptionSpec(style=style)
+                           flags: list[str], description: str | None, note: str) -> None:
+    spec = og.CaptionSpec(style=style.removesuffix("-creative"), creative=style.endswith("-creative"))
     draft = og.judge_caption(og.Answer(text=answer, done_reason="length" if cut_off else "stop"), spec)
     if expected is None:
         assert not draft.body, note
         return
-    assert og.finish_caption(draft, spec, "").text == expected, note
-    assert draft.cleaned.flags == flags, note
+    caption = og.finish_caption(draft, spec, description or "")
+    assert caption.text == expected, note
+    assert (caption.review if description is not None else draft.cleaned.flags) == flags, note
 
 
 # -- The corpus itself ----------------------------------------------------------
@@ -76,7 +80,8 @@ def test_answer_is_cleaned(answer: str, style: str, cut_off: bool, expected: str
 def test_fixture_is_well_formed(name: str, data: dict[str, Any]) -> None:
     assert NAME.match(name), f"{name}: name must be NNN-short-name.json"
     assert {"answer", "cut_off", "note", "category", "expected"} <= set(data) <= {
-        "answer", "cut_off", "note", "category", "expected", "flags"}, name
+        "answer", "cut_off", "note", "category", "expected", "flags", "description"}, name
+    assert ("description" in data) == ("real" in _categories(data)), name
     assert set(data.get("flags", {})) <= set(data["expected"]), name
     assert isinstance(data["answer"], str) and data["answer"].strip()
     assert isinstance(data["cut_off"], bool)
@@ -90,7 +95,7 @@ def test_fixture_is_well_formed(name: str, data: dict[str, Any]) -> None:
             continue
         assert isinstance(value, str) and value == value.strip() and value, (name, style)
         assert "\n" not in value and "  " not in value, f"{name}/{style}: must be one clean line"
-        if style == "tags":
+        if style.startswith("tags"):
             tags = value.split(", ")
             assert all(t and t == t.strip() and "," not in t for t in tags), name
             assert len(tags) == len(set(tags)) and len(tags) <= 40, name
@@ -100,7 +105,13 @@ def test_fixture_is_well_formed(name: str, data: dict[str, Any]) -> None:
 
 
 def test_corpus_size_and_coverage() -> None:
-    assert len(FIXTURES) >= 60
+    assert len(FIXTURES) >= 100
+    real = [n for n, d in FIXTURES if "real" in _categories(d)]
+    assert len(real) >= 30, real
+    # No real answer is written silently: each comes out clean (checked by hand) or needs review.
+    silent = [n for n, d in FIXTURES if "real" in _categories(d)
+              and any(d["expected"][s] is not None and not d["flags"][s] for s in d["expected"])]
+    assert len(silent) <= len(real) // 3, silent
     with_tags = [n for n, d in FIXTURES if "tags" in d["expected"]]
     with_training = [n for n, d in FIXTURES if "training" in d["expected"]]
     assert len(with_tags) >= 30, with_tags

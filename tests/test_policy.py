@@ -159,16 +159,24 @@ def test_tags_split_on_commas_and_new_lines_only_and_junk_fragments_go():
 
 
 @pytest.mark.parametrize(("answer", "rule"), [
-    ("ohwx, the image description is a classic example of Flux/T5 LoRa, with a girl in a red coat.", "meta talk"),
     ("This is a Flux/T5 LoRa image description. A girl stands in snow.", "meta talk"),
     ("Caption for Flux training: A girl stands in snow.", "label"),
     ("The image description is as follows: A girl stands in snow.", "lead-in"),
+    ("The image description is:\nA girl stands in snow.", "lead-in"),
+    ("Image Description: A girl stands in snow.", "label"),
 ])
 def test_meta_talk_is_removed_where_separable_and_recorded(answer, rule):
     caption = written(answer + PAD, description="A girl stands in snow in a red coat." + PAD)
-    assert rule in caption.fired
-    assert "description" not in caption.text.lower() and "caption" not in caption.text.lower()
-    assert any(span[0] == rule for span in caption.spans)
+    assert caption.text == "A girl stands in snow." + PAD
+    assert caption.fired == [rule] and caption.review == []
+    assert any(span[0] == rule and span[1] in ("strip", "drop") for span in caption.spans)
+
+
+def test_task_talk_wrapped_around_content_is_flagged_not_deleted():
+    answer = "ohwx, the image description is a classic example of Flux/T5 LoRa, with a girl in a red coat."
+    caption = written(answer + PAD, description="A girl stands in snow in a red coat." + PAD)
+    assert "with a girl in a red coat" in caption.text
+    assert "meta talk" in caption.review
 
 
 def test_list_items_glued_into_prose_are_unlisted_and_flagged():
