@@ -1119,10 +1119,12 @@ class Cleaned(Record):
     refused: bool = False
 
     def note(self, rule: Rule, text: str) -> None:
-        """Record what a rule did."""
+        """Record what a rule did; a rule that flags what it strips is recorded as both, once."""
         text = one_line(text)
         if text or rule.action == "flag":
-            self.spans.append((rule.name, "flag" if rule.review else rule.action, text))
+            self.spans.append((rule.name, rule.action, text))
+        if rule.review and rule.action != "flag" and rule.name not in self.flags:
+            self.spans.append((rule.name, "flag", ""))
 
     @property
     def flags(self) -> list[str]:
@@ -1241,7 +1243,7 @@ def _clean_prose(lines: list[str], style: Style, result: Cleaned, cut_off: bool)
     text = one_line(" ".join(_EMPHASIS.sub(r"\2", line).replace("`", "") for line in lines))
     if cut_off:
         text = _drop_unfinished_sentence(text, result)
-    text = cut_loop(text, result, cut_off=cut_off)
+    text = cut_loop(text, result)
     result.text = strip_wrapping_quotes(_clean_sentences(text, style, result))
 
 
@@ -1478,13 +1480,13 @@ LOOP_SCAN = 40  # the longest repeated phrase looked for, in words
 _PUNCTUATION = ".,;:!?\"'()[]{}*_\u201c\u201d\u2018\u2019"
 
 
-def cut_loop(text: str, result: Cleaned | None = None, *, cut_off: bool = False) -> str:
+def cut_loop(text: str, result: Cleaned | None = None) -> str:
     """Cut a loop: a phrase repeated on to the end of the answer.
 
     A phrase of 8 letters or more must come 3 times in a row, a shorter one 6 times; a
     repetition inside the text (a pattern, the words on a sign) is content and stays.
-    With cut_off (the answer hit the token limit) the last repetition may be unfinished.
-    Linear in the length of the text.
+    The last repetition may be unfinished (the answer hit the token limit). Linear in the
+    length of the text.
 
     >>> cut_loop("A cat sits on a mat. A cat sits on a mat. A cat sits on a mat. A cat sits")
     'A cat sits on a mat.'
