@@ -2041,7 +2041,7 @@ def dataset_facts(folder: str, *, trigger: str = "", top: int = 15, samples: int
     """
     if not os.path.isdir(folder):
         raise UsageError(f"--dataset {shown(folder)} is not a folder")
-    images = find_images(folder, recursive=True)
+    images = [image for image in find_images(folder, recursive=True) if os.path.isfile(image)]
     captions = []
     for image in images:
         for ext in (CAPTION_EXTENSION, ".caption"):
@@ -2131,7 +2131,8 @@ def card_tail(*, args: argparse.Namespace, dataset: DatasetFacts | None) -> str:
     if args.trigger:
         parts.append(f"## Trigger words\n\nYou should use `{args.trigger}` to trigger the image generation.")
     if dataset:
-        lines = [f"## Training data\n\n{dataset.images} images, {dataset.captioned} of them captioned."]
+        them = "of them " if dataset.images != 1 else ""
+        lines = [f"## Training data\n\n{plural(dataset.images, 'image')}, {dataset.captioned} {them}captioned."]
         if dataset.top_tags:
             what = "Most frequent tags" if dataset.style == "tags" else "Frequent words and phrases"
             lines.append(f"{what}: " + ", ".join(f"{term} ({count})" for term, count in dataset.top_tags)
@@ -2308,9 +2309,7 @@ def write_output_file(path: str, text: str) -> None:
     if info is None or stat.S_ISREG(info.st_mode):
         write_text_atomically(os.path.realpath(path), text)
         return
-    if stat.S_ISDIR(info.st_mode):
-        raise IsADirectoryError(errno.EISDIR, "it is a folder", path)
-    try:
+    try:  # a folder fails here too (EISDIR)
         fd = os.open(path, os.O_WRONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except OSError as exc:
         if exc.errno == errno.ENXIO:
@@ -2387,7 +2386,9 @@ class DescriptionCache:
             # Not through a link (it could point out of the dataset), and never a FIFO.
             flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_NONBLOCK", 0) \
                 | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
-            if follow_links:
+            if follow_links or os.open not in os.supports_dir_fd:  # Windows: no dir_fd, rare links
+                if not follow_links and os.path.islink(folder):
+                    raise OSError(errno.ELOOP, "its folder is a symbolic link")
                 fd = os.open(self.path, flags, 0o666)
             else:
                 try:
@@ -3007,7 +3008,7 @@ def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: Batc
     """Caption a folder: plan, check, run, report."""
     images = find_images(folder, recursive=options.recursive)
     if not images:
-        raise UsageError(f"{folder} has no images ({', '.join(IMAGE_EXTENSIONS)})"
+        raise UsageError(f"{shown(folder)} has no images ({', '.join(IMAGE_EXTENSIONS)})"
                          + ("" if options.recursive else "; --recursive looks in subfolders"))
     jobs = plan_jobs(folder, images, options)
     if options.dry_run:

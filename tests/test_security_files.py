@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from cli import run, run_exit
@@ -168,7 +169,7 @@ def test_a_symlink_loop_is_one_failed_image_never_a_failed_run(fake, capsys, tmp
     fake.reply("A card body.", endpoint="/api/generate")
     code, out, err = run(capsys, "describe", "Fox", "--type", "style", "--dataset", dataset, "--no-stream")
     assert (code, err) == (0, "")
-    assert "3 images, 1 of them captioned." in out
+    assert "## Training data\n\n1 image, 1 captioned." in out  # loops are no training images
 
 
 # -- 6. FIFOs and other special files ------------------------------------------------------------
@@ -216,7 +217,7 @@ def test_a_caption_file_that_is_a_fifo_is_left_alone_by_manifest_and_describe(fa
         fake.reply("A card body.", endpoint="/api/generate")
         code, out, err = run(capsys, "describe", "Fox", "--type", "style", "--dataset", dataset, "--no-stream")
     assert (code, err) == (0, "")
-    assert "2 images, 1 of them captioned." in out
+    assert "2 images, 1 of them captioned." in out  # a.png is an image; its caption is not read
     assert stat.S_ISFIFO(os.lstat(dataset / "a.txt").st_mode)
 
 
@@ -244,6 +245,24 @@ def test_a_symlinked_caption_is_foreign_never_read_nor_written_through(fake, cap
     assert (code, err) == (0, "")
     assert "sk-do-not-leak" not in out
     assert all("sk-do-not-leak" not in r.raw.decode() for r in fake.requests)
+
+
+def test_a_caption_link_that_appears_during_the_run_is_not_written_through(fake, capsys, tmp_path):
+    secret = tmp_path / "token.txt"
+    secret.write_text("TOKEN=sk-do-not-leak\n")
+    dataset = make_images(tmp_path / "set", ["a.png", "b.png"])
+
+    def answer_and_plant_a_link(rec):
+        if rec.path == "/api/chat" and not (dataset / "b.txt").is_symlink():
+            (dataset / "b.txt").symlink_to(secret)
+        return answer(rec)
+
+    fake.default_text = answer_and_plant_a_link
+    code, out, err = run(capsys, "caption", dataset)
+    assert (code, out) == (0, "")
+    assert "b.png: skipped (the caption file is a symbolic link; left alone)" in err
+    assert secret.read_text() == "TOKEN=sk-do-not-leak\n"
+    assert (dataset / "a.txt").read_text() == PARAGRAPH + "\n"
 
 
 # -- 8. cache lines that are not what they should be ---------------------------------------------
@@ -379,9 +398,25 @@ def test_sigterm_finishes_like_ctrl_c_with_summary_report_and_143(make_ollama, t
         assert caption.read_text() == PARAGRAPH + "\n"
 
 
-def test_sigterm_handler_is_restored_after_main(fake, capsys):
+def test_sigterm_raises_terminated_once_and_is_restored_after_main(fake, capsys):
     before = signal.getsignal(signal.SIGTERM)
+    restore = og.handle_sigterm()
+    try:
+        with pytest.raises(og.Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # a second one cannot cut the summary
+    finally:
+        restore()
+    assert signal.getsignal(signal.SIGTERM) == before
     assert run(capsys, "prompt", "x")[0] == 0
+    assert signal.getsignal(signal.SIGTERM) == before
+    # Outside the main thread (a program embedding main()) the handler is left alone.
+    undo = []
+    worker = threading.Thread(target=lambda: undo.append(og.handle_sigterm()))
+    worker.start()
+    worker.join()
+    undo[0]()
     assert signal.getsignal(signal.SIGTERM) == before
 
 
@@ -594,6 +629,9 @@ def test_dataset_facts_leave_out_the_trigger_and_tags_in_every_caption(tmp_path)
     assert facts.summary() == ("4 training images, 4 with captions; most frequent caption tags: red hair (3), "
                                "smile (2), blue dress (1), outdoors (1); in every caption: score_9, score_8_up, "
                                "1girl")
+    card = og.card_tail(args=SimpleNamespace(trigger="ohwx"), dataset=facts)
+    assert ("Most frequent tags: red hair (3), smile (2), blue dress (1), outdoors (1).\n\n"
+            "In every caption: score_9, score_8_up, 1girl.") in card
 
 
 def test_a_prose_dataset_is_summarised_by_words_and_phrases(fake, capsys, tmp_path):
