@@ -1489,6 +1489,7 @@ def read_image(path: str) -> bytes:
 
 
 def _check_image_size(size: int) -> None:
+    """Refuse an empty file, or one over MAX_IMAGE_BYTES."""
     if size == 0:
         raise ImageError("the file is empty")
     if size > MAX_IMAGE_BYTES:
@@ -1497,6 +1498,7 @@ def _check_image_size(size: int) -> None:
 
 
 def _check_image(head: bytes, tail: bytes, size: int) -> str:
+    """The image format named by the first and last bytes, or ImageError."""
     kind = _image_kind(head)
     if kind is None:
         raise ImageError("not a supported image (its bytes are not PNG, JPEG, WebP, BMP or GIF)")
@@ -3067,14 +3069,21 @@ def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: Batc
 
 
 def finish_report(report: Report, options: BatchOptions) -> None:
-    """Write --report and --manifest, also after a run that stopped early."""
+    """Write --report and --manifest, also after a run that stopped early; one failing does not
+    keep the other from being written."""
+    if options.report:
+        _write_or_warn(options.report, write_output_file, options.report,
+                       json.dumps(report.as_dict(), indent=2) + "\n")
+    if options.manifest:
+        _write_or_warn(options.manifest, write_manifest, options.manifest, report)
+
+
+def _write_or_warn(path: str, write, *args: object) -> None:
+    """write(*args), or a warning naming the file it could not write."""
     try:
-        if options.report:
-            write_output_file(options.report, json.dumps(report.as_dict(), indent=2) + "\n")
-        if options.manifest:
-            write_manifest(options.manifest, report)
+        write(*args)
     except OSError as exc:  # the captions are written; say so rather than hide the run's outcome
-        warn(f"cannot write {shown(str(exc.filename or 'the report'))} ({exc.strerror or exc})")
+        warn(f"cannot write {shown(str(exc.filename or path))} ({exc.strerror or exc})")
 
 
 def make_folder(path: str, what: str) -> None:

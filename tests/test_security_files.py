@@ -465,11 +465,13 @@ def test_a_fifo_nobody_reads_is_a_warning_not_a_hang(fake, capsys, tmp_path):
     dataset = make_images(tmp_path / "set", ["a.png"])
     os.mkfifo(tmp_path / "report.fifo")
     with no_hang():
-        code, out, err = run(capsys, "caption", dataset, "--report", tmp_path / "report.fifo")
+        code, out, err = run(capsys, "caption", dataset, "--report", tmp_path / "report.fifo",
+                             "--manifest", tmp_path / "m.jsonl")
     assert (code, out) == (0, "")
     assert (f"ollama-generate: warning: cannot write {tmp_path / 'report.fifo'} "
             "(a FIFO that no program reads from)\n") in err
     assert stat.S_ISFIFO(os.lstat(tmp_path / "report.fifo").st_mode)
+    assert json.loads((tmp_path / "m.jsonl").read_text())["file_name"] == "set/a.png"  # written all the same
 
 
 def test_a_report_through_a_symlink_replaces_the_target_and_keeps_the_link(fake, capsys, tmp_path):
