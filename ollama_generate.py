@@ -3460,7 +3460,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     caption.add_argument("--prefix", metavar="TEXT",
                          help="text placed verbatim at the very start of every caption")
     caption.add_argument("--overwrite", action="store_true",
-                         help="replace existing caption files (default: skip them)")
+                         help="replace existing caption files (default: skip them; empty ones are always "
+                              "written, symbolic links and special files never)")
     caption.add_argument("--hint", metavar="TEXT",
                          help="context for both models: a character's name, what the dataset is about")
     caption.add_argument("--underscores", action="store_true",
