@@ -29,16 +29,19 @@ Exit status:
   3    the Ollama server cannot be reached
   4    a model is not installed, or the vision model cannot see images
   130  interrupted (Ctrl-C)
+  143  terminated (SIGTERM)
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import json
 import math
 import os
 import re
+import stat
 import string
 import sys
 import time
@@ -75,6 +78,13 @@ BACKOFF_CAP_SECONDS = 30.0
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 CAPTION_EXTENSION = ".txt"
+# Larger files are refused: a vision model sees a few megapixels, and a job holds the file
+# and its base64 text in memory, so this bounds the memory of each of --jobs workers.
+MAX_IMAGE_BYTES = 50_000_000
+# Files written whole are first written under this prefix (and .tmp) in the same folder. A
+# folder run removes those older than STALE_TEMP_SECONDS before it started: a kill -9 leftover.
+TEMP_PREFIX = ".ollama-generate-"
+STALE_TEMP_SECONDS = 60
 # Where a folder run keeps its cache of vision descriptions, inside the dataset.
 CACHE_FOLDER = ".ollama-generate"
 # Images per chunk: the vision model describes a whole chunk, then the text model
@@ -184,12 +194,57 @@ class BatchFailed(OllamaError):
     """A folder run finished, but some images failed (they are listed above)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: every place that handles Ctrl-C handles it the same way, then exit 143."""
+
+    exit_code = 143
+
+
 def warn(message: str) -> None:
     """A problem worth telling the user that does not stop the command (stderr)."""
     print(f"{PROG}: {paint('warning', YELLOW)}: {message}", file=sys.stderr, flush=True)
 
 
 RED, YELLOW, GREEN = "31", "33", "32"
+
+
+def plural(count: int, noun: str, many: str = "") -> str:
+    """A count with its noun, singular or plural.
+
+    >>> plural(1, "image"), plural(3, "image"), plural(0, "description"), plural(2, "was", "were")
+    ('1 image', '3 images', '0 descriptions', '2 were')
+    """
+    return f"{count} {noun if count == 1 else many or noun + 's'}"
+
+
+def shown(text: str) -> str:
+    """Text that prints and writes as UTF-8 anywhere: the bytes of a file name that is not UTF-8
+    (and any lone surrogate) are shown escaped instead of raising UnicodeEncodeError.
+
+    >>> shown("caf\\udce9.png"), shown("caf\\u00e9.png"), shown("x\\ud800")
+    ('caf\\\\xe9.png', 'café.png', 'x\\\\ud800')
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:  # a name read from the file system: its undecodable bytes became \udc80-\udcff
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate from elsewhere (a model's answer)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def without_surrogates(text: str) -> str:
+    """A model's text fit to write as UTF-8: lone surrogates (JSON escapes such as \\ud800 that
+    pair with nothing) are dropped.
+
+    >>> without_surrogates("caf\\u00e9 \\ud800ok")
+    'café ok'
+    """
+    return text if text.isascii() else re.sub("[\ud800-\udfff]", "", text)
 
 
 def paint(text: str, colour: str, stream=None) -> str:
@@ -886,15 +941,6 @@ class Style(Frozen):
         return {"type": "array", "items": {"type": "string"}, "minItems": self.low, "maxItems": self.high}
 
 
-def plural(count: int, noun: str) -> str:
-    """A count and its noun, singular for one.
-
-    >>> plural(1, "tags"), plural(3, "images"), plural(1, "descriptions")
-    ('1 tag', '3 images', '1 description')
-    """
-    return f"{count} {noun[:-1] if count == 1 and noun.endswith('s') else noun}"
-
-
 # After a closing quote a sentence ends only where the next one starts with a capital:
 # 'reads "Hi. Bye." on a desk' goes on.
 _SENTENCE_END = lazy_pattern(r"(?<=[.!?])\s+(?=\S)|(?<=[.!?][\"\u201d'])\s+(?=[^\sa-z])")
@@ -929,8 +975,8 @@ def count_tags(body: str) -> int:
 
 
 # What each unit counts, its name, and about how many words it takes.
-UNITS = {"words": (count_words, "words", 1), "sentences": (count_sentences, "sentences", 40),
-         "tags": (count_tags, "tags", 4)}
+UNITS = {"words": (count_words, "word", 1), "sentences": (count_sentences, "sentence", 40),
+         "tags": (count_tags, "tag", 4)}
 
 # Every caption style, accurate and --creative, and the styles of the text commands.
 STYLES = {row.name: row for row in (
@@ -1818,18 +1864,82 @@ INVENTED_FLAG = {"prose": (2, 0.0), "tags": (3, 0.15)}
 # -- Images -------------------------------------------------------------------
 
 
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, for messages.
+
+    >>> file_kind(stat.S_IFIFO), file_kind(stat.S_IFDIR)
+    ('a FIFO', 'a folder')
+    """
+    kinds = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
+def open_regular(path: str, *, follow_links: bool = True):
+    """Open a file for reading in binary mode; anything but a regular file raises ImageError.
+
+    The file is opened without blocking and checked on the open descriptor, so a FIFO (which
+    would wait for ever for a writer) or a device is refused before a byte is read, with no
+    window for a swap between a check and the open. follow_links=False refuses a symbolic link.
+    """
+    flags = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+             | getattr(os, "O_BINARY", 0))
+    if not follow_links:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_links:
+            raise ImageError("not a regular file (it is a symbolic link)") from None
+        raise ImageError(f"cannot read the file ({exc.strerror or exc})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageError(f"not a regular file (it is {file_kind(mode)})")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def sniff_image(path: str) -> str:
     """Name the image format from the file's bytes; raise ImageError if it is not one we send."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as handle:
+    with open_regular(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        _check_image_size(size)
+        try:
             head = handle.read(32)
             handle.seek(max(0, size - 32))
             tail = handle.read(32)
-    except OSError as exc:
-        raise ImageError(f"cannot read the file ({exc.strerror or exc})") from None
+        except OSError as exc:
+            raise ImageError(f"cannot read the file ({exc.strerror or exc})") from None
+    return _check_image(head, tail, size)
+
+
+def read_image(path: str) -> bytes:
+    """An image's bytes, checked as sniff_image() checks them, read once and never beyond the limit."""
+    with open_regular(path) as handle:
+        _check_image_size(os.fstat(handle.fileno()).st_size)
+        try:
+            data = handle.read(MAX_IMAGE_BYTES + 1)
+        except OSError as exc:
+            raise ImageError(f"cannot read the file ({exc.strerror or exc})") from None
+    _check_image_size(len(data))  # it grew since the check
+    _check_image(data[:32], data[-32:], len(data))
+    return data
+
+
+def _check_image_size(size: int) -> None:
+    """Refuse an empty file, or one over MAX_IMAGE_BYTES."""
     if size == 0:
         raise ImageError("the file is empty")
+    if size > MAX_IMAGE_BYTES:
+        raise ImageError(f"the file is {size / 1e6:.1f} MB, over the {MAX_IMAGE_BYTES // 10**6} MB "
+                         "limit for an image", hint="scale it down: vision models see a few megapixels")
+
+
+def _check_image(head: bytes, tail: bytes, size: int) -> str:
+    """The image format named by the first and last bytes, or ImageError."""
     kind = _image_kind(head)
     if kind is None:
         raise ImageError("not a supported image (its bytes are not PNG, JPEG, WebP, BMP or GIF)")
@@ -2067,7 +2177,7 @@ def judge_caption(answer: Answer, spec: CaptionSpec, *, structured: bool = False
     style = spec.row
     if style.far_too_long(answer.text):  # a runaway is judged before any cleaning, and never written
         words = len(answer.text.split())
-        return Draft(answer, Cleaned(), problem=f"wrote {plural(words, 'words')}, far beyond a "
+        return Draft(answer, Cleaned(), problem=f"wrote {plural(words, 'word')}, far beyond a "
                                                 f"{style.name.split('-')[0]} caption's {style.high} {style.unit}")
     cleaned = clean(answer.text, style, cut_off=answer.done_reason == "length")
     if cleaned.refused:
@@ -2188,6 +2298,25 @@ def caption_spec(args: argparse.Namespace) -> CaptionSpec:
 def tag_list(value: str | None) -> tuple[str, ...]:
     """A comma-separated flag value as a tuple of tags."""
     return tuple(tag.strip() for tag in (value or "").split(",") if tag.strip())
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Refuse a --report or --manifest path that cannot be written, before any model time is spent.
+
+    A new or regular file needs a writable folder (it is replaced whole); a special file such
+    as /dev/stdout or a FIFO is written to as it is, so it needs only to be writable itself.
+    """
+    try:
+        info = os.stat(path)
+    except OSError:
+        info = None
+    if info is not None and stat.S_ISDIR(info.st_mode):
+        raise UsageError(f"{flag} {shown(path)} is a folder; give a file name")
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{flag} {shown(path)} cannot be written (permission denied)")
+        return
+    check_writable(os.path.dirname(os.path.realpath(path)), flag=flag)
 
 
 def check_writable(folder: str, *, flag: str = "") -> None:
@@ -2410,38 +2539,105 @@ class DatasetFacts(Record):
 
     images: int
     captioned: int
-    top_tags: list[tuple[str, int]]
+    top_tags: list[tuple[str, int]]  # tags, or for prose captions words and phrases, with counts
     samples: list[str]
+    style: str = "tags"  # "tags" or "prose", by what most captions look like
+    in_every: list[str] = []  # tags every caption has (a prefix such as score_9), not counted
 
     def summary(self) -> str:
         """One line of facts for the model card prompt."""
-        tags = ", ".join(f"{tag} ({count})" for tag, count in self.top_tags) or "none"
-        return (f"{self.images} training images, {self.captioned} with captions; most frequent "
-                f"caption tags or phrases: {tags}")
+        terms = ", ".join(f"{term} ({count})" for term, count in self.top_tags) or "none"
+        what = "caption tags" if self.style == "tags" else "words and phrases in the captions"
+        every = f"; in every caption: {', '.join(self.in_every)}" if self.in_every else ""
+        return (f"{plural(self.images, 'training image')}, {self.captioned} with captions; "
+                f"most frequent {what}: {terms}{every}")
+
+
+# A chunk of a tag caption is a few words; "in every caption" needs this many captions to mean more
+# than chance. Words too common to say what a prose dataset is about:
+TAG_WORDS = 4
+IN_EVERY_MIN_CAPTIONS = 4
+STOP_WORDS = frozenset("""
+a an the and or but nor of in on at to with without from by for as into onto over under above
+below near behind beside between through across against along around while is are was were be
+been being has have had do does did this that these those there here it its it's his her hers
+their theirs them they he she him we our you your i my me which who whom whose what where when
+how than then very so such some any each every all both one two three no not also can could
+may might will would just only own same other another out up down off""".split())
 
 
 def dataset_facts(folder: str, *, trigger: str = "", top: int = 15, samples: int = 3) -> DatasetFacts:
-    """Count a dataset's images and read its captions: frequent tags and a few samples."""
+    """Count a dataset's images and read its captions: what they are about, and a few samples.
+
+    Tag captions (most chunks between commas a few words long) are counted tag by tag;
+    prose captions by their frequent words and two-word phrases. The trigger, and tags that
+    every caption has (a fixed prefix), say nothing about the dataset and are not counted.
+    Only regular caption files are read: never one through a symbolic link, nor a FIFO.
+    """
     if not os.path.isdir(folder):
-        raise UsageError(f"--dataset {folder} is not a folder")
-    images = find_images(folder, recursive=True)
-    counts: collections.Counter = collections.Counter()
+        raise UsageError(f"--dataset {shown(folder)} is not a folder")
+    images = [image for image in find_images(folder, recursive=True) if os.path.isfile(image)]
     captions = []
     for image in images:
         for ext in (CAPTION_EXTENSION, ".caption"):
-            try:
-                with open(os.path.splitext(image)[0] + ext, encoding="utf-8") as handle:
-                    caption = handle.readline().strip()
-            except (OSError, UnicodeDecodeError):
-                continue
+            caption = read_caption(os.path.splitext(image)[0] + ext)
             if caption:
-                captions.append(caption)
-                counts.update(list(dict.fromkeys(  # each tag once per caption, in caption order
-                    chunk.strip().lower() for chunk in caption.split(",")
-                    if chunk.strip() and chunk.strip().lower() != trigger.lower()
-                    and len(chunk.split()) <= 4)))
+                captions.append(without_surrogates(caption))
                 break
-    return DatasetFacts(len(images), len(captions), counts.most_common(top), captions[:samples])
+    chunked = [list(dict.fromkeys(  # each chunk once per caption, in caption order
+        chunk.strip().lower() for chunk in caption.split(",") if chunk.strip())) for caption in captions]
+    left_out = {trigger.strip().lower()} - {""}
+    in_every: list[str] = []
+    if len(chunked) >= IN_EVERY_MIN_CAPTIONS:
+        shared = set(chunked[0]).intersection(*chunked[1:])
+        in_every = [chunk for chunk in chunked[0] if chunk in shared and chunk not in left_out
+                    and len(chunk.split()) <= TAG_WORDS]
+    left_out.update(in_every)
+    tag_style = sum(_is_tag_caption([chunk for chunk in chunks if chunk not in left_out])
+                    for chunks in chunked) * 2 >= len(chunked)
+    counts: collections.Counter = collections.Counter()
+    if tag_style:
+        for chunks in chunked:
+            counts.update(chunk for chunk in chunks
+                          if chunk not in left_out and len(chunk.split()) <= TAG_WORDS)
+        terms = counts.most_common(top)
+    else:
+        terms = _frequent_words(chunked, left_out, top)
+    return DatasetFacts(len(images), len(captions), terms, captions[:samples],
+                        style="tags" if tag_style else "prose", in_every=in_every)
+
+
+def _is_tag_caption(chunks: list[str]) -> bool:
+    """Whether a caption's comma-separated chunks look like tags: at least three-quarters are short."""
+    short = sum(len(chunk.split()) <= TAG_WORDS for chunk in chunks)
+    return bool(chunks) and short * 4 >= len(chunks) * 3
+
+
+def _frequent_words(chunked: list[list[str]], left_out: set[str], top: int) -> list[tuple[str, int]]:
+    """The words and two-word phrases most captions use (each counted once per caption).
+
+    A phrase is kept when two or more captions share it; its words are then not listed on their
+    own unless they also appear elsewhere.
+    """
+    words: collections.Counter = collections.Counter()
+    phrases: collections.Counter = collections.Counter()
+    for chunks in chunked:
+        tokens = re.findall(r"[^\W\d_]+(?:['\u2019-][^\W\d_]+)*",
+                            " , ".join(chunk for chunk in chunks if chunk not in left_out))
+        content = [token if token not in STOP_WORDS and len(token) > 2 else "" for token in tokens]
+        words.update(list(dict.fromkeys(token for token in content if token)))
+        pairs = [f"{first} {second}" for first, second in zip(content, content[1:]) if first and second]
+        pairs += [f"{first} of {third}" for first, of, third in zip(content, tokens[1:], content[2:])
+                  if first and of == "of" and third]  # depth of field, bowl of fruit
+        phrases.update(list(dict.fromkeys(pairs)))
+    kept = [(phrase, count) for phrase, count in phrases.most_common() if count >= 2][:top]
+    inside = collections.Counter()
+    for phrase, count in kept:
+        for word in phrase.split():
+            inside[word] = max(inside[word], count)
+    kept += [(word, count) for word, count in words.most_common() if count > inside[word]]
+    kept.sort(key=lambda term: -term[1])  # stable: phrases before words of the same count
+    return kept[:top]
 
 
 def card_head(*, name: str, lora_type: str, args: argparse.Namespace) -> str:
@@ -2470,10 +2666,14 @@ def card_tail(*, args: argparse.Namespace, dataset: DatasetFacts | None) -> str:
     if args.trigger:
         parts.append(f"## Trigger words\n\nYou should use `{args.trigger}` to trigger the image generation.")
     if dataset:
-        lines = [f"## Training data\n\n{dataset.images} images, {dataset.captioned} of them captioned."]
+        them = "of them " if dataset.images != 1 else ""
+        lines = [f"## Training data\n\n{plural(dataset.images, 'image')}, {dataset.captioned} {them}captioned."]
         if dataset.top_tags:
-            lines.append("Most frequent tags: " + ", ".join(f"{tag} ({count})" for tag, count in dataset.top_tags)
+            what = "Most frequent tags" if dataset.style == "tags" else "Frequent words and phrases"
+            lines.append(f"{what}: " + ", ".join(f"{term} ({count})" for term, count in dataset.top_tags)
                          + ".")
+        if dataset.in_every:
+            lines.append("In every caption: " + ", ".join(dataset.in_every) + ".")
         parts.append("\n\n".join(lines))
         if dataset.samples:
             parts.append("## Example prompts\n\n" + "\n\n".join(f"```\n{sample}\n```"
@@ -2533,22 +2733,28 @@ FINAL = ("written", "skipped", "failed")
 def find_images(folder: str, *, recursive: bool = False) -> list[str]:
     """Image files in folder, sorted by path; hidden files and folders are left out.
 
-    Symlinked folders are not entered, so a run never leaves the dataset or loops;
-    a dangling link is listed, to be reported as unreadable.
+    Symlinked folders are not entered, so a run never leaves the dataset or loops. Any other
+    entry with an image extension is listed, to be read only if it is a regular file: a dangling
+    link, a link loop, a FIFO or a device becomes one failed image, never a failed run.
     """
     found = []
     try:
         entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
     except OSError as exc:
-        raise UsageError(f"cannot read the folder {folder} ({exc.strerror or exc})") from None
+        raise UsageError(f"cannot read the folder {shown(folder)} ({exc.strerror or exc})") from None
     for entry in entries:
         if entry.name.startswith("."):
             continue
-        if entry.is_dir(follow_symlinks=False):
-            if recursive:
-                found.extend(find_images(entry.path, recursive=True))
-        elif (entry.is_file() or entry.is_symlink() and not entry.is_dir()) \
-                and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                if recursive:
+                    found.extend(find_images(entry.path, recursive=True))
+                continue
+            if entry.is_symlink() and entry.is_dir():
+                continue  # a linked folder, even one named like an image
+        except OSError:
+            pass  # a link loop or an entry that cannot be examined: it fails as an image
+        if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
             found.append(entry.path)
     return found
 
@@ -2563,18 +2769,21 @@ def caption_path(image: str, *, folder: str = "", options: BatchOptions | None =
 
 
 def plan_jobs(folder: str, images: list[str], options: BatchOptions) -> list[Job]:
-    """One job per image; an existing caption is skipped unless --overwrite."""
+    """One job per image; an existing caption is skipped unless --overwrite, a foreign one always."""
     jobs = []
     owners: dict[str, str] = {}
     for image in images:
-        name = os.path.relpath(image, folder).replace(os.sep, "/")
+        name = shown(os.path.relpath(image, folder).replace(os.sep, "/"))
         job = Job(image, name, caption_path(image, folder=folder, options=options))
+        state = caption_state(job.caption_file)
         if job.caption_file in owners:
             job.status = "failed"
-            job.reason = (f"shares its caption file {os.path.basename(job.caption_file)} "
+            job.reason = (f"shares its caption file {shown(os.path.basename(job.caption_file))} "
                           f"with {owners[job.caption_file]}")
-        elif os.path.exists(job.caption_file) and not options.overwrite:
+        elif state == "exists" and not options.overwrite:
             job.status, job.reason = "skipped", "caption exists"
+        elif state not in ("", "exists"):
+            job.status, job.reason = "skipped", state
         owners.setdefault(job.caption_file, name)
         jobs.append(job)
     return jobs
@@ -2585,7 +2794,7 @@ def write_text_atomically(path: str, text: str) -> None:
     import tempfile
 
     folder = os.path.dirname(path) or "."
-    fd, temp = tempfile.mkstemp(dir=folder, prefix=".ollama-generate-", suffix=".tmp")
+    fd, temp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
             handle.write(text)
@@ -2598,9 +2807,87 @@ def write_text_atomically(path: str, text: str) -> None:
         raise
 
 
+def caption_state(path: str) -> str:
+    """What is at a caption file's path: "" (nothing, or an empty file: kohya refuses those, so it
+    is captioned), "exists", or why it is left alone. A symbolic link or a special file is
+    foreign: never read, never written through, never replaced.
+    """
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return ""  # not there (or its folder is not): writing it says what is wrong
+    if not stat.S_ISREG(info.st_mode):
+        return f"the caption file is {file_kind(info.st_mode)}; left alone"
+    if info.st_size == 0:
+        return ""
+    return "exists" if read_caption(path, whole=True) != "" else ""
+
+
+def read_caption(path: str, *, whole: bool = False) -> str | None:
+    """The first line of a caption file (whole: its text), stripped; None for anything but a
+    regular UTF-8 file at that very path (a symbolic link is not followed) or a line of
+    CAPTION_READ_LIMIT bytes and more."""
+    try:
+        with open_regular(path, follow_links=False) as handle:
+            data = handle.read(CAPTION_READ_LIMIT) if whole else handle.readline(CAPTION_READ_LIMIT)
+        text = data.decode("utf-8-sig")
+    except (ImageError, OSError, UnicodeDecodeError):
+        return None
+    return text.strip()
+
+
+CAPTION_READ_LIMIT = 1 << 16  # a caption is a few hundred bytes
+
+
+def write_output_file(path: str, text: str) -> None:
+    """Write --report or --manifest: a regular file (or a new one) whole or not at all, through a
+    symbolic link to its target; a FIFO, /dev/stdout or another special file is written to as a
+    stream, never replaced. A FIFO that no program reads from is an error, not a wait.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        info = None
+    if info is None or stat.S_ISREG(info.st_mode):
+        write_text_atomically(os.path.realpath(path), text)
+        return
+    try:  # a folder fails here too (EISDIR)
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            raise OSError(exc.errno, "a FIFO that no program reads from", path) from None
+        raise
+    try:
+        os.set_blocking(fd, True)
+        data = text.encode("utf-8")
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp_files(folders: set[str], started: float) -> None:
+    """Remove temp files our own writes left behind when killed (-9): in the folders this run
+    writes into, only files named like ours and last changed well before this run started."""
+    for folder in folders:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if not (entry.name.startswith(TEMP_PREFIX) and entry.name.endswith(".tmp")):
+                continue
+            try:
+                if entry.is_file(follow_symlinks=False) and \
+                        entry.stat(follow_symlinks=False).st_mtime < started - STALE_TEMP_SECONDS:
+                    os.unlink(entry.path)
+            except OSError:
+                pass  # another run removed it, or it is not ours to remove
+
+
 def write_caption_file(path: str, caption: str) -> None:
     """Write one caption line atomically; never an empty file."""
-    line = one_line(caption)
+    line = one_line(without_surrogates(caption))
     if not line:
         raise ImageError("refusing to write an empty caption")
     write_text_atomically(path, line + "\n")
@@ -2617,29 +2904,62 @@ class DescriptionCache:
     """Vision descriptions kept on disk the moment they arrive, one JSON line each.
 
     Keyed by the image's content, the vision model and the vision prompt, so a
-    rerun, a restyle or a moved file reuses them. A line cut short by a crash is
-    ignored on reading and ended before the next one is appended.
+    rerun, a restyle or a moved file reuses them. A line cut short by a crash, or one
+    without a key and a description, is ignored on reading; a torn line is ended before
+    the next one is appended. A cache that cannot be opened or written (a folder or a
+    link in its place, a read-only or full disk) does not stop the run: one warning names
+    it and the run goes on without it, keeping every description it received.
     """
 
     FILENAME = "descriptions.jsonl"
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, *, follow_links: bool = True) -> None:
+        """follow_links=False: the folder may not be a symbolic link either (the default cache
+        folder lives inside a dataset, which may come from anyone)."""
         import threading
 
-        os.makedirs(folder, exist_ok=True)
         self.path = os.path.join(folder, self.FILENAME)
-        self._file = open(self.path, "a+b")  # noqa: SIM115 - held open for the run
+        self.problem = ""  # why the cache is off, once it is
+        self.notify = warn  # how the one warning is given (a run shows it above its live line)
         self._lock = threading.Lock()
         self._where: dict[str, tuple[int, int]] = {}  # key -> (offset, length): no text in memory
-        self._file.seek(0)
-        offset = 0
-        for line in self._file:
-            try:
-                if line.endswith(b"\n"):
-                    self._where[str(json.loads(line)["key"])] = (offset, len(line))
-            except (ValueError, KeyError, TypeError):
-                pass  # a torn or foreign line
-            offset += len(line)
+        self._file = None
+        try:
+            # Not through a link (it could point out of the dataset), and never a FIFO.
+            flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_NONBLOCK", 0) \
+                | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+            if follow_links or os.open not in os.supports_dir_fd:  # Windows: no dir_fd, rare links
+                if not follow_links and os.path.islink(folder):
+                    raise OSError(errno.ELOOP, "its folder is a symbolic link")
+                fd = os.open(self.path, flags, 0o666)
+            else:
+                try:
+                    folder_fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+                                        | getattr(os, "O_NOFOLLOW", 0))
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise OSError(exc.errno, "its folder is a symbolic link") from None
+                    raise
+                try:
+                    fd = os.open(self.FILENAME, flags, 0o666, dir_fd=folder_fd)
+                finally:
+                    os.close(folder_fd)
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                os.close(fd)
+                raise OSError(errno.EINVAL, f"it is {file_kind(mode)}")
+            self._file = open(fd, "a+b")  # noqa: SIM115 - held open for the run
+            self._file.seek(0)
+            offset = 0
+            for line in self._file:
+                key = self._key_of(line) if line.endswith(b"\n") else None
+                if key:
+                    self._where[key] = (offset, len(line))
+                offset += len(line)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP and exc.strerror != "its folder is a symbolic link":
+                exc.strerror = "it is a symbolic link"
+            self._give_up(exc)
 
     @staticmethod
     def key(image_sha256: str, model: str, prompt_sha256: str) -> str:
@@ -2648,33 +2968,79 @@ class DescriptionCache:
 
         return hashlib.sha256(f"{image_sha256}\0{model}\0{prompt_sha256}".encode()).hexdigest()
 
+    @staticmethod
+    def _key_of(line: bytes) -> str | None:
+        """The key of a usable line: a JSON object with a string key and a non-empty string description."""
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return None
+        if not isinstance(record, dict):
+            return None
+        key, description = record.get("key"), record.get("description")
+        if not (isinstance(key, str) and key and isinstance(description, str) and description.strip()):
+            return None
+        return key
+
     def get(self, key: str) -> str | None:
         """The stored description, or None."""
         with self._lock:
             where = self._where.get(key)
-            if where is None:
+            if where is None or self._file is None:
                 return None
-            self._file.seek(where[0])
-            return str(json.loads(self._file.read(where[1]))["description"])
+            try:
+                self._file.seek(where[0])
+                line = self._file.read(where[1])
+            except OSError as exc:
+                self._give_up(exc)
+                return None
+        if self._key_of(line) != key:  # changed under us: ask the model again
+            return None
+        return without_surrogates(json.loads(line)["description"])
 
     def put(self, key: str, record: dict) -> None:
-        """Append one description and make it durable before going on."""
-        line = (json.dumps({"key": key, **record}, ensure_ascii=False) + "\n").encode()
+        """Append one description and make it durable before going on (or turn the cache off)."""
+        line = (json.dumps({"key": key, **record}, ensure_ascii=False) + "\n").encode("utf-8", "replace")
         with self._lock:
-            end = self._file.seek(0, os.SEEK_END)
-            if end:
-                self._file.seek(end - 1)
-                if self._file.read(1) != b"\n":  # a torn last line: end it first
-                    self._file.write(b"\n")
-                    end += 1
-            self._file.write(line)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            if self._file is None:
+                return
+            try:
+                end = self._file.seek(0, os.SEEK_END)
+                if end:
+                    self._file.seek(end - 1)
+                    if self._file.read(1) != b"\n":  # a torn last line: end it first
+                        self._file.write(b"\n")
+                        end += 1
+                self._file.write(line)
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            except OSError as exc:
+                self._give_up(exc)
+                return
             self._where[key] = (end, len(line))
 
     def close(self) -> None:
-        """Close the file."""
-        self._file.close()
+        """Close the file; a failure now loses nothing (every line was flushed as it was written)."""
+        with self._lock:
+            if self._file is not None:
+                try:
+                    self._file.close()
+                except OSError:
+                    pass
+                self._file = None
+
+    def _give_up(self, exc: OSError) -> None:
+        """Turn the cache off for the rest of the run, with one warning naming the file."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass  # the unflushed end of a line that could not be written
+            self._file = None
+        if not self.problem:
+            self.problem = f"cannot use the description cache {shown(self.path)} ({exc.strerror or exc}); " \
+                           "going on without it"
+            self.notify(self.problem)
 
 
 class Host(Record):
@@ -2717,7 +3083,7 @@ class Report(Record):
     def as_dict(self) -> dict:
         """The report as JSON-ready data (--report)."""
         return {
-            "folder": self.folder,
+            "folder": shown(self.folder),
             "total": len(self.jobs),
             "written": self.count("written"),
             "skipped": self.count("skipped"),
@@ -2944,7 +3310,8 @@ class failing_job:  # noqa: N801 - used as a context manager, named like context
             self.job.status, self.job.reason, self.job.hint = "failed", str(exc), exc.hint
             self.job.by_model = isinstance(exc, ModelAnswerError)
         elif isinstance(exc, OSError):
-            self.job.status, self.job.reason = "failed", f"cannot write {self.writes} ({exc.strerror or exc})"
+            self.job.status = "failed"
+            self.job.reason = f"cannot write {shown(self.writes)} ({exc.strerror or exc})"
         else:
             return False
         return True
@@ -2983,15 +3350,16 @@ class CaptionRun:
         import base64
         import hashlib
 
-        sniff_image(job.image)
-        data = read_image(job.image)
+        data = read_image(job.image)  # checked and read once, then encoded once
         key = DescriptionCache.key(hashlib.sha256(data).hexdigest(), self.config.vision_model,
                                    self.prompt_sha256)
         cached = self.cache.get(key) if self.options.use_cache else None
         if cached:
             return cached, True
-        description = describe_image(client, self.config, base64.b64encode(data).decode("ascii"),
-                                     hint=self.spec.hint, keep_alive=self.options.keep_alive)
+        image_base64 = base64.b64encode(data).decode("ascii")
+        del data  # only the base64 text is sent: one copy of the image per job, not three
+        description = without_surrogates(describe_image(client, self.config, image_base64, hint=self.spec.hint,
+                                                        keep_alive=self.options.keep_alive))
         self.cache.put(key, {"image": job.name, "model": self.config.vision_model,
                              "description": description})
         return description, False
@@ -3003,6 +3371,7 @@ class CaptionRun:
         with failing_job(job, job.caption_file):
             caption = write_caption(client, self.config, self.spec, job.description,
                                     keep_alive=self.options.keep_alive)
+            caption.text = without_surrogates(caption.text)
             if not caption.spans:
                 caption.raw = ""  # nothing was removed or flagged: the caption is the answer
             with self.write_lock:
@@ -3018,9 +3387,15 @@ class CaptionRun:
             job.description = ""
 
     def _taken(self, job: Job, reason: str) -> bool:
-        """Skip an image whose caption another run (or the user) wrote meanwhile."""
-        if job.caption_file and not self.options.overwrite and os.path.exists(job.caption_file):
+        """Skip an image whose caption another run (or the user) wrote meanwhile, or that became foreign."""
+        if not job.caption_file:  # one image on the command line: printed, no file
+            return False
+        state = caption_state(job.caption_file)
+        if state == "exists" and not self.options.overwrite:
             job.status, job.reason = "skipped", reason
+            return True
+        if state not in ("", "exists"):
+            job.status, job.reason = "skipped", state
             return True
         return False
 
@@ -3030,13 +3405,16 @@ class CaptionRun:
         jobs = report.jobs
         pending = take_pending(jobs, self.options.limit)
         progress = Progress(len(pending), mode=progress_mode(self.options))
-        planned_skips = sum(1 for job in jobs if job.status == "skipped")
+        self.cache.notify = progress.note
+        planned_skips = sum(1 for job in jobs if job.status == "skipped" and job.reason == "caption exists")
         if planned_skips and progress.mode == "lines":
-            print(f"Skipping {planned_skips} images that already have captions "
+            print(f"Skipping {plural(planned_skips, 'image')} that already "
+                  f"{'has a caption' if planned_skips == 1 else 'have captions'} "
                   "(--overwrite redoes them).", file=sys.stderr, flush=True)
         for job in jobs:
-            if job.status == "failed" and progress.mode == "lines":
-                print(f"{job.name}: failed: {job.reason}", file=sys.stderr, flush=True)
+            if job.status in ("failed", "skipped") and job.reason != "caption exists" \
+                    and progress.mode == "lines":
+                print(f"{job.name}: {job.status}: {job.reason}", file=sys.stderr, flush=True)
         started = time.monotonic()
         workers = self.options.jobs
         try:
@@ -3055,15 +3433,6 @@ class CaptionRun:
             report.seconds = time.monotonic() - started
             progress.close()
         return report
-
-
-def read_image(path: str) -> bytes:
-    """An image's bytes."""
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except OSError as exc:
-        raise ImageError(f"cannot read the file ({exc.strerror or exc})") from None
 
 
 def connect_hosts(config: Config) -> list[Host]:
@@ -3121,11 +3490,11 @@ def print_summary(report: Report, *, quiet: bool = False) -> None:
               f"{report.count('skipped')} skipped, {len(report.failed)} failed"
               + (f", {not_reached} not reached" if not_reached else "")
               + (f", {later} left for later" if later else "")
-              + f" (of {len(report.jobs)} images).", file=sys.stderr)
+              + f" (of {plural(len(report.jobs), 'image')}).", file=sys.stderr)
         calls = sum(host.client.calls for host in report.hosts)
         loads = sum(host.client.loads_seen for host in report.hosts)
-        print(f"{report.images_per_minute:.1f} images/min; {calls} model calls, "
-              f"{report.cached} descriptions from the cache, {loads} model loads seen.",
+        print(f"{report.images_per_minute:.1f} images/min; {plural(calls, 'model call')}, "
+              f"{plural(report.cached, 'description')} from the cache, {plural(loads, 'model load')} seen.",
               file=sys.stderr)
     cleaning = report.cleaning_counts()
     if cleaning and not quiet:
@@ -3147,15 +3516,11 @@ def write_manifest(path: str, report: Report) -> int:
     base = os.path.dirname(os.path.abspath(path))
     lines = []
     for job in report.jobs:
-        try:
-            with open(job.caption_file, encoding="utf-8") as handle:
-                text = handle.readline().strip()
-        except (OSError, UnicodeDecodeError):
-            continue
+        text = read_caption(job.caption_file)  # a regular file only: never a link or a FIFO
         if text:
-            name = os.path.relpath(os.path.abspath(job.image), base).replace(os.sep, "/")
+            name = shown(os.path.relpath(os.path.abspath(job.image), base).replace(os.sep, "/"))
             lines.append(json.dumps({"file_name": name, "text": text}, ensure_ascii=False))
-    write_text_atomically(path, "".join(line + "\n" for line in lines))
+    write_output_file(path, "".join(line + "\n" for line in lines))
     return len(lines)
 
 
@@ -3191,7 +3556,7 @@ def dry_run(jobs: list[Job], options: BatchOptions) -> str:
             job.status, job.reason = "failed", str(exc)
     verbs = {"pending": "caption", "skipped": "skip", "failed": "fail", "later": "later"}
     return "\n".join(
-        f"caption: {job.name} -> {job.caption_file}" if job.status == "pending"
+        f"caption: {job.name} -> {shown(job.caption_file)}" if job.status == "pending"
         else f"{verbs[job.status]}: {job.name} ({job.reason})"
         for job in jobs)
 
@@ -3223,36 +3588,42 @@ def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: Batc
     """Caption a folder: plan, check, run, report."""
     images = find_images(folder, recursive=options.recursive)
     if not images:
-        raise UsageError(f"{folder} has no images ({', '.join(IMAGE_EXTENSIONS)})"
+        raise UsageError(f"{shown(folder)} has no images ({', '.join(IMAGE_EXTENSIONS)})"
                          + ("" if options.recursive else "; --recursive looks in subfolders"))
     jobs = plan_jobs(folder, images, options)
     if options.dry_run:
         listing = dry_run(jobs, options)
         counts = collections.Counter(line.split(":", 1)[0] for line in listing.splitlines())
         print(f"Dry run: {counts['caption']} to caption, {counts['skip']} skipped, "
-              f"{counts['fail']} failing, {counts['later']} left for later (of {len(jobs)} images); "
+              f"{counts['fail']} failing, {counts['later']} left for later "
+              f"(of {plural(len(jobs), 'image')}); "
               "no model was called.", file=sys.stderr)
         actions = {"pending": "caption", "skipped": "skip", "failed": "fail", "later": "later"}
         return Product(listing, {"command": "caption", "dry_run": [
-            {"image": job.name, "action": actions[job.status], "caption_file": job.caption_file,
+            {"image": job.name, "action": actions[job.status], "caption_file": shown(job.caption_file),
              "reason": job.reason or None} for job in jobs]})
     target = options.output_dir or folder
     make_folder(target, "--output-dir" if options.output_dir else "the folder")
     check_writable(target)
     for flag, path in (("--report", options.report), ("--manifest", options.manifest)):
         if path:
-            check_writable(os.path.dirname(os.path.abspath(path)), flag=flag)
+            check_output_file(path, flag)
     check_templates(config, spec)
+    written_into = {os.path.dirname(job.caption_file) for job in jobs} | {
+        os.path.dirname(os.path.abspath(path)) for path in (options.report, options.manifest) if path}
+    remove_stale_temp_files(written_into, time.time())
     report = Report(folder=folder, jobs=jobs)
     try:
         report.hosts = connect_hosts(config)
-    except OllamaError:
+    except (KeyboardInterrupt, OllamaError) as exc:
         report.interrupted = True
         finish_report(report, options)
+        exc.report = report.as_dict()
         raise
     cache_folder = options.cache_dir or os.path.join(target, CACHE_FOLDER)
     make_folder(cache_folder, "--cache-dir" if options.cache_dir else "the cache folder")
-    cache = DescriptionCache(cache_folder)
+    # A cache that cannot work warns and stays off; the default one is never reached through a link.
+    cache = DescriptionCache(cache_folder, follow_links=bool(options.cache_dir))
     try:
         CaptionRun(config, spec, options, report, cache).run()
     except (KeyboardInterrupt, OllamaError) as exc:
@@ -3278,22 +3649,29 @@ def batch_failed(report: Report, config: Config) -> BatchFailed:
     by_model = [job for job in failed if job.by_model]
     if len(by_model) == len(failed):
         return BatchFailed(
-            f"{len(failed)} of {len(report.jobs)} images failed: the models gave no usable answer",
+            f"{len(failed)} of {plural(len(report.jobs), 'image')} failed: the models gave no usable answer",
             hint=f"try another text model (--model, now {config.model}) or vision model "
                  f"(--vision-model, now {config.vision_model}); finished captions are kept")
-    return BatchFailed(f"{len(failed)} of {len(report.jobs)} images failed",
+    return BatchFailed(f"{len(failed)} of {plural(len(report.jobs), 'image')} failed",
                        hint="fix or remove them and run the same command again; finished captions are kept")
 
 
 def finish_report(report: Report, options: BatchOptions) -> None:
-    """Write --report and --manifest, also after a run that stopped early."""
+    """Write --report and --manifest, also after a run that stopped early; one failing does not
+    keep the other from being written."""
+    if options.report:
+        _write_or_warn(options.report, write_output_file, options.report,
+                       json.dumps(report.as_dict(), indent=2) + "\n")
+    if options.manifest:
+        _write_or_warn(options.manifest, write_manifest, options.manifest, report)
+
+
+def _write_or_warn(path: str, write, *args: object) -> None:
+    """write(*args), or a warning naming the file it could not write."""
     try:
-        if options.report:
-            write_text_atomically(options.report, json.dumps(report.as_dict(), indent=2) + "\n")
-        if options.manifest:
-            write_manifest(options.manifest, report)
+        write(*args)
     except OSError as exc:  # the captions are written; say so rather than hide the run's outcome
-        warn(f"cannot write {exc.filename or 'the report'} ({exc.strerror or exc})")
+        warn(f"cannot write {shown(str(exc.filename or path))} ({exc.strerror or exc})")
 
 
 def make_folder(path: str, what: str) -> None:
@@ -3308,14 +3686,25 @@ def cmd_caption(config: Config, args: argparse.Namespace) -> Product:
     """Caption one image (printed) or every image in a folder (written beside each)."""
     spec = caption_spec(args)
     path = args.path
-    if not os.path.exists(path):
-        raise UsageError(f"{path} does not exist")
-    if os.path.isdir(path):
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        broken = " (a symbolic link to nothing)" if os.path.islink(path) else ""
+        raise UsageError(f"{shown(path)} does not exist{broken}") from None
+    except OSError as exc:
+        raise UsageError(f"{shown(path)} cannot be used ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(info.st_mode):
         return caption_folder(config, spec, path, batch_options(args, path))
     for name, default in FOLDER_ONLY.items():
         if getattr(args, name) != default:
             flag = "--" + name.replace("_", "-")
-            raise UsageError(f"{flag} works on a folder, and {path} is a file")
+            raise UsageError(f"{flag} works on a folder, and {shown(path)} is a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"{shown(path)} is not a regular file (it is {file_kind(info.st_mode)})",
+                         hint="give an image file, or a folder of images")
+    if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
+        raise UsageError(f"{shown(path)} is not an image file (expected {', '.join(IMAGE_EXTENSIONS)})",
+                         hint="give an image file, or a folder of images")
     return caption_image(config, spec, path, BatchOptions(
         keep_alive=None, release_models=False, quiet=True, cache_dir=args.cache_dir,
         use_cache=not args.no_cache))
@@ -3323,33 +3712,39 @@ def cmd_caption(config: Config, args: argparse.Namespace) -> Product:
 
 def caption_image(config: Config, spec: CaptionSpec, path: str, options: BatchOptions) -> Product:
     """Caption one image and print it: a run of one job, with the cache and the same judging."""
-    sniff_image(path)
+    try:
+        sniff_image(path)  # its head and tail: a broken file fails before any server is asked
+    except ImageError as exc:
+        raise ImageError(f"{shown(path)}: {exc}", hint=exc.hint) from None
     check_templates(config, spec)
     folder = os.path.dirname(os.path.abspath(path))
-    job = Job(path, os.path.basename(path), "")
+    job = Job(path, shown(os.path.basename(path)), "")
     report = Report(folder=folder, jobs=[job], hosts=connect_hosts(config))
     for host in report.hosts:
         host.client.record = []
-    cache = open_cache(options.cache_dir or os.path.join(folder, CACHE_FOLDER))
+    cache = DescriptionCache(options.cache_dir or os.path.join(folder, CACHE_FOLDER),
+                             follow_links=bool(options.cache_dir)) if can_keep_cache(options, folder) else NoCache()
     try:
         CaptionRun(config, spec, options, report, cache).run()
     finally:
         cache.close()
     if job.status == "failed":
-        raise (ModelAnswerError if job.by_model else ImageError)(job.reason, hint=job.hint)
+        if job.by_model:
+            raise ModelAnswerError(job.reason, hint=job.hint)
+        raise ImageError(f"{shown(path)}: {job.reason}", hint=job.hint)
     caption = job.caption
     if caption.review:
         warn(f"needs review: {'; '.join(caption.review)}")
     requests = [answer_data(answer, model) for host in report.hosts for model, answer in host.client.record]
     return Product(caption.text, {
-        **caption_record(job), "command": "caption", "image": path, "style": spec.style,
+        **caption_record(job), "command": "caption", "image": shown(path), "style": spec.style,
         "creative": spec.creative, "text": caption.text, "description": job.description, "cached": job.cached,
         "needs_review": "; ".join(caption.review) or None, "vision_model": config.vision_model,
         "model": config.model, "requests": requests})
 
 
 class NoCache:
-    """Stands in for the description cache where none can be kept (a folder we cannot write)."""
+    """Stands in for the description cache where none is kept (--no-cache beside a read-only image)."""
 
     def get(self, key: str) -> None:
         return None
@@ -3361,12 +3756,15 @@ class NoCache:
         return None
 
 
-def open_cache(folder: str) -> DescriptionCache | NoCache:
-    """The description cache in folder, or none when it cannot be kept there."""
+def can_keep_cache(options: BatchOptions, folder: str) -> bool:
+    """Whether a single image's cache folder can be made: beside a photo in a read-only folder
+    there is none, and nothing is said (a folder run warns instead, see DescriptionCache)."""
+    cache_folder = options.cache_dir or os.path.join(folder, CACHE_FOLDER)
     try:
-        return DescriptionCache(folder)
+        os.makedirs(cache_folder, exist_ok=True)
     except OSError:
-        return NoCache()
+        return False
+    return True
 
 
 # -- Diagnostics: doctor, models, templates ----------------------------------
@@ -3460,11 +3858,17 @@ def cmd_doctor(config: Config, args: argparse.Namespace) -> Product:
         if check.fix:
             lines.append(f"      fix: {check.fix}")
     lines.append("A caption run would work." if not failed else
-                 f"{len(failed)} problem{'s' if len(failed) > 1 else ''} to fix before a caption run.")
+                 f"{plural(len(failed), 'problem')} to fix before a caption run.")
     product = Product("\n".join(lines), {"command": "doctor", "ok": not failed, "checks": [
         {"name": c.name, "status": c.status, "detail": c.detail, "fix": c.fix or None} for c in checks]})
     if failed:
-        product.error = OllamaError(f"{len(failed)} check{'s' if len(failed) > 1 else ''} failed; see above")
+        if args.json:  # nothing is shown above: say which checks failed
+            product.error = OllamaError(
+                f"{plural(len(failed), 'check')} failed: "
+                + "; ".join(f"{check.name}: {check.detail}" for check in failed),
+                hint=failed[0].fix)
+        else:
+            product.error = OllamaError(f"{plural(len(failed), 'check')} failed; see above")
         product.error.exit_code = failed[0].exit_code
     return product
 
@@ -3692,7 +4096,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     caption.add_argument("--prefix", metavar="TEXT",
                          help="text placed verbatim at the very start of every caption")
     caption.add_argument("--overwrite", action="store_true",
-                         help="replace existing caption files (default: skip them)")
+                         help="replace existing caption files (default: skip them; empty ones are always "
+                              "written, symbolic links and special files never)")
     caption.add_argument("--hint", metavar="TEXT",
                          help="context for both models: a character's name, what the dataset is about")
     caption.add_argument("--underscores", action="store_true",
@@ -3820,6 +4225,24 @@ def check_prompts_dir(path: str | None) -> str | None:
     return path
 
 
+def handle_sigterm():
+    """Make SIGTERM end the command as Ctrl-C does (Terminated is a KeyboardInterrupt): a caption
+    being written is finished, the summary and --report are written, the exit status is 143.
+    A second SIGTERM while that happens is ignored (SIGKILL still works). Returns the undo.
+    """
+    import _signal  # the C module: signal.py's enums would cost a millisecond of start-up
+
+    def terminated(signum: int, frame: object) -> None:
+        _signal.signal(_signal.SIGTERM, _signal.SIG_IGN)
+        raise Terminated
+
+    try:
+        previous = _signal.signal(_signal.SIGTERM, terminated)
+    except (ValueError, OSError):  # not the main thread (an embedding program): leave it alone
+        return lambda: None
+    return lambda: _signal.signal(_signal.SIGTERM, _signal.SIG_DFL if previous is None else previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -3829,6 +4252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             setattr(args, name, default)
     debug = bool(os.environ.get("OLLAMA_GENERATE_DEBUG"))
     global PROMPTS_OVERRIDE
+    restore_sigterm = handle_sigterm()
     try:
         config = Config.resolve(args, os.environ)
         PROMPTS_OVERRIDE = check_prompts_dir(config.prompts_dir)
@@ -3849,11 +4273,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       "exit_code": exc.exit_code, "report": getattr(exc, "report", None)},
                                      ensure_ascii=False, indent=2))
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
         if debug:
             raise
-        print(f"\n{PROG}: interrupted", file=sys.stderr)
-        return 130
+        code = getattr(exc, "exit_code", 130)
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"\n{PROG}: {what}", file=sys.stderr)
+        if args.json:
+            report = getattr(exc, "report", None)
+            hint = ("run the same command again: finished captions and descriptions are kept"
+                    if report else None)
+            write_product(json.dumps({"error": what, "hint": hint, "exit_code": code, "report": report},
+                                     ensure_ascii=False, indent=2))
+        return code
     except BrokenPipeError:
         # The reader (head, less) went away: stop quietly, as json.tool does.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -3865,6 +4297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_error(OllamaError(f"internal error: {exc!r}",
                                 hint="rerun with OLLAMA_GENERATE_DEBUG=1 and report the traceback"))
         return 1
+    finally:
+        restore_sigterm()
     return 0
 
 

@@ -186,7 +186,7 @@ def test_folder_skips_existing_captions_unless_overwrite(ollama, capsys, tmp_pat
     assert (dataset / "a.txt").read_text() == "keep me\n"
     assert (dataset / "b.txt").read_text() == written("new b")
     assert err.splitlines()[:2] == [
-        "Skipping 1 images that already have captions (--overwrite redoes them).",
+        "Skipping 1 image that already has a caption (--overwrite redoes them).",
         "[1/1] b.png: written",
     ]
     assert ": 1 written, 1 skipped, 0 failed (of 2 images)." in err
@@ -206,7 +206,7 @@ def test_folder_all_captioned_makes_no_model_call(ollama, capsys, tmp_path):
     code, out, err = run(capsys, "caption", dataset)
     assert (code, out) == (0, "")
     assert ollama.generation_requests() == []
-    assert ": 0 written, 1 skipped, 0 failed (of 1 images)." in err
+    assert ": 0 written, 1 skipped, 0 failed (of 1 image)." in err
 
 
 def test_bad_images_are_reported_never_sent_and_the_run_goes_on(ollama, capsys, tmp_path):
@@ -266,7 +266,7 @@ def test_single_bad_image_is_an_error(ollama, capsys, tmp_path):
     path.write_bytes(b"GIF89a but cut")
     code, out, err = run(capsys, "caption", path)
     assert (code, out) == (1, "")
-    assert err == "ollama-generate: error: the GIF file is truncated\n"
+    assert err == f"ollama-generate: error: {path}: the GIF file is truncated\n"
     assert ollama.generation_requests() == []
 
 
@@ -364,7 +364,8 @@ def test_a_single_file_that_is_not_an_image_needs_no_server(capsys, tmp_path, mo
     path.write_text("not an image")
     code, out, err = run(capsys, "caption", path)
     assert (code, out) == (1, "")
-    assert err == "ollama-generate: error: not a supported image (its bytes are not PNG, JPEG, WebP, BMP or GIF)\n"
+    assert err == (f"ollama-generate: error: {path}: not a supported image (its bytes are not PNG, JPEG, "
+                   "WebP, BMP or GIF)\n")
 
 
 def test_a_cut_off_caption_loses_its_unfinished_end(ollama, capsys, photo):

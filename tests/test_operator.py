@@ -270,7 +270,8 @@ def test_doctor_json_with_a_failure_keeps_stdout_json_and_the_exit_code(make_oll
          "detail": f"cannot connect to Ollama at {url} (Connection refused)", "fix": SERVE_FIX},
         {"name": "templates", "status": "ok", "detail": "all 18 templates are complete", "fix": None},
     ]}
-    assert err == "ollama-generate: error: 1 check failed; see above\n"
+    assert err == (f"ollama-generate: error: 1 check failed: server: cannot connect to Ollama at {url} "
+                   f"(Connection refused)\nollama-generate: hint: {SERVE_FIX}\n")
 
 
 def test_doctor_checks_every_host(make_ollama, capsys):
@@ -900,7 +901,7 @@ def dataset(tmp_path):
     return folder
 
 
-DATASET_SUMMARY = ("4 training images, 3 with captions; most frequent caption tags or phrases: "
+DATASET_SUMMARY = ("4 training images, 3 with captions; most frequent caption tags: "
                    "neon (3), rain (2), night (1)")
 
 
