@@ -72,6 +72,24 @@ RESTART_RETRIES = 6
 LOAD_SEEN_SECONDS = 0.5
 BACKOFF_SECONDS = 1.0
 BACKOFF_CAP_SECONDS = 30.0
+# Retried: a timeout, too many requests, and server errors except those that say
+# the server never will (501 Not Implemented, 505 HTTP Version Not Supported).
+RETRIED_STATUSES = frozenset({408, 429} | set(range(500, 600)) - {501, 505})
+# A folder run leaves out a server that failed this many images in a row, each
+# after its retries; with no server left it stops (the circuit breaker).
+HOST_FAILURE_LIMIT = 5
+# Bounds on what is read from a server: one NDJSON line or one metadata answer
+# (a final /api/generate line carries the token ids of the whole context), and
+# an error body, of which a short excerpt is shown.
+LINE_LIMIT = 16 * 1024 * 1024
+ERROR_BODY_LIMIT = 64 * 1024
+EXCERPT_CHARS = 200
+# Ranges of the numeric flags (each flag's --help shows its range).
+MAX_TIMEOUT = 86400  # a day
+MAX_JOBS = 64  # requests at once per server; each is a thread here
+MAX_TEMPERATURE = 2
+MAX_SEED = 2**32 - 1  # llama.cpp keeps the seed as 32 bits
+MAX_TOKENS = 1024 * 1024  # --num-ctx and --max-tokens
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 CAPTION_EXTENSION = ".txt"
@@ -137,14 +155,49 @@ TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {
 # -- Errors -------------------------------------------------------------------
 
 
+# Secrets never shown: OllamaClient adds the API key it sends. Server text (an
+# error page can echo our request headers) reaches the user only through
+# OllamaError and warn(), and documents only through json_document(), which all
+# redact.
+SECRETS: set[str] = set()
+REDACTED = "[redacted]"
+
+
+def redact(text: str) -> str:
+    """Text with known secrets, bearer tokens, credential headers and URL passwords hidden.
+
+    >>> redact("echo: Authorization: Bearer sk-123, x-api-key: abc; https://me:pw@host/")
+    'echo: Authorization: Bearer [redacted], x-api-key: [redacted]; https://[redacted]@host/'
+    """
+    for secret in sorted(SECRETS, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    value = r"[^\s\"',;\\)\]}<>]+"
+    text = re.sub(r"(?i)\b(bearer)(\s+)(?!\[redacted\])" + value, rf"\1\2{REDACTED}", text)
+    text = re.sub(r"(?i)\b((?:proxy-)?authorization|x-api-key|api[-_]key)([\"']?\s*[:=]\s*[\"']?)"
+                  r"(?!bearer\s|\[redacted\])(?:basic\s+)?" + value, rf"\1\2{REDACTED}", text)
+    return re.sub(r"(://)[^/\s@:]+:[^/\s@]*@", rf"\1{REDACTED}@", text)
+
+
+def json_document(data: object, *, ensure_ascii: bool = False) -> str:
+    """A --json or --report document, with any known secret in it redacted."""
+    text = json.dumps(data, ensure_ascii=ensure_ascii, indent=2)
+    for secret in sorted(SECRETS, key=len, reverse=True):
+        text = text.replace(json.dumps(secret)[1:-1], REDACTED)
+    return text
+
+
 class OllamaError(Exception):
-    """A failure the user can act on; main() is the only place that prints it."""
+    """A failure the user can act on; main() is the only place that prints it.
+
+    Its message and hint are redacted when it is made, so no secret reaches a
+    summary, a --report or a --json document through it.
+    """
 
     exit_code = 1
 
     def __init__(self, message: str, *, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
+        super().__init__(redact(message))
+        self.hint = redact(hint)
 
 
 class UsageError(OllamaError):
@@ -340,6 +393,22 @@ def parse_keep_alive(value: str) -> int | float | str:
         f"expected seconds (300, -1 for forever) or a duration like 30m or 1h30m, got {value!r}")
 
 
+def api_key_from(env: Mapping[str, str]) -> str:
+    """OLLAMA_API_KEY without surrounding whitespace (a key file's line end).
+
+    A key that could not be sent as a header is refused in a message that never shows it.
+    """
+    key = env.get("OLLAMA_API_KEY", "").strip()
+    if any(not " " <= char <= "~" for char in key):
+        raise UsageError(
+            "OLLAMA_API_KEY contains control or non-ASCII characters, so it cannot be sent "
+            "(the key is not shown)",
+            hint="set it to the key alone, on one line; a key file saved with Windows line "
+                 "endings or pasted from a document often adds such characters",
+        )
+    return key
+
+
 class Config(Frozen):
     """Settings for one run, resolved once: flag, then environment, then default."""
 
@@ -379,7 +448,7 @@ class Config(Frozen):
             max_tokens=args.max_tokens,
             num_ctx=args.num_ctx or NUM_CTX,
             seed=args.seed,
-            api_key=env.get("OLLAMA_API_KEY", ""),
+            api_key=api_key_from(env),
             verbose=args.verbose,
             prompts_dir=args.prompts_dir or env.get("OLLAMA_GENERATE_PROMPTS_DIR") or None,
         )
@@ -418,6 +487,8 @@ class OllamaClient:
         self.timeout = timeout
         self.retries = retries
         self._api_key = api_key  # sent as a bearer token, never shown
+        if api_key:
+            SECRETS.add(api_key)
         self.verbose = verbose
         self.record: list[tuple[str, Answer]] | None = None  # (model, answer) of each call, if a list
         # A refused connection is retried only once the server has answered:
@@ -551,7 +622,7 @@ class OllamaClient:
                 piece = self._decode(line)
                 if "error" in piece:
                     # Ollama reports failures after the first byte in-band, with HTTP 200.
-                    raise TransientError(f"Ollama failed while answering: {piece['error']}")
+                    raise TransientError(f"Ollama failed while answering: {excerpt(str(piece['error']))}")
                 message = piece.get("message") or {}
                 text.append(piece.get("response") or message.get("content") or "")
                 if on_piece and text[-1]:
@@ -614,11 +685,11 @@ class OllamaClient:
                 yield line
 
     def _read(self, response, *, line: bool = False) -> bytes:
-        """Read a line or the whole body, turning socket trouble into TransientError."""
+        """Read a line or the whole body, at most LINE_LIMIT bytes; socket trouble is a TransientError."""
         import http.client
 
         try:
-            return response.readline() if line else response.read()
+            data = response.readline(LINE_LIMIT) if line else response.read(LINE_LIMIT + 1)
         except TimeoutError:
             raise ServerTimeout(
                 f"Ollama at {self.host} stopped answering for {self.timeout:g} s",
@@ -626,16 +697,21 @@ class OllamaClient:
             ) from None
         except (OSError, http.client.HTTPException) as exc:
             raise TransientError(f"the connection to Ollama at {self.host} dropped ({exc})") from None
+        if len(data) > LINE_LIMIT or line and len(data) == LINE_LIMIT and not data.endswith(b"\n"):
+            what = "a line" if line else "an answer"
+            raise TransientError(f"Ollama at {self.host} sent {what} longer than "
+                                 f"{LINE_LIMIT / 2 ** 20:g} MB; it was not read further")
+        return data
 
     def _decode(self, data: bytes) -> dict:
         """Parse one JSON object from Ollama."""
         try:
             value = json.loads(data)
         except ValueError:
-            sample = data[:60].decode("utf-8", "replace").strip()
+            sample = excerpt(data[:4096].decode("utf-8", "replace"), 60)
             raise TransientError(f"Ollama at {self.host} sent something that is not JSON: {sample!r}") from None
         if not isinstance(value, dict):
-            raise TransientError(f"Ollama at {self.host} sent unexpected JSON: {str(value)[:60]}")
+            raise TransientError(f"Ollama at {self.host} sent unexpected JSON: {excerpt(str(value), 60)}")
         self.answered = True
         return value
 
@@ -677,14 +753,16 @@ class OllamaClient:
             raise TransientError(f"the connection to Ollama at {self.host} dropped ({exc})") from None
 
     def _opener(self):
-        """urllib's opener; a server on this machine is never reached through a proxy."""
+        """urllib's opener: redirects only to the same origin; a server on this machine is
+        never reached through a proxy."""
         import urllib.parse
         import urllib.request
 
         host = urllib.parse.urlsplit(self.host).hostname or ""
+        handlers = [same_origin_redirects()]
         if host == "localhost" or host.startswith("127.") or host == "::1":
-            return urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        return urllib.request.build_opener()
+            handlers.append(urllib.request.ProxyHandler({}))
+        return urllib.request.build_opener(*handlers)
 
     def _timeout(self, timeout: float) -> ServerTimeout:
         return ServerTimeout(
@@ -694,16 +772,26 @@ class OllamaClient:
 
     def _http_error(self, exc, body: dict | None) -> OllamaError:
         """Turn an HTTP error status into the error the user can act on."""
-        raw = exc.read() or b""
+        import http.client
+
         try:
-            message = str(json.loads(raw)["error"])
-            from_ollama = True
-        except (ValueError, KeyError, TypeError):
-            message = raw.decode("utf-8", "replace").strip()
-            from_ollama = False
-        message = message or exc.reason or "no details"
+            raw = exc.read(ERROR_BODY_LIMIT) or b""
+        except (OSError, http.client.HTTPException):
+            raw = b""
         status = exc.code
+        if 300 <= status < 400:
+            return self._redirect_error(exc, post=body is not None)
+        content_type = (exc.headers.get("Content-Type") or "") if exc.headers else ""
+        message, kind = server_message(raw, content_type)
+        message = message or str(exc.reason or "") or "no details"
         model = (body or {}).get("model", "")
+        if kind == "html":
+            return (TransientError if status in RETRIED_STATUSES else OllamaError)(
+                f"{self.host} answered HTTP {status} with an HTML page: is this an Ollama server?",
+                hint="check OLLAMA_HOST (or --host): it should be the Ollama server's base URL, "
+                     "like http://localhost:11434",
+            )
+        from_ollama = kind == "ollama"
         if status == 404 and model and from_ollama:
             return ModelUnavailable(
                 f"model '{model}' is not installed on {self.host}",
@@ -717,9 +805,104 @@ class OllamaClient:
                 hint="check OLLAMA_HOST (or --host): it should be the server's base URL, "
                      "like http://localhost:11434",
             )
-        if status >= 500 or status == 429:
+        if status in RETRIED_STATUSES:
             return TransientError(f"Ollama at {self.host} answered HTTP {status}: {message}")
+        if status >= 500:
+            return OllamaError(f"Ollama at {self.host} answered HTTP {status}: {message}",
+                               hint="check OLLAMA_HOST (or --host): it should be an Ollama server")
         return OllamaError(f"Ollama at {self.host} refused the request (HTTP {status}): {message}")
+
+    def _redirect_error(self, exc, *, post: bool) -> OllamaError:
+        """A redirect that was not followed: to another origin, or one that would turn a POST into a GET."""
+        import urllib.parse
+
+        location = (exc.headers.get("Location") or "") if exc.headers else ""
+        sent_to = getattr(exc, "filename", None) or self.host
+        target = urllib.parse.urljoin(sent_to, location) if location else ""
+        hint = "set OLLAMA_HOST (or --host) to the address the server redirects to"
+        if not target:
+            return OllamaError(f"{self.host} answered HTTP {exc.code}, a redirect without a Location",
+                               hint="check OLLAMA_HOST (or --host): it should be an Ollama server")
+        if not same_origin(target, self.host):
+            return OllamaError(
+                f"{self.host} redirected the request to {excerpt(target)}: redirects are followed "
+                "only to the same scheme, host and port, so the API key never goes elsewhere",
+                hint=hint)
+        if post and exc.code in (301, 302, 303):
+            return OllamaError(
+                f"{self.host} redirected a POST with HTTP {exc.code} to {excerpt(target)}, which would "
+                "turn it into a GET: not followed", hint=hint)
+        return OllamaError(f"{self.host} redirected the request to {excerpt(target)} in a loop",
+                           hint="check OLLAMA_HOST (or --host) and the server's redirects")
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """Server text as one short line, redacted before it is cut (so no part of a secret shows).
+
+    >>> excerpt("a\\n  b " + "x" * 300, 10)
+    'a b xxxxxx...'
+    """
+    text = re.sub(r"\s*[\r\n\t\v\f]+\s*", " ", redact(text)).strip()
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def server_message(raw: bytes, content_type: str = "") -> tuple[str, str]:
+    """What an error body says, as (one short line, kind): kind is "ollama" for Ollama's
+    {"error": ...}, "html" for a web page (the line is then ""), else "text"."""
+    text = raw.decode("utf-8", "replace")
+    try:
+        return excerpt(str(json.loads(text)["error"])), "ollama"
+    except (ValueError, KeyError, TypeError):
+        pass
+    head = text.lstrip()[:200].lower()
+    if "html" in content_type.lower() or head.startswith(("<!doctype", "<html", "<head", "<body")):
+        return "", "html"
+    return excerpt(text), "text"
+
+
+def same_origin(url: str, other: str) -> bool:
+    """Whether two URLs have the same scheme, host and port.
+
+    >>> same_origin("http://Host/a", "http://host:80"), same_origin("https://h/a", "http://h")
+    (True, False)
+    """
+    import urllib.parse
+
+    def origin(value: str) -> tuple[str, str, int | None]:
+        split = urllib.parse.urlsplit(value)
+        try:
+            port = split.port or {"http": 80, "https": 443}.get(split.scheme.lower())
+        except ValueError:
+            port = -1
+        return split.scheme.lower(), (split.hostname or "").lower(), port
+
+    return origin(url) == origin(other)
+
+
+_REDIRECT_HANDLER: type | None = None
+
+
+def same_origin_redirects():
+    """A urllib redirect handler that follows a redirect only to the same scheme, host and port
+    (so the Authorization header never leaves), and never turns a POST into a GET."""
+    global _REDIRECT_HANDLER
+    if _REDIRECT_HANDLER is None:
+        import urllib.request
+
+        class SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, req, fp, code, msg, headers, newurl):
+                if not same_origin(newurl, req.full_url):
+                    return None  # urllib then raises HTTPError: _redirect_error says why
+                if code in (307, 308):  # method and body kept, as these codes require
+                    return urllib.request.Request(newurl, data=req.data, headers=dict(req.headers),
+                                                  method=req.get_method(), unverifiable=True,
+                                                  origin_req_host=req.origin_req_host)
+                if req.get_method() not in ("GET", "HEAD"):
+                    return None
+                return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+        _REDIRECT_HANDLER = SameOriginRedirects
+    return _REDIRECT_HANDLER()
 
 
 # -- Prompt templates ---------------------------------------------------------
@@ -2695,7 +2878,7 @@ def finish_report(report: Report, options: BatchOptions) -> None:
     """Write --report and --manifest, also after a run that stopped early."""
     try:
         if options.report:
-            write_text_atomically(options.report, json.dumps(report.as_dict(), indent=2) + "\n")
+            write_text_atomically(options.report, json_document(report.as_dict(), ensure_ascii=True) + "\n")
         if options.manifest:
             write_manifest(options.manifest, report)
     except OSError as exc:  # the captions are written; say so rather than hide the run's outcome
@@ -3193,7 +3376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         PROMPTS_OVERRIDE = check_prompts_dir(config.prompts_dir)
         product = args.run(config, args)
         if args.json:
-            write_product(json.dumps(product.data, ensure_ascii=False, indent=2))
+            write_product(json_document(product.data))
         elif product.text is not None and not product.streamed:
             write_product(product.text)
         if product.error:
@@ -3204,9 +3387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print_error(exc)
         if args.json:
-            write_product(json.dumps({"error": str(exc), "hint": exc.hint or None,
-                                      "exit_code": exc.exit_code, "report": getattr(exc, "report", None)},
-                                     ensure_ascii=False, indent=2))
+            write_product(json_document({"error": str(exc), "hint": exc.hint or None,
+                                         "exit_code": exc.exit_code, "report": getattr(exc, "report", None)}))
         return exc.exit_code
     except KeyboardInterrupt:
         if debug:

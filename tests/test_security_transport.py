@@ -1,0 +1,280 @@
+"""Issue 9, transport side: the API key never leaves for another address and is never shown,
+servers that fail or are not Ollama are named in one line and left out, reads are bounded, and
+the command line refuses values and flags that make no sense."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import pytest
+from cli import run, run_exit
+from traced import make_images, tag_of
+
+import ollama_generate as og
+
+KEY = "sk-test-0123456789abcdef"
+HINT_HOST = ("ollama-generate: hint: check OLLAMA_HOST (or --host): it should be the Ollama server's "
+             "base URL, like http://localhost:11434")
+# A training caption in range (50-150 words), so no caption is asked twice.
+CAPTION = "A small square test picture numbered {tag} " + " ".join(f"detail{n}" for n in range(50)) + "."
+NAMES = [f"{n}.png" for n in "abcdef"]
+
+
+@pytest.fixture(autouse=True)
+def restore_prompts_override(monkeypatch):
+    """main() sets the module's --prompts-dir global; put it back after each test."""
+    monkeypatch.setattr(og, "PROMPTS_OVERRIDE", None)
+
+
+def answer(rec) -> str:
+    """The vision answer names its image; the caption names the description it was given."""
+    if rec.path == "/api/chat":
+        return f"Picture {tag_of(base64.b64decode(rec.body['messages'][1]['images'][0]))} seen."
+    found = re.search(r"Picture ([0-9a-f]{12}) seen\.", rec.body.get("prompt", ""))
+    return CAPTION.format(tag=found.group(1) if found else "none")
+
+
+def serve(make_ollama, **kwargs):
+    server = make_ollama(**kwargs)
+    server.default_text = answer
+    return server
+
+
+def image_of(rec) -> str:
+    return tag_of(base64.b64decode(rec.body["messages"][1]["images"][0]))
+
+
+def written(dataset, names):
+    return all((dataset / name).with_suffix(".txt").read_text()
+               == CAPTION.format(tag=tag_of((dataset / name).read_bytes())) + "\n" for name in names)
+
+
+# -- 1. redirects never carry the key to another address -------------------------------------
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_to_another_port_never_carries_the_key(make_ollama, capsys, monkeypatch, status):
+    trap = make_ollama()
+    front = make_ollama()
+    front.redirect(trap.url, status=status)
+    monkeypatch.setenv("OLLAMA_API_KEY", KEY)
+    code, out, err = run(capsys, "prompt", "a fox", "--host", front.url)
+    assert (code, out) == (1, "")
+    assert trap.requests == []
+    assert err.splitlines() == [
+        f"ollama-generate: error: {front.url} redirected the request to {trap.url}/api/generate: redirects "
+        "are followed only to the same scheme, host and port, so the API key never goes elsewhere",
+        "ollama-generate: hint: set OLLAMA_HOST (or --host) to the address the server redirects to",
+    ]
+    assert [(r.method, r.path) for r in front.requests] == [("POST", "/api/generate")]  # not retried
+
+
+def test_doctor_sends_nothing_to_the_address_a_redirect_names(make_ollama, capsys, monkeypatch):
+    trap = make_ollama()
+    front = make_ollama()
+    front.redirect(trap.url)
+    monkeypatch.setenv("OLLAMA_API_KEY", KEY)
+    code, out, err = run(capsys, "doctor", "--host", front.url)
+    assert code == 1
+    assert trap.requests == []
+    assert f"FAIL  server: {front.url} redirected the request to {trap.url}/api/ps: redirects" in out
+    assert KEY not in out + err
+
+
+def test_a_redirect_on_the_same_server_is_followed_with_the_key(make_ollama, capsys, monkeypatch):
+    server = make_ollama()
+    server.redirect(server.url, status=307, strip="/old", paths=["/old/api/generate"])
+    server.reply("A fox in the snow.")
+    monkeypatch.setenv("OLLAMA_API_KEY", KEY)
+    assert run(capsys, "prompt", "a fox", "--host", server.url + "/old") == (0, "A fox in the snow.\n", "")
+    moved, answered = server.requests
+    assert (moved.method, moved.path, answered.method, answered.path) == (
+        "POST", "/old/api/generate", "POST", "/api/generate")
+    assert answered.body == moved.body
+    assert answered.headers["authorization"] == f"Bearer {KEY}"
+
+
+def test_a_get_redirected_on_the_same_server_is_followed(make_ollama):
+    server = make_ollama()
+    server.redirect(server.url, status=302, strip="/old", paths=["/old/api/tags"])
+    client = og.OllamaClient(server.url + "/old")
+    assert {model["name"] for model in client.tags()} == set(server.models)
+    assert [r.path for r in server.requests] == ["/old/api/tags", "/api/tags"]
+
+
+@pytest.mark.parametrize("status", [301, 302, 303])
+def test_a_post_is_never_turned_into_a_get(make_ollama, capsys, monkeypatch, status):
+    server = make_ollama()
+    server.redirect(server.url, status=status, strip="/old", paths=["/old/api/generate"])
+    monkeypatch.setenv("OLLAMA_API_KEY", KEY)
+    code, out, err = run(capsys, "prompt", "a fox", "--host", server.url + "/old")
+    assert (code, out) == (1, "")
+    assert err.splitlines()[0] == (
+        f"ollama-generate: error: {server.url}/old redirected a POST with HTTP {status} to "
+        f"{server.url}/api/generate, which would turn it into a GET: not followed")
+    assert [r.method for r in server.requests] == ["POST"]
+
+
+def test_a_redirect_loop_or_one_without_an_address_is_one_error(make_ollama):
+    server = make_ollama()
+    server.redirect(server.url, status=302, paths=["/api/tags"])
+    with pytest.raises(og.OllamaError) as caught:
+        og.OllamaClient(server.url).tags()
+    assert str(caught.value) == f"{server.url} redirected the request to {server.url}/api/tags in a loop"
+    server.fail_paths(["/api/tags"], status=302, body=b"")
+    with pytest.raises(og.OllamaError) as caught:
+        og.OllamaClient(server.url).tags()
+    assert str(caught.value) == f"{server.url} answered HTTP 302, a redirect without a Location"
+
+
+# -- 2. a key that cannot be a header -----------------------------------------------------------
+
+
+def test_a_key_with_a_line_end_is_stripped_and_sent(ollama, capsys, monkeypatch):
+    monkeypatch.setenv("OLLAMA_API_KEY", f"  {KEY}\r\n")
+    ollama.reply("A fox.")
+    assert run(capsys, "prompt", "a fox") == (0, "A fox.\n", "")
+    assert ollama.requests[0].headers["authorization"] == f"Bearer {KEY}"
+
+
+@pytest.mark.parametrize("key", [f"sk-te\rst-{KEY}", f"{KEY}\x1b[0m", f"sk-\u00e9t\u00e9-{KEY}",
+                                 f"{KEY}\nsecond-line"])
+def test_a_key_that_cannot_be_a_header_is_refused_without_showing_it(ollama, capsys, monkeypatch, key):
+    monkeypatch.setenv("OLLAMA_API_KEY", key)
+    code, out, err = run(capsys, "prompt", "a fox", "--json")
+    assert code == 2
+    assert err.splitlines() == [
+        "ollama-generate: error: OLLAMA_API_KEY contains control or non-ASCII characters, so it cannot "
+        "be sent (the key is not shown)",
+        "ollama-generate: hint: set it to the key alone, on one line; a key file saved with Windows line "
+        "endings or pasted from a document often adds such characters",
+    ]
+    assert json.loads(out)["exit_code"] == 2
+    assert KEY not in out + err and "sk-te" not in out + err
+    assert ollama.requests == []
+
+
+# -- 3. what a server echoes is redacted --------------------------------------------------------
+
+
+@pytest.mark.strict_ranges
+def test_an_echoed_key_is_redacted_from_stderr_report_and_json(make_ollama, capsys, tmp_path, monkeypatch):
+    server = serve(make_ollama)
+    server.echo_headers(status=400, paths=["/api/chat"])
+    monkeypatch.setenv("OLLAMA_API_KEY", KEY)
+    dataset = make_images(tmp_path / "set", NAMES[:2])
+    report = tmp_path / "report.json"
+    code, out, err = run(capsys, "caption", dataset, "--host", server.url, "--report", report, "--json")
+    assert code == 1
+    assert len(server.requests_to("/api/chat")) == 2  # echoed, and seen: the test shows a real leak
+    for text in (out, err, report.read_text()):
+        assert KEY not in text
+        assert "Authorization: Bearer [redacted]" in text
+    reason = json.loads(out)["failed"][0]["reason"]
+    assert reason.startswith(f"Ollama at {server.url} refused the request (HTTP 400): rejected request with "
+                             "headers ")
+    assert "Authorization: Bearer [redacted]" in reason
+    assert json.loads(report.read_text())["failed"][0]["reason"] == reason
+
+
+def test_an_echoed_key_is_redacted_from_an_error_and_its_json_document(ollama, capsys, monkeypatch):
+    ollama.echo_headers(status=500, paths=["/api/generate"])
+    monkeypatch.setenv("OLLAMA_API_KEY", KEY)
+    code, out, err = run(capsys, "prompt", "a fox", "--json")
+    assert code == 1
+    assert KEY not in out + err
+    document = json.loads(out)
+    assert document["error"].startswith(f"Ollama at {ollama.url} answered HTTP 500: rejected request")
+    assert "Authorization: Bearer [redacted]" in document["error"]
+    assert err.splitlines() == [f"ollama-generate: error: {document['error']}"]
+
+
+def test_other_credentials_in_server_text_are_redacted(ollama, capsys):
+    ollama.fail_paths(["/api/generate"], status=400,
+                      error="upstream said no to Authorization: Bearer upstream-999 (x-api-key: abc123)")
+    code, out, err = run(capsys, "prompt", "a fox")
+    assert (code, out) == (1, "")
+    assert err == (f"ollama-generate: error: Ollama at {ollama.url} refused the request (HTTP 400): upstream "
+                   "said no to Authorization: Bearer [redacted] (x-api-key: [redacted])\n")
+
+
+# -- 11. a web server that is not Ollama --------------------------------------------------------
+
+
+def test_a_plain_web_server_is_named_in_one_line_without_retries(make_ollama, capsys, tmp_path):
+    web = make_ollama()
+    web.html_pages()
+    code, out, err = run(capsys, "prompt", "a fox", "--host", web.url)
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        f"ollama-generate: error: {web.url} answered HTTP 501 with an HTML page: is this an Ollama server?",
+        HINT_HOST]
+    assert len(web.requests) == 1
+
+    dataset = make_images(tmp_path / "set", NAMES[:1])
+    code, out, err = run(capsys, "caption", dataset, "--host", web.url)
+    assert (code, out) == (1, "")
+    assert err.splitlines()[0] == (
+        f"ollama-generate: error: {web.url} answered HTTP 501 with an HTML page: is this an Ollama server?")
+    assert len(web.requests) == 2
+
+    code, out, err = run(capsys, "doctor", "--host", web.url)
+    assert code == 1
+    assert (f"FAIL  server: {web.url} answered HTTP 404 with an HTML page: is this an Ollama server?"
+            in out.splitlines())
+
+
+@pytest.mark.parametrize(("status", "tries"), [(400, 1), (401, 1), (403, 1), (405, 1), (413, 1), (408, 4),
+                                               (429, 4), (500, 4), (501, 1), (502, 4), (505, 1)])
+def test_only_timeouts_rate_limits_and_server_errors_are_retried(ollama, capsys, status, tries):
+    ollama.fail_paths(["/api/generate"], status=status, error="no")
+    code, out, _err = run(capsys, "prompt", "a fox")
+    assert (code, out) == (1, "")
+    assert len(ollama.requests_to("/api/generate")) == tries
+
+
+@pytest.mark.parametrize("how", ["text", "json", "mid-stream"])
+def test_error_bodies_are_cut_to_a_short_excerpt(ollama, capsys, how):
+    long = "word " * 1025 + "\n<end>"  # 5,131 characters over two lines
+    if how == "text":
+        ollama.fail_paths(["/api/generate"], status=400, body=long.encode())
+    elif how == "json":
+        ollama.fail_paths(["/api/generate"], status=400, error=long)
+    else:
+        ollama.fail_forever(text="A partial answer", mid_stream=True, error=long)
+    code, out, err = run(capsys, "prompt", "a fox", "--json")
+    assert code == 1
+    message = json.loads(out)["error"]
+    assert "\n" not in message and len(message) < 350
+    assert ("word " * 40).strip() in message and "<end>" not in message
+    assert err.splitlines()[0] == f"ollama-generate: error: {message}"
+
+
+# -- 16. bounded reads from the network ---------------------------------------------------------
+
+
+def test_a_line_without_an_end_is_not_read_whole(ollama, capsys, monkeypatch):
+    monkeypatch.setattr(og, "LINE_LIMIT", 1024 * 1024)
+    ollama.huge_line(8 * 1024 * 1024)
+    code, out, err = run(capsys, "prompt", "a fox")
+    assert (code, out) == (1, "")
+    assert err == (f"ollama-generate: error: Ollama at {ollama.url} sent a line longer than 1 MB; it was not "
+                   f"read further (gave up after {og.RETRIES + 1} attempts)\n")
+
+
+def test_a_metadata_answer_is_bounded(ollama, capsys, tmp_path, monkeypatch, tiny_png):
+    monkeypatch.setattr(og, "LINE_LIMIT", 1024 * 1024)
+    ollama.huge_line(8 * 1024 * 1024, paths=["/api/show"])
+    (tmp_path / "a.png").write_bytes(tiny_png)
+    code, out, err = run(capsys, "caption", tmp_path / "a.png")
+    assert (code, out) == (1, "")
+    assert err == (f"ollama-generate: error: Ollama at {ollama.url} sent an answer longer than 1 MB; it was "
+                   f"not read further (gave up after {og.RETRIES + 1} attempts)\n")
+
+
+def test_a_long_valid_line_is_read(ollama, capsys):
+    # The final line of /api/generate carries the context's token ids: it can be long.
+    ollama.reply("A fox.", final_fields={"context": list(range(200_000))})
+    assert run(capsys, "prompt", "a fox") == (0, "A fox.\n", "")
