@@ -242,9 +242,13 @@ class BatchFailed(OllamaError):
     """A folder run finished, but some images failed (they are listed above)."""
 
 
+class ServerFailing(OllamaError):
+    """Every server left answers, but with errors: the circuit breaker stopped the run."""
+
+
 def warn(message: str) -> None:
     """A problem worth telling the user that does not stop the command (stderr)."""
-    print(f"{PROG}: {paint('warning', YELLOW)}: {message}", file=sys.stderr, flush=True)
+    print(f"{PROG}: {paint('warning', YELLOW)}: {redact(message)}", file=sys.stderr, flush=True)
 
 
 RED, YELLOW, GREEN = "31", "33", "32"
@@ -259,7 +263,7 @@ def paint(text: str, colour: str, stream=None) -> str:
 
 
 # Failures that would fail every image alike: a folder run stops on them.
-FATAL_ERRORS = (ServerUnreachable, ModelUnavailable, TemplateError)
+FATAL_ERRORS = (ServerUnreachable, ModelUnavailable, TemplateError, ServerFailing)
 
 
 # -- Configuration ------------------------------------------------------------
@@ -2316,6 +2320,8 @@ class Host(Record):
 
     client: OllamaClient
     dropped: str = ""  # why it left the run, if it did
+    failures: int = 0  # images it failed in a row with server errors (see HOST_FAILURE_LIMIT)
+    failing: bool = False  # it left the run for those failures, not for being unreachable
 
 
 class Report(Record):
@@ -2485,8 +2491,10 @@ HOST_DOWN = (ServerUnreachable, ServerTimeout)
 def run_stage(hosts: list[Host], jobs: list[Job], step, *, workers: int, progress: Progress) -> None:
     """Run step(client, job) over jobs with `workers` threads per live host.
 
-    A host that stops answering gives its job back and leaves the run; the others
-    finish the stage. Raises ServerUnreachable when no host is left.
+    A host that stops answering gives its job back and leaves the run; so does one
+    that failed HOST_FAILURE_LIMIT images in a row with server errors. An image that
+    a host failed that way goes to another live host, and fails only once every live
+    host failed it. Raises ServerUnreachable, or ServerFailing, when no host is left.
     """
     import threading
 
@@ -2494,13 +2502,29 @@ def run_stage(hosts: list[Host], jobs: list[Job], step, *, workers: int, progres
     lock = threading.Lock()
     stop = threading.Event()
     errors: list[BaseException] = []
+    failed_on: dict[int, set[str]] = {}  # id(job) -> hosts that failed it with a server error
+    last_error: dict[int, str] = {}
+
+    def live_urls() -> set[str]:
+        return {host.client.host for host in hosts if not host.dropped}
+
+    def take(host: Host) -> Job | None:
+        for index, job in enumerate(queue):
+            if host.client.host not in failed_on.get(id(job), ()):
+                del queue[index]
+                return job
+        return None
+
+    def drop(host: Host, reason: str) -> None:
+        if len(hosts) > 1:  # with one server, the run's own error says it all
+            progress.note(f"leaving out {host.client.host} for the rest of the run: {reason}")
 
     def work(host: Host) -> None:
         while not stop.is_set():
             with lock:
-                if host.dropped or not queue:
+                job = None if host.dropped else take(host)
+                if job is None:
                     return
-                job = queue.popleft()
             try:
                 step(host.client, job)
             except HOST_DOWN as exc:
@@ -2509,25 +2533,57 @@ def run_stage(hosts: list[Host], jobs: list[Job], step, *, workers: int, progres
                     if host.dropped:
                         return
                     host.dropped = str(exc)
-                if len(hosts) > 1:  # with one server, the run's own error says it all
-                    progress.note(f"leaving out {host.client.host} for the rest of the run: {exc}")
+                drop(host, str(exc))
                 return
+            except TransientError as exc:  # a server error, after the client's retries
+                with lock:
+                    host.failures += 1
+                    failed_on.setdefault(id(job), set()).add(host.client.host)
+                    last_error[id(job)] = str(exc)
+                    if host.failures >= HOST_FAILURE_LIMIT and not host.dropped:
+                        host.dropped = f"failed {host.failures} images in a row, the last with: {exc}"
+                        host.failing = True
+                        queue.appendleft(job)
+                        reason = host.dropped
+                    elif live_urls() - failed_on[id(job)]:
+                        queue.append(job)  # another live host has not tried it
+                        continue
+                    else:
+                        job.status, job.reason, reason = "failed", str(exc), ""
+                if reason:
+                    drop(host, reason)
+                    return
             except BaseException as exc:  # noqa: BLE001 - fatal errors and Ctrl-C end the run
                 errors.append(exc)
                 stop.set()
                 return
+            else:
+                with lock:
+                    host.failures = 0
             progress.advance(job)
 
     while queue:
-        live = [host for host in hosts if not host.dropped]
+        live = live_urls()
+        for job in [job for job in queue if live and failed_on.get(id(job), set()) >= live]:
+            queue.remove(job)  # every host left has failed it
+            job.status, job.reason = "failed", last_error[id(job)]
+            progress.advance(job)
         if not live:
             reasons = "; ".join(f"{host.client.host}: {host.dropped}" for host in hosts)
+            if any(host.failing for host in hosts):
+                raise ServerFailing(
+                    f"no Ollama server is left to work on ({reasons})",
+                    hint="check the server's log (`journalctl -u ollama`, or the terminal running "
+                         "`ollama serve`), then rerun the same command: finished work is kept",
+                )
             raise ServerUnreachable(
                 f"no Ollama server is left to work on ({reasons})",
                 hint="start the servers again and rerun the same command: finished work is kept",
             )
+        if not queue:
+            break
         threads = [threading.Thread(target=work, args=(host,), daemon=True)
-                   for host in live for _ in range(workers)]
+                   for host in hosts if not host.dropped for _ in range(workers)]
         for thread in threads:
             thread.start()
         try:
@@ -2551,8 +2607,9 @@ class failing_job:  # noqa: N801 - used as a context manager, named like context
         return None
 
     def __exit__(self, kind, exc, traceback) -> bool:
-        if exc is None or isinstance(exc, (*HOST_DOWN, *FATAL_ERRORS)) or not isinstance(exc, Exception):
-            return False
+        if exc is None or isinstance(exc, (TransientError, *HOST_DOWN, *FATAL_ERRORS)) \
+                or not isinstance(exc, Exception):
+            return False  # server errors are the engine's to judge (run_stage)
         if isinstance(exc, OllamaError):
             self.job.status, self.job.reason = "failed", str(exc)
         elif isinstance(exc, OSError):
@@ -2679,7 +2736,7 @@ def connect_hosts(config: Config) -> list[Host]:
         host = Host(connect(config, url))
         try:
             check_models(host.client, config)
-        except (ServerUnreachable, ModelUnavailable) as exc:
+        except OllamaError as exc:  # any server that cannot be checked is left out
             problems.append(exc)
             host.dropped = str(exc)
             if len(config.hosts) > 1:

@@ -200,6 +200,134 @@ def test_other_credentials_in_server_text_are_redacted(ollama, capsys):
                    "said no to Authorization: Bearer [redacted] (x-api-key: [redacted])\n")
 
 
+# -- 10. failover, and the circuit breaker ------------------------------------------------------
+
+FOREVER = {
+    "500": {"status": 500},
+    "mid-stream": {"text": "A partial answer that breaks off", "mid_stream": True},
+    "half-stream": {"text": "A partial answer that ends early", "fault": "eof"},
+}
+
+
+@pytest.mark.strict_ranges
+@pytest.mark.parametrize("how", list(FOREVER))
+def test_a_host_that_fails_every_request_is_left_out_and_no_image_fails(make_ollama, capsys, tmp_path, how):
+    good = serve(make_ollama, request_time=0.05)
+    bad = serve(make_ollama)
+    bad.fail_forever(**FOREVER[how])
+    dataset = make_images(tmp_path / "set", NAMES)
+    code, out, err = run(capsys, "caption", dataset, "--host", bad.url, "--host", good.url,
+                         "--report", tmp_path / "r.json")
+    assert (code, out) == (0, "")
+    assert written(dataset, NAMES)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert (report["written"], report["failed"]) == (6, [])
+    dropped = report["hosts"][0]["dropped"]
+    assert dropped.startswith(f"failed {og.HOST_FAILURE_LIMIT} images in a row, the last with: ")
+    assert dropped.endswith(f"(gave up after {og.RETRIES + 1} attempts)")
+    assert report["hosts"][1]["dropped"] is None
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert warnings == [f"ollama-generate: warning: leaving out {bad.url} for the rest of the run: {dropped}"]
+    # Five images failed there in a row (in either stage), each after its retries; then it was left out.
+    assert len(bad.generation_requests()) == og.HOST_FAILURE_LIMIT * (og.RETRIES + 1)
+
+
+@pytest.mark.strict_ranges
+def test_an_image_fails_only_after_every_live_host_failed_it(make_ollama, capsys, tmp_path):
+    dataset = make_images(tmp_path / "set", NAMES[:4])
+    broken = tag_of((dataset / "a.png").read_bytes())
+    servers = [serve(make_ollama), serve(make_ollama)]
+
+    def refuse_a(h, rec):
+        if image_of(rec) != broken:
+            return False
+        h.send_json(500, {"error": "runner crashed on this image"})
+        return True
+
+    for server in servers:
+        server.misbehave(refuse_a, ["/api/chat"])
+    code, out, err = run(capsys, "caption", dataset, "--host", servers[0].url, "--host", servers[1].url,
+                         "--report", tmp_path / "r.json")
+    assert (code, out) == (1, "")
+    assert written(dataset, NAMES[1:4])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [f["image"] for f in report["failed"]] == ["a.png"]
+    assert [host["dropped"] for host in report["hosts"]] == [None, None]
+    for server in servers:  # each live host tried it, with its retries, before it failed
+        assert [image_of(r) for r in server.requests_to("/api/chat")].count(broken) == og.RETRIES + 1
+    assert "warning" not in err
+
+
+def test_an_image_one_host_failed_fails_when_the_other_host_leaves():
+    # Engine level: b fails x and hands it to a; a leaves before it gets to x; x has then
+    # failed on every host left, and fails without being sent to b again.
+    import threading
+    from types import SimpleNamespace
+
+    x_failed = threading.Event()
+    tries = []
+
+    def step(client, job):
+        tries.append((client.host, job.name))
+        if client.host == "a":
+            x_failed.wait(2)
+            raise og.ServerUnreachable("a went away")
+        if job.name == "x":
+            x_failed.set()
+            raise og.TransientError("x broke on b")
+        job.status = "written"
+
+    hosts = [og.Host(SimpleNamespace(host=name)) for name in "ab"]
+    jobs = [og.Job(name, name, name + ".txt") for name in "yx"]
+    og.run_stage(hosts, jobs, step, workers=1, progress=og.Progress(2, mode="quiet"))
+    assert [(job.name, job.status, job.reason) for job in jobs] == [
+        ("y", "written", ""), ("x", "failed", "x broke on b")]
+    assert tries.count(("b", "x")) == 1
+    assert (hosts[0].dropped, hosts[1].dropped) == ("a went away", "")
+
+
+@pytest.mark.strict_ranges
+@pytest.mark.parametrize("how", ["500", "html"])
+def test_a_second_host_failing_show_at_start_is_left_out(make_ollama, capsys, tmp_path, how):
+    good = serve(make_ollama)
+    bad = serve(make_ollama)
+    if how == "html":
+        bad.html_pages()
+        reason = f"{bad.url} answered HTTP 501 with an HTML page: is this an Ollama server?"
+    else:
+        bad.fail_paths(["/api/show"], status=500, error="failed to load manifest")
+        reason = (f"Ollama at {bad.url} answered HTTP 500: failed to load manifest "
+                  f"(gave up after {og.RETRIES + 1} attempts)")
+    dataset = make_images(tmp_path / "set", NAMES[:2])
+    code, out, err = run(capsys, "caption", dataset, "--host", good.url, "--host", bad.url)
+    assert (code, out) == (0, "")
+    assert err.splitlines()[0] == f"ollama-generate: warning: leaving out {bad.url}: {reason}"
+    assert written(dataset, NAMES[:2])
+    assert bad.requests_to("/api/chat") == []
+
+
+def test_one_host_failing_every_request_trips_the_circuit_breaker(make_ollama, capsys, tmp_path):
+    server = serve(make_ollama)
+    server.fail_forever(status=500)
+    dataset = make_images(tmp_path / "set", [f"{n:02d}.png" for n in range(40)])
+    code, out, err = run(capsys, "caption", dataset, "--host", server.url, "--report", tmp_path / "r.json")
+    assert (code, out) == (1, "")
+    # Five images cost their retries; the other 35 are never sent.
+    assert len(server.requests_to("/api/chat")) == og.HOST_FAILURE_LIMIT * (og.RETRIES + 1)
+    lines = err.splitlines()
+    assert lines[-2] == (
+        f"ollama-generate: error: no Ollama server is left to work on ({server.url}: failed "
+        f"{og.HOST_FAILURE_LIMIT} images in a row, the last with: Ollama at {server.url} answered HTTP 500: "
+        "model runner has unexpectedly stopped, this may be due to resource limitations or an internal "
+        f"error, check ollama server logs for details (gave up after {og.RETRIES + 1} attempts))")
+    assert lines[-1] == ("ollama-generate: hint: check the server's log (`journalctl -u ollama`, or the "
+                         "terminal running `ollama serve`), then rerun the same command: finished work "
+                         "is kept")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert (report["interrupted"], len(report["failed"]), report["not_reached"]) == (True, 4, 36)
+    assert "Stopped after " in err
+
+
 # -- 11. a web server that is not Ollama --------------------------------------------------------
 
 
