@@ -3134,33 +3134,55 @@ def cmd_templates(config: Config, args: argparse.Namespace) -> Product:
         path = load_template(name)[0]
         source = "override" if PROMPTS_OVERRIDE and os.path.dirname(os.path.abspath(path)) == PROMPTS_OVERRIDE \
             else "built-in"
-        rows.append({"name": name, "placeholders": list(fields), "path": path, "source": source})
+        problem = None
+        if source == "override":  # checked as doctor checks it: it must render
+            try:
+                render(name, **{field: "x" for field in fields})
+            except TemplateError as exc:
+                problem = str(exc)
+        rows.append({"name": name, "placeholders": list(fields), "path": path, "source": source,
+                     "problem": problem})
     width = max(len(row["name"]) for row in rows)
     lines = [f"{row['name']:<{width}}  {' '.join('$' + f for f in row['placeholders']) or '-':<40}  {row['source']}"
-             for row in rows]
-    return Product("\n".join(lines), {"command": "templates", "templates": rows})
+             + (" (BROKEN)" if row["problem"] else "") for row in rows]
+    product = Product("\n".join(lines), {"command": "templates", "templates": rows})
+    broken = [row["problem"] for row in rows if row["problem"]]
+    if broken:
+        product.error = TemplateError(
+            f"{len(broken)} template override{'s' if len(broken) > 1 else ''} cannot be used: "
+            + "; ".join(broken),
+            hint="fix the placeholders, or remove the file to use the built-in template")
+    return product
 
 
 # -- Command-line interface ---------------------------------------------------
 
 
-def number_type(convert, expected: str, low: float, rule: str):
-    """An argparse type: convert the value, then hold it to a lower bound (rule names it)."""
+def number_type(convert, expected: str, low: float, rule: str, high: float = math.inf):
+    """An argparse type: convert the value, then hold it to its range (rule names the lower
+    bound); inf and nan are never numbers here."""
     def parse(value: str):
         try:
             number = convert(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+        if not math.isfinite(number):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
         if not (number > low if rule.startswith("more than") else number >= low):
             raise argparse.ArgumentTypeError(f"must be {rule}, got {value!r}")
+        if number > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value!r}")
         return number
 
     return parse
 
 
-positive_float = number_type(float, "a number of seconds", 0, "more than 0")
-non_negative_float = number_type(float, "a number", 0, "0 or more")
 positive_int = number_type(int, "a whole number", 1, "1 or more")
+timeout_seconds = number_type(float, "a number of seconds", 0, "more than 0", MAX_TIMEOUT)
+temperature_value = number_type(float, "a number", 0, "0 or more", MAX_TEMPERATURE)
+seed_value = number_type(int, "a whole number", 0, "0 or more", MAX_SEED)
+token_count = number_type(int, "a whole number", 1, "1 or more", MAX_TOKENS)
+jobs_count = number_type(int, "a whole number", 1, "1 or more", MAX_JOBS)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -3171,14 +3193,25 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 class _Parser(argparse.ArgumentParser):
     """argparse with our error shape: one error line and a hint, not a usage dump."""
 
+    command: str | None = None  # on the top-level parser: the command the line names
+
     def error(self, message: str) -> NoReturn:
+        # A flag argparse did not know after the command is the command's to explain.
+        prog = f"{PROG} {self.command}" if self.command and self.prog == PROG else self.prog
         print(f"{PROG}: error: {message}", file=sys.stderr)
-        print(f"{PROG}: hint: see `{self.prog} --help`", file=sys.stderr)
+        print(f"{PROG}: hint: see `{prog} --help`", file=sys.stderr)
         sys.exit(2)
 
 
-def add_server_options(parser: argparse.ArgumentParser) -> None:
-    """The flags every command takes, before or after the command name.
+# The commands that generate text, and so take the generation options.
+GENERATING = ("caption", "prompt", "enhance", "describe", "lore")
+GENERATION_OPTIONS = {"temperature": "--temperature", "seed": "--seed", "num_ctx": "--num-ctx",
+                      "max_tokens": "--max-tokens"}
+
+
+def add_server_options(parser: argparse.ArgumentParser, *, generation: bool = True) -> None:
+    """The flags every command takes, before or after the command name, and with
+    generation the options of the commands that generate text.
 
     They default to SUPPRESS so a subcommand that does not see a flag leaves the
     value given before the command name alone; main() fills in the rest.
@@ -3189,9 +3222,10 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
                              f"servers (env: OLLAMA_HOST, comma-separated; default {DEFAULT_HOST})")
     server.add_argument("-m", "--model", default=argparse.SUPPRESS, metavar="NAME",
                         help=f"text model (env: OLLAMA_MODEL; default {DEFAULT_MODEL})")
-    server.add_argument("--timeout", type=positive_float, default=argparse.SUPPRESS,
+    server.add_argument("--timeout", type=timeout_seconds, default=argparse.SUPPRESS,
                         metavar="SECONDS",
-                        help=f"seconds to wait for the server to answer (default {DEFAULT_TIMEOUT:g})")
+                        help=f"seconds to wait for the server to answer (default {DEFAULT_TIMEOUT:g}), "
+                             f"at most {MAX_TIMEOUT}")
     server.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="print each request's timings, token counts and model load time on stderr")
     server.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
@@ -3199,16 +3233,31 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--prompts-dir", metavar="DIR", default=argparse.SUPPRESS,
                         help="folder of template files that replace the built-in ones by name "
                              "(env: OLLAMA_GENERATE_PROMPTS_DIR)")
+    if not generation:
+        return
     sampling_group = parser.add_argument_group(
         "generation options", "defaults differ per action; see the table in README.md")
-    sampling_group.add_argument("--temperature", type=non_negative_float, default=argparse.SUPPRESS,
-                                metavar="T", help="sampling temperature of the writing model")
-    sampling_group.add_argument("--seed", type=int, default=argparse.SUPPRESS, metavar="N",
-                                help="random seed; with --temperature 0 the requests repeat exactly")
-    sampling_group.add_argument("--num-ctx", type=positive_int, default=argparse.SUPPRESS, metavar="N",
-                                help=f"context window of every request (default {NUM_CTX})")
-    sampling_group.add_argument("--max-tokens", type=positive_int, default=argparse.SUPPRESS,
-                                metavar="N", help="cap on the length of the written answer, in tokens")
+    sampling_group.add_argument("--temperature", type=temperature_value, default=argparse.SUPPRESS,
+                                metavar="T", help=f"sampling temperature of the writing model, "
+                                                  f"0-{MAX_TEMPERATURE}")
+    sampling_group.add_argument("--seed", type=seed_value, default=argparse.SUPPRESS, metavar="N",
+                                help=f"random seed, 0-{MAX_SEED}; with --temperature 0 the requests "
+                                     "repeat exactly")
+    sampling_group.add_argument("--num-ctx", type=token_count, default=argparse.SUPPRESS, metavar="N",
+                                help=f"context window of every request, 1-{MAX_TOKENS} (default {NUM_CTX})")
+    sampling_group.add_argument("--max-tokens", type=token_count, default=argparse.SUPPRESS,
+                                metavar="N", help="cap on the length of the written answer, in tokens, "
+                                                  f"1-{MAX_TOKENS}")
+
+
+def check_generation_options(parser: _Parser, args: argparse.Namespace) -> None:
+    """Generation options given before a command that generates nothing are a usage error."""
+    if args.command in GENERATING:
+        return
+    for name, flag in GENERATION_OPTIONS.items():
+        if hasattr(args, name):
+            parser.error(f"{flag} does not apply to {args.command}: only {', '.join(GENERATING[:-1])} "
+                         f"and {GENERATING[-1]} generate text")
 
 
 SERVER_DEFAULTS = {"host": None, "model": None, "timeout": DEFAULT_TIMEOUT, "temperature": None,
@@ -3264,6 +3313,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                + "\n\n".join(__doc__.split("\n\n")[3:5]),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.command = only
     add_server_options(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      parser_class=_Parser)
@@ -3275,7 +3325,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         sub.set_defaults(run=function)
         if only and name != only:
             return _Skipped()
-        add_server_options(sub)
+        add_server_options(sub, generation=name in GENERATING)
         return sub
 
     caption = add("caption", cmd_caption,
@@ -3311,14 +3361,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     folder.add_argument("--output-dir", metavar="DIR",
                         help="write captions into DIR, mirroring the folder tree (default: beside each image)")
     folder.add_argument("--limit", type=positive_int, metavar="N",
-                        help="caption only the first N images that need one, to try a prompt")
+                        help="caption only the first N images that need one (1 or more), to try a prompt")
     folder.add_argument("--dry-run", action="store_true",
                         help="list what would be captioned and skipped on stdout; no model calls")
-    folder.add_argument("-j", "--jobs", type=positive_int, default=1, metavar="N",
-                        help="requests sent at once to each server (default: 1)")
+    folder.add_argument("-j", "--jobs", type=jobs_count, default=1, metavar="N",
+                        help=f"requests sent at once to each server, 1-{MAX_JOBS} (default: 1)")
     folder.add_argument("--chunk", type=positive_int, default=DEFAULT_CHUNK, metavar="N",
-                        help="images per stage: the vision model describes N, then the text model "
-                             f"writes N, so each model loads once per chunk (default: {DEFAULT_CHUNK})")
+                        help="images per stage (1 or more): the vision model describes N, then the text "
+                             f"model writes N, so each model loads once per chunk (default: {DEFAULT_CHUNK})")
     folder.add_argument("--keep-alive", type=parse_keep_alive, metavar="DURATION",
                         help="how long models stay loaded after each request, e.g. 30m, 1h, or "
                              "seconds (default: the whole run, then Ollama's 5m)")
@@ -3422,7 +3472,9 @@ def check_prompts_dir(path: str | None) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(command_in(argv)).parse_args(argv)  # usage errors exit 2 here
+    parser = build_parser(command_in(argv))
+    args = parser.parse_args(argv)  # usage errors exit 2 here
+    check_generation_options(parser, args)
     for name, default in SERVER_DEFAULTS.items():
         if not hasattr(args, name):
             setattr(args, name, default)

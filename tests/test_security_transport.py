@@ -380,6 +380,48 @@ def test_error_bodies_are_cut_to_a_short_excerpt(ollama, capsys, how):
     assert err.splitlines()[0] == f"ollama-generate: error: {message}"
 
 
+# -- 15. numeric flags have ranges --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["prompt", "x", "--timeout", "inf"], "argument --timeout: expected a number of seconds, got 'inf'"),
+    (["prompt", "x", "--timeout", "nan"], "argument --timeout: expected a number of seconds, got 'nan'"),
+    (["prompt", "x", "--timeout", "1e9"], "argument --timeout: must be at most 86400, got '1e9'"),
+    (["caption", "d", "--jobs", "100000"], "argument -j/--jobs: must be at most 64, got '100000'"),
+    (["caption", "d", "--jobs", "0"], "argument -j/--jobs: must be 1 or more, got '0'"),
+    (["prompt", "x", "--temperature", "inf"], "argument --temperature: expected a number, got 'inf'"),
+    (["prompt", "x", "--temperature", "3"], "argument --temperature: must be at most 2, got '3'"),
+    (["prompt", "x", "--seed", "-1"], "argument --seed: must be 0 or more, got '-1'"),
+    (["prompt", "x", "--seed", "4294967296"],
+     "argument --seed: must be at most 4294967295, got '4294967296'"),
+    (["prompt", "x", "--num-ctx", "99999999"], "argument --num-ctx: must be at most 1048576, got '99999999'"),
+    (["prompt", "x", "--max-tokens", "99999999"],
+     "argument --max-tokens: must be at most 1048576, got '99999999'"),
+    (["--timeout", "inf", "prompt", "x"], "argument --timeout: expected a number of seconds, got 'inf'"),
+])
+def test_absurd_numbers_are_usage_errors(capsys, argv, message):
+    code, out, err = run_exit(capsys, *argv)
+    assert (code, out) == (2, "")
+    command = next(word for word in argv if word in og.COMMANDS)
+    assert err.splitlines() == [f"ollama-generate: error: {message}",
+                                f"ollama-generate: hint: see `ollama-generate {command} --help`"]
+
+
+def test_the_ranges_are_in_help(capsys):
+    shown = " ".join(run_exit(capsys, "caption", "--help")[1].split())
+    for text in ("(default 300), at most 86400", "each server, 1-64 (default: 1)", "writing model, 0-2",
+                 "random seed, 0-4294967295", "request, 1-1048576 (default 8192)", "in tokens, 1-1048576"):
+        assert text in shown
+
+
+def test_the_largest_values_are_accepted(ollama, capsys, tmp_path):
+    ollama.reply("A fox.")
+    assert run(capsys, "prompt", "x", "--timeout", "86400", "--temperature", "2", "--seed", "4294967295",
+               "--num-ctx", "1048576", "--max-tokens", "1048576") == (0, "A fox.\n", "")
+    make_images(tmp_path / "set", NAMES[:1])
+    assert run(capsys, "caption", tmp_path / "set", "--jobs", "64", "--dry-run")[0] == 0
+
+
 # -- 16. bounded reads from the network ---------------------------------------------------------
 
 
@@ -406,3 +448,59 @@ def test_a_long_valid_line_is_read(ollama, capsys):
     # The final line of /api/generate carries the context's token ids: it can be long.
     ollama.reply("A fox.", final_fields={"context": list(range(200_000))})
     assert run(capsys, "prompt", "a fox") == (0, "A fox.\n", "")
+
+
+# -- 22. flags that do not belong to a command ---------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["doctor", "models", "templates"])
+@pytest.mark.parametrize("flag", [["--temperature", "0.5"], ["--seed", "1"], ["--max-tokens", "9"],
+                                  ["--num-ctx", "4096"]])
+def test_generation_options_are_refused_where_nothing_is_generated(capsys, command, flag):
+    code, out, err = run_exit(capsys, command, *flag)
+    assert (code, out) == (2, "")
+    error, hint = err.splitlines()
+    refused = flag[:1] if command == "templates" else flag  # templates takes the value as its NAME
+    assert error == f"ollama-generate: error: unrecognized arguments: {' '.join(refused)}"
+    assert hint == f"ollama-generate: hint: see `ollama-generate {command} --help`"
+    code, out, err = run_exit(capsys, *flag, command)
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [
+        f"ollama-generate: error: {flag[0]} does not apply to {command}: only caption, prompt, enhance, "
+        "describe and lore generate text",
+        f"ollama-generate: hint: see `ollama-generate {command} --help`"]
+
+
+def test_generation_options_before_a_generating_command_still_work(ollama, capsys):
+    ollama.reply("A fox.")
+    assert run(capsys, "--temperature", "0", "--seed", "3", "prompt", "x") == (0, "A fox.\n", "")
+    assert ollama.requests[0].body["options"]["seed"] == 3
+
+
+@pytest.mark.parametrize("argv", [["prompt", "x", "--styel", "tags"], ["caption", "x.png", "--recursve"],
+                                  ["--json", "lore", "x", "--lenght", "short"]])
+def test_a_mistyped_flag_points_at_the_commands_help(capsys, argv):
+    command = next(word for word in argv if not word.startswith("-"))
+    code, out, err = run_exit(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert err.splitlines()[1] == f"ollama-generate: hint: see `ollama-generate {command} --help`"
+
+
+def test_templates_flags_a_broken_override(capsys, tmp_path):
+    (tmp_path / "caption_tags.txt").write_text("Tags for $desc.\n")
+    (tmp_path / "lore.txt").write_text("A $words word story about $scenario.\n")
+    code, out, err = run(capsys, "templates", "--prompts-dir", tmp_path)
+    assert code == 1
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert lines["caption_tags"].endswith("  override (BROKEN)")
+    assert lines["lore"].endswith("  override")
+    assert lines["prompt_t5"].endswith("  built-in")
+    assert err.splitlines() == [
+        "ollama-generate: error: 1 template override cannot be used: template "
+        f"{tmp_path / 'caption_tags.txt'} is missing $description; uses unknown $desc",
+        "ollama-generate: hint: fix the placeholders, or remove the file to use the built-in template",
+    ]
+    code, out, err = run(capsys, "templates", "--prompts-dir", tmp_path, "--json")
+    rows = {row["name"]: row for row in json.loads(out)["templates"]}
+    assert rows["caption_tags"]["problem"].endswith("is missing $description; uses unknown $desc")
+    assert rows["lore"]["problem"] is None
