@@ -2352,7 +2352,7 @@ class Report(Record):
 
     @property
     def images_per_minute(self) -> float:
-        return self.count("written") * 60 / self.seconds if self.seconds > 0 else 0.0
+        return images_per_minute(self.count("written"), self.seconds)
 
     def as_dict(self) -> dict:
         """The report as JSON-ready data (--report)."""
@@ -2375,6 +2375,12 @@ class Report(Record):
                        "model_loads": host.client.loads_seen, "dropped": host.dropped or None}
                       for host in self.hosts],
         }
+
+
+def images_per_minute(written: int, seconds: float) -> float:
+    """A run's speed, the same on the live line and in the summary: captions written per
+    minute of wall time."""
+    return written * 60 / seconds if seconds > 0 else 0.0
 
 
 def format_duration(seconds: float) -> str:
@@ -2447,15 +2453,15 @@ class Progress:
             self._clear()
 
     def line(self) -> str:
-        """The live line: stage, done/total, skipped, failed, images per minute, ETA."""
+        """The live line: stage, done/total, skipped, failed, captions written per minute, ETA."""
         elapsed = max(time.monotonic() - self.started, 1e-9)
-        rate = self.steps_done / elapsed  # model steps per second, two per image
+        rate = self.steps_done / elapsed  # model steps per second, two per image: for the ETA
         left = self.steps_total - self.steps_done
         eta = format_duration(left / rate) if rate > 0 and self.steps_done else "?"
         return (f"{self.stage_name} {self.stage_done}/{self.stage_total} | "
                 f"{self.counts['written']} written, {self.counts['skipped']} skipped, "
                 f"{self.counts['failed']} failed of {self.total} | "
-                f"{rate * 30:.1f} img/min | ETA {eta}")
+                f"{images_per_minute(self.counts['written'], elapsed):.1f} written/min | ETA {eta}")
 
     def _draw(self, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -2697,7 +2703,7 @@ class CaptionRun:
         for job in jobs:
             if job.status == "failed" and progress.mode == "lines":
                 print(f"{job.name}: failed: {job.reason}", file=sys.stderr, flush=True)
-        started = time.monotonic()
+        started = progress.started  # the live line and the summary time the same run
         workers = self.options.jobs
         try:
             for first in range(0, len(pending), self.options.chunk):

@@ -450,6 +450,29 @@ def test_a_long_valid_line_is_read(ollama, capsys):
     assert run(capsys, "prompt", "a fox") == (0, "A fox.\n", "")
 
 
+# -- 21. one speed, live and in the summary -----------------------------------------------------
+
+
+def test_the_live_line_and_the_summary_count_speed_the_same_way(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(og.time, "monotonic", lambda: clock[0])
+    progress = og.Progress(4, mode="quiet")
+    progress.stage("vision", 4)
+    jobs = [og.Job(f"set/{n}.png", f"{n}.png", f"set/{n}.txt", status="described") for n in "abcd"]
+    for job in jobs:
+        progress.advance(job)  # four fast vision steps: nothing is finished yet
+    clock[0] = 1030.0
+    assert progress.line().endswith("| 0.0 written/min | ETA 30.0s")
+    progress.stage("text", 4)
+    for job in jobs[:3]:
+        job.status = "written"
+        progress.advance(job)
+    clock[0] = 1090.0  # three captions in a minute and a half
+    report = og.Report(folder="set", jobs=jobs, seconds=90.0)
+    shown = progress.line().split(" | ")[2]
+    assert shown == f"{report.images_per_minute:.1f} written/min" == "2.0 written/min"
+
+
 # -- 22. flags that do not belong to a command ---------------------------------------------------
 
 
