@@ -75,6 +75,24 @@ RESTART_RETRIES = 6
 LOAD_SEEN_SECONDS = 0.5
 BACKOFF_SECONDS = 1.0
 BACKOFF_CAP_SECONDS = 30.0
+# Retried: a timeout, too many requests, and server errors except those that say
+# the server never will (501 Not Implemented, 505 HTTP Version Not Supported).
+RETRIED_STATUSES = frozenset({408, 429} | set(range(500, 600)) - {501, 505})
+# A folder run leaves out a server that failed this many images in a row, each
+# after its retries; with no server left it stops (the circuit breaker).
+HOST_FAILURE_LIMIT = 5
+# Bounds on what is read from a server: one NDJSON line or one metadata answer
+# (a final /api/generate line carries the token ids of the whole context), and
+# an error body, of which a short excerpt is shown.
+LINE_LIMIT = 16 * 1024 * 1024
+ERROR_BODY_LIMIT = 64 * 1024
+EXCERPT_CHARS = 200
+# Ranges of the numeric flags (each flag's --help shows its range).
+MAX_TIMEOUT = 86400  # a day
+MAX_JOBS = 64  # requests at once per server; each is a thread here
+MAX_TEMPERATURE = 2
+MAX_SEED = 2**32 - 1  # llama.cpp keeps the seed as 32 bits
+MAX_TOKENS = 1024 * 1024  # --num-ctx and --max-tokens
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 CAPTION_EXTENSION = ".txt"
@@ -146,14 +164,49 @@ TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {
 # -- Errors -------------------------------------------------------------------
 
 
+# Secrets never shown: OllamaClient adds the API key it sends. Server text (an
+# error page can echo our request headers) reaches the user only through
+# OllamaError and warn(), and documents only through json_document(), which all
+# redact.
+SECRETS: set[str] = set()
+REDACTED = "[redacted]"
+
+
+def redact(text: str) -> str:
+    """Text with known secrets, bearer tokens, credential headers and URL passwords hidden.
+
+    >>> redact("echo: Authorization: Bearer sk-123, x-api-key: abc; https://me:pw@host/")
+    'echo: Authorization: Bearer [redacted], x-api-key: [redacted]; https://[redacted]@host/'
+    """
+    for secret in sorted(SECRETS, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    value = r"[^\s\"',;\\)\]}<>]+"
+    text = re.sub(r"(?i)\b(bearer)(\s+)(?!\[redacted\])" + value, rf"\1\2{REDACTED}", text)
+    text = re.sub(r"(?i)\b((?:proxy-)?authorization|x-api-key|api[-_]key)([\"']?\s*[:=]\s*[\"']?)"
+                  r"(?!bearer\s|\[redacted\])(?:basic\s+)?" + value, rf"\1\2{REDACTED}", text)
+    return re.sub(r"(://)[^/\s@:]+:[^/\s@]*@", rf"\1{REDACTED}@", text)
+
+
+def json_document(data: object, *, ensure_ascii: bool = False) -> str:
+    """A --json or --report document, with any known secret in it redacted."""
+    text = json.dumps(data, ensure_ascii=ensure_ascii, indent=2)
+    for secret in sorted(SECRETS, key=len, reverse=True):
+        text = text.replace(json.dumps(secret)[1:-1], REDACTED)
+    return text
+
+
 class OllamaError(Exception):
-    """A failure the user can act on; main() is the only place that prints it."""
+    """A failure the user can act on; main() is the only place that prints it.
+
+    Its message and hint are redacted when it is made, so no secret reaches a
+    summary, a --report or a --json document through it.
+    """
 
     exit_code = 1
 
     def __init__(self, message: str, *, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
+        super().__init__(redact(message))
+        self.hint = redact(hint)
 
 
 class UsageError(OllamaError):
@@ -200,9 +253,13 @@ class Terminated(KeyboardInterrupt):
     exit_code = 143
 
 
+class ServerFailing(OllamaError):
+    """Every server left answers, but with errors: the circuit breaker stopped the run."""
+
+
 def warn(message: str) -> None:
     """A problem worth telling the user that does not stop the command (stderr)."""
-    print(f"{PROG}: {paint('warning', YELLOW)}: {message}", file=sys.stderr, flush=True)
+    print(f"{PROG}: {paint('warning', YELLOW)}: {redact(message)}", file=sys.stderr, flush=True)
 
 
 RED, YELLOW, GREEN = "31", "33", "32"
@@ -256,7 +313,7 @@ def paint(text: str, colour: str, stream=None) -> str:
 
 
 # Failures that would fail every image alike: a folder run stops on them.
-FATAL_ERRORS = (ServerUnreachable, ModelUnavailable, TemplateError)
+FATAL_ERRORS = (ServerUnreachable, ModelUnavailable, TemplateError, ServerFailing)
 
 
 # -- Configuration ------------------------------------------------------------
@@ -394,6 +451,22 @@ def parse_keep_alive(value: str) -> int | float | str:
         f"expected seconds (300, -1 for forever) or a duration like 30m or 1h30m, got {value!r}")
 
 
+def api_key_from(env: Mapping[str, str]) -> str:
+    """OLLAMA_API_KEY without surrounding whitespace (a key file's line end).
+
+    A key that could not be sent as a header is refused in a message that never shows it.
+    """
+    key = env.get("OLLAMA_API_KEY", "").strip()
+    if any(not " " <= char <= "~" for char in key):
+        raise UsageError(
+            "OLLAMA_API_KEY contains control or non-ASCII characters, so it cannot be sent "
+            "(the key is not shown)",
+            hint="set it to the key alone, on one line; a key file saved with Windows line "
+                 "endings or pasted from a document often adds such characters",
+        )
+    return key
+
+
 class Config(Frozen):
     """Settings for one run, resolved once: flag, then environment, then default."""
 
@@ -433,7 +506,7 @@ class Config(Frozen):
             max_tokens=args.max_tokens,
             num_ctx=args.num_ctx or NUM_CTX,
             seed=args.seed,
-            api_key=env.get("OLLAMA_API_KEY", ""),
+            api_key=api_key_from(env),
             verbose=args.verbose,
             prompts_dir=args.prompts_dir or env.get("OLLAMA_GENERATE_PROMPTS_DIR") or None,
         )
@@ -472,6 +545,8 @@ class OllamaClient:
         self.timeout = timeout
         self.retries = retries
         self._api_key = api_key  # sent as a bearer token, never shown
+        if api_key:
+            SECRETS.add(api_key)
         self.verbose = verbose
         self.record: list[tuple[str, Answer]] | None = None  # (model, answer) of each call, if a list
         # A refused connection is retried only once the server has answered:
@@ -605,7 +680,7 @@ class OllamaClient:
                 piece = self._decode(line)
                 if "error" in piece:
                     # Ollama reports failures after the first byte in-band, with HTTP 200.
-                    raise TransientError(f"Ollama failed while answering: {piece['error']}")
+                    raise TransientError(f"Ollama failed while answering: {excerpt(str(piece['error']))}")
                 message = piece.get("message") or {}
                 text.append(piece.get("response") or message.get("content") or "")
                 if on_piece and text[-1]:
@@ -668,11 +743,11 @@ class OllamaClient:
                 yield line
 
     def _read(self, response, *, line: bool = False) -> bytes:
-        """Read a line or the whole body, turning socket trouble into TransientError."""
+        """Read a line or the whole body, at most LINE_LIMIT bytes; socket trouble is a TransientError."""
         import http.client
 
         try:
-            return response.readline() if line else response.read()
+            data = response.readline(LINE_LIMIT) if line else response.read(LINE_LIMIT + 1)
         except TimeoutError:
             raise ServerTimeout(
                 f"Ollama at {self.host} stopped answering for {self.timeout:g} s",
@@ -680,16 +755,21 @@ class OllamaClient:
             ) from None
         except (OSError, http.client.HTTPException) as exc:
             raise TransientError(f"the connection to Ollama at {self.host} dropped ({exc})") from None
+        if len(data) > LINE_LIMIT or line and len(data) == LINE_LIMIT and not data.endswith(b"\n"):
+            what = "a line" if line else "an answer"
+            raise TransientError(f"Ollama at {self.host} sent {what} longer than "
+                                 f"{LINE_LIMIT / 2 ** 20:g} MB; it was not read further")
+        return data
 
     def _decode(self, data: bytes) -> dict:
         """Parse one JSON object from Ollama."""
         try:
             value = json.loads(data)
         except ValueError:
-            sample = data[:60].decode("utf-8", "replace").strip()
+            sample = excerpt(data[:4096].decode("utf-8", "replace"), 60)
             raise TransientError(f"Ollama at {self.host} sent something that is not JSON: {sample!r}") from None
         if not isinstance(value, dict):
-            raise TransientError(f"Ollama at {self.host} sent unexpected JSON: {str(value)[:60]}")
+            raise TransientError(f"Ollama at {self.host} sent unexpected JSON: {excerpt(str(value), 60)}")
         self.answered = True
         return value
 
@@ -731,14 +811,16 @@ class OllamaClient:
             raise TransientError(f"the connection to Ollama at {self.host} dropped ({exc})") from None
 
     def _opener(self):
-        """urllib's opener; a server on this machine is never reached through a proxy."""
+        """urllib's opener: redirects only to the same origin; a server on this machine is
+        never reached through a proxy."""
         import urllib.parse
         import urllib.request
 
         host = urllib.parse.urlsplit(self.host).hostname or ""
+        handlers = [same_origin_redirects()]
         if host == "localhost" or host.startswith("127.") or host == "::1":
-            return urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        return urllib.request.build_opener()
+            handlers.append(urllib.request.ProxyHandler({}))
+        return urllib.request.build_opener(*handlers)
 
     def _timeout(self, timeout: float) -> ServerTimeout:
         return ServerTimeout(
@@ -748,16 +830,26 @@ class OllamaClient:
 
     def _http_error(self, exc, body: dict | None) -> OllamaError:
         """Turn an HTTP error status into the error the user can act on."""
-        raw = exc.read() or b""
+        import http.client
+
         try:
-            message = str(json.loads(raw)["error"])
-            from_ollama = True
-        except (ValueError, KeyError, TypeError):
-            message = raw.decode("utf-8", "replace").strip()
-            from_ollama = False
-        message = message or exc.reason or "no details"
+            raw = exc.read(ERROR_BODY_LIMIT) or b""
+        except (OSError, http.client.HTTPException):
+            raw = b""
         status = exc.code
+        if 300 <= status < 400:
+            return self._redirect_error(exc, post=body is not None)
+        content_type = (exc.headers.get("Content-Type") or "") if exc.headers else ""
+        message, kind = server_message(raw, content_type)
+        message = message or str(exc.reason or "") or "no details"
         model = (body or {}).get("model", "")
+        if kind == "html":
+            return (TransientError if status in RETRIED_STATUSES else OllamaError)(
+                f"{self.host} answered HTTP {status} with an HTML page: is this an Ollama server?",
+                hint="check OLLAMA_HOST (or --host): it should be the Ollama server's base URL, "
+                     "like http://localhost:11434",
+            )
+        from_ollama = kind == "ollama"
         if status == 404 and model and from_ollama:
             return ModelUnavailable(
                 f"model '{model}' is not installed on {self.host}",
@@ -771,9 +863,104 @@ class OllamaClient:
                 hint="check OLLAMA_HOST (or --host): it should be the server's base URL, "
                      "like http://localhost:11434",
             )
-        if status >= 500 or status == 429:
+        if status in RETRIED_STATUSES:
             return TransientError(f"Ollama at {self.host} answered HTTP {status}: {message}")
+        if status >= 500:
+            return OllamaError(f"Ollama at {self.host} answered HTTP {status}: {message}",
+                               hint="check OLLAMA_HOST (or --host): it should be an Ollama server")
         return OllamaError(f"Ollama at {self.host} refused the request (HTTP {status}): {message}")
+
+    def _redirect_error(self, exc, *, post: bool) -> OllamaError:
+        """A redirect that was not followed: to another origin, or one that would turn a POST into a GET."""
+        import urllib.parse
+
+        location = (exc.headers.get("Location") or "") if exc.headers else ""
+        sent_to = getattr(exc, "filename", None) or self.host
+        target = urllib.parse.urljoin(sent_to, location) if location else ""
+        hint = "set OLLAMA_HOST (or --host) to the address the server redirects to"
+        if not target:
+            return OllamaError(f"{self.host} answered HTTP {exc.code}, a redirect without a Location",
+                               hint="check OLLAMA_HOST (or --host): it should be an Ollama server")
+        if not same_origin(target, self.host):
+            return OllamaError(
+                f"{self.host} redirected the request to {excerpt(target)}: redirects are followed "
+                "only to the same scheme, host and port, so the API key never goes elsewhere",
+                hint=hint)
+        if post and exc.code in (301, 302, 303):
+            return OllamaError(
+                f"{self.host} redirected a POST with HTTP {exc.code} to {excerpt(target)}, which would "
+                "turn it into a GET: not followed", hint=hint)
+        return OllamaError(f"{self.host} redirected the request to {excerpt(target)} in a loop",
+                           hint="check OLLAMA_HOST (or --host) and the server's redirects")
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """Server text as one short line, redacted before it is cut (so no part of a secret shows).
+
+    >>> excerpt("a\\n  b " + "x" * 300, 10)
+    'a b xxxxxx...'
+    """
+    text = re.sub(r"\s*[\r\n\t\v\f]+\s*", " ", redact(text)).strip()
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def server_message(raw: bytes, content_type: str = "") -> tuple[str, str]:
+    """What an error body says, as (one short line, kind): kind is "ollama" for Ollama's
+    {"error": ...}, "html" for a web page (the line is then ""), else "text"."""
+    text = raw.decode("utf-8", "replace")
+    try:
+        return excerpt(str(json.loads(text)["error"])), "ollama"
+    except (ValueError, KeyError, TypeError):
+        pass
+    head = text.lstrip()[:200].lower()
+    if "html" in content_type.lower() or head.startswith(("<!doctype", "<html", "<head", "<body")):
+        return "", "html"
+    return excerpt(text), "text"
+
+
+def same_origin(url: str, other: str) -> bool:
+    """Whether two URLs have the same scheme, host and port.
+
+    >>> same_origin("http://Host/a", "http://host:80"), same_origin("https://h/a", "http://h")
+    (True, False)
+    """
+    import urllib.parse
+
+    def origin(value: str) -> tuple[str, str, int | None]:
+        split = urllib.parse.urlsplit(value)
+        try:
+            port = split.port or {"http": 80, "https": 443}.get(split.scheme.lower())
+        except ValueError:
+            port = -1
+        return split.scheme.lower(), (split.hostname or "").lower(), port
+
+    return origin(url) == origin(other)
+
+
+_REDIRECT_HANDLER: type | None = None
+
+
+def same_origin_redirects():
+    """A urllib redirect handler that follows a redirect only to the same scheme, host and port
+    (so the Authorization header never leaves), and never turns a POST into a GET."""
+    global _REDIRECT_HANDLER
+    if _REDIRECT_HANDLER is None:
+        import urllib.request
+
+        class SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, req, fp, code, msg, headers, newurl):
+                if not same_origin(newurl, req.full_url):
+                    return None  # urllib then raises HTTPError: _redirect_error says why
+                if code in (307, 308):  # method and body kept, as these codes require
+                    return urllib.request.Request(newurl, data=req.data, headers=dict(req.headers),
+                                                  method=req.get_method(), unverifiable=True,
+                                                  origin_req_host=req.origin_req_host)
+                if req.get_method() not in ("GET", "HEAD"):
+                    return None
+                return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+        _REDIRECT_HANDLER = SameOriginRedirects
+    return _REDIRECT_HANDLER()
 
 
 # -- Prompt templates ---------------------------------------------------------
@@ -3048,6 +3235,8 @@ class Host(Record):
 
     client: OllamaClient
     dropped: str = ""  # why it left the run, if it did
+    failures: int = 0  # images it failed in a row with server errors (see HOST_FAILURE_LIMIT)
+    failing: bool = False  # it left the run for those failures, not for being unreachable
 
 
 class Report(Record):
@@ -3078,7 +3267,7 @@ class Report(Record):
 
     @property
     def images_per_minute(self) -> float:
-        return self.count("written") * 60 / self.seconds if self.seconds > 0 else 0.0
+        return images_per_minute(self.count("written"), self.seconds)
 
     def as_dict(self) -> dict:
         """The report as JSON-ready data (--report)."""
@@ -3122,6 +3311,12 @@ def caption_record(job: Job) -> dict:
         record["raw"] = caption.raw
         record["spans"] = [{"rule": rule, "action": action, "text": text} for rule, action, text in caption.spans]
     return record
+
+
+def images_per_minute(written: int, seconds: float) -> float:
+    """A run's speed, the same on the live line and in the summary: captions written per
+    minute of wall time."""
+    return written * 60 / seconds if seconds > 0 else 0.0
 
 
 def format_duration(seconds: float) -> str:
@@ -3194,15 +3389,15 @@ class Progress:
             self._clear()
 
     def line(self) -> str:
-        """The live line: stage, done/total, skipped, failed, images per minute, ETA."""
+        """The live line: stage, done/total, skipped, failed, captions written per minute, ETA."""
         elapsed = max(time.monotonic() - self.started, 1e-9)
-        rate = self.steps_done / elapsed  # model steps per second, two per image
+        rate = self.steps_done / elapsed  # model steps per second, two per image: for the ETA
         left = self.steps_total - self.steps_done
         eta = format_duration(left / rate) if rate > 0 and self.steps_done else "?"
         return (f"{self.stage_name} {self.stage_done}/{self.stage_total} | "
                 f"{self.counts['written']} written, {self.counts['skipped']} skipped, "
                 f"{self.counts['failed']} failed of {self.total} | "
-                f"{rate * 30:.1f} img/min | ETA {eta}")
+                f"{images_per_minute(self.counts['written'], elapsed):.1f} written/min | ETA {eta}")
 
     def _draw(self, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -3238,8 +3433,10 @@ HOST_DOWN = (ServerUnreachable, ServerTimeout)
 def run_stage(hosts: list[Host], jobs: list[Job], step, *, workers: int, progress: Progress) -> None:
     """Run step(client, job) over jobs with `workers` threads per live host.
 
-    A host that stops answering gives its job back and leaves the run; the others
-    finish the stage. Raises ServerUnreachable when no host is left.
+    A host that stops answering gives its job back and leaves the run; so does one
+    that failed HOST_FAILURE_LIMIT images in a row with server errors. An image that
+    a host failed that way goes to another live host, and fails only once every live
+    host failed it. Raises ServerUnreachable, or ServerFailing, when no host is left.
     """
     import threading
 
@@ -3247,13 +3444,29 @@ def run_stage(hosts: list[Host], jobs: list[Job], step, *, workers: int, progres
     lock = threading.Lock()
     stop = threading.Event()
     errors: list[BaseException] = []
+    failed_on: dict[int, set[str]] = {}  # id(job) -> hosts that failed it with a server error
+    last_error: dict[int, str] = {}
+
+    def live_urls() -> set[str]:
+        return {host.client.host for host in hosts if not host.dropped}
+
+    def take(host: Host) -> Job | None:
+        for index, job in enumerate(queue):
+            if host.client.host not in failed_on.get(id(job), ()):
+                del queue[index]
+                return job
+        return None
+
+    def drop(host: Host, reason: str) -> None:
+        if len(hosts) > 1:  # with one server, the run's own error says it all
+            progress.note(f"leaving out {host.client.host} for the rest of the run: {reason}")
 
     def work(host: Host) -> None:
         while not stop.is_set():
             with lock:
-                if host.dropped or not queue:
+                job = None if host.dropped else take(host)
+                if job is None:
                     return
-                job = queue.popleft()
             try:
                 step(host.client, job)
             except HOST_DOWN as exc:
@@ -3262,25 +3475,57 @@ def run_stage(hosts: list[Host], jobs: list[Job], step, *, workers: int, progres
                     if host.dropped:
                         return
                     host.dropped = str(exc)
-                if len(hosts) > 1:  # with one server, the run's own error says it all
-                    progress.note(f"leaving out {host.client.host} for the rest of the run: {exc}")
+                drop(host, str(exc))
                 return
+            except TransientError as exc:  # a server error, after the client's retries
+                with lock:
+                    host.failures += 1
+                    failed_on.setdefault(id(job), set()).add(host.client.host)
+                    last_error[id(job)] = str(exc)
+                    if host.failures >= HOST_FAILURE_LIMIT and not host.dropped:
+                        host.dropped = f"failed {host.failures} images in a row, the last with: {exc}"
+                        host.failing = True
+                        queue.appendleft(job)
+                        reason = host.dropped
+                    elif live_urls() - failed_on[id(job)]:
+                        queue.append(job)  # another live host has not tried it
+                        continue
+                    else:
+                        job.status, job.reason, reason = "failed", str(exc), ""
+                if reason:
+                    drop(host, reason)
+                    return
             except BaseException as exc:  # noqa: BLE001 - fatal errors and Ctrl-C end the run
                 errors.append(exc)
                 stop.set()
                 return
+            else:
+                with lock:
+                    host.failures = 0
             progress.advance(job)
 
     while queue:
-        live = [host for host in hosts if not host.dropped]
+        live = live_urls()
+        for job in [job for job in queue if live and failed_on.get(id(job), set()) >= live]:
+            queue.remove(job)  # every host left has failed it
+            job.status, job.reason = "failed", last_error[id(job)]
+            progress.advance(job)
         if not live:
             reasons = "; ".join(f"{host.client.host}: {host.dropped}" for host in hosts)
+            if any(host.failing for host in hosts):
+                raise ServerFailing(
+                    f"no Ollama server is left to work on ({reasons})",
+                    hint="check the server's log (`journalctl -u ollama`, or the terminal running "
+                         "`ollama serve`), then rerun the same command: finished work is kept",
+                )
             raise ServerUnreachable(
                 f"no Ollama server is left to work on ({reasons})",
                 hint="start the servers again and rerun the same command: finished work is kept",
             )
+        if not queue:
+            break
         threads = [threading.Thread(target=work, args=(host,), daemon=True)
-                   for host in live for _ in range(workers)]
+                   for host in hosts if not host.dropped for _ in range(workers)]
         for thread in threads:
             thread.start()
         try:
@@ -3304,8 +3549,9 @@ class failing_job:  # noqa: N801 - used as a context manager, named like context
         return None
 
     def __exit__(self, kind, exc, traceback) -> bool:
-        if exc is None or isinstance(exc, (*HOST_DOWN, *FATAL_ERRORS)) or not isinstance(exc, Exception):
-            return False
+        if exc is None or isinstance(exc, (TransientError, *HOST_DOWN, *FATAL_ERRORS)) \
+                or not isinstance(exc, Exception):
+            return False  # server errors are the engine's to judge (run_stage)
         if isinstance(exc, OllamaError):
             self.job.status, self.job.reason, self.job.hint = "failed", str(exc), exc.hint
             self.job.by_model = isinstance(exc, ModelAnswerError)
@@ -3415,7 +3661,7 @@ class CaptionRun:
             if job.status in ("failed", "skipped") and job.reason != "caption exists" \
                     and progress.mode == "lines":
                 print(f"{job.name}: {job.status}: {job.reason}", file=sys.stderr, flush=True)
-        started = time.monotonic()
+        started = progress.started  # the live line and the summary time the same run
         workers = self.options.jobs
         try:
             for first in range(0, len(pending), self.options.chunk):
@@ -3445,7 +3691,7 @@ def connect_hosts(config: Config) -> list[Host]:
         host = Host(connect(config, url))
         try:
             check_models(host.client, config)
-        except (ServerUnreachable, ModelUnavailable) as exc:
+        except OllamaError as exc:  # any server that cannot be checked is left out
             problems.append(exc)
             host.dropped = str(exc)
             if len(config.hosts) > 1:
@@ -3661,7 +3907,7 @@ def finish_report(report: Report, options: BatchOptions) -> None:
     keep the other from being written."""
     if options.report:
         _write_or_warn(options.report, write_output_file, options.report,
-                       json.dumps(report.as_dict(), indent=2) + "\n")
+                       json_document(report.as_dict(), ensure_ascii=True) + "\n")
     if options.manifest:
         _write_or_warn(options.manifest, write_manifest, options.manifest, report)
 
@@ -3936,33 +4182,55 @@ def cmd_templates(config: Config, args: argparse.Namespace) -> Product:
         path = load_template(name)[0]
         source = "override" if PROMPTS_OVERRIDE and os.path.dirname(os.path.abspath(path)) == PROMPTS_OVERRIDE \
             else "built-in"
-        rows.append({"name": name, "placeholders": list(fields), "path": path, "source": source})
+        problem = None
+        if source == "override":  # checked as doctor checks it: it must render
+            try:
+                render(name, **{field: "x" for field in fields})
+            except TemplateError as exc:
+                problem = str(exc)
+        rows.append({"name": name, "placeholders": list(fields), "path": path, "source": source,
+                     "problem": problem})
     width = max(len(row["name"]) for row in rows)
     lines = [f"{row['name']:<{width}}  {' '.join('$' + f for f in row['placeholders']) or '-':<40}  {row['source']}"
-             for row in rows]
-    return Product("\n".join(lines), {"command": "templates", "templates": rows})
+             + (" (BROKEN)" if row["problem"] else "") for row in rows]
+    product = Product("\n".join(lines), {"command": "templates", "templates": rows})
+    broken = [row["problem"] for row in rows if row["problem"]]
+    if broken:
+        product.error = TemplateError(
+            f"{len(broken)} template override{'s' if len(broken) > 1 else ''} cannot be used: "
+            + "; ".join(broken),
+            hint="fix the placeholders, or remove the file to use the built-in template")
+    return product
 
 
 # -- Command-line interface ---------------------------------------------------
 
 
-def number_type(convert, expected: str, low: float, rule: str):
-    """An argparse type: convert the value, then hold it to a lower bound (rule names it)."""
+def number_type(convert, expected: str, low: float, rule: str, high: float = math.inf):
+    """An argparse type: convert the value, then hold it to its range (rule names the lower
+    bound); inf and nan are never numbers here."""
     def parse(value: str):
         try:
             number = convert(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+        if not math.isfinite(number):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
         if not (number > low if rule.startswith("more than") else number >= low):
             raise argparse.ArgumentTypeError(f"must be {rule}, got {value!r}")
+        if number > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value!r}")
         return number
 
     return parse
 
 
-positive_float = number_type(float, "a number of seconds", 0, "more than 0")
-non_negative_float = number_type(float, "a number", 0, "0 or more")
 positive_int = number_type(int, "a whole number", 1, "1 or more")
+timeout_seconds = number_type(float, "a number of seconds", 0, "more than 0", MAX_TIMEOUT)
+temperature_value = number_type(float, "a number", 0, "0 or more", MAX_TEMPERATURE)
+seed_value = number_type(int, "a whole number", 0, "0 or more", MAX_SEED)
+token_count = number_type(int, "a whole number", 1, "1 or more", MAX_TOKENS)
+jobs_count = number_type(int, "a whole number", 1, "1 or more", MAX_JOBS)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -3973,14 +4241,25 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 class _Parser(argparse.ArgumentParser):
     """argparse with our error shape: one error line and a hint, not a usage dump."""
 
+    command: str | None = None  # on the top-level parser: the command the line names
+
     def error(self, message: str) -> NoReturn:
+        # A flag argparse did not know after the command is the command's to explain.
+        prog = f"{PROG} {self.command}" if self.command and self.prog == PROG else self.prog
         print(f"{PROG}: error: {message}", file=sys.stderr)
-        print(f"{PROG}: hint: see `{self.prog} --help`", file=sys.stderr)
+        print(f"{PROG}: hint: see `{prog} --help`", file=sys.stderr)
         sys.exit(2)
 
 
-def add_server_options(parser: argparse.ArgumentParser) -> None:
-    """The flags every command takes, before or after the command name.
+# The commands that generate text, and so take the generation options.
+GENERATING = ("caption", "prompt", "enhance", "describe", "lore")
+GENERATION_OPTIONS = {"temperature": "--temperature", "seed": "--seed", "num_ctx": "--num-ctx",
+                      "max_tokens": "--max-tokens"}
+
+
+def add_server_options(parser: argparse.ArgumentParser, *, generation: bool = True) -> None:
+    """The flags every command takes, before or after the command name, and with
+    generation the options of the commands that generate text.
 
     They default to SUPPRESS so a subcommand that does not see a flag leaves the
     value given before the command name alone; main() fills in the rest.
@@ -3991,9 +4270,10 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
                              f"servers (env: OLLAMA_HOST, comma-separated; default {DEFAULT_HOST})")
     server.add_argument("-m", "--model", default=argparse.SUPPRESS, metavar="NAME",
                         help=f"text model (env: OLLAMA_MODEL; default {DEFAULT_MODEL})")
-    server.add_argument("--timeout", type=positive_float, default=argparse.SUPPRESS,
+    server.add_argument("--timeout", type=timeout_seconds, default=argparse.SUPPRESS,
                         metavar="SECONDS",
-                        help=f"seconds to wait for the server to answer (default {DEFAULT_TIMEOUT:g})")
+                        help=f"seconds to wait for the server to answer (default {DEFAULT_TIMEOUT:g}), "
+                             f"at most {MAX_TIMEOUT}")
     server.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="print each request's timings, token counts and model load time on stderr")
     server.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
@@ -4001,16 +4281,31 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--prompts-dir", metavar="DIR", default=argparse.SUPPRESS,
                         help="folder of template files that replace the built-in ones by name "
                              "(env: OLLAMA_GENERATE_PROMPTS_DIR)")
+    if not generation:
+        return
     sampling_group = parser.add_argument_group(
         "generation options", "defaults differ per action; see the table in README.md")
-    sampling_group.add_argument("--temperature", type=non_negative_float, default=argparse.SUPPRESS,
-                                metavar="T", help="sampling temperature of the writing model")
-    sampling_group.add_argument("--seed", type=int, default=argparse.SUPPRESS, metavar="N",
-                                help="random seed; with --temperature 0 the requests repeat exactly")
-    sampling_group.add_argument("--num-ctx", type=positive_int, default=argparse.SUPPRESS, metavar="N",
-                                help=f"context window of every request (default {NUM_CTX})")
-    sampling_group.add_argument("--max-tokens", type=positive_int, default=argparse.SUPPRESS,
-                                metavar="N", help="cap on the length of the written answer, in tokens")
+    sampling_group.add_argument("--temperature", type=temperature_value, default=argparse.SUPPRESS,
+                                metavar="T", help=f"sampling temperature of the writing model, "
+                                                  f"0-{MAX_TEMPERATURE}")
+    sampling_group.add_argument("--seed", type=seed_value, default=argparse.SUPPRESS, metavar="N",
+                                help=f"random seed, 0-{MAX_SEED}; with --temperature 0 the requests "
+                                     "repeat exactly")
+    sampling_group.add_argument("--num-ctx", type=token_count, default=argparse.SUPPRESS, metavar="N",
+                                help=f"context window of every request, 1-{MAX_TOKENS} (default {NUM_CTX})")
+    sampling_group.add_argument("--max-tokens", type=token_count, default=argparse.SUPPRESS,
+                                metavar="N", help="cap on the length of the written answer, in tokens, "
+                                                  f"1-{MAX_TOKENS}")
+
+
+def check_generation_options(parser: _Parser, args: argparse.Namespace) -> None:
+    """Generation options given before a command that generates nothing are a usage error."""
+    if args.command in GENERATING:
+        return
+    for name, flag in GENERATION_OPTIONS.items():
+        if hasattr(args, name):
+            parser.error(f"{flag} does not apply to {args.command}: only {', '.join(GENERATING[:-1])} "
+                         f"and {GENERATING[-1]} generate text")
 
 
 SERVER_DEFAULTS = {"host": None, "model": None, "timeout": DEFAULT_TIMEOUT, "temperature": None,
@@ -4066,6 +4361,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                + "\n\n".join(__doc__.split("\n\n")[3:5]),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.command = only
     add_server_options(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      parser_class=_Parser)
@@ -4077,7 +4373,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         sub.set_defaults(run=function)
         if only and name != only:
             return _Skipped()
-        add_server_options(sub)
+        add_server_options(sub, generation=name in GENERATING)
         return sub
 
     caption = add("caption", cmd_caption,
@@ -4117,14 +4413,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     folder.add_argument("--output-dir", metavar="DIR",
                         help="write captions into DIR, mirroring the folder tree (default: beside each image)")
     folder.add_argument("--limit", type=positive_int, metavar="N",
-                        help="caption only the first N images that need one, to try a prompt")
+                        help="caption only the first N images that need one (1 or more), to try a prompt")
     folder.add_argument("--dry-run", action="store_true",
                         help="list what would be captioned and skipped on stdout; no model calls")
-    folder.add_argument("-j", "--jobs", type=positive_int, default=1, metavar="N",
-                        help="requests sent at once to each server (default: 1)")
+    folder.add_argument("-j", "--jobs", type=jobs_count, default=1, metavar="N",
+                        help=f"requests sent at once to each server, 1-{MAX_JOBS} (default: 1)")
     folder.add_argument("--chunk", type=positive_int, default=DEFAULT_CHUNK, metavar="N",
-                        help="images per stage: the vision model describes N, then the text model "
-                             f"writes N, so each model loads once per chunk (default: {DEFAULT_CHUNK})")
+                        help="images per stage (1 or more): the vision model describes N, then the text "
+                             f"model writes N, so each model loads once per chunk (default: {DEFAULT_CHUNK})")
     folder.add_argument("--keep-alive", type=parse_keep_alive, metavar="DURATION",
                         help="how long models stay loaded after each request, e.g. 30m, 1h, or "
                              "seconds (default: the whole run, then Ollama's 5m)")
@@ -4246,7 +4542,9 @@ def handle_sigterm():
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(command_in(argv)).parse_args(argv)  # usage errors exit 2 here
+    parser = build_parser(command_in(argv))
+    args = parser.parse_args(argv)  # usage errors exit 2 here
+    check_generation_options(parser, args)
     for name, default in SERVER_DEFAULTS.items():
         if not hasattr(args, name):
             setattr(args, name, default)
@@ -4258,7 +4556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         PROMPTS_OVERRIDE = check_prompts_dir(config.prompts_dir)
         product = args.run(config, args)
         if args.json:
-            write_product(json.dumps(product.data, ensure_ascii=False, indent=2))
+            write_product(json_document(product.data))
         elif product.text is not None and not product.streamed:
             write_product(product.text)
         if product.error:
@@ -4269,9 +4567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print_error(exc)
         if args.json:
-            write_product(json.dumps({"error": str(exc), "hint": exc.hint or None,
-                                      "exit_code": exc.exit_code, "report": getattr(exc, "report", None)},
-                                     ensure_ascii=False, indent=2))
+            write_product(json_document({"error": str(exc), "hint": exc.hint or None,
+                                         "exit_code": exc.exit_code, "report": getattr(exc, "report", None)}))
         return exc.exit_code
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
         if debug:

@@ -33,6 +33,7 @@ import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -1099,6 +1100,8 @@ class FakeOllama:
             return self._models.get(model_key(name)) if name else None
 
     def _take_reply(self, key: str, endpoint: str, rec: Recorded) -> Reply:
+        if self.sticky_reply is not None:
+            return dataclasses.replace(self.sticky_reply)
         with self._lock:
             for i, r in enumerate(self.replies):
                 if r.model is not None and model_key(r.model) != key:
@@ -1204,6 +1207,8 @@ class FakeOllama:
     # -- routing --
 
     def _route(self, h: _Handler, rec: Recorded) -> None:
+        if self.intercept is not None and self.intercept(h, rec):
+            return
         allowed = _ROUTES.get(rec.path)
         if allowed is None:
             h.send_text(404, "404 page not found")
@@ -1541,6 +1546,93 @@ class FakeOllama:
             self._wait(reply.chunk_delay, abort)
         h.stream_line(final(last), last=True)
         h.end_stream()
+
+    # -- misbehaviours: answers no Ollama gives, for tests/test_security_transport.py --
+
+    # Called first for every request; True means it answered (see the helpers below).
+    intercept: Callable[[_Handler, Recorded], bool] | None = None
+    sticky_reply: Reply | None = None  # set by fail_forever(): every generation gets it
+
+    def fail_forever(self, **reply: Any) -> None:
+        """Answer every generation with Reply(**reply): status=500, mid_stream=True, fault="eof"..."""
+        self.sticky_reply = Reply(**reply)
+
+    def misbehave(self, answer: Callable[[_Handler, Recorded], bool | None],
+                  paths: Iterable[str] | None = None) -> None:
+        """Let answer(handler, rec) answer requests to paths (all when None)."""
+        wanted = None if paths is None else set(paths)
+        self.intercept = lambda h, rec: (wanted is None or rec.path in wanted) and answer(h, rec) is not False
+
+    def redirect(self, target: str, *, status: int = 302, paths: Iterable[str] | None = None,
+                 strip: str = "") -> None:
+        """Answer with a redirect to target + the request path (less the prefix strip)."""
+        def answer(h: _Handler, rec: Recorded) -> None:
+            path = rec.path[len(strip):] if strip and rec.path.startswith(strip) else rec.path
+            h.send_text(status, "", extra=[("Location", target + path)])
+
+        self.misbehave(answer, paths)
+
+    def echo_headers(self, *, status: int = 400, paths: Iterable[str] | None = None) -> None:
+        """Answer {"error": ...} that repeats every request header (credentials first), as a
+        debugging proxy might."""
+        def answer(h: _Handler, rec: Recorded) -> None:
+            headers = sorted(h.headers.items(), key=lambda kv: kv[0].lower() != "authorization")
+            echoed = "; ".join(f"{k}: {v}" for k, v in headers)
+            h.send_json(status, {"error": f"rejected request with headers {echoed}"})
+
+        self.misbehave(answer, paths)
+
+    def html_pages(self) -> None:
+        """Answer like `python -m http.server`: an HTML error page, 501 for POST and 404 for GET."""
+        def answer(h: _Handler, rec: Recorded) -> None:
+            status, text = (404, "File not found") if rec.method in ("GET", "HEAD") else (
+                501, f"Unsupported method ('{rec.method}')")
+            page = ('<!DOCTYPE HTML>\n<html lang="en">\n    <head>\n        <meta charset="utf-8">\n'
+                    f"        <title>Error response</title>\n    </head>\n    <body>\n"
+                    f"        <h1>Error response</h1>\n        <p>Error code: {status}</p>\n"
+                    f"        <p>Message: {text}.</p>\n    </body>\n</html>\n")
+            h.send_bytes(status, page.encode(), "text/html;charset=utf-8", extra=[("Connection", "close")])
+
+        self.misbehave(answer)
+
+    def fail_paths(self, paths: Iterable[str], *, status: int = 500, error: str = "",
+                   body: bytes | None = None, content_type: str = TEXT_CT) -> None:
+        """Answer every request to paths with status: {"error": error}, or the raw body."""
+        def answer(h: _Handler, rec: Recorded) -> None:
+            if body is None:
+                h.send_json(status, {"error": error or _DEFAULT_ERRORS.get(status, "error")})
+            else:
+                h.send_bytes(status, body, content_type)
+
+        self.misbehave(answer, paths)
+
+    def huge_line(self, size: int, *, paths: Iterable[str] = ("/api/chat", "/api/generate")) -> None:
+        """Answer with `size` bytes and no newline: a chunked stream for a generation, else one
+        body with its Content-Length. Sent in 64 KiB pieces until the client stops reading."""
+        piece = b"x" * 65536
+
+        def answer(h: _Handler, rec: Recorded) -> None:
+            streaming = rec.path in ("/api/chat", "/api/generate")
+            if streaming:
+                h.start_stream()
+            else:
+                h.send_response(200)
+                h.send_header("Content-Type", JSON_CT)
+                h.send_header("Content-Length", str(size))
+                h.end_headers()
+                h.headers_sent = True
+            sent = 0
+            while sent < size:
+                data = piece[: size - sent]
+                if streaming:
+                    h.stream_raw(data)
+                else:
+                    h.wfile.write(data)
+                sent += len(data)
+            if streaming:
+                h.end_stream()
+
+        self.misbehave(answer, paths)
 
 
 def b64(data: bytes) -> str:

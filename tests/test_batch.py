@@ -435,7 +435,7 @@ def test_a_terminal_gets_one_live_line(fake, capsys, tmp_path, monkeypatch):
     assert (code, out) == (0, "")
     parts = err.split("\r\x1b[K")
     assert parts[0] == ""
-    assert parts[1] == "vision 0/3 | 0 written, 0 skipped, 0 failed of 3 | 0.0 img/min | ETA ?"
+    assert parts[1] == "vision 0/3 | 0 written, 0 skipped, 0 failed of 3 | 0.0 written/min | ETA ?"
     assert any(p.startswith("text 0/3 | 0 written, 0 skipped, 0 failed of 3 | ") for p in parts)
     # The live line is cleared before the summary, and no per-image lines are printed.
     assert parts[-1].startswith("Done after ")
@@ -460,7 +460,7 @@ def test_progress_line_text(monkeypatch, capsys):
     monkeypatch.setattr(og, "time", SimpleNamespace(monotonic=lambda: clock.now))
     progress = og.Progress(4, mode="lines")
     progress.stage("vision", 4)
-    assert progress.line() == "vision 0/4 | 0 written, 0 skipped, 0 failed of 4 | 0.0 img/min | ETA ?"
+    assert progress.line() == "vision 0/4 | 0 written, 0 skipped, 0 failed of 4 | 0.0 written/min | ETA ?"
     a = og.Job("set/a.png", "a.png", "set/a.txt", status="described")
     b = og.Job("set/b.png", "b.png", "set/b.txt", status="skipped", reason="caption appeared")
     c = og.Job("set/c.png", "c.png", "set/c.txt", status="failed", reason="the file is empty")
@@ -468,19 +468,19 @@ def test_progress_line_text(monkeypatch, capsys):
     clock.now = 1060.0
     progress.advance(a)
     progress.advance(b)  # finished in the vision stage: its text step counts as done too
-    # 3 of 8 steps in a minute: 1.5 images a minute, 5 steps (100 s) to go.
-    assert progress.line() == "vision 2/4 | 0 written, 1 skipped, 0 failed of 4 | 1.5 img/min | ETA 1m 40s"
+    # 3 of 8 steps in a minute: 5 steps (100 s) to go, and nothing written yet.
+    assert progress.line() == "vision 2/4 | 0 written, 1 skipped, 0 failed of 4 | 0.0 written/min | ETA 1m 40s"
     progress.advance(c)
     progress.advance(d)
     progress.stage("text", 2)
     a.status = d.status = "written"
     clock.now = 1210.0
     progress.advance(a)
-    # 7 of 8 steps in 210 s: one image a minute, one step (30 s) to go.
-    assert progress.line() == "text 1/2 | 1 written, 1 skipped, 1 failed of 4 | 1.0 img/min | ETA 30.0s"
+    # 7 of 8 steps in 210 s: one step (30 s) to go; one caption written in 3.5 minutes.
+    assert progress.line() == "text 1/2 | 1 written, 1 skipped, 1 failed of 4 | 0.3 written/min | ETA 30.0s"
     clock.now = 1240.0
     progress.advance(d)
-    assert progress.line() == "text 2/2 | 2 written, 1 skipped, 1 failed of 4 | 1.0 img/min | ETA 0.0s"
+    assert progress.line() == "text 2/2 | 2 written, 1 skipped, 1 failed of 4 | 0.5 written/min | ETA 0.0s"
     assert capsys.readouterr().err.splitlines() == [
         "[1/4] b.png: skipped (caption appeared)",
         "[2/4] c.png: failed: the file is empty",

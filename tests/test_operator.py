@@ -447,10 +447,11 @@ def test_an_override_is_used_by_file_name_and_listed(ollama, capsys, tmp_path):
     code, out, err = run(capsys, "templates", "--json", "--prompts-dir", tmp_path)
     rows = {row["name"]: row for row in one_json(out)["templates"]}
     assert rows["prompt_t5"] == {"name": "prompt_t5", "placeholders": ["concept"],
-                                 "path": str(tmp_path / "prompt_t5.txt"), "source": "override"}
+                                 "path": str(tmp_path / "prompt_t5.txt"), "source": "override",
+                                 "problem": None}
     assert rows["prompt_clip"] == {"name": "prompt_clip", "placeholders": ["concept"],
                                    "path": os.path.join(ROOT, "prompts", "prompt_clip.txt"),
-                                   "source": "built-in"}
+                                   "source": "built-in", "problem": None}
 
 
 def test_the_prompts_dir_environment_variable_works_like_the_flag(ollama, capsys, tmp_path, monkeypatch):
