@@ -169,6 +169,7 @@ TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {
 # OllamaError and warn(), and documents only through json_document(), which all
 # redact.
 SECRETS: set[str] = set()
+SECRET_MIN_CHARS = 8  # shorter keys are still hidden after "Bearer" and in credential headers
 REDACTED = "[redacted]"
 
 
@@ -545,8 +546,8 @@ class OllamaClient:
         self.timeout = timeout
         self.retries = retries
         self._api_key = api_key  # sent as a bearer token, never shown
-        if api_key:
-            SECRETS.add(api_key)
+        if len(api_key) >= SECRET_MIN_CHARS:  # a short "key" would blank ordinary words everywhere
+            SECRETS.add(api_key)  # redacted wherever it appears (see redact(): short keys only as tokens)
         self.verbose = verbose
         self.record: list[tuple[str, Answer]] | None = None  # (model, answer) of each call, if a list
         # A refused connection is retried only once the server has answered:
@@ -1147,11 +1148,14 @@ def split_sentences(text: str) -> list[str]:
     >>> split_sentences('A card reads "Hi. Bye." on a desk. It is red.')
     ['A card reads "Hi. Bye." on a desk.', 'It is red.']
     """
-    parts, start = [], 0
+    parts, start, counted, quotes, opened = [], 0, 0, 0, 0
     for match in _SENTENCE_END.finditer(text):
-        before = text[start:match.start()]
-        if before.count('"') % 2 == 0 and before.count("\u201c") <= before.count("\u201d"):
-            parts.append(before)
+        piece = text[counted:match.start()]  # counted once: linear however many quotes stay open
+        quotes += piece.count('"')
+        opened += piece.count("\u201c") - piece.count("\u201d")
+        counted = match.start()
+        if quotes % 2 == 0 and opened <= 0:
+            parts.append(text[start:match.start()])
             start = match.end()
     parts.append(text[start:])
     return [part for part in parts if part]
@@ -1206,6 +1210,7 @@ class Rule(Frozen):
     keep: object = None  # for strip: what of the match stays (a function of the match)
     forms: tuple[str, ...] = ("prose", "tags", "text")
     capitalise: bool = False  # the text that now comes first starts with a capital
+    certain: bool = False  # a drop that is about the model wherever it stands (first-person hedges)
 
 
 _ALL = ("caption", "prompt", "card", "fiction", "vision")
@@ -1219,14 +1224,21 @@ RULES = (
     Rule("think block", "answer", "strip", lazy_pattern(r"<(think|thinking)>.*?</\1>\s*", re.S | re.I)),
     Rule("think block", "answer", "strip", lazy_pattern(r"\A.*</(?:think|thinking)>\s*", re.S | re.I)),
     Rule("think block", "answer", "strip", lazy_pattern(r"\s*<(?:think|thinking)>.*\Z", re.S | re.I)),
-    Rule("code fence", "answer", "strip", lazy_pattern(r"^[ \t]*```[\w-]*[ \t]*$", re.M)),
+    Rule("code fence", "answer", "strip", lazy_pattern(r"^[ \t]*```[\w-]*[ \t]*$", re.M),
+         families=("caption", "prompt", "fiction", "vision")),
+    Rule("code fence", "answer", "strip", lazy_pattern(r"\A\s*```[\w-]*[ \t]*\n|\n[ \t]*```\s*\Z"),
+         families=("card",)),  # a card may hold code; only a fence around the whole answer goes
+    Rule("chat token", "answer", "strip", lazy_pattern(
+        r"</s>|<\|[a-z_]{2,20}\|>|</?(?:caption|answer|output)>|\bEND OF (?:CAPTION|ANSWER|OUTPUT)\b")),
     Rule("note", "answer", "strip", lazy_pattern(
         r"[ \t]*\((?:\**note\**|word count|tag count)\s*:[^()\n]*\)|[ \t]*\(\d+ (?:words|tags)\)", re.I)),
     # The opening: lead-ins, labels and boilerplate, taken off one after another.
     Rule("lead-in", "start", "strip", lazy_pattern(
         r"\A(?:[^\x00-\x7f][^\n]{0,60}[:\uff1a][ \t]*\n|(?:claro|por supuesto|aqu\u00ed (?:tienes|est\u00e1)"
         r"|voici|bien s\u00fbr|d'accord|nat\u00fcrlich|gerne|hier ist|ecco|certo|certamente)"
-        r"[^\n:\uff1a]{0,80}[:\uff1a]\s*)", re.I)),
+        r"(?:[^\n:\uff1a]{0,80}[:\uff1a][ \t]*\n|[^\n:\uff1a]{0,60}(?:pie de foto|descripci\u00f3n|etiquetas"
+        r"|l\u00e9gende|description|beschreibung|bildunterschrift|didascalia|descrizione|tags)[^\n:\uff1a]{0,20}"
+        r"[:\uff1a]\s*))", re.I)),
     Rule("lead-in", "start", "strip", lazy_pattern(
         r"\A(?:sure|certainly|of course|absolutely|okay|ok|alright|great|got it|here you go|here it is)"
         r"(?:\s*[!.:]+(?=\s|$)|\s*,?\s*(?=(?:here|below|this is)\b))\s*", re.I)),
@@ -1234,9 +1246,18 @@ RULES = (
         r"\A(?:here(?:'s| is| are)|below is|this is)\s+(?:(?:the|your|a|an|my|some)\s+)?(?:[\w/-]+\s+){0,4}?"
         r"(?:caption|tag|description|prompt|version|rewrite|result|card|story|answer|output|profile)s?\b"
         r"[^\n:]{0,60}:\s*", re.I)),
+    # "The image description is:", but not "The text reads: OPEN" (a sign) nor "The description
+    # reads: ..." on a museum label, unless the colon ends the line.
     Rule("lead-in", "start", "strip", lazy_pattern(
-        rf"\A(?:the|this|my|your)\s+(?:(?:image|final|training|rewritten)\s+)?{_TASK}\s+"
-        r"(?:is as follows|follows|is below|reads as follows|is|reads)\s*:\s*", re.I)),
+        r"\A(?:the|this|my|your)\s+(?:(?:image|final|training|rewritten)\s+(?:caption|description|tags|tag list"
+        r"|prompt)s?\s+(?:is as follows|follows|is below|reads as follows|is|are|reads)\s*:"
+        r"|(?:caption|description|tags|tag list|output|rewrite|response)s?\s+(?:is as follows|follows|is below"
+        r"|reads as follows)\s*[:.]|(?:caption|description|tags|tag list|output|rewrite|response)s?\s+"
+        r"(?:is|are|reads)\s*:[ \t]*(?=\n))\s*", re.I)),
+    Rule("lead-in", "start", "strip", lazy_pattern(
+        r"\A(?:as requested,?|here you have (?:the|your) (?:caption|description|tags|prompt)[.:]"
+        r"|i'?d describe it (?:like this|as follows)[^:\n]{0,20}:|(?:caption|option|version|variant) \d+\s*:)\s*",
+        re.I)),
     Rule("label", "start", "strip", lazy_pattern(
         r"\A[*_#\s]*(?:(?:final|rewritten|enhanced|improved|training|booru|danbooru|flux|sdxl|image|the)\s+){0,3}"
         r"(?:caption|tags|tag list|description|prompt|answer|output|result|text|lora)"
@@ -1244,12 +1265,13 @@ RULES = (
     Rule("boilerplate opener", "start", "strip", lazy_pattern(
         rf"\A(?:(?:the|this) {_PICTURE} (?:shows|depicts|features|displays|presents|portrays|captures"
         r"|showcases|contains|is of|is an? (?:image|picture|photo) of)\b"
-        rf"|(?:in|within) (?:this|the) {_PICTURE}\b,?|this is an? (?:image|picture|photo|photograph) of\b"
+        rf"|(?:in|within) (?:this|the) {_PICTURE}(?![\w'\u2019-]),?(?=\s)|this is an? (?:image|picture|photo|photograph) of\b"
         r"|the image is (?=an? ))\s*", re.I), families=("caption", "prompt"), forms=("prose",), capitalise=True),
     # The last lines: offers and notes to the reader.
     Rule("offer", "end", "drop", lazy_pattern(
         r"\A(?:let me know\b|i hope (?:this|that|you)\b|feel free\b|would you like\b|do you want\b"
-        r"|if you(?:'d| would)? (?:like|need|want)\b|happy to help\b|hope this helps\b"
+        r"|if you(?:'d| would)? (?:like|need|want)\b|happy to help\b|hope this helps\b|hope you find\b"
+        r"|is there anything else\b|thanks? (?:you )?for the (?:task|request)\b"
         r"|i can (?:also )?(?:adjust|provide|make|modify|change)\b)", re.I),
          families=("caption", "prompt", "card", "vision")),
     # In fiction a character may say "let me know": only an offer about the text itself goes.
@@ -1259,15 +1281,17 @@ RULES = (
         r"|if you(?:'d| would)? like (?:me to|a |another|more)|happy to help\b|hope this helps\b)", re.I),
          families=("fiction",)),
     Rule("note", "end", "drop", lazy_pattern(
-        r"\A[*_]*(?:note|notes|explanation|word count|tag count|total tags|character count)[*_]*\s*:", re.I)),
+        r"\A[*_]*(?:note|notes|explanation|word count|tag count|total tags|character count)[*_]*\s*:", re.I),
+         families=("caption", "prompt", "fiction", "vision")),
     # Lines: Markdown around prose, and list items where a paragraph was asked for.
     Rule("heading", "line", "drop", lazy_pattern(r"\A\s*(?:#{1,6}\s.*|[-*_]{3,}\s*)\Z"),
          families=_WRITTEN),
     Rule("template echo", "line", "drop", lazy_pattern(
         r"\A\s*[*_]*(?:requirements|output format|output|format|rules|structure|instructions|constraints"
         r"|style|length)[*_]*\s*:", re.I), families=("caption", "prompt")),
-    Rule("label", "line", "drop", lazy_pattern(r"\A\s*[*_#]*\s*(?:title|subtitle|heading)[*_]*\s*:", re.I),
-         families=("caption", "prompt")),
+    Rule("label", "line", "drop", lazy_pattern(
+        r"\A\s*[*_#]*\s*(?:title|subtitle|heading)[*_]*\s*:|\A\s*\*\*(?:caption|tags|description|prompt)\*\*\s*\Z",
+        re.I), families=("caption", "prompt")),
     # A label inside the answer ("Rewrite:", "Image Description:") means it has more than one part.
     Rule("label", "line", "strip", lazy_pattern(
         r"\A\s*[*_#]*\s*(?:(?:image|final|training|revised|new) )?(?:description|caption|tags|prompt|rewrite"
@@ -1283,8 +1307,9 @@ RULES = (
         r"|\bflux/t5\b|\b(?:flux|sdxl|t5) loras?\b|\blora (?:dataset|training|model)\b"
         r"|\bno (?:description|caption|tags|commentary|notes?|preamble) (?:is )?(?:added|included|follows)\b"
         r"|\bthis is an? (?:[\w-]+ ){0,4}(?:description|caption)\b"
-        r"|\bimage described\b|\b(?:as an ai|as a language model"
-        r"|(?:ai|language|vision|text) model)\b"
+        r"|\bimage described\b|\b(?:as an ai|as a language model)\b"
+        r"|\A(?:i (?:did not|didn't|have not|haven't) (?:invent|add|include|use)|i stuck to\b"
+        r"|let'?s (?:break down|describe|look at|analy[sz]e)\b|the user (?:wants|asked|requested)\b)"
         r"|\A\(?\s*(?:(?:following|as per|per|according to|in line with) (?:the|your|these|all|my) "
         r"(?:rules|instructions|guidelines|requirements|request)\b"
         rf"|(?:this|the|my|above|previous|following) (?:(?:final|training|rewritten|revised|above) )?{_TASK}"
@@ -1298,7 +1323,7 @@ RULES = (
     Rule("hedge", "sentence", "drop", lazy_pattern(
         r"\A(?:i|we) (?:can't|cannot|can not|am unable to|'m unable to|am not able to|'m not able to"
         r"|do not|don't|could not|couldn't) (?:determine|identify|tell|see|know|confirm|make out|say"
-        r"|be sure|verify|read|discern)\b", re.I), families=_WRITTEN),
+        r"|be sure|verify|read|discern)\b", re.I), families=_WRITTEN, certain=True),
     # "It is impossible to tell where the sky ends" describes the picture; doubts about who or
     # what something is are the model's.
     Rule("hedge", "sentence", "flag", lazy_pattern(
@@ -1309,9 +1334,11 @@ RULES = (
          families=("caption", "prompt")),
     # "this photograph" may be a print someone holds; "this image" is the model looking at its input.
     Rule("meta talk", "sentence", "flag", lazy_pattern(
-        r"\bthis image\b|\bthe image(?:'s)? (?:shows|depicts|features|captures|conveys|evokes|appears|is|has"
+        r"\bthis image\b|\b(?:ai|language|vision|text) model\b|\bthe user\b"
+        r"|\b(?:this|my|your) (?:caption|description|prompt|task)\b|\bin summary\b"
+        r"|\b(?:tags|keywords|hashtags|alt text|style)\s*:|\bthe image(?:'s)? (?:shows|depicts|features|captures|conveys|evokes|appears|is|has"
         r"|gives|creates|presents|was|looks|contains|appeal|style|composition)\b|\bdescrib(?:e|es|ing) (?:the|this) image\b"
-        r"|\bthe use of (?:the )?words?\b|\b(?:of|in|on|across) (?:the|this) image\b|\b(?:the|this|my) (?:caption|rewrite|narrative|answer|response) itself\b"
+        r"|\bthe use of (?:the )?words?\b|\b(?:of|in|on|across) (?:the|this) image(?![\w'\u2019])|\b(?:the|this|my) (?:caption|rewrite|narrative|answer|response) itself\b"
         r"|\bthe original description\b|\bpreamble\b", re.I), families=("caption", "prompt")),
     Rule("template echo", "sentence", "flag", lazy_pattern(
         r"\b\d+ to \d+ (?:tags|words|sentences)\b|\bone single line\b|\bno trailing comma\b"
@@ -1325,7 +1352,7 @@ RULES = (
          families=_WRITTEN),
     Rule("arafed", "sentence", "strip", lazy_pattern(r"\b(an? )?(?:arafed|araffe|arafe|arafad)\b\s*", re.I),
          families=_WRITTEN, keep=lambda match: _article_for(match)),
-    Rule("aside", "sentence", "strip", lazy_pattern(r"\s*\[[^\[\]\n]{1,80}\]"), families=_WRITTEN, review=True),
+    Rule("aside", "sentence", "flag", lazy_pattern(r"\[[^\[\]\n]{1,80}\]"), families=_WRITTEN),
     Rule("invented link", "sentence", "strip", lazy_pattern(r"!\[[^\]\n]*\]\([^)\n]*\)\s*"),
          families=("card",)),
     # Tags.
@@ -1333,10 +1360,10 @@ RULES = (
         rf"\A(?:no other tags|all tags|here (?:is|are)|the {_PICTURE} (?:shows|depicts)|this {_PICTURE}"
         r"|these are|tags? (?:used|count)|total tags|i (?:have |'ve )?(?:hope|used|avoided|kept|included"
         r"|omitted|made|tried|focused|added|removed|limited|chose|followed)\b)", re.I)),
-    Rule("aside", "tag", "drop", lazy_pattern(r"\A\[[^\[\]]*\]\Z")),
+    Rule("aside", "tag", "drop", lazy_pattern(r"\A\[[^\[\]]*\]\Z"), families=("caption", "vision")),
     Rule("meta talk", "tag", "drop", lazy_pattern(r"\A(?:the|these|above|all|those) tags?\b", re.I)),
     Rule("template echo", "tag", "drop", lazy_pattern(
-        r"\A(?:and so on|etc\.?|\d+ to \d+ (?:tags|words)|no trailing comma|output format\b.*|requirements\b.*"
+        r"\A(?:and so on|and more|etc\.?|hope this helps|\d+ tags|caption|tags|output|\d+ to \d+ (?:tags|words)|no trailing comma|output format\b.*|requirements\b.*"
         r"|separated by (?:a )?commas?|all lowercase)\Z", re.I)),
     Rule("fragment", "tag", "drop", lazy_pattern(r"\A(?:([-*_#=~:,;'\"|])\1*|\.|[^\w\s]*[\[\]{}][^\w]*|.*[^\w\s]:)\Z")),
     Rule("fragment", "tag", "drop", OddQuotes()),
@@ -1358,6 +1385,10 @@ class Cleaned(Record):
             self.spans.append((rule.name, rule.action, text))
         if rule.review and rule.action != "flag" and rule.name not in self.flags:
             self.spans.append((rule.name, "flag", ""))
+
+    def flag(self, rule: Rule, text: str) -> None:
+        """Record that a rule would have removed text and flagged it instead."""
+        self.spans.append((rule.name, "flag", one_line(text)))
 
     @property
     def flags(self) -> list[str]:
@@ -1432,22 +1463,19 @@ def _strip_end(text: str, style: Style, result: Cleaned) -> str:
         if not last:
             lines.pop()
             continue
-        # One of the last few sentences of the last line opens an offer or a note: it goes, and
-        # all after it. (Only the last few: an offer ends an answer, and long lines stay linear.)
+        # The last sentences, while each is an offer or a note: "Feel free to take one, says a
+        # card" followed by more caption is content and stays.
         parts = split_sentences(last)
-        for cut in range(max(0, len(parts) - END_SENTENCES), len(parts)):
-            rule = next((rule for rule in rules if not _quoted(parts[cut]) and rule.pattern.match(parts[cut])),
-                        None)
-            if rule:
-                result.note(rule, " ".join(parts[cut:]))
-                lines[-1] = " ".join(parts[:cut])
+        while parts:
+            rule = next((rule for rule in rules if not _quoted(parts[-1]) and rule.pattern.match(parts[-1])), None)
+            if not rule:
                 break
+            result.note(rule, parts.pop())
+        if " ".join(parts) != last:
+            lines[-1] = " ".join(parts)
         else:
             break
     return strip_stray_quote(strip_wrapping_quotes("\n".join(lines).strip()))
-
-
-END_SENTENCES = 4
 
 
 def _quoted(text: str) -> bool:
@@ -1473,10 +1501,11 @@ def _clean_line(line: str, style: Style, result: Cleaned) -> str:
 
 def _clean_prose(lines: list[str], style: Style, result: Cleaned, cut_off: bool) -> None:
     """Prose: one line of sentences; emphasis marks off, loops cut at the end, sentence rules applied."""
+    lines = [_BOLD_LINE.sub(r"\1", line) for line in lines]  # a whole line in bold: **"A caption."**
     text = one_line(" ".join(_EMPHASIS.sub(r"\2", line).replace("`", "") for line in lines))
     if cut_off:
         text = _drop_unfinished_sentence(text, result)
-    text = cut_loop(text, result)
+    text = cut_loop(text, result, cut_off=cut_off)
     result.text = strip_wrapping_quotes(_clean_sentences(text, style, result))
 
 
@@ -1495,13 +1524,18 @@ def _clean_sentences(text: str, style: Style, result: Cleaned) -> str:
     """Apply the sentence rules: strip spans, drop task talk, flag the doubtful."""
     rules = rules_for(style, "sentence")
     kept = []
-    for sentence in split_sentences(text):
+    sentences = split_sentences(text)
+    for index, sentence in enumerate(sentences):
+        # Inside a caption only a sentence with nothing concrete in it is deleted; at its start
+        # or end a short aside about the task goes too. Otherwise the rule flags it, and it stays.
+        middle = 0 < index < len(sentences) - 1
         for rule in rules:
+            allowed = 1 if middle and not rule.certain else CONTENT_WORDS_KEPT
             if rule.action == "strip":
                 sentence = _apply(rule, sentence, result)
             elif rule.action == "drop" and not _quoted(sentence) and _unquoted_match(rule, sentence):
-                if _describes_something(rule, sentence):  # task talk wrapped around content: keep it
-                    result.spans.append((rule.name, "flag", one_line(sentence)))
+                if _describes_something(rule, sentence, allowed):  # task talk around content: keep it
+                    result.flag(rule, sentence)
                     continue
                 result.note(rule, sentence)
                 sentence = ""
@@ -1514,15 +1548,27 @@ def _clean_sentences(text: str, style: Style, result: Cleaned) -> str:
     return " ".join(kept)
 
 
-CONTENT_WORDS_KEPT = 4  # a sentence with this many concrete words besides a rule's match says something
+CONTENT_WORDS_KEPT = 3  # a sentence with this many concrete words besides a rule's match says something
 
 
-def _describes_something(rule: Rule, sentence: str) -> bool:
+def _describes_something(rule: Rule, sentence: str, allowed: int = CONTENT_WORDS_KEPT) -> bool:
     """Whether a sentence a drop rule matched also describes the picture ("The image description
     is a classic example of a LoRA, with a girl in a red coat and boots"): then it is flagged, not
     deleted."""
     rest = rule.pattern.sub(" ", sentence)
-    return len(content_words(rest)) >= CONTENT_WORDS_KEPT
+    return len([word for word in content_words(rest)
+                if word not in _TASK_WORDS and word_stem(word) not in _TASK_WORDS]) >= allowed
+
+
+# Words of talk about the task, which say nothing about the picture.
+_TASK_WORDS = frozenset("""
+rule rules instruction instructions guideline guidelines requirement requirements caption captions
+description descriptions prompt prompts tag tags word words detail details fact facts term terms
+subjective objective avoid avoided focus focused include included omit omitted mention mentions
+praise judgement judgment concise paragraph sentence sentences single trigger quality output format
+request requested user task answer response example follow followed stick stuck accurate accurately
+avoid focus includ omitt mention describ visible
+""".split())
 
 
 def _unquoted_match(rule: Rule, sentence: str) -> bool:
@@ -1531,7 +1577,8 @@ def _unquoted_match(rule: Rule, sentence: str) -> bool:
 
 
 _QUOTED = lazy_pattern(r"\"[^\"]*\"|\u201c[^\u201d]*\u201d|\u00ab[^\u00bb]*\u00bb|(?<!\w)'[^']*'(?!\w)")
-_EMPHASIS = lazy_pattern(r"(?<![\w*])(\*\*|__|\*|_)(?=\S)(.+?)(?<=\S)\1(?![\w*])")
+_BOLD_LINE = lazy_pattern(r"\A\s*(?:\*\*|__)(.+)(?:\*\*|__)\s*\Z")
+_EMPHASIS = lazy_pattern(r"(?<![\w*])(\*\*|__|\*|_)(?=\S)([^*_\n]{1,200}?)(?<=\S)\1(?![\w*])")
 
 
 def _article_for(match: re.Match) -> str:
@@ -1549,6 +1596,8 @@ def _drop_unfinished_sentence(text: str, result: Cleaned) -> str:
     if 0 < end < len(text) - 1:
         result.spans.append(("cut off", "strip", text[end + 1:].strip()))
         return text[:end + 1]
+    if end < 0:  # not one finished sentence: kept, but a person should look
+        result.spans.append(("cut off", "flag", " ".join(text.split()[-6:])))
     return text
 
 
@@ -1591,11 +1640,13 @@ def _json_tags(text: str) -> list[str] | None:
         value = json.loads(text)
     except ValueError:
         return None
-    if isinstance(value, dict):
-        value = next((item for item in value.values() if isinstance(item, list)), None)
+    if isinstance(value, dict):  # {"tags": [...]} or {"tags": "a, b, c"}
+        value = next((item for item in value.values() if isinstance(item, list)),
+                     next((item.split(",") for item in value.values() if isinstance(item, str) and "," in item),
+                          []))
     if isinstance(value, list):
         return [item for item in value if isinstance(item, str)]
-    return None
+    return []  # JSON, but no tags in it: nothing usable
 
 
 FORMS = {"prose": _clean_prose, "tags": _clean_tags, "text": _clean_text}
@@ -1662,8 +1713,9 @@ def strip_think(text: str) -> str:
     >>> strip_think("A bird. <think>ran out of tokens")
     'A bird.'
     """
-    for rule in RULES[:3]:
-        text = rule.pattern.sub("", text)
+    for rule in RULES:
+        if rule.name == "think block":
+            text = rule.pattern.sub("", text)
     return text.strip()
 
 
@@ -1677,8 +1729,9 @@ _REFUSAL_REASON = lazy_pattern(
     r"|tag|process|comply|fulfil+|create|generate|write|identify|view|see|analy[sz]e|do that|continue"
     r"|produce|make|access|open)\b|\bas an ai\b|\bas a language model\b|\bcontent polic", re.I)
 _FICTION_REFUSAL = lazy_pattern(
-    r"\bas an ai\b|\blanguage model\b|\bcontent polic|\bguidelines\b|\b(?:this|that|your) request\b"
-    r"|\binappropriate\b|\bexplicit content\b", re.I)
+    r"\blanguage model\b|\bcontent polic|\bguidelines\b|\b(?:this|that|your) request\b|\bmust decline\b"
+    r"|\binappropriate\b|\bexplicit content\b|\bcan(?:no|')t (?:continue|write|help with|create) (?:this|that"
+    r"|the|your)\b", re.I)
 # A short answer that only says the picture cannot be made out.
 _CANNOT_SEE = lazy_pattern(
     r"\Ait(?:'s| is) (?:not possible|impossible|difficult|hard) to (?:determine|tell|see|say|make out) what"
@@ -1710,18 +1763,22 @@ def is_refusal(text: str, style: Style | None = None) -> bool:
 
 
 LOOP_SCAN = 40  # the longest repeated phrase looked for, in words
+# Repeats that make a loop: {cut off at the token limit: (a phrase of 8 letters or more, shorter)}.
+LOOP_REPEATS = {True: (3, 6), False: (4, 12)}
 _PUNCTUATION = ".,;:!?\"'()[]{}*_\u201c\u201d\u2018\u2019"
 
 
-def cut_loop(text: str, result: Cleaned | None = None) -> str:
+def cut_loop(text: str, result: Cleaned | None = None, *, cut_off: bool = False) -> str:
     """Cut a loop: a phrase repeated on to the end of the answer.
 
     A phrase of 8 letters or more must come 3 times in a row, a shorter one 6 times; a
     repetition inside the text (a pattern, the words on a sign) is content and stays.
-    The last repetition may be unfinished (the answer hit the token limit). Linear in the
-    length of the text.
+    An answer that hit the token limit (cut_off) loops with 3 repeats (6 for a short phrase),
+    and its last repetition may be unfinished; one that ended by itself needs 4 (12): a sign
+    reading "SALE SALE SALE" at the end of a caption is content. Never inside open quotes.
+    Linear in the length of the text.
 
-    >>> cut_loop("A cat sits on a mat. A cat sits on a mat. A cat sits on a mat. A cat sits")
+    >>> cut_loop("A cat sits on a mat. A cat sits on a mat. A cat sits on a mat. A cat sits", cut_off=True)
     'A cat sits on a mat.'
     >>> cut_loop("black and white, black and white, black and white tiles in a hallway.")
     'black and white, black and white, black and white tiles in a hallway.'
@@ -1738,18 +1795,21 @@ def cut_loop(text: str, result: Cleaned | None = None) -> str:
         unit = keys[start:start + size]
         if not all(unit):
             continue
-        times = 3 if sum(map(len, unit)) >= 8 else 6
-        if count - start >= times * size:
-            kept = " ".join(words[:start + size]).rstrip(",;: ")
+        times = LOOP_REPEATS[cut_off][sum(map(len, unit)) < 8]
+        if count - start >= times * size and " ".join(words[:start + size]).count('"') % 2 == 0:
+            end = start + size
+            if words[end - 1][-1:] not in ".!?":  # end the kept copy where its sentence ends
+                end = next((at + 1 for at in range(end, min(end + size, count)) if words[at][-1:] in ".!?"), end)
+            kept = " ".join(words[:end]).rstrip(",;: ")
             if result is not None:
-                result.spans.append(("loop", "strip", " ".join(words[start + size:])))
+                result.spans.append(("loop", "strip", " ".join(words[end:])))
             return kept
     return text
 
 
-def has_loop(text: str) -> bool:
+def has_loop(text: str, *, cut_off: bool = False) -> bool:
     """Whether the answer ends in a loop."""
-    return cut_loop(text) != text
+    return cut_loop(text, cut_off=cut_off) != text
 
 
 def is_kaomoji(tag: str) -> bool:
@@ -1778,11 +1838,13 @@ def normalize_tag(raw: str, *, underscores: bool = False, keep_weights: bool = F
     tag = _LIST_MARK.sub("", raw.strip())
     tag = re.sub(r"^(\*\*|`)(.*\w.*)\1$", r"\2", tag)  # a whole tag in bold or code marks
     tag = strip_wrapping_quotes(tag)
+    if is_kaomoji(tag) or re.fullmatch(r"\(\S{2,12}\)", tag) and not re.search(r"[a-z]{3}", tag.lower()):
+        return tag.lower()  # ^_^, ._., (^_^), (=^･ω･^=): every character is the face
     weighted = _WEIGHT.match(tag)
     if weighted and not keep_weights:
         tag = weighted.group(1)
     tag = one_line(tag.lower())
-    if re.search(r"\w", tag):
+    if re.search(r"[^\W_]", tag):
         tag = tag.rstrip(".").strip()
     if not (underscores or is_kaomoji(tag) or _UNDERSCORED.match(tag)):
         tag = one_line(tag.replace("_", " "))
@@ -2340,11 +2402,12 @@ def describe_image(client: OllamaClient, config: Config, image_base64: str, *, h
         if problem:
             raise ModelAnswerError(f"the vision model {config.vision_model} {problem}, twice",
                                    hint="try another vision model with --vision-model")
-    if has_loop(description):
+    cut_off = answer.done_reason == "length"
+    if has_loop(description, cut_off=cut_off):
         _, retried, problem = ask(messages, {**options, "repeat_penalty": LOOP_REPEAT_PENALTY})
         if not problem and not has_loop(retried):
             return retried
-        description = cut_loop(description)
+        description = cut_loop(description, cut_off=cut_off)
     return description
 
 
@@ -2362,8 +2425,8 @@ class Draft(Record):
 def judge_caption(answer: Answer, spec: CaptionSpec, *, structured: bool = False) -> Draft:
     """Clean an answer for the spec's style and say what is wrong with it."""
     style = spec.row
-    if style.far_too_long(answer.text):  # a runaway is judged before any cleaning, and never written
-        words = len(answer.text.split())
+    if style.far_too_long(strip_think(answer.text)):  # a runaway is judged before cleaning, never written
+        words = len(strip_think(answer.text).split())
         return Draft(answer, Cleaned(), problem=f"wrote {plural(words, 'word')}, far beyond a "
                                                 f"{style.name.split('-')[0]} caption's {style.high} {style.unit}")
     cleaned = clean(answer.text, style, cut_off=answer.done_reason == "length")
@@ -2379,10 +2442,17 @@ def judge_caption(answer: Answer, spec: CaptionSpec, *, structured: bool = False
 def _prose_body(text: str, spec: CaptionSpec, style: Style) -> tuple[str, str]:
     """A prose caption's body: without the trigger, continuing after the trigger or prefix."""
     body = without_trigger(text, spec.trigger) if spec.trigger else text
-    if not body.strip(" ,.;:!?"):
+    own = body
+    for chunk in (chunk.strip() for chunk in spec.prefix.split(",")):  # the prefix again is not content
+        if chunk and own.lower().startswith(chunk.lower()):
+            own = own[len(chunk):].lstrip(" ,;:")
+    if not re.search(r"[^\W\d_]{2}", own) or own.strip(" .").lower() in _NO_CONTENT:
         return "", ""
     body = continue_after_chunk(body) if spec.prefix or spec.trigger else body[:1].upper() + body[1:]
     return body, body
+
+
+_NO_CONTENT = {"none", "null", "n/a", "na", "nothing", "empty", "caption", "tags", "description", "undefined"}
 
 
 def _tag_body(text: str, spec: CaptionSpec, style: Style) -> tuple[str, str]:

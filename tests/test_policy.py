@@ -303,3 +303,89 @@ def test_the_report_names_the_rules_and_keeps_the_raw_answer(ollama, capsys, tmp
     assert {"rule": "lead-in", "action": "strip", "text": "Sure!"} in entry["spans"]
     assert entry["unsupported_share"] == 0.0
     assert "Cleaning touched: lead-in (1), meta talk (1)" in err
+
+
+# -- What a second reader found ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sentence", [
+    "In the image's foreground, a fox sits in snow.",
+    "The text reads: OPEN 24 HOURS, in red neon above a diner door.",
+    "Claro de luna is painted in blue letters above the door.",
+    "A glass jar of cookies stands beside a card that says Feel free to take one.",
+])
+def test_more_legitimate_openings_stay_whole(sentence):
+    caption = written(sentence + PAD, description=sentence + PAD)
+    assert caption.text == sentence + PAD and caption.review == []
+
+
+@pytest.mark.parametrize("middle", [
+    "Feel free to take one, says a card by the apples.",
+    "I cannot tell a lie, says the banner above the stage.",
+    "A tablet on the counter shows an AI model diagram.",
+    "Lorem ipsum dolor sit amet is printed on a placeholder poster.",
+])
+def test_content_sentences_inside_a_caption_are_never_deleted(middle):
+    answer = "A bakery counter stands in a small shop. " + middle + PAD
+    caption = written(answer, description=answer)
+    assert caption.text == answer  # every word kept; a doubtful one is at most flagged
+
+
+def test_repeated_words_at_the_end_are_content_unless_the_answer_ran_away():
+    answer = "A shop window with red letters." + PAD + ' A sign reads "no no no no no no" SALE SALE SALE SALE SALE SALE'
+    assert written(answer, description=answer).text == answer
+    assert og.cut_loop("A cat naps. " + "The cat naps. " * 5, cut_off=False) == "A cat naps. The cat naps."
+    assert og.cut_loop("Tiles: red, white, red, white, red, white", cut_off=True) == "Tiles: red, white"
+
+
+@pytest.mark.parametrize("tag", ["._.", "(^_^)", "^_^", ";)", ":d"])
+def test_kaomoji_with_dots_and_brackets_keep_every_character(tag):
+    assert og.normalize_tag(tag) == tag
+
+
+@pytest.mark.parametrize(("answer", "rule"), [
+    ("As requested, A girl stands in snow.", "lead-in"),
+    ("A girl stands in snow.</s>", "chat token"),
+    ("A girl stands in snow.<|im_end|>", "chat token"),
+])
+def test_more_task_talk_is_removed(answer, rule):
+    caption = written(answer + PAD, description="A girl stands in snow." + PAD)
+    assert caption.text.startswith("A girl stands in snow.") and rule in caption.fired
+
+
+@pytest.mark.parametrize("tail", [" This caption is optimized for training.", " The user wants a caption.",
+                                  " Tags: woman, meadow, dress."])
+def test_meta_talk_is_removed_or_flagged_never_written_silently(tail):
+    caption = written(TRAINING + tail, description=DESCRIPTION)
+    assert "meta talk" in caption.fired
+    assert caption.text == TRAINING or caption.review
+
+
+@pytest.mark.parametrize("answer", ["-", "None", "Photo, ohwx", "photo."])
+def test_the_prefix_trigger_or_a_placeholder_alone_is_no_caption(answer):
+    spec = og.CaptionSpec(trigger="ohwx", prefix="photo")
+    assert og.judge_caption(og.Answer(text=answer), spec).body == ""
+
+
+def test_a_long_think_block_does_not_make_a_good_answer_a_runaway():
+    draft = og.judge_caption(og.Answer(text="<think>" + "hmm " * 800 + "</think>\n" + TRAINING), og.CaptionSpec())
+    assert draft.body == TRAINING and draft.problem == ""
+
+
+def test_an_answer_cut_off_before_any_sentence_ended_is_flagged():
+    caption = written("A woman walks " * 30 + "along the path toward a", cut_off=True, description=DESCRIPTION)
+    assert "cut off" in caption.review
+
+
+def test_many_unclosed_marks_and_quotes_stay_fast():
+    for text in ("*a " * 20_000, 'He said "' + "It rains. " * 20_000):
+        started = time.perf_counter()
+        og.clean(text, og.STYLES["enhance"])
+        assert time.perf_counter() - started < 3
+
+
+def test_a_short_api_key_does_not_blank_ordinary_words(ollama, capsys, monkeypatch, photo):
+    monkeypatch.setenv("OLLAMA_API_KEY", "red")
+    code, out, err = run(capsys, "caption", photo, "--json")
+    assert code == 0 and "long red wool coat" in json.loads(out)["text"]
+    assert ollama.requests_to("/api/chat")[0].headers["authorization"] == "Bearer red"
