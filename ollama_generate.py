@@ -1192,6 +1192,9 @@ STYLES = {row.name: row for row in (
 CAPTION_STYLES = ("training", "tags", "detailed")
 
 
+_ALL = ("caption", "prompt", "card", "fiction", "vision")
+
+
 class Rule(Frozen):
     """One cleaning rule: where it looks, what it does, to which families of styles.
 
@@ -1205,7 +1208,7 @@ class Rule(Frozen):
     scope: str
     action: str
     pattern: object  # a lazy_pattern
-    families: tuple[str, ...] = ("caption", "prompt", "card", "fiction", "vision")
+    families: tuple[str, ...] = _ALL
     review: bool = False
     keep: object = None  # for strip: what of the match stays (a function of the match)
     forms: tuple[str, ...] = ("prose", "tags", "text")
@@ -1213,7 +1216,6 @@ class Rule(Frozen):
     certain: bool = False  # a drop that is about the model wherever it stands (first-person hedges)
 
 
-_ALL = ("caption", "prompt", "card", "fiction", "vision")
 _WRITTEN = ("caption", "prompt", "vision")  # answers about a picture, not fiction or a card
 _TASK = (r"(?:caption|captions|description|descriptions|prompt|prompts|tag list|tags|answer|response"
          r"|output|rewrite|text)")
@@ -1401,6 +1403,9 @@ class Cleaned(Record):
         return list(dict.fromkeys(name for name, _, _ in self.spans))
 
 
+ANSWER_LIMIT = 1_000_000  # characters of one answer that are cleaned; no real answer comes near it
+
+
 def rules_for(style: Style, scope: str) -> list[Rule]:
     """The rules of one scope that apply to a style, in table order."""
     return [rule for rule in RULES if rule.scope == scope and style.family in rule.families
@@ -1416,6 +1421,9 @@ def clean(answer: str, style: Style, *, cut_off: bool = False) -> Cleaned:
     'A red fox in snow.'
     """
     result = Cleaned()
+    if len(answer) > ANSWER_LIMIT:  # a runaway from a server that ignores num_predict
+        result.spans.append(("too long", "flag", f"{len(answer)} characters, cut to {ANSWER_LIMIT}"))
+        answer = answer[:ANSWER_LIMIT]
     text = answer.replace("\r\n", "\n")
     for rule in rules_for(style, "answer"):
         text = _apply(rule, text, result)
@@ -1482,7 +1490,7 @@ def _quoted(text: str) -> bool:
     """Whether a sentence opens with a quotation that closes inside it ('"Sorry, we're closed"
     reads the sign'): someone's words, not the model's. A quote that runs to the end is the
     model's own answer in quote marks."""
-    close = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "\u00ab": "\u00bb"}.get(text[:1])
+    close = _QUOTES.get(text[:1]) if text[:1] != "`" else None
     end = text.find(close, 1) if close else -1
     return 0 < end < len(text.rstrip(" .!?")) - 1
 
@@ -1605,7 +1613,7 @@ def _clean_tags(lines: list[str], style: Style, result: Cleaned, cut_off: bool) 
     """Tags: a JSON list, or split on commas and new lines only; every kaomoji character kept."""
     raws = _json_tags("\n".join(lines))
     if raws is None:  # commas and new lines only: ;) and :d are tags, not separators
-        raws = [part for line in lines for part in _TAG_SEPARATOR(line).split(line)]
+        raws = [part for line in lines for part in _tag_separator(line).split(line)]
     raws = [raw.strip() for raw in raws if raw.strip()]
     if cut_off and len(raws) > 1:
         result.spans.append(("cut off", "strip", raws.pop()))
@@ -1625,7 +1633,7 @@ def _clean_tags(lines: list[str], style: Style, result: Cleaned, cut_off: bool) 
     result.text = ", ".join(tags)
 
 
-def _TAG_SEPARATOR(line: str):  # noqa: N802 - picks the separator pattern of a line
+def _tag_separator(line: str):
     """Commas; a line with no comma but several "; " is a list separated by semicolons."""
     return _SEMICOLONS if "," not in line and line.count("; ") >= 2 else _COMMAS
 
@@ -2012,11 +2020,13 @@ text english theme themed clothes clothing animal animals scenery blurry monochr
 expressionless blush sweatdrop male female score source rating headwear eyewear focus happy playful
 """.split())
 _SYNONYMS = (
-    "woman lady female women ladies girl girls", "man male guy gentleman men boy boys",
+    "woman lady female women ladies girl girls", "man male guy gentleman men boy boys businessman",
     "child children kid kids", "sofa couch settee", "colour color", "red crimson scarlet",
     "blue navy azure cobalt", "grey gray silver silvery", "transparent clear see-through",
     "mature older elderly middle-aged fifties sixties", "toy figurine figure", "road path lane track",
-    "spike spiky spikes", "small little tiny miniature", "shirt top blouse tee t-shirt", "trousers pants slacks", "jumper sweater pullover",
+    "spike spiky spikes", "small little tiny miniature", "fridge refrigerator", "cupboard cabinet",
+    "metal metallic steel stainless", "old elderly aged older", "beanie cap hat", "shore beach coast seaside",
+    "surf wave waves", "avenue street road boulevard", "attire clothing outfit clothes", "shirt top blouse tee t-shirt", "trousers pants slacks", "jumper sweater pullover",
     "cap hat", "cat kitten feline", "dog puppy canine hound", "car vehicle automobile", "road street",
     "sea ocean", "forest woods woodland", "smile smiling grin grinning", "glasses spectacles eyeglasses",
     "jacket coat blazer", "rock stone boulder", "big large huge", "bright brightly",
@@ -2035,6 +2045,8 @@ def word_stem(word: str) -> str:
     ['umbrella', 'sit', 'dress', 'build', 'woman', 'berry']
     """
     word = re.sub(r"'s?$", "", word.lower().replace("\u2019", "'"))
+    if len(word) > 4 and word.endswith("e") and not word.endswith(("ee", "ie", "ye")):
+        word = word[:-1]  # "wave" and "waving", "ride" and "riding" meet at "wav", "rid"
     for _ in range(2):  # a plural of an inflected form ("buildings") takes two steps
         for suffix, replacement in _SUFFIXES:
             if word.endswith(suffix) and len(word) - len(suffix) >= 3:
@@ -2093,21 +2105,21 @@ def unsupported_words(caption: str, description: str) -> tuple[list[str], float]
         known |= _concepts(word)
         stem = word_stem(word)
         beginnings.update(stem[:size] for size in range(4, len(stem) + 1))
-    words = list(dict.fromkeys(word_stem(word) for word in content_words(caption)))
+    words = list({word_stem(word): word for word in reversed(content_words(caption))}.items())[::-1]
 
     def supported(word: str) -> bool:
         return bool(_concepts(word) & known) or len(word) >= 4 and word in beginnings \
             or len(word) >= 5 and word[:5] in beginnings \
             or any(word[:size] in known for size in range(4, len(word)))
 
-    missing = [word for word in words if not supported(word)]
+    missing = [word for stem, word in words if not supported(stem)]  # shown as the caption wrote them
     return missing, round(len(missing) / len(words), 3) if words else 0.0
 
 
 # Flag a caption with at least this many unsupported words making up at least this share of its
 # concrete words. Tags are held to less: Danbooru's own vocabulary (mature female, cityscape,
 # miniature) names what a description says in other words. Measured by bench/policy.py.
-INVENTED_FLAG = {"prose": (2, 0.0), "tags": (3, 0.15)}
+INVENTED_FLAG = {"prose": (2, 0.05), "tags": (3, 0.15)}
 
 
 # -- Images -------------------------------------------------------------------
@@ -4123,7 +4135,8 @@ def doctor_checks(config: Config) -> list[Check]:
 def structured_output_check(client: OllamaClient, version: str) -> Check:
     """Whether tag captions are asked for as a JSON array, and how to turn that off."""
     if client.supports_structured_output():
-        return Check("structured outputs", "note", f"tags are asked for as a JSON array of 20 to 40 (Ollama "
+        tags = STYLES["tags"]
+        return Check("structured outputs", "note", f"tags are asked for as a JSON array of {tags.low} to {tags.high} (Ollama "
                      f"{version}); `caption --no-structured` asks for plain text instead")
     return Check("structured outputs", "note", f"not available on Ollama {version} (needs 0.5 or later): "
                  "tags are asked for as plain text")
