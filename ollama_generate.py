@@ -21,6 +21,7 @@ Environment:
   OLLAMA_API_KEY       bearer token for a remote server (default unset)
   OLLAMA_GENERATE_PROMPTS_DIR  folder of template overrides (default unset)
   OLLAMA_GENERATE_DEBUG  set to 1 to show Python tracebacks (default unset)
+  OLLAMA_GENERATE_CLIP_VOCAB  CLIP BPE vocabulary for exact token counts, or none (default found)
 
 Exit status:
   0    success

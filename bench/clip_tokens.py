@@ -1,20 +1,18 @@
 #!/usr/bin/env python3
-"""How close ollama_generate.estimate_clip_tokens() comes to the real CLIP tokenizer.
+"""How close ollama_generate's CLIP counts come to the real CLIP tokenizer.
 
-    python3 bench/clip_tokens.py [TOKENIZER_DIR] [--split test|train|all] [--seed 7] [--worst 10]
+    python3 bench/clip_tokens.py [VOCAB] [--set heldout|tuning] [--exact] [--worst 10]
 
-Builds a seeded sample of realistic captions and prompts (booru tag lists, Flux-style prose
-captions, SDXL prompts with weights), each split into a training half and a test half that draw
-their content words from disjoint halves of every vocabulary, so the test words are ones the
-estimator was not tuned on. Then compares estimate_clip_tokens() with the real count of CLIP BPE
-tokens (without BOS/EOS): mean absolute and signed error, the share within +-5 % and +-10 %, the
-worst cases, and the 75-token budget calls the estimate gets wrong.
+Reads bench/clip_heldout.jsonl (default; never tuned on) or bench/clip_tuning.jsonl (written by
+bench/clip_sets.py) and compares estimate_clip_tokens() (or, with --exact, ClipTokenizer) with
+OpenAI's CLIP tokenizer (without BOS/EOS): mean absolute and signed error, the share within +-5 %
+and +-10 %, the 75-token budget calls it gets wrong, with a safety band, and the worst cases.
 
-TOKENIZER_DIR (or $CLIP_TOKENIZER_DIR) is the `clip/` folder of an unpacked openai-clip (or
-clip-anytorch) package, holding simple_tokenizer.py and bpe_simple_vocab_16e6.txt.gz; the
-interpreter running this script then needs ftfy and regex (see bench/CLIP.md). Without them it
-still prints the sample's estimates, and says why it skipped the comparison. Only this measuring
-script ever uses the real tokenizer; estimate_clip_tokens() is standard library only.
+VOCAB is bpe_simple_vocab_16e6.txt.gz or a folder holding it (default: $CLIP_TOKENIZER_DIR, then
+the one an installed open_clip ships). The reference is OpenAI's SimpleTokenizer written out here
+with ftfy and regex, which the interpreter running this script needs (see bench/CLIP.md). Without
+them it prints the estimates and says why it skipped the comparison. build_sample() makes the 720
+seeded captions that bench/clip_sets.py puts in the tuning set.
 """
 
 from __future__ import annotations

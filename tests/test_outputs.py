@@ -176,3 +176,89 @@ def test_license_name_or_link_without_license_other_is_refused(ollama, capsys, f
         f"ollama-generate: error: {flag} goes with --license other\n"
         f"ollama-generate: hint: add --license other, or leave {flag} off for a license on the Hub's list\n"))
     assert ollama.requests == []
+
+
+# -- CLIP token counts --------------------------------------------------------------------------------
+
+# Real counts from OpenAI's CLIP tokenizer (bench/clip_tokens.py); before the estimate priced these
+# classes it said 4, 4, 4, 6 and 5 for the first five.
+@pytest.mark.parametrize(("text", "real", "low", "high"), [
+    ("crème brûlée", 8, 6, 9),
+    ("Αθήνα", 10, 9, 11),
+    ("❤️", 1, 1, 1),
+    ("שלום ירושלים", 22, 20, 24),
+    ("Москва, привет", 14, 12, 16),
+    ("東京, 桜", 6, 5, 8),
+    ("🌸 sakura, 🔥🔥", 6, 5, 7),
+    ("1girl, long_hair, looking at viewer, (masterpiece:1.2)", 18, 17, 20),
+    ("A cat on a velvet sofa.", 7, 7, 7),
+])
+def test_the_estimate_prices_accents_scripts_and_emoji(text, real, low, high):
+    assert low <= og.estimate_clip_tokens(text) <= high
+
+
+def write_vocabulary(path, merges, *, gzip_it=False):
+    """A CLIP-shaped vocabulary: the header, the merges given, then filler up to CLIP's count."""
+    import gzip
+
+    lines = ["#version: 0.2", *merges] + ["\u0101 \u0101"] * (og.CLIP_MERGES - len(merges))
+    data = "\n".join(lines).encode("utf-8")
+    path.write_bytes(gzip.compress(data) if gzip_it else data)
+    return path
+
+
+MERGES = ["i n", "t h", "th in</w>", "i n</w>", "th in", "c a", "ca t</w>"]
+
+
+def test_the_exact_tokenizer_merges_by_rank_and_splits_as_clip_does(tmp_path):
+    tokenizer = og.ClipTokenizer(str(write_vocabulary(tmp_path / "bpe.txt.gz", MERGES, gzip_it=True)))
+    assert tokenizer.count("thin") == 1          # th, then in</w>, then thin</w>: by rank
+    assert tokenizer.count("tin") == 2           # t, in</w>: no merge joins them
+    assert tokenizer.count("cat") == 1
+    assert tokenizer.count("CAT's, “cat”") == 7  # cat, 's, ",", ", cat, " after ftfy's quotes
+    assert tokenizer.count("ｃａｔ") == 1         # fullwidth letters, as ftfy fixes them
+    assert tokenizer.count("") == 0
+
+
+def test_a_vocabulary_is_found_and_used_only_when_there(tmp_path, monkeypatch, capsys):
+    vocab = write_vocabulary(tmp_path / "merges.txt", MERGES)
+    monkeypatch.setenv(og.CLIP_VOCAB_ENV, str(vocab))
+    assert og.clip_tokens("cat") == (1, True)
+    monkeypatch.setenv(og.CLIP_VOCAB_ENV, "none")
+    assert og.clip_tokens("cat") == (og.estimate_clip_tokens("cat"), False)
+    # Unset: an installed open_clip (located, never imported), then the Hugging Face cache.
+    env = {"HF_HOME": str(tmp_path / "hf")}
+    package = tmp_path / "site" / "open_clip"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise SystemExit('imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert og.clip_vocabulary(env) is None
+    write_vocabulary(package / "bpe_simple_vocab_16e6.txt.gz", MERGES, gzip_it=True)
+    assert og.clip_vocabulary(env) == str(package / "bpe_simple_vocab_16e6.txt.gz")
+    (package / "bpe_simple_vocab_16e6.txt.gz").unlink()
+    snapshot = tmp_path / "hf" / "hub" / "models--openai--clip-vit-large-patch14" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "merges.txt").write_text("#version: 0.2\n\u0120 t\n\u0120 a\n")  # GPT-2's: not CLIP's
+    assert og.clip_vocabulary(env) is None
+    write_vocabulary(snapshot / "merges.txt", MERGES)
+    assert og.clip_vocabulary(env) == str(snapshot / "merges.txt")
+    assert capsys.readouterr() == ("", "")
+
+
+def test_a_vocabulary_that_cannot_be_used_warns_once_and_the_estimate_counts(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "vocab.txt"
+    bad.write_text("#version: 0.2\nnot merges\n")
+    monkeypatch.setenv(og.CLIP_VOCAB_ENV, str(bad))
+    assert og.clip_tokens("a cat") == (og.estimate_clip_tokens("a cat"), False)
+    assert og.clip_tokens("a dog") == (og.estimate_clip_tokens("a dog"), False)
+    assert capsys.readouterr() == ("", (
+        f"ollama-generate: warning: OLLAMA_GENERATE_CLIP_VOCAB {bad} cannot be used (not a CLIP BPE "
+        "vocabulary (bpe_simple_vocab_16e6.txt.gz or merges.txt)); CLIP tokens are estimated\n"))
+
+
+def test_budget_calls_from_an_estimate_keep_a_margin(tmp_path, monkeypatch):
+    text = ", ".join(f"tag number{n}" for n in range(17))
+    assert og.estimate_clip_tokens(text) in (74, 75)
+    assert og.over_clip_budget(text) == og.estimate_clip_tokens(text)  # may be over: flagged
+    monkeypatch.setenv(og.CLIP_VOCAB_ENV, str(write_vocabulary(tmp_path / "merges.txt", MERGES)))
+    assert og.clip_tokens(text)[1] and og.over_clip_budget("cat") is None
