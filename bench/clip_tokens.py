@@ -1,26 +1,27 @@
 #!/usr/bin/env python3
-"""How close ollama_generate.estimate_clip_tokens() comes to the real CLIP tokenizer.
+"""How close ollama_generate's CLIP counts come to the real CLIP tokenizer.
 
-    python3 bench/clip_tokens.py [TOKENIZER_DIR] [--split test|train|all] [--seed 7] [--worst 10]
+    python3 bench/clip_tokens.py [VOCAB] [--set heldout|tuning] [--exact] [--worst 10]
 
-Builds a seeded sample of realistic captions and prompts (booru tag lists, Flux-style prose
-captions, SDXL prompts with weights), each split into a training half and a test half that draw
-their content words from disjoint halves of every vocabulary, so the test words are ones the
-estimator was not tuned on. Then compares estimate_clip_tokens() with the real count of CLIP BPE
-tokens (without BOS/EOS): mean absolute and signed error, the share within +-5 % and +-10 %, the
-worst cases, and the 75-token budget calls the estimate gets wrong.
+Reads bench/clip_heldout.jsonl (default; never tuned on) or bench/clip_tuning.jsonl (written by
+bench/clip_sets.py) and compares estimate_clip_tokens() (or, with --exact, ClipTokenizer) with
+OpenAI's CLIP tokenizer (without BOS/EOS): mean absolute and signed error, the share within +-5 %
+and +-10 %, the 75-token budget calls it gets wrong, with a safety band, and the worst cases.
 
-TOKENIZER_DIR (or $CLIP_TOKENIZER_DIR) is the `clip/` folder of an unpacked openai-clip (or
-clip-anytorch) package, holding simple_tokenizer.py and bpe_simple_vocab_16e6.txt.gz; the
-interpreter running this script then needs ftfy and regex (see bench/CLIP.md). Without them it
-still prints the sample's estimates, and says why it skipped the comparison. Only this measuring
-script ever uses the real tokenizer; estimate_clip_tokens() is standard library only.
+VOCAB is bpe_simple_vocab_16e6.txt.gz or a folder holding it (default: $CLIP_TOKENIZER_DIR, then
+the one an installed open_clip ships). The reference is OpenAI's SimpleTokenizer written out here
+with ftfy and regex, which the interpreter running this script needs (see bench/CLIP.md). Without
+them it prints the estimates and says why it skipped the comparison. build_sample() makes the 720
+seeded captions that bench/clip_sets.py puts in the tuning set.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import html
 import importlib.util
+import json
 import os
 import random
 import shlex
@@ -31,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: ollama_generate.py
 
-from ollama_generate import estimate_clip_tokens
+from ollama_generate import ClipTokenizer, estimate_clip_tokens
 
 BUDGET = 75  # CLIP's 77 positions less BOS and EOS
 
@@ -357,29 +358,66 @@ def build_sample(seed: int, train_size: int = 240,
 
 
 # ---------------------------------------------------------------------------------------------
-# The real tokenizer, loaded from an unpacked package without its torch-importing __init__.
+# The reference: OpenAI's SimpleTokenizer (clip/simple_tokenizer.py), written out with ftfy and regex.
 
 
-def load_real_tokenizer(folder: str | None) -> tuple[Callable[[str], int] | None, str]:
+def find_vocab(given: str | None) -> Path | None:
+    """bpe_simple_vocab_16e6.txt.gz: the file given, in the folder given, or in an installed open_clip."""
+    candidates = [Path(given), Path(given) / "bpe_simple_vocab_16e6.txt.gz",
+                  Path(given) / "clip" / "bpe_simple_vocab_16e6.txt.gz"] if given else []
+    spec = importlib.util.find_spec("open_clip")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidates.append(Path(folder) / "bpe_simple_vocab_16e6.txt.gz")
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def load_real_tokenizer(given: str | None) -> tuple[Callable[[str], int] | None, str]:
     """Return (count function, description) or (None, why it is unavailable)."""
-    if not folder:
-        return None, "no tokenizer folder given (argument or $CLIP_TOKENIZER_DIR)"
-    path = Path(folder)
-    if path.is_dir() and (path / "clip" / "simple_tokenizer.py").is_file():
-        path = path / "clip"
-    script, vocab = path / "simple_tokenizer.py", path / "bpe_simple_vocab_16e6.txt.gz"
-    for needed in (script, vocab):
-        if not needed.is_file():
-            return None, f"{needed} not found"
-    spec = importlib.util.spec_from_file_location("clip_simple_tokenizer", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
+    vocab = find_vocab(given)
+    if vocab is None:
+        return None, "no bpe_simple_vocab_16e6.txt.gz (argument, $CLIP_TOKENIZER_DIR or an installed open_clip)"
     try:
-        spec.loader.exec_module(module)
+        import ftfy
+        import regex
     except ImportError as error:
-        return None, f"{script} needs {error.name!r} in this interpreter ({sys.executable}): {error}"
-    tokenizer = module.SimpleTokenizer(str(vocab))
-    return (lambda text: len(tokenizer.encode(text))), f"{script} with {vocab.name}"
+        return None, f"the reference needs {error.name!r} in this interpreter ({sys.executable})"
+    merges = gzip.open(vocab).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    ranks = {tuple(merge.split()): rank for rank, merge in enumerate(merges)}
+    table = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = table[:] + [256 + n for n in range(256 - len(table))]
+    table += [byte for byte in range(256) if byte not in table]
+    byte_chars = dict(zip(table, map(chr, codes)))
+    pattern = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
+                            regex.IGNORECASE)
+    cache: dict[str, int] = {"<|startoftext|>": 1, "<|endoftext|>": 1}
+
+    def bpe(token: str) -> int:
+        if token not in cache:
+            word = tuple(byte_chars[b] for b in token.encode("utf-8"))
+            word = word[:-1] + (word[-1] + "</w>",)
+            while len(word) > 1:
+                pairs = set(zip(word, word[1:]))
+                bigram = min(pairs, key=lambda pair: ranks.get(pair, float("inf")))
+                if bigram not in ranks:
+                    break
+                new, i = [], 0
+                while i < len(word):
+                    if i < len(word) - 1 and (word[i], word[i + 1]) == bigram:
+                        new.append(word[i] + word[i + 1])
+                        i += 2
+                    else:
+                        new.append(word[i])
+                        i += 1
+                word = tuple(new)
+            cache[token] = len(word)
+        return cache[token]
+
+    def count(text: str) -> int:
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+        text = regex.sub(r"\s+", " ", text).strip().lower()
+        return sum(bpe(token) for token in pattern.findall(text))
+
+    return count, f"OpenAI's SimpleTokenizer (ftfy {ftfy.__version__}) with {vocab}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,12 +436,12 @@ def report(rows: list[tuple[str, str, int, int]], worst: int) -> None:
                 f"under {100 * sum(e < 0 for e in errors) / len(subset):5.1f}%  "
                 f"real {min(r for *_, r in subset)}-{max(r for *_, r in subset)}")
 
-    print("kind    n  error (estimate - real)")
-    for kind in MAKERS:
+    print("kind      n  error (estimate - real)")
+    for kind in dict.fromkeys(row[0] for row in rows):
         subset = [row for row in rows if row[0] == kind]
         if subset:
-            print(f"{kind:6s}{figures(subset)}")
-    print(f"{'all':6s}{figures(rows)}")
+            print(f"{kind:8s}{figures(subset)}")
+    print(f"{'all':8s}{figures(rows)}")
 
     over = [(est > BUDGET, real > BUDGET) for _, _, est, real in rows]
     near = [row for row in rows if abs(row[3] - BUDGET) <= 10]
@@ -432,35 +470,48 @@ def report(rows: list[tuple[str, str, int, int]], worst: int) -> None:
         print(f"  {kind:5s} est {est:3d} real {real:3d} ({est - real:+d})  {shown}")
 
 
+def read_set(name: str) -> list[tuple[str, str]]:
+    """bench/clip_NAME.jsonl as (kind, text) pairs."""
+    with open(Path(__file__).resolve().parent / f"clip_{name}.jsonl", encoding="utf-8") as handle:
+        return [(row["kind"], row["text"]) for row in map(json.loads, handle)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("tokenizer", nargs="?", default=os.environ.get("CLIP_TOKENIZER_DIR"),
-                        help="the unpacked clip/ folder (default: $CLIP_TOKENIZER_DIR)")
-    parser.add_argument("--split", choices=("test", "train", "all"), default="test")
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("vocab", nargs="?", default=os.environ.get("CLIP_TOKENIZER_DIR"),
+                        help="bpe_simple_vocab_16e6.txt.gz or a folder holding it (default: "
+                             "$CLIP_TOKENIZER_DIR, then an installed open_clip)")
+    parser.add_argument("--set", choices=("heldout", "tuning"), default="heldout",
+                        help="bench/clip_heldout.jsonl (never tuned on) or bench/clip_tuning.jsonl")
+    parser.add_argument("--exact", action="store_true",
+                        help="measure ollama_generate's exact tokenizer (ClipTokenizer) instead of the estimate")
     parser.add_argument("--worst", type=int, default=10)
     args = parser.parse_args(argv)
     print("command:", shlex.join([sys.executable, *sys.argv]))
-
-    sample = build_sample(args.seed)
-    captions = sample["train"] + sample["test"] if args.split == "all" else sample[args.split]
-    print(f"sample: {len(captions)} {args.split} captions (seed {args.seed}; "
-          f"train {len(sample['train'])}, test {len(sample['test'])}, disjoint vocabularies)")
-    estimates = [estimate_clip_tokens(text) for _, text in captions]
-
-    count, about = load_real_tokenizer(args.tokenizer)
+    texts = read_set(args.set)
+    print(f"set: bench/clip_{args.set}.jsonl, {len(texts)} texts")
+    count, about = load_real_tokenizer(args.vocab)
+    if args.exact:
+        vocab = find_vocab(args.vocab)
+        if vocab is None:
+            print("no vocabulary for ClipTokenizer: give its path")
+            return 2
+        estimate = ClipTokenizer(str(vocab)).count
+        print(f"measured: ollama_generate.ClipTokenizer({vocab})")
+    else:
+        estimate = estimate_clip_tokens
+        print("measured: ollama_generate.estimate_clip_tokens")
+    estimates = [estimate(text) for _, text in texts]
     if count is None:
         print(f"real tokenizer unavailable, comparison skipped: {about}")
         print("see bench/CLIP.md for how to get it. Estimates only:")
-        for kind in MAKERS:
-            values = [est for (k, _), est in zip(captions, estimates, strict=True) if k == kind]
-            if values:
-                print(f"  {kind:6s}{len(values):4d} captions, estimate {min(values)}-{max(values)}, "
-                      f"mean {statistics.fmean(values):.1f}, "
-                      f"over {BUDGET}: {sum(e > BUDGET for e in values)}")
+        for kind in dict.fromkeys(kind for kind, _ in texts):
+            values = [est for (k, _), est in zip(texts, estimates, strict=True) if k == kind]
+            print(f"  {kind:8s}{len(values):4d} texts, estimate {min(values)}-{max(values)}, "
+                  f"mean {statistics.fmean(values):.1f}, over {BUDGET}: {sum(e > BUDGET for e in values)}")
         return 0
     print(f"real tokenizer: {about}\n")
-    rows = [(kind, text, est, count(text)) for (kind, text), est in zip(captions, estimates, strict=True)]
+    rows = [(kind, text, est, count(text)) for (kind, text), est in zip(texts, estimates, strict=True)]
     report(rows, args.worst)
     return 0
 

@@ -30,6 +30,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("OLLAMA_") or name in ("NO_COLOR", *_PROXY_VARS):
             monkeypatch.delenv(name, raising=False)
+    # Counts are the estimate's unless a test gives a vocabulary: an installed open_clip or a
+    # Hugging Face cache on a developer's machine must not change them.
+    monkeypatch.setenv("OLLAMA_GENERATE_CLIP_VOCAB", "none")
 
 
 def _stop_and_check(fake: FakeOllama) -> None:

@@ -701,11 +701,7 @@ def test_manifest_lists_every_captioned_image(fake, capsys, tmp_path):
         {"file_name": "sub/b.png", "text": "café, ☕ latte art"},
         {"file_name": "sub/c.png", "text": expected_caption(dataset / "sub" / "c.png").strip()},
     ]
-    # Relative to the manifest's own folder.
-    (tmp_path / "hf").mkdir()
-    assert run(capsys, "caption", dataset, "-r", "--manifest", tmp_path / "hf" / "metadata.jsonl")[0] == 1
-    assert [json.loads(line)["file_name"] for line in (tmp_path / "hf" / "metadata.jsonl").read_text().splitlines()] == [
-        "../set/a.png", "../set/sub/b.png", "../set/sub/c.png"]
+    # Elsewhere it would hold ../set/a.png names, which Hugging Face datasets refuses: see test_outputs.py.
 
 
 @pytest.mark.parametrize("argv", [["--recursive"], ["-r"], ["--output-dir", "out"], ["--limit", "1"],

@@ -561,7 +561,7 @@ def test_json_enhance_adds_clip_tokens(ollama, capsys):
     code, out, err = run(capsys, "enhance", "a cat", "--json")
     assert (code, err) == (0, "")
     assert one_json(out) == {"command": "enhance", "text": "A cat on a velvet sofa.", "needs_review": None,
-                             "rules": [], "model": TEXT, **NUMBERS, "clip_tokens": 8}
+                             "rules": [], "model": TEXT, **NUMBERS, "clip_tokens": 7}
 
 
 def test_json_never_streams_even_when_asked_or_on_a_terminal(ollama, capsys, printers, monkeypatch):

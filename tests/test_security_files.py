@@ -98,7 +98,7 @@ def test_a_file_name_that_is_not_utf8_works_end_to_end(fake, capsys, tmp_path):
     raw = os.path.join(os.fsencode(str(dataset)), b"caf\xe9.png")
     with open(raw, "wb") as handle:
         handle.write(png_bytes(seed=7))
-    report, manifest = tmp_path / "r.json", tmp_path / "metadata.jsonl"
+    report, manifest = tmp_path / "r.json", dataset / "metadata.jsonl"
 
     code, out, err = run(capsys, "caption", dataset, "--dry-run")
     assert (code, out.splitlines()[1]) == (0, f"caption: caf\\xe9.png -> {dataset}/caf\\xe9.txt")
@@ -111,7 +111,7 @@ def test_a_file_name_that_is_not_utf8_works_end_to_end(fake, capsys, tmp_path):
         assert handle.read() == PARAGRAPH + "\n"
     assert json.loads(report.read_text(encoding="utf-8"))["written"] == 2
     assert [json.loads(line)["file_name"] for line in manifest.read_text(encoding="utf-8").splitlines()] == [
-        "set/a.png", "set/caf\\xe9.png"]
+        "a.png", "caf\\xe9.png"]
     cached = [json.loads(line) for line in (dataset / CACHE).read_text(encoding="utf-8").splitlines()]
     assert [line["image"] for line in cached] == ["a.png", "caf\\xe9.png"]
 
@@ -209,11 +209,11 @@ def test_a_caption_file_that_is_a_fifo_is_left_alone_by_manifest_and_describe(fa
     dataset = make_images(tmp_path / "set", ["a.png", "b.png"])
     os.mkfifo(dataset / "a.txt")
     with no_hang():
-        code, out, err = run(capsys, "caption", dataset, "--manifest", tmp_path / "m.jsonl", "--overwrite")
+        code, out, err = run(capsys, "caption", dataset, "--manifest", dataset / "metadata.jsonl", "--overwrite")
         assert (code, out) == (0, "")
         assert "a.png: skipped: the caption file is a FIFO; left alone" in err
-        assert [json.loads(line)["file_name"] for line in (tmp_path / "m.jsonl").read_text().splitlines()] == [
-            "set/b.png"]
+        assert [json.loads(line)["file_name"]
+                for line in (dataset / "metadata.jsonl").read_text().splitlines()] == ["b.png"]
         fake.reply("A card body.", endpoint="/api/generate")
         code, out, err = run(capsys, "describe", "Fox", "--type", "style", "--dataset", dataset, "--no-stream")
     assert (code, err) == (0, "")
@@ -229,7 +229,7 @@ def test_a_symlinked_caption_is_foreign_never_read_nor_written_through(fake, cap
     secret.write_text("TOKEN=sk-do-not-leak\n")
     dataset = make_images(tmp_path / "set", ["a.png", "b.png"])
     (dataset / "a.txt").symlink_to(secret)
-    manifest = tmp_path / "m.jsonl"
+    manifest = dataset / "metadata.jsonl"
 
     code, out, err = run(capsys, "caption", dataset, "--overwrite", "--manifest", manifest)
     assert (code, out) == (0, "")
@@ -237,7 +237,7 @@ def test_a_symlinked_caption_is_foreign_never_read_nor_written_through(fake, cap
     assert secret.read_text() == "TOKEN=sk-do-not-leak\n"
     assert os.path.islink(dataset / "a.txt")
     assert "sk-do-not-leak" not in manifest.read_text()
-    assert [json.loads(line)["file_name"] for line in manifest.read_text().splitlines()] == ["set/b.png"]
+    assert [json.loads(line)["file_name"] for line in manifest.read_text().splitlines()] == ["b.png"]
     assert len(chats(fake)) == 1
 
     fake.reply("A card body.", endpoint="/api/generate")
@@ -449,16 +449,16 @@ def test_a_run_removes_its_own_stale_temp_files_only(fake, capsys, tmp_path):
 def test_report_and_manifest_stream_to_a_fifo_and_never_replace_it(fake, capsys, tmp_path):
     dataset = make_images(tmp_path / "set", ["a.png"])
     read_report = fifo_reader(tmp_path / "report.fifo")
-    read_manifest = fifo_reader(tmp_path / "manifest.fifo")
+    read_manifest = fifo_reader(dataset / "metadata.jsonl")
     with no_hang():
         code, out, err = run(capsys, "caption", dataset, "--report", tmp_path / "report.fifo",
-                             "--manifest", tmp_path / "manifest.fifo")
+                             "--manifest", dataset / "metadata.jsonl")
     assert (code, out) == (0, "")
     assert "warning" not in err
     assert stat.S_ISFIFO(os.lstat(tmp_path / "report.fifo").st_mode)
-    assert stat.S_ISFIFO(os.lstat(tmp_path / "manifest.fifo").st_mode)
+    assert stat.S_ISFIFO(os.lstat(dataset / "metadata.jsonl").st_mode)
     assert json.loads(read_report())["written"] == 1
-    assert json.loads(read_manifest()) == {"file_name": "set/a.png", "text": PARAGRAPH}
+    assert json.loads(read_manifest()) == {"file_name": "a.png", "text": PARAGRAPH}
 
 
 def test_a_fifo_nobody_reads_is_a_warning_not_a_hang(fake, capsys, tmp_path):
@@ -466,12 +466,12 @@ def test_a_fifo_nobody_reads_is_a_warning_not_a_hang(fake, capsys, tmp_path):
     os.mkfifo(tmp_path / "report.fifo")
     with no_hang():
         code, out, err = run(capsys, "caption", dataset, "--report", tmp_path / "report.fifo",
-                             "--manifest", tmp_path / "m.jsonl")
+                             "--manifest")
     assert (code, out) == (0, "")
     assert (f"ollama-generate: warning: cannot write {tmp_path / 'report.fifo'} "
             "(a FIFO that no program reads from)\n") in err
     assert stat.S_ISFIFO(os.lstat(tmp_path / "report.fifo").st_mode)
-    assert json.loads((tmp_path / "m.jsonl").read_text())["file_name"] == "set/a.png"  # written all the same
+    assert json.loads((dataset / "metadata.jsonl").read_text())["file_name"] == "a.png"  # written all the same
 
 
 def test_a_report_through_a_symlink_replaces_the_target_and_keeps_the_link(fake, capsys, tmp_path):
