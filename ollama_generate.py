@@ -4668,6 +4668,7 @@ def _near_duplicates(captioned: list[StatsItem], trigger: str) -> list[list[str]
         if size < NEAR_DUPLICATE_MIN_TERMS:
             continue
         shared_so_far: dict[int, int] = {}  # candidate -> prefix terms met, or -1 when it cannot reach
+        met_of = shared_so_far.get
         # The terms two sets must share to be similar enough, by the other set's size.
         needed = [-(-high * (size + other_size) // (high + low)) for other_size in range(size + 1)]
         indexed = size + 1 - -(-2 * high * size // (high + low))  # enough for later, longer sets
@@ -4677,11 +4678,12 @@ def _near_duplicates(captioned: list[StatsItem], trigger: str) -> list[list[str]
                 postings.popleft()  # too short for this set, and for every longer one after it
             left = size - position
             for other, other_position in postings:
-                met = shared_so_far.get(other, 0)
+                met = met_of(other, 0)
                 if met >= 0:
                     other_size = sizes[other]
-                    reachable = met + min(left, other_size - other_position) >= needed[other_size]
-                    shared_so_far[other] = met + 1 if reachable else -1
+                    room = other_size - other_position
+                    shared_so_far[other] = met + 1 if met + (left if left < room else room) \
+                        >= needed[other_size] else -1
             if position < indexed:
                 postings.append((current, position))
         members = set(terms)
@@ -4730,8 +4732,11 @@ def _identity(captioned: list[StatsItem], trigger: str | None) -> list[dict]:
                 phrases = read.get(tag)
                 if phrases is None:
                     phrases = read[tag] = identity_phrases(tag)
-                if phrases:
+                if phrases and len(tag.split()) <= TAG_WORDS:
                     found.setdefault(tag, next(iter(phrases.values())))
+                else:  # a chunk of prose among the tags
+                    for phrase, trait in phrases.items():
+                        found.setdefault(phrase, trait)
         else:
             found = identity_phrases(without_trigger(item.caption, trigger))
         counts.update(list(found))

@@ -81,6 +81,25 @@ def test_symlinked_special_and_broken_caption_files_are_never_read(capsys, tmp_p
     assert item(data, "link.png")["reasons"] == {"unreadable caption": "the caption file is a symbolic link"}
 
 
+def test_an_oversized_caption_file_is_unreadable(capsys, tmp_path):
+    folder = dataset(tmp_path / "set", {"a.png": None})
+    (folder / "a.txt").write_text("tag, " * 20000)
+    data = stats(capsys, folder)
+    assert data["unreadable_captions"] == [{"image": "a.png", "reason": "the caption file is over 64 KB"}]
+
+
+def test_a_dataset_without_captions(capsys, tmp_path):
+    folder = dataset(tmp_path / "set", {"a.png": None, "b.png": None})
+    data = stats(capsys, folder)
+    assert (data["captioned"], data["missing"], data["style"], data["tags"]) == (0, 2, None, [])
+    assert data["distributions"]["words"] == {"min": None, "median": None, "max": None}
+    code, out, err = run(capsys, "stats", folder)
+    assert (code, err) == (0, "")
+    assert out == (f"{folder}: 2 images, 0 captioned, 2 missing, 0 empty, 0 orphan caption files, "
+                   "0 unreadable images\nMissing captions (2):\n  a.png\n  b.png\n"
+                   "Trigger: none found (give one with --trigger WORD)\n")
+
+
 def test_output_dir_and_ext_are_where_caption_writes(capsys, tmp_path):
     folder = dataset(tmp_path / "set", {"a.png": None, "b.png": None}, images=["sub/c.png"])
     out_dir = tmp_path / "captions"
@@ -375,6 +394,18 @@ def test_a_broken_default_report_is_a_warning_and_a_symlinked_one_is_not_read(ca
     assert (code, json.loads(out)["needs_review"]) == (0, [])
     assert err == (f"ollama-generate: warning: {last} cannot be used: not a regular file "
                    "(it is a symbolic link)\n")
+
+
+def test_report_entries_for_other_images_or_malformed_are_left_out(capsys, tmp_path):
+    folder = dataset(tmp_path / "set", {"a.png": "a cat", "b.png": "a dog"})
+    report = tmp_path / "run.json"
+    report.write_text(json.dumps({"needs_review": [
+        {"image": "a.png", "reason": "", "rules": ["hedge", 3]}, "junk", {"image": ["a.png"]},
+        {"image": "gone.png", "reason": "deleted since"}]}))
+    data = stats(capsys, folder, "--report", report)
+    assert data["needs_review"] == [{"image": "a.png", "reason": "", "rules": ["hedge"]}]
+    assert item(data, "a.png")["reasons"]["needs review"] == "hedge"
+    assert "needs review" not in item(data, "b.png")["flags"]
 
 
 # -- the document and the text -------------------------------------------------------------------
