@@ -4205,7 +4205,7 @@ def cmd_templates(config: Config, args: argparse.Namespace) -> Product:
 
 
 # -- Dataset statistics: stats ------------------------------------------------
-# stats reads a dataset through caption's own walk (find_images, plan_jobs, caption_path) and
+# stats reads a dataset through caption's own walk (find_images, caption_path, names as plan_jobs) and
 # measures each caption with the caption policy's counters and ranges, so the commands agree on
 # what a dataset holds. dataset_stats() returns the whole document; the review page shows its
 # items, one card per image, with their flags.
