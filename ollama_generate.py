@@ -13,6 +13,7 @@ Usage:
   ollama-generate describe "Neon Noir" --type style --tags "neon, rain"
   ollama-generate lore "the last lighthouse keeper" --length short
   ollama-generate doctor
+  ollama-generate stats ./dataset/ --trigger ohwx
 
 Environment:
   OLLAMA_HOST          Ollama server URL (default http://localhost:11434)
@@ -4580,6 +4581,677 @@ def cmd_templates(config: Config, args: argparse.Namespace) -> Product:
     return product
 
 
+# -- Dataset statistics: stats ------------------------------------------------
+# stats reads a dataset through caption's own walk (find_images, caption_path, names as plan_jobs) and
+# measures each caption with the caption policy's counters and ranges, so the commands agree on
+# what a dataset holds. dataset_stats() returns the whole document; the review page shows its
+# items, one card per image, with their flags.
+
+# Every flag an item can carry, in the order they are listed.
+STATS_FLAGS = ("missing", "empty", "unreadable image", "unreadable caption", "over CLIP budget",
+               "out of range", "missing trigger", "trigger not first", "trigger repeated", "duplicate",
+               "near duplicate", "needs review")
+# What each caption is measured by: the caption policy's own counters.
+STATS_MEASURES = {"words": count_words, "sentences": count_sentences, "tags": count_tags,
+                  "clip_tokens": lambda text: clip_tokens(text)[0]}  # exact when a vocabulary is installed
+# Two different captions are near duplicates when this share of their tags (tag captions) or
+# words (prose) is the same (Jaccard similarity), counted on captions of at least so many terms.
+NEAR_DUPLICATE_SIMILARITY = 0.8
+NEAR_DUPLICATE_MIN_TERMS = 3
+# An invariant trait leaks into the captions when it is in at least this share of them (and in
+# at least IDENTITY_MIN_CAPTIONS): then the trigger cannot absorb it.
+IDENTITY_SHARE = 0.5
+IDENTITY_MIN_CAPTIONS = 3
+# The report of the last folder run, inside the dataset (or --output-dir), read for needs review.
+LAST_REPORT = os.path.join(CACHE_FOLDER, "report.json")
+REPORT_READ_LIMIT = 256 * 1024 * 1024
+# First chunks that are tags every dataset may start with, never a trigger.
+NOT_TRIGGERS = frozenset("""1girl 1boy 2girls 2boys 3girls 1other solo no_humans masterpiece score_9
+score_8_up score_7_up source_anime source_photo rating_safe photo photograph portrait anime""".split()
+                         + ["no humans", "multiple girls", "best quality", "high quality", "a photo"])
+
+_COLOURS = ("black|brown|light brown|dark brown|blonde|blond|platinum blonde|red|auburn|ginger|orange|"
+            "white|silver|grey|gray|pink|blue|light blue|dark blue|aqua|teal|green|purple|violet|"
+            "lavender|yellow|golden|gold|amber|hazel|multicolored|multicoloured|two-tone|gradient|"
+            "streaked|dark|light")
+# The trait vocabulary of identity leakage, one row per kind of phrase: the trait, its head
+# nouns, the modifiers that make a phrase with a head ("black" + "hair"), and whether a head is a
+# phrase on its own. Found as whole tags in tag captions and as phrases in prose.
+IDENTITY_TRAITS = (
+    ("hair colour", "hair", _COLOURS, False),
+    ("hair length", "hair", "very long|long|medium|medium-length|shoulder-length|short|very short|"
+                            "cropped|absurdly long", False),
+    ("hairstyle", "hair", "curly|wavy|straight|messy|spiky|braided|shaggy|wet", False),
+    ("hairstyle", "ponytail|side ponytail|twintails|twin tails|pigtails|braid|braids|hair bun|double bun|"
+                  "bangs|blunt bangs|ahoge|sidelocks|dreadlocks|afro|mohawk|bob cut|undercut", "", True),
+    ("eye colour", "eyes", _COLOURS, False),
+    ("eye colour", "heterochromia", "", True),
+    ("skin", "skin", "pale|fair|light|dark|tan|tanned|olive|brown|black|white|freckled", False),
+    ("skin", "dark-skinned female|dark-skinned male|tan lines|tanlines", "", True),
+    ("body mark", "freckles|mole|beauty mark|scar|scars|tattoo|tattoos|birthmark|facial mark|piercing|"
+                  "piercings|whisker markings", "", True),
+    ("body", "animal ears|cat ears|fox ears|wolf ears|dog ears|bunny ears|rabbit ears|pointy ears|"
+             "elf ears|horns|tail|wings|halo|fangs", "", True),
+    ("outfit", "uniform|school uniform|dress|coat|jacket|hoodie|sweater|cardigan|blouse|shirt|skirt|"
+               "kimono|suit|armor|armour|cape|cloak|hat|cap|beret|helmet|glasses|sunglasses|eyewear|"
+               "earrings|necklace|choker|scarf|gloves|boots|ribbon|hair ribbon|hairband|headband|"
+               "hair ornament|hairclip|bow|hair bow|bowtie|necktie", _COLOURS, True),
+)
+_TRAIT_TOKEN = lazy_pattern(r"[a-z]+(?:-[a-z]+)*|[^\sa-z]")
+_TRAIT_HEADS: dict[str, list[tuple[str, frozenset, bool]]] = {}
+
+
+def _trait_heads() -> dict[str, list[tuple[str, frozenset, bool]]]:
+    """IDENTITY_TRAITS by head noun: (trait, modifiers, bare) rows, built on first use."""
+    if not _TRAIT_HEADS:
+        for trait, heads, modifiers, bare in IDENTITY_TRAITS:
+            row = (trait, frozenset(filter(None, modifiers.split("|"))), bare)
+            for head in heads.split("|"):
+                _TRAIT_HEADS.setdefault(head, []).append(row)
+    return _TRAIT_HEADS
+
+
+def identity_phrases(text: str) -> dict[str, str]:
+    """The invariant-trait phrases of a caption or a tag, each with its trait.
+
+    >>> identity_phrases("A woman with long, wavy black hair and green eyes wears a red wool coat.")
+    {'black hair': 'hair colour', 'long hair': 'hair length', 'wavy hair': 'hairstyle', \
+'green eyes': 'eye colour', 'red coat': 'outfit'}
+    >>> identity_phrases("hair between eyes"), identity_phrases("blue sky")
+    ({}, {})
+    """
+    heads = _trait_heads()
+    tokens = _TRAIT_TOKEN.findall(text.lower())
+    found: dict[str, str] = {}
+    for end, token in enumerate(tokens):
+        pair = f"{tokens[end - 1]} {token}" if end else ""
+        for head, start in ((pair, end - 1), (token, end)):
+            for trait, modifiers, bare in heads.get(head, ()):
+                named = _modifiers_before(tokens, start, modifiers) if modifiers else []
+                for modifier in named:
+                    found.setdefault(f"{modifier} {head}", trait)
+                if bare and not named:
+                    found.setdefault(head, trait)
+            if head in heads:
+                break  # a two-word head ("school uniform") is not also read as its last word
+    return found
+
+
+def _modifiers_before(tokens: list[str], start: int, modifiers: frozenset) -> list[str]:
+    """The modifiers among the (at most three) words before a head noun, nearest first; the walk
+    stops at a function word, another head noun, or punctuation other than a comma."""
+    named, index, words = [], start - 1, 0
+    while index >= 0 and words < 3:
+        token = tokens[index]
+        if token in (",", "and"):
+            index -= 1
+            continue
+        if not token[0].isalpha() or token in _FUNCTION_WORDS or token in _trait_heads():
+            break  # "black hair and green eyes": black is the hair's
+        pair = f"{tokens[index - 1]} {token}" if index else ""
+        if pair in modifiers:
+            named.append(pair)
+            index -= 1
+        elif token in modifiers:
+            named.append(token)
+        index -= 1
+        words += 1
+    return named
+
+
+def read_caption_file(path: str) -> tuple[str, str]:
+    """(state, text): "ok" and the caption (its text stripped, its first line: what trainers read),
+    "missing", "empty", or "unreadable" and why. A symbolic link or a special file is never read."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return "missing", ""
+    if not stat.S_ISREG(info.st_mode):
+        return "unreadable", f"the caption file is {file_kind(info.st_mode)}"
+    try:
+        with open_regular(path, follow_links=False) as handle:
+            data = handle.read(CAPTION_READ_LIMIT + 1)
+    except (ImageError, OSError) as exc:
+        return "unreadable", f"the caption file: {exc}"
+    if len(data) > CAPTION_READ_LIMIT:
+        return "unreadable", f"the caption file is over {CAPTION_READ_LIMIT // 1024} KB"
+    try:
+        text = data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        return "unreadable", "the caption file is not UTF-8"
+    return ("ok", text.splitlines()[0].strip()) if text else ("empty", "")
+
+
+def find_caption_files(root: str, ext: str, *, recursive: bool) -> list[str]:
+    """Files named like captions under root, walked as find_images walks: hidden entries and
+    symlinked folders are left out."""
+    found = []
+    try:
+        entries = sorted(os.scandir(root), key=lambda entry: entry.name)
+    except OSError:
+        return found
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                if recursive:
+                    found.extend(find_caption_files(entry.path, ext, recursive=True))
+                continue
+        except OSError:
+            continue
+        if entry.name.endswith(ext) and len(entry.name) > len(ext):
+            found.append(entry.path)
+    return found
+
+
+def read_run_report(path: str, *, given: bool) -> dict | None:
+    """The last folder run's report (caption --report), or None. A report named with --report
+    must be one (UsageError); the default one is read only if it is a regular file, and a broken
+    one is a warning."""
+    flag = f"--report {shown(path)}" if given else shown(path)
+    try:
+        if not given and not os.path.lexists(path):
+            return None
+        with open_regular(path, follow_links=given) as handle:
+            data = handle.read(REPORT_READ_LIMIT + 1)
+        if len(data) > REPORT_READ_LIMIT:
+            raise ImageError(f"it is over {REPORT_READ_LIMIT // 2**20} MB")
+        report = json.loads(data.decode("utf-8-sig"))
+        if not isinstance(report, dict) or not isinstance(report.get("needs_review"), list):
+            raise ImageError("it is not the report of a caption run (it has no needs_review list)")
+    except (ImageError, ValueError) as exc:
+        problem = f"{flag} cannot be used: {exc}"
+        if not given:
+            warn(problem)
+            return None
+        if not os.path.lexists(path):
+            problem = f"{flag} does not exist"
+        raise UsageError(problem, hint="give the file a `caption FOLDER --report FILE` run wrote") from None
+    return report
+
+
+def stats_options(args: argparse.Namespace) -> BatchOptions:
+    """The dataset flags of stats, checked as caption checks them."""
+    ext = args.ext if args.ext.startswith(".") else "." + args.ext
+    if len(ext) < 2 or "/" in ext or os.sep in ext or ext.lower() in IMAGE_EXTENSIONS:
+        raise UsageError(f"--ext {args.ext!r} is not a caption extension",
+                         hint="use .txt (the default) or .caption")
+    output_dir = os.path.abspath(args.output_dir) if args.output_dir else None
+    return BatchOptions(recursive=args.recursive, ext=ext, output_dir=output_dir, report=args.report)
+
+
+class StatsItem(Record):
+    """One image of a dataset as stats sees it (its JSON is an entry of the document's items)."""
+
+    name: str
+    caption_file: str
+    caption: str | None = None
+    style: str | None = None  # "tags" or "prose", by the caption's chunks
+    measures: dict = {}
+    chunks: list = []  # the caption's comma-separated chunks, lower case
+    key: str = ""  # the caption as duplicates are compared: lower case, spacing collapsed
+    flags: dict = {}  # flag -> why ("" when the flag says it all), in STATS_FLAGS order when shown
+
+    def flag(self, name: str, reason: str = "") -> None:
+        self.flags.setdefault(name, reason)
+
+    def as_dict(self) -> dict:
+        return {"image": self.name, "caption_file": self.caption_file, "caption": self.caption,
+                "flags": [flag for flag in STATS_FLAGS if flag in self.flags],
+                "reasons": {flag: self.flags[flag] for flag in STATS_FLAGS if self.flags.get(flag)},
+                **{measure: self.measures.get(measure) for measure in STATS_MEASURES},
+                "style": self.style}
+
+
+def dataset_stats(folder: str, options: BatchOptions, *, trigger: str = "") -> dict:
+    """What a trainer needs to know about a dataset, as the document `stats --json` prints.
+
+    The images are those `caption` would caption (options.recursive), their caption files where
+    caption writes them (options.ext, options.output_dir); options.report names the last run's
+    report (default: .ollama-generate/report.json in the caption folder). Raises UsageError for a
+    folder that is not one or has no images, and for a --report that is not a run report.
+    """
+    if not os.path.isdir(folder):
+        what = "does not exist" if not os.path.lexists(folder) else "is not a folder"
+        raise UsageError(f"{shown(folder)} {what}", hint="give the dataset's folder")
+    if options.output_dir and not os.path.isdir(options.output_dir):
+        raise UsageError(f"--output-dir {shown(options.output_dir)} is not a folder",
+                         hint="give the folder a caption run wrote the captions into")
+    images = find_images(folder, recursive=options.recursive)
+    if not images:
+        raise UsageError(f"{shown(folder)} has no images ({', '.join(IMAGE_EXTENSIONS)})"
+                         + ("" if options.recursive else "; --recursive looks in subfolders"))
+    report_path = options.report or os.path.join(options.output_dir or folder, LAST_REPORT)
+    report = read_run_report(report_path, given=bool(options.report))
+    items, unreadable, unreadable_captions = [], [], []
+    for image in images:
+        # Named and placed as plan_jobs names and places a caption run's jobs.
+        name = shown(os.path.relpath(image, folder).replace(os.sep, "/"))
+        caption_file = caption_path(image, folder=folder, options=options)
+        item = StatsItem(name, shown(caption_file))
+        try:
+            sniff_image(image)
+        except ImageError as exc:
+            item.flag("unreadable image", str(exc))
+            unreadable.append({"image": name, "reason": str(exc)})
+        state, text = read_caption_file(caption_file)
+        if state == "ok":
+            _measure(item, without_surrogates(text))
+        elif state == "unreadable":
+            item.flag("unreadable caption", text)
+            unreadable_captions.append({"image": name, "reason": text})
+        else:
+            item.flag(state)
+        items.append(item)
+    captioned = [item for item in items if item.caption is not None]
+    style = None
+    if captioned:
+        style = "tags" if sum(item.style == "tags" for item in captioned) * 2 >= len(captioned) else "prose"
+    owned = {os.path.abspath(caption_path(image, folder=folder, options=options)) for image in images}
+    root = options.output_dir or folder
+    orphans = [shown(os.path.relpath(path, root).replace(os.sep, "/"))
+               for path in find_caption_files(root, options.ext, recursive=options.recursive)
+               if os.path.abspath(path) not in owned]
+    trigger_summary = _trigger_summary(captioned, trigger)
+    identity = _identity(captioned, trigger_summary["word"])
+    needs_review = _needs_review(items, report)
+    return {
+        "command": "stats",
+        "folder": shown(folder),
+        "images": len(items),
+        "captioned": len(captioned),
+        "missing": sum("missing" in item.flags for item in items),
+        "empty": sum("empty" in item.flags for item in items),
+        "unreadable_captions": unreadable_captions,
+        "orphans": orphans,
+        "unreadable": unreadable,
+        "style": style,
+        "distributions": {measure: _distribution([item.measures[measure] for item in captioned])
+                          for measure in STATS_MEASURES},
+        "over_clip_budget": [item.name for item in captioned if "over CLIP budget" in item.flags],
+        "out_of_range": [{"image": item.name, "reason": item.flags["out of range"]}
+                         for item in captioned if "out of range" in item.flags],
+        "tags": _term_counts(captioned, style),
+        "trigger": trigger_summary,
+        "duplicates": _duplicates(captioned),
+        "near_duplicates": _near_duplicates(captioned, trigger_summary["word"] or ""),
+        "identity": identity,
+        "exclude_tags": _exclude_line(identity) if style == "tags" else None,
+        "needs_review": needs_review,
+        "report": shown(report_path) if report is not None else None,
+        "items": [item.as_dict() for item in items],
+    }
+
+
+def _measure(item: StatsItem, text: str) -> None:
+    """Fill in a caption's measures, its style and the flags its text alone earns."""
+    item.caption, item.key = text, one_line(text).lower()
+    item.measures = {measure: count(text) for measure, count in STATS_MEASURES.items()}
+    item.chunks = [one_line(chunk).lower() for chunk in text.split(",") if chunk.strip()]
+    item.style = "tags" if _is_tag_caption(item.chunks) else "prose"
+    rows = [row for row in STYLES.values() if row.family == "caption" and row.form == item.style]
+    if item.style == "tags" and over_clip_budget(item.caption) is not None:
+        item.flag("over CLIP budget", f"about {item.measures['clip_tokens']} CLIP tokens, over the "
+                                      f"{CLIP_TOKEN_BUDGET}-token budget")
+    if not any(row.low <= row.size(text) <= row.high for row in rows):
+        accurate = [row for row in rows if not row.name.endswith("-creative")]
+        sizes = ", ".join(plural(row.size(text), UNITS[row.unit][1]) for row in accurate)
+        ranges = ", ".join(f"the {row.name} style has {row.low} to {row.high} {UNITS[row.unit][1]}s"
+                           for row in accurate)
+        item.flag("out of range", f"it has {sizes}; {ranges}")
+
+
+def _distribution(values: list[int]) -> dict:
+    """Min, median and max of a measure (None for no captions)."""
+    if not values:
+        return {"min": None, "median": None, "max": None}
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return {"min": ordered[0], "median": int(median) if median == int(median) else median, "max": ordered[-1]}
+
+
+def _term_counts(captioned: list[StatsItem], style: str | None) -> list[list]:
+    """Every tag with the number of captions that have it (tag datasets), or the frequent words
+    and phrases (prose), most first."""
+    if style == "prose":
+        return [[term, count] for term, count in _frequent_words(
+            [item.chunks for item in captioned], set(), len(captioned) * 1000)]
+    counts = collections.Counter(chunk.rstrip(".") for item in captioned for chunk in dict.fromkeys(item.chunks))
+    return [[tag, count] for tag, count in sorted(counts.items(), key=lambda pair: (-pair[1], pair[0]))]
+
+
+def _trigger_pattern(word: str) -> re.Pattern:
+    return re.compile(rf"(?<![\w'\u2019-]){re.escape(word)}(?![\w'\u2019-])", re.I)
+
+
+def _trigger_summary(captioned: list[StatsItem], trigger: str) -> dict:
+    """Where the trigger is: in how many captions, first or not, more than once.
+
+    Without --trigger, the chunk every caption starts with, or else the most common first chunk
+    (in at least half the captions), is taken as the trigger. "First" allows a prefix that every
+    caption starts with before it (caption --prefix puts one there).
+    """
+    word, source = trigger.strip().lower(), "--trigger" if trigger.strip() else None
+    common = _common_start([item.chunks for item in captioned])
+    likely = [place for place, chunk in enumerate(common) if _could_be_trigger(chunk)]
+    if word:
+        prefix = common[:common.index(word)] if word in common else common
+    elif likely:
+        word, source, prefix = common[likely[0]], "first chunk", common[:likely[0]]
+    else:
+        prefix = common
+        firsts = collections.Counter(item.chunks[len(prefix)] for item in captioned
+                                     if len(item.chunks) > len(prefix))
+        guess, count = (firsts.most_common(1) or [("", 0)])[0]
+        if count >= 2 and count * 2 >= len(captioned) and _could_be_trigger(guess):
+            word, source = guess, "first chunk"
+    summary = {"word": word or None, "source": source, "captions": 0, "first": 0, "missing": [],
+               "not_first": [], "repeated": []}
+    if not word:
+        return summary
+    pattern = _trigger_pattern(word)
+    for item in captioned:
+        times = len(pattern.findall(item.caption))
+        if not times:
+            summary["missing"].append(item.name)
+            item.flag("missing trigger", f"{word} is not in the caption")
+            continue
+        summary["captions"] += 1
+        after = item.chunks[len(prefix):] if item.chunks[:len(prefix)] == prefix else item.chunks
+        if after and pattern.match(after[0]):
+            summary["first"] += 1
+        else:
+            summary["not_first"].append(item.name)
+            item.flag("trigger not first", f"{word} is not the first chunk")
+        if times > 1:
+            summary["repeated"].append(item.name)
+            item.flag("trigger repeated", f"{word} is there {times} times")
+    return summary
+
+
+def _could_be_trigger(chunk: str) -> bool:
+    """A chunk short enough to be a trigger, and not a tag that any dataset may start with."""
+    return chunk not in NOT_TRIGGERS and len(chunk.split()) <= 3
+
+
+def _common_start(chunked: list[list[str]]) -> list[str]:
+    """The chunks every caption starts with (none for fewer than two captions)."""
+    if len(chunked) < 2:
+        return []
+    common = chunked[0]
+    for chunks in chunked[1:]:
+        size = 0
+        while size < min(len(common), len(chunks)) and common[size] == chunks[size]:
+            size += 1
+        common = common[:size]
+    return common
+
+
+def _duplicates(captioned: list[StatsItem]) -> list[list[str]]:
+    """Groups of images with the same caption (case and spacing aside); each item is flagged."""
+    groups: dict[str, list[StatsItem]] = {}
+    for item in captioned:
+        groups.setdefault(item.key, []).append(item)
+    found = [group for group in groups.values() if len(group) > 1]
+    for group in found:
+        for item in group:
+            others = [other.name for other in group[:4] if other is not item]
+            item.flag("duplicate", "the same caption as " + _names(others, len(group) - 1))
+    return [[item.name for item in group] for group in found]
+
+
+def _names(names: list[str], count: int, limit: int = 3) -> str:
+    """A few of count names for a reason, and how many more."""
+    return ", ".join(names[:limit]) + (f" and {count - limit} more" if count > limit else "")
+
+
+def _near_duplicates(captioned: list[StatsItem], trigger: str) -> list[list[str]]:
+    """Groups of images whose captions differ but share most of their terms (tags, or words).
+
+    An all-pairs similarity join with prefix and positional filtering (PPJoin): with terms ordered
+    rarest first, two sets can only be similar enough if their first few terms meet, and early
+    enough in both; so a caption is compared with a few candidates, not with every other caption.
+    """
+    import fractions
+
+    keyed: dict[str, list[StatsItem]] = {}
+    for item in captioned:
+        keyed.setdefault(item.key, []).append(item)
+    texts, term_sets = list(keyed), []
+    for text in texts:
+        item = keyed[text][0]
+        terms = set(item.chunks) if item.style == "tags" else set(re.findall(r"\w+", text))
+        term_sets.append(terms - {trigger})
+    frequency = collections.Counter(term for terms in term_sets for term in terms)
+    order = {term: rank for rank, term in enumerate(sorted(frequency, key=lambda t: (frequency[t], t)))}
+    sets = [sorted(order[term] for term in terms) for terms in term_sets]
+    sizes = [len(terms) for terms in sets]
+    index: dict[int, collections.deque] = collections.defaultdict(collections.deque)
+    parent = list(range(len(sets)))
+
+    def root(node: int) -> int:
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    # Whole numbers only: similarity = high / low, so no rounding moves a pair across the line.
+    ratio = fractions.Fraction(str(NEAR_DUPLICATE_SIMILARITY))
+    high, low = ratio.numerator, ratio.denominator
+    for current in sorted(range(len(sets)), key=lambda position: len(sets[position])):
+        terms, size = sets[current], len(sets[current])
+        if size < NEAR_DUPLICATE_MIN_TERMS:
+            continue
+        shared_so_far: dict[int, int] = {}  # candidate -> prefix terms met, or -1 when it cannot reach
+        met_of = shared_so_far.get
+        # The terms two sets must share to be similar enough, by the other set's size.
+        needed = [-(-high * (size + other_size) // (high + low)) for other_size in range(size + 1)]
+        indexed = size + 1 - -(-2 * high * size // (high + low))  # enough for later, longer sets
+        for position, term in enumerate(terms[:size + 1 - -(-high * size // low)]):
+            postings = index[term]
+            while postings and sizes[postings[0][0]] * low < high * size:
+                postings.popleft()  # too short for this set, and for every longer one after it
+            left = size - position
+            for other, other_position in postings:
+                met = met_of(other, 0)
+                if met >= 0:
+                    other_size = sizes[other]
+                    room = other_size - other_position
+                    shared_so_far[other] = met + 1 if met + (left if left < room else room) \
+                        >= needed[other_size] else -1
+            if position < indexed:
+                postings.append((current, position))
+        members = set(terms)
+        for other, met in shared_so_far.items():
+            if met <= 0 or root(other) == root(current):
+                continue  # pruned, or already in one group (a cluster is not compared pair by pair)
+            shared = len(members.intersection(sets[other]))
+            if shared * (high + low) >= high * (size + sizes[other]):
+                parent[root(other)] = root(current)
+    groups: dict[int, list[int]] = {}
+    for position in range(len(sets)):
+        groups.setdefault(root(position), []).append(position)
+    found = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        group = sorted((item for position in members for item in keyed[texts[position]]),
+                       key=lambda item: item.name)
+        for item in group:
+            others = []
+            for other in group:  # a few names: a group can be large
+                if other.key != item.key and len(others) < 3:
+                    others.append(other.name)
+            count = len(group) - len(keyed[item.key])
+            item.flag("near duplicate", "nearly the same caption as " + _names(others, count))
+        found.append([item.name for item in group])
+    return sorted(found)
+
+
+def _identity(captioned: list[StatsItem], trigger: str | None) -> list[dict]:
+    """Invariant traits in most captions while there is a trigger: the trigger cannot absorb them.
+
+    Tag captions are read tag by tag (the phrase is the whole tag, as --exclude-tags takes it);
+    prose by adjective-noun phrases (black hair, blue eyes, red coat).
+    """
+    if not trigger or not captioned:
+        return []
+    counts: collections.Counter = collections.Counter()
+    traits: dict[str, str] = {}
+    read: dict[str, dict[str, str]] = {trigger: {}}  # each distinct tag is read once
+    for item in captioned:
+        found: dict[str, str] = {}
+        if item.style == "tags":
+            for chunk in item.chunks:
+                tag = chunk.rstrip(".")
+                phrases = read.get(tag)
+                if phrases is None:
+                    phrases = read[tag] = identity_phrases(tag)
+                if phrases and len(tag.split()) <= TAG_WORDS:
+                    found.setdefault(tag, next(iter(phrases.values())))
+                else:  # a chunk of prose among the tags
+                    for phrase, trait in phrases.items():
+                        found.setdefault(phrase, trait)
+        else:
+            found = identity_phrases(without_trigger(item.caption, trigger))
+        counts.update(list(found))
+        for phrase, trait in found.items():
+            traits.setdefault(phrase, trait)
+    least = max(IDENTITY_MIN_CAPTIONS, IDENTITY_SHARE * len(captioned))
+    leaking = [(phrase, count) for phrase, count in counts.items() if count >= least]
+    leaking.sort(key=lambda pair: (-pair[1], pair[0]))
+    return [{"phrase": phrase, "share": round(count / len(captioned), 3), "trait": traits[phrase],
+             "captions": count} for phrase, count in leaking]
+
+
+def _exclude_line(identity: list[dict]) -> str | None:
+    """The --exclude-tags flag that leaves the leaking tags out of a new tag caption run."""
+    if not identity:
+        return None
+    return "--exclude-tags " + json.dumps(", ".join(entry["phrase"] for entry in identity), ensure_ascii=False)
+
+
+def _needs_review(items: list[StatsItem], report: dict | None) -> list[dict]:
+    """The last run's needs-review entries for images of this dataset; each item is flagged."""
+    if not report:
+        return []
+    by_name = {item.name: item for item in items}
+    found = []
+    for entry in report["needs_review"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) \
+                or entry["image"] not in by_name:
+            continue
+        reason = str(entry.get("reason") or "")
+        rules = [str(rule) for rule in entry.get("rules") or [] if isinstance(rule, str)]
+        by_name[entry["image"]].flag("needs review", reason or ", ".join(rules))
+        found.append({"image": entry["image"], "reason": reason, "rules": rules})
+    return found
+
+
+SPARKS = " \u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"
+HISTOGRAM_BINS = 12
+
+
+def histogram(values: list[int], bins: int = HISTOGRAM_BINS) -> str:
+    """A one-line text histogram of values, from the smallest to the largest.
+
+    >>> histogram([1, 2, 2, 3, 3, 3, 10], bins=5)
+    '\u2588\u2588  \u2583'
+    """
+    low, high = min(values), max(values)
+    counts = [0] * bins
+    for value in values:
+        counts[min(bins - 1, (value - low) * bins // (high - low + 1))] += 1
+    most = max(counts)
+    return "".join(SPARKS[math.ceil(count * (len(SPARKS) - 1) / most)] for count in counts)
+
+
+def format_stats(data: dict, *, top: int, histograms: dict | None = None) -> str:
+    """The stats document as readable text: counts, lengths, flags, trigger, identity, tags.
+
+    histograms maps a measure to its values, for a text histogram beside its figures (shown on a
+    terminal).
+    """
+    lines = []
+
+    def listing(title: str, entries: list[str], indent: str = "") -> None:
+        if not entries:
+            return
+        lines.append(f"{indent}{title} ({len(entries)}):")
+        lines.extend(f"{indent}  {entry}" for entry in entries[:top])
+        if len(entries) > top:
+            lines.append(f"{indent}  ... and {len(entries) - top} more (all in --json)")
+
+    lines.append(f"{data['folder']}: {plural(data['images'], 'image')}, {data['captioned']} captioned, "
+                 f"{data['missing']} missing, {data['empty']} empty, "
+                 f"{plural(len(data['orphans']), 'orphan caption file')}, "
+                 f"{plural(len(data['unreadable']), 'unreadable image')}"
+                 + (f", {plural(len(data['unreadable_captions']), 'unreadable caption file')}"
+                    if data["unreadable_captions"] else ""))
+    listing("Unreadable images", [f"{entry['image']}: {entry['reason']}" for entry in data["unreadable"]])
+    listing("Unreadable caption files",
+            [f"{entry['image']}: {entry['reason']}" for entry in data["unreadable_captions"]])
+    listing("Orphan caption files (no image)", data["orphans"])
+    listing("Missing captions", [item["image"] for item in data["items"] if "missing" in item["flags"]])
+    listing("Empty captions", [item["image"] for item in data["items"] if "empty" in item["flags"]])
+    if data["captioned"]:
+        lines.append(f"Captions: {data['style']} style; min / median / max:")
+        for measure, figures in data["distributions"].items():
+            row = f"  {measure.replace('_', ' '):<12} {figures['min']:>5} {figures['median']:>7g} {figures['max']:>5}"
+            if histograms and measure in histograms:
+                row += f"  {histogram(histograms[measure])}"
+            lines.append(row)
+    by_name = {item["image"]: item for item in data["items"]}
+    listing(f"Over the CLIP budget ({CLIP_TOKEN_BUDGET} tokens)",
+            [f"{name} ({by_name[name]['clip_tokens']} tokens)" for name in data["over_clip_budget"]])
+    listing("Out of range", [f"{entry['image']}: {entry['reason']}" for entry in data["out_of_range"]])
+    trigger = data["trigger"]
+    if trigger["word"]:
+        source = "--trigger" if trigger["source"] == "--trigger" else "the most common first chunk"
+        lines.append(f"Trigger {trigger['word']} ({source}): in {trigger['captions']} of "
+                     f"{data['captioned']} captions, first in {trigger['first']}")
+        listing("Missing the trigger", trigger["missing"], "  ")
+        listing("Trigger not first", trigger["not_first"], "  ")
+        listing("Trigger more than once", trigger["repeated"], "  ")
+    else:
+        lines.append("Trigger: none found (give one with --trigger WORD)")
+    listing("Duplicate captions", [" = ".join(group) for group in data["duplicates"]])
+    listing("Near duplicates", [" ~ ".join(group) for group in data["near_duplicates"]])
+    if data["identity"]:
+        lines.append(f"Identity leakage: these traits are in most captions, so {trigger['word']} "
+                     "cannot absorb them:")
+        lines.extend(f"  {entry['phrase']:<24} {entry['share']:>4.0%}  {entry['trait']}"
+                     for entry in data["identity"])
+        if data["exclude_tags"]:
+            lines.append(f"  to leave them out of a new tag run: {data['exclude_tags']}")
+        else:
+            lines.append("  to leave them out: remove them in the captions, or recaption with a --hint "
+                         "that says the trigger stands for them")
+    if data["report"]:
+        listing(f"Needs review (from {data['report']})",
+                [f"{entry['image']}: {entry['reason']}" for entry in data["needs_review"]])
+    if data["tags"]:
+        what = "tags" if data["style"] == "tags" else "words and phrases"
+        shown_terms = data["tags"][:top]
+        lines.append(f"Top {what} ({len(shown_terms)} of {len(data['tags'])}):")
+        lines.append("  " + ", ".join(f"{term} {count}" for term, count in shown_terms))
+    return "\n".join(lines)
+
+
+def cmd_stats(config: Config, args: argparse.Namespace) -> Product:
+    """Count and check a dataset's captions: lengths, tags, trigger, duplicates, identity leakage."""
+    data = dataset_stats(args.dataset, stats_options(args), trigger=args.trigger or "")
+    if args.json:
+        return Product(None, data)
+    histograms = None
+    if sys.stdout.isatty():
+        captioned = [item for item in data["items"] if item["caption"] is not None]
+        histograms = {measure: [item[measure] for item in captioned] for measure in STATS_MEASURES}
+    return Product(format_stats(data, top=args.top, histograms=histograms), data)
+
+
 # -- Command-line interface ---------------------------------------------------
 
 
@@ -4690,7 +5362,7 @@ SERVER_DEFAULTS = {"host": None, "model": None, "timeout": DEFAULT_TIMEOUT, "tem
                    "json": False, "prompts_dir": None}
 
 
-COMMANDS = ("caption", "prompt", "enhance", "describe", "lore", "doctor", "models", "templates")
+COMMANDS = ("caption", "prompt", "enhance", "describe", "lore", "doctor", "models", "templates", "stats")
 # Flags before the command name that take a value (so the value is not the command).
 VALUE_FLAGS = ("--host", "-m", "--model", "--timeout", "--prompts-dir", "--temperature", "--seed",
                "--num-ctx", "--max-tokens")
@@ -4870,6 +5542,27 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                     "  ollama-generate templates\n"
                     "  ollama-generate templates caption_tags > my-prompts/caption_tags.txt")
     templates.add_argument("name", metavar="NAME", nargs="?", help="print this template")
+
+    stats = add("stats", cmd_stats,
+                "  ollama-generate stats ./dataset/\n"
+                "  ollama-generate stats ./dataset/ --trigger ohwx --top 20\n"
+                "  ollama-generate stats ./dataset/ --recursive --json > stats.json")
+    stats.add_argument("dataset", metavar="DATASET", help="a folder of images and caption files")
+    stats.add_argument("--trigger", metavar="WORD",
+                       help="the trigger word to check (default: the most common first chunk)")
+    stats.add_argument("-r", "--recursive", action="store_true",
+                       help="also read images in subfolders, as caption --recursive does")
+    stats.add_argument("--ext", default=CAPTION_EXTENSION, metavar="EXT",
+                       help="caption file extension, e.g. .caption (default: .txt)")
+    stats.add_argument("--output-dir", metavar="DIR",
+                       help="read captions from DIR, mirroring the folder tree, as caption "
+                            "--output-dir writes them (default: beside each image)")
+    stats.add_argument("--report", metavar="FILE",
+                       help="the last run's report (caption --report) to read needs review from "
+                            f"(default: {LAST_REPORT} in the caption folder, if there is one)")
+    stats.add_argument("--top", type=positive_int, default=50, metavar="N",
+                       help="how many tags, and names per list, the text shows (default: 50; "
+                            "--json has them all)")
     for sub in (caption, models, doctor):
         sub.add_argument("--vision-model", metavar="NAME",
                          help=f"vision model (env: OLLAMA_VISION_MODEL; default {DEFAULT_VISION_MODEL})")
