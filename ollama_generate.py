@@ -2982,8 +2982,9 @@ def plan_jobs(folder: str, images: list[str], options: BatchOptions) -> list[Job
     return jobs
 
 
-def write_text_atomically(path: str, text: str) -> None:
-    """Write a UTF-8 file whole or not at all: a temp file in the same folder, then os.replace."""
+def write_text_atomically(path: str, text: str, *, sync: bool = True) -> None:
+    """Write a UTF-8 file whole or not at all: a temp file in the same folder, then os.replace.
+    sync=False leaves the flush to disk to the caller (one os.sync() after many files)."""
     import tempfile
 
     folder = os.path.dirname(path) or "."
@@ -2992,7 +2993,8 @@ def write_text_atomically(path: str, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
             handle.write(text)
             handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                os.fsync(handle.fileno())
         os.chmod(temp, 0o666 & ~_umask())
         os.replace(temp, path)
     except BaseException:
@@ -3078,12 +3080,12 @@ def remove_stale_temp_files(folders: set[str], started: float) -> None:
                 pass  # another run removed it, or it is not ours to remove
 
 
-def write_caption_file(path: str, caption: str) -> None:
+def write_caption_file(path: str, caption: str, *, sync: bool = True) -> None:
     """Write one caption line atomically; never an empty file."""
     line = one_line(without_surrogates(caption))
     if not line:
         raise ImageError("refusing to write an empty caption")
-    write_text_atomically(path, line + "\n")
+    write_text_atomically(path, line + "\n", sync=sync)
 
 
 def _umask() -> int:
@@ -3294,7 +3296,7 @@ def utc_stamp() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
 
 
-def backup_caption(root: str, caption_file: str) -> str | None:
+def backup_caption(root: str, caption_file: str, *, sync: bool = True) -> str | None:
     """Copy a caption file's bytes into the backup folder before it is replaced; return the copy's
     path, or None when there is nothing to keep. OSError when it cannot be kept: then the caption
     must not be replaced."""
@@ -3320,7 +3322,8 @@ def backup_caption(root: str, caption_file: str) -> str | None:
         with open(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                os.fsync(handle.fileno())
         return path
     raise OSError(errno.EEXIST, "no free backup name", folder)  # pragma: no cover - 100 in one microsecond
 
@@ -4468,42 +4471,46 @@ def replace_text(caption: str, find: str, replace: str, *, case: bool = True, re
 
 
 # STAND-IN (issue 10), to be replaced at merge: `stats` brings dataset_stats(folder, options,
-# trigger=...) whose document holds the same "items"; then _review_items() and _review_summary()
-# go, and ReviewDataset.refresh() calls dataset_stats() instead.
+# trigger=...) whose document holds the same "items"; then _review_items(), _review_item(),
+# _review_flags() and _review_summary() go, and ReviewDataset.refresh() takes the document from
+# dataset_stats() (after a save, only the saved items need reading again: see refresh(names)).
 STAND_IN_FLAGS = ("missing", "empty", "over budget", "missing trigger", "duplicate")
 
 
 def _review_items(folder: str, options: BatchOptions, *, trigger: str = "") -> list[dict]:
     """STAND-IN for dataset_stats(...)["items"]: one item per image of the caption walk."""
-    items = []
-    for image in find_images(folder, recursive=options.recursive):
-        name = shown(os.path.relpath(image, folder).replace(os.sep, "/"))
-        caption_file = caption_path(image, folder=folder, options=options)
-        text = read_caption(caption_file)
-        chunks = caption_chunks(text or "")
-        flags = []
-        if text is None:
-            flags.append("missing")
-        elif not text:
-            flags.append("empty")
-        tokens = estimate_clip_tokens(text) if text else 0
-        if tokens > CLIP_TOKEN_BUDGET:
-            flags.append("over budget")
-        if trigger and text and trigger.casefold() not in (chunk.casefold() for chunk in chunks):
-            flags.append("missing trigger")
-        items.append({"image": name, "caption_file": shown(os.path.relpath(caption_file, folder).replace(os.sep, "/")),
-                      "caption": text, "flags": flags, "words": count_words(text or ""),
-                      "sentences": count_sentences(text) if text else 0, "tags": len(chunks),
-                      "clip_tokens": tokens, "style": "tags" if _is_tag_caption(chunks) else "prose"})
-    same: dict[str, list[dict]] = collections.defaultdict(list)
-    for item in items:
-        if item["caption"]:
-            same[item["caption"].casefold()].append(item)
-    for group in same.values():
-        if len(group) > 1:
-            for item in group:
-                item["flags"].append("duplicate")
+    items = [_review_item(folder, options, image) for image in find_images(folder, recursive=options.recursive)]
+    _review_flags(items, trigger)
     return items
+
+
+def _review_item(folder: str, options: BatchOptions, image: str) -> dict:
+    """STAND-IN: one image's item, its flags still to be set by _review_flags()."""
+    caption_file = caption_path(image, folder=folder, options=options)
+    text = read_caption(caption_file)
+    chunks = caption_chunks(text or "")
+    return {"image": shown(os.path.relpath(image, folder).replace(os.sep, "/")),
+            "caption_file": shown(os.path.relpath(caption_file, folder).replace(os.sep, "/")),
+            "caption": text, "flags": [], "words": count_words(text or ""),
+            "sentences": count_sentences(text) if text else 0, "tags": len(chunks),
+            "clip_tokens": estimate_clip_tokens(text) if text else 0,
+            "style": "tags" if _is_tag_caption(chunks) else "prose"}
+
+
+def _review_flags(items: list[dict], trigger: str) -> None:
+    """STAND-IN: set every item's flags from its figures and the other items (duplicates)."""
+    same = collections.Counter(item["caption"].casefold() for item in items if item["caption"])
+    key = trigger.casefold()
+    for item in items:
+        text = item["caption"]
+        flags = ["missing"] if text is None else ["empty"] if not text else []
+        if item["clip_tokens"] > CLIP_TOKEN_BUDGET:
+            flags.append("over budget")
+        if key and text and key not in (chunk.casefold() for chunk in caption_chunks(text)):
+            flags.append("missing trigger")
+        if text and same[text.casefold()] > 1:
+            flags.append("duplicate")
+        item["flags"] = flags
 
 
 def _review_summary(items: list[dict]) -> dict:
@@ -4605,12 +4612,14 @@ class ReviewDataset:
         self.last_change: dict | None = None  # the last bulk change, for Undo
         self.saved = 0
         self.trigger = trigger
-        self.document: dict = {}
+        self.document: dict = {"items": []}
+        self.notes: dict[str, dict] = {}  # what the last run's report says of each image
+        self.report_written = 0.0
         self.refresh()
         if not self.trigger:
             self.trigger = guess_trigger(self.document["items"])
             if self.trigger:
-                self.refresh()
+                self.refresh([])  # the flags again, now with the trigger
         self.spec = CaptionSpec(style=style or self.guess_style(), creative=creative, trigger=self.trigger,
                                 prefix=prefix, hint=hint)
 
@@ -4619,35 +4628,54 @@ class ReviewDataset:
         styles = collections.Counter(item["style"] for item in self.document["items"] if item["caption"])
         return "tags" if styles["tags"] > styles["prose"] else "training"
 
-    def refresh(self) -> None:
-        """Read the dataset again: the stats document, and for each item what the page needs beside it."""
-        items = _review_items(self.folder, self.options, trigger=self.trigger)
-        document = {**_review_summary(items), "items": items}
-        notes, written = read_last_report(self.report_path)
+    def refresh(self, names: list[str] | None = None) -> None:
+        """Read the dataset again (names: only these captions changed; the flags of all are redone),
+        and give each item what the page needs beside it."""
+        if names is None:
+            items = _review_items(self.folder, self.options, trigger=self.trigger)
+            self.notes, self.report_written = read_last_report(self.report_path)
+        else:  # copies: a request being answered may be reading the old ones
+            items = [dict(item) for item in self.document["items"]]
+            where = {item["image"]: number for number, item in enumerate(items)}
+            for name in names:
+                items[where[name]] = _review_item(self.folder, self.options, self.images[name])
+            _review_flags(items, self.trigger)
+        changed = None if names is None else set(names)
+        flagged = [item for item in items if item["flags"] or self.notes.get(item["image"])
+                   or self.fresh.get(item["image"])]
         descriptions = read_descriptions(os.path.join(self.cache_folder, DescriptionCache.FILENAME)) \
-            if notes or any(item["flags"] for item in items) else {}
+            if flagged and (changed is None or changed) else {}
         for item in items:
             name = item["image"]
-            path = self.caption_files.get(name, "")
-            item["hash"] = caption_hash(path)
-            item["src"] = "/image/" + _url_path(name)
-            note = self.fresh.get(name)
-            if note is None:
-                note = notes.get(name, {})
-                try:  # a caption changed since the run's report was written is no longer its
-                    if note and os.lstat(path).st_mtime > written:
-                        note = {}
-                except OSError:
-                    note = {}
-            item["review"] = note.get("review") or None
-            if item["review"] and not any(flag.startswith("needs review") for flag in item["flags"]):
+            if changed is None or name in changed:
+                self.describe_item(item, descriptions)
+            elif item.get("review"):
                 item["flags"].append("needs review")
-            item["rules"] = note.get("rules") or []
-            item["spans"] = note.get("spans") or []
-            item["raw"] = note.get("raw") or None
-            item["description"] = (note.get("description") or descriptions.get(name)) \
-                if item["flags"] or item["rules"] else None
-        self.document = document
+        self.document = {**_review_summary(items), "items": items}
+
+    def describe_item(self, item: dict, descriptions: dict[str, str]) -> None:
+        """Add to an item its file's hash, its image's address, and why it is flagged: the last
+        run's needs-review reason, rules, spans and raw answer (or a recaption's), and its description."""
+        name = item["image"]
+        path = self.caption_files.get(name, "")
+        item["hash"] = caption_hash(path)
+        item["src"] = "/image/" + _url_path(name)
+        note = self.fresh.get(name)
+        if note is None:
+            note = self.notes.get(name, {})
+            try:  # a caption changed since the run's report was written is no longer its
+                if note and os.lstat(path).st_mtime > self.report_written:
+                    note = {}
+            except OSError:
+                note = {}
+        item["review"] = note.get("review") or None
+        if item["review"] and not any(flag.startswith("needs review") for flag in item["flags"]):
+            item["flags"].append("needs review")
+        item["rules"] = note.get("rules") or []
+        item["spans"] = note.get("spans") or []
+        item["raw"] = note.get("raw") or None
+        item["description"] = (note.get("description") or descriptions.get(name)) \
+            if item["flags"] or item["rules"] else None
 
     def data(self, *, readonly: bool = False) -> dict:
         """What the page is given: the stats document with its items, and what the page can do."""
@@ -4689,7 +4717,7 @@ class ReviewDataset:
             self.write([(name, path, caption)], by="review")
             self.fresh[name] = {}  # a person has looked at it: the run's reasons are answered
             self.saved += 1
-            self.refresh()
+            self.refresh([name])
             return {"item": self.item(name), "summary": self.summary()}
 
     def check_unchanged(self, name: str, path: str, base: object) -> None:
@@ -4705,15 +4733,19 @@ class ReviewDataset:
         """Back up, journal, then write each (name, caption file, caption); return the journal entries."""
         import hashlib
 
+        # Many files: flushed to disk together (one os.sync) rather than one fsync each.
+        each = len(changes) < 8 or not hasattr(os, "sync")
         entries, lines = [], []
         try:
             for name, path, caption in changes:
                 line = one_line(without_surrogates(caption))
-                backup_caption(self.root, path)
+                backup_caption(self.root, path, sync=each)
                 lines.append((path, line))
                 entries.append({"image": name, "caption_file": _relative_caption(self.root, path), "by": by,
                                 "old": caption_hash(path),
                                 "new": hashlib.sha256((line + "\n").encode("utf-8")).hexdigest()})
+            if not each:
+                os.sync()  # the backups are on disk before any caption is replaced
             journal_edits(self.root, entries)
         except OSError as exc:
             raise ReviewRefused(500, f"nothing was changed: cannot keep the backup or the edits journal in "
@@ -4721,9 +4753,11 @@ class ReviewDataset:
         for path, line in lines:
             try:
                 os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-                write_caption_file(path, line)
+                write_caption_file(path, line, sync=each)
             except OSError as exc:
                 raise ReviewRefused(500, f"cannot write {shown(path)} ({exc.strerror or exc})") from None
+        if not each:
+            os.sync()
         return entries
 
     def bulk(self, request: dict, *, apply: bool) -> dict:
@@ -4757,7 +4791,7 @@ class ReviewDataset:
             entries = self.write([(name, path, new) for name, path, _old, new in changes], by="bulk")
             self.last_change = {"what": what, "files": [
                 (name, path, old, entry["new"]) for (name, path, old, _new), entry in zip(changes, entries)]}
-            self.refresh()
+            self.refresh([name for name, *_ in changes])
             return {**result, "applied": True}
 
     def transform(self, request: dict):
@@ -4797,7 +4831,7 @@ class ReviewDataset:
                 (back if caption_hash(path) == new_hash else changed).append((name, path, old))
             self.write(back, by="undo")
             self.last_change = None
-            self.refresh()
+            self.refresh([name for name, *_ in back])
             return {"what": change["what"], "undone": len(back), "changed_since": [name for name, *_ in changed]}
 
     def recaption(self, name: object, base: object) -> dict:
@@ -4838,7 +4872,7 @@ class ReviewDataset:
                                            "by": "recaption", "old": old, "new": caption_hash(path)}])
             except OSError:
                 pass  # a model's caption, not a person's: the journal is for people's edits
-            self.refresh()
+            self.refresh([name])
             return {"item": self.item(name), "summary": self.summary(), "cached": job.cached}
 
     def cached_description(self, run: CaptionRun, cache: DescriptionCache, image: str) -> str | None:
