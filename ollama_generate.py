@@ -3229,6 +3229,7 @@ class BatchOptions(Frozen):
     """How a folder run goes: which files, where captions go, how hard to push."""
 
     overwrite: bool = False
+    overwrite_edited: bool = False  # --overwrite replaces captions a person edited too
     recursive: bool = False
     ext: str = CAPTION_EXTENSION
     output_dir: str | None = None
@@ -3307,9 +3308,12 @@ def caption_path(image: str, *, folder: str = "", options: BatchOptions | None =
 
 
 def plan_jobs(folder: str, images: list[str], options: BatchOptions) -> list[Job]:
-    """One job per image; an existing caption is skipped unless --overwrite, a foreign one always."""
+    """One job per image; an existing caption is skipped unless --overwrite, a foreign one always,
+    and one a person edited (see the edits journal) unless --overwrite-edited."""
     jobs = []
     owners: dict[str, str] = {}
+    root = options.output_dir or folder
+    journal = read_journal(root) if options.overwrite and not options.overwrite_edited else {}
     for image in images:
         name = shown(os.path.relpath(image, folder).replace(os.sep, "/"))
         job = Job(image, name, caption_path(image, folder=folder, options=options))
@@ -3320,6 +3324,8 @@ def plan_jobs(folder: str, images: list[str], options: BatchOptions) -> list[Job
                           f"with {owners[job.caption_file]}")
         elif state == "exists" and not options.overwrite:
             job.status, job.reason = "skipped", "caption exists"
+        elif state == "exists" and journal and edited_by_person(journal, root, job.caption_file):
+            job.status, job.reason = "skipped", EDITED_REASON
         elif state not in ("", "exists"):
             job.status, job.reason = "skipped", state
         owners.setdefault(job.caption_file, name)
@@ -3327,8 +3333,9 @@ def plan_jobs(folder: str, images: list[str], options: BatchOptions) -> list[Job
     return jobs
 
 
-def write_text_atomically(path: str, text: str) -> None:
-    """Write a UTF-8 file whole or not at all: a temp file in the same folder, then os.replace."""
+def write_text_atomically(path: str, text: str, *, sync: bool = True) -> None:
+    """Write a UTF-8 file whole or not at all: a temp file in the same folder, then os.replace.
+    sync=False leaves the flush to disk to the caller (one os.sync() after many files)."""
     import tempfile
 
     folder = os.path.dirname(path) or "."
@@ -3337,7 +3344,8 @@ def write_text_atomically(path: str, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
             handle.write(text)
             handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                os.fsync(handle.fileno())
         os.chmod(temp, 0o666 & ~_umask())
         os.replace(temp, path)
     except BaseException:
@@ -3423,12 +3431,12 @@ def remove_stale_temp_files(folders: set[str], started: float) -> None:
                 pass  # another run removed it, or it is not ours to remove
 
 
-def write_caption_file(path: str, caption: str) -> None:
+def write_caption_file(path: str, caption: str, *, sync: bool = True) -> None:
     """Write one caption line atomically; never an empty file."""
     line = one_line(without_surrogates(caption))
     if not line:
         raise ImageError("refusing to write an empty caption")
-    write_text_atomically(path, line + "\n")
+    write_text_atomically(path, line + "\n", sync=sync)
 
 
 def _umask() -> int:
@@ -3579,6 +3587,145 @@ class DescriptionCache:
             self.problem = f"cannot use the description cache {shown(self.path)} ({exc.strerror or exc}); " \
                            "going on without it"
             self.notify(self.problem)
+
+
+# -- Human edits: the edits journal and backups --------------------------------
+# Every caption a person changes (a save or a bulk change in `review`) is recorded in
+# <caption root>/.ollama-generate/edits.jsonl, one JSON line each: time, image, caption file,
+# the sha256 of the file's bytes before and after, and what made the change. Before anything
+# replaces a caption file (review, a bulk change, a recaption, `caption --overwrite`), its bytes
+# are copied to <caption root>/.ollama-generate/backup/<its path>, with the time put before the
+# extension: sub/cat.txt -> backup/sub/cat.20250314T101502123456Z.txt. The caption root is the
+# dataset folder, or --output-dir. Nothing here is reached through a symbolic link.
+
+EDITS_FILE = "edits.jsonl"
+BACKUP_FOLDER = "backup"
+# Journal entries made by a person; a caption whose file still has the bytes of its last such
+# entry is one a person edited, and `caption --overwrite` keeps it (--overwrite-edited does not).
+PERSON_EDITS = ("review", "bulk", "undo")
+# Each folder run's report, kept in the cache folder for `review` (needs-review reasons, cleaning spans).
+LAST_REPORT_FILE = "last-report.json"  # a copy of the last run's report, in the cache folder
+EDITED_REASON = "caption edited by a person (--overwrite-edited replaces it)"
+
+
+def caption_hash(path: str) -> str | None:
+    """The sha256 of a caption file's bytes, or None when there is no regular file at that path."""
+    import hashlib
+
+    try:
+        with open_regular(path, follow_links=False) as handle:
+            return hashlib.sha256(handle.read(CAPTION_READ_LIMIT + 1)).hexdigest()
+    except (ImageError, OSError):
+        return None
+
+
+def state_folder(root: str, *parts: str, create: bool = True) -> str:
+    """<root>/.ollama-generate/<parts>, made if needed; OSError if any of it is a symbolic link
+    (a dataset may come from anyone: its state folder must not lead out of it)."""
+    path = root
+    for part in (CACHE_FOLDER, *parts):
+        path = os.path.join(path, part)
+        if os.path.islink(path):
+            raise OSError(errno.ELOOP, "it is a symbolic link", path)
+        if create:
+            os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _relative_caption(root: str, caption_file: str) -> str:
+    """A caption file's path under the caption root, with / separators."""
+    relative = os.path.relpath(os.path.abspath(caption_file), os.path.abspath(root))
+    if relative.startswith(".."):  # not under the root (never for our own layout)
+        relative = os.path.basename(caption_file)
+    return relative.replace(os.sep, "/")
+
+
+def utc_stamp() -> str:
+    """The time now, for journal lines and backup names: 20250314T101502123456Z."""
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def backup_caption(root: str, caption_file: str, *, sync: bool = True) -> str | None:
+    """Copy a caption file's bytes into the backup folder before it is replaced; return the copy's
+    path, or None when there is nothing to keep. OSError when it cannot be kept: then the caption
+    must not be replaced."""
+    if not os.path.lexists(caption_file):
+        return None
+    try:
+        with open_regular(caption_file, follow_links=False) as handle:
+            data = handle.read(CAPTION_READ_LIMIT + 1)
+    except ImageError as exc:
+        raise OSError(errno.EINVAL, str(exc), caption_file) from None
+    if not data.strip():
+        return None
+    relative = _relative_caption(root, caption_file)
+    folder = state_folder(root, BACKUP_FOLDER, *relative.split("/")[:-1])
+    stem, ext = os.path.splitext(relative.split("/")[-1])
+    stamp = utc_stamp()
+    for attempt in range(100):
+        path = os.path.join(folder, f"{stem}.{stamp}{f'-{attempt}' if attempt else ''}{ext}")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except FileExistsError:
+            continue
+        with open(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            if sync:
+                os.fsync(handle.fileno())
+        return path
+    raise OSError(errno.EEXIST, "no free backup name", folder)  # pragma: no cover - 100 in one microsecond
+
+
+def journal_edits(root: str, entries: list[dict]) -> None:
+    """Append entries to the edits journal and make them durable; OSError when it cannot."""
+    if not entries:
+        return
+    path = os.path.join(state_folder(root), EDITS_FILE)
+    stamp = utc_stamp()
+    data = "".join(json.dumps({"time": stamp, **entry}, ensure_ascii=False) + "\n" for entry in entries)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                 | getattr(os, "O_NONBLOCK", 0), 0o666)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, f"it is {file_kind(mode)}", path)
+        os.write(fd, data.encode("utf-8", "replace"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_journal(root: str) -> dict[str, dict]:
+    """The last journal entry of each caption file (by its path under the root); {} without a
+    journal. Lines that are not whole entries are left out."""
+    path = os.path.join(root, CACHE_FOLDER, EDITS_FILE)
+    last: dict[str, dict] = {}
+    try:
+        with open_regular(path, follow_links=False) as handle:
+            lines = handle.read().splitlines()
+    except (ImageError, OSError):
+        return last
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("caption_file"), str):
+            last[entry["caption_file"]] = entry
+    return last
+
+
+def edited_by_person(journal: dict[str, dict], root: str, caption_file: str) -> bool:
+    """Whether a person made this caption file what it is now (its last journal entry is a
+    person's and the file still has the bytes that entry wrote)."""
+    entry = journal.get(_relative_caption(root, caption_file))
+    return bool(entry) and entry.get("by") in PERSON_EDITS and entry.get("new") == caption_hash(caption_file)
+
+
+# -- Batch engine: hosts, report, scheduling --------------------------------
 
 
 class Host(Record):
@@ -3976,12 +4123,22 @@ class CaptionRun:
                     return
                 if job.caption_file:
                     os.makedirs(os.path.dirname(job.caption_file) or ".", exist_ok=True)
+                    self.back_up(job)
                     write_caption_file(job.caption_file, caption.text)
             job.status, job.caption = "written", caption
         # Done with it either way (a job handed to another server keeps it): the
         # description is in the cache, and memory stays flat over a long run.
         if job.caption_file:
             job.description = ""
+
+    def back_up(self, job: Job) -> None:
+        """Keep the caption file about to be replaced in the backup folder; an image whose caption
+        cannot be kept is not captioned."""
+        try:
+            backup_caption(self.options.output_dir or self.report.folder, job.caption_file)
+        except OSError as exc:
+            raise ImageError(f"cannot back up {shown(job.caption_file)} before replacing it "
+                             f"({exc.strerror or exc})", hint="check the .ollama-generate/backup folder") from None
 
     def _taken(self, job: Job, reason: str) -> bool:
         """Skip an image whose caption another run (or the user) wrote meanwhile, or that became foreign."""
@@ -4008,8 +4165,12 @@ class CaptionRun:
             print(f"Skipping {plural(planned_skips, 'image')} that already "
                   f"{'has a caption' if planned_skips == 1 else 'have captions'} "
                   "(--overwrite redoes them).", file=sys.stderr, flush=True)
+        kept = sum(1 for job in jobs if job.reason == EDITED_REASON)
+        if kept and progress.mode != "quiet":
+            print(f"Keeping {plural(kept, 'caption')} a person edited (--overwrite-edited replaces "
+                  f"{'it' if kept == 1 else 'them'} too).", file=sys.stderr, flush=True)
         for job in jobs:
-            if job.status in ("failed", "skipped") and job.reason != "caption exists" \
+            if job.status in ("failed", "skipped") and job.reason not in ("caption exists", EDITED_REASON) \
                     and progress.mode == "lines":
                 print(f"{job.name}: {job.status}: {job.reason}", file=sys.stderr, flush=True)
         started = progress.started  # the live line and the summary time the same run
@@ -4191,7 +4352,8 @@ def batch_options(args: argparse.Namespace, folder: str) -> BatchOptions:
                          hint="use .txt (the default) or .caption")
     output_dir = os.path.abspath(args.output_dir) if args.output_dir else None
     return BatchOptions(
-        overwrite=args.overwrite, recursive=args.recursive, ext=ext, output_dir=output_dir,
+        overwrite=args.overwrite or args.overwrite_edited, overwrite_edited=args.overwrite_edited,
+        recursive=args.recursive, ext=ext, output_dir=output_dir,
         limit=args.limit, dry_run=args.dry_run, chunk=args.chunk, jobs=args.jobs,
         keep_alive=DEFAULT_KEEP_ALIVE if args.keep_alive is None else args.keep_alive,
         release_models=args.keep_alive is None, cache_dir=args.cache_dir,
@@ -4201,7 +4363,7 @@ def batch_options(args: argparse.Namespace, folder: str) -> BatchOptions:
 
 
 # Folder-run flags and their defaults: a single file refuses any other value.
-FOLDER_ONLY = {"recursive": False, "output_dir": None, "limit": None, "dry_run": False,
+FOLDER_ONLY = {"overwrite_edited": False, "recursive": False, "output_dir": None, "limit": None, "dry_run": False,
                "manifest": None, "report": None,
                "ext": CAPTION_EXTENSION, "jobs": 1, "chunk": DEFAULT_CHUNK, "keep_alive": None,
                "quiet": False}
@@ -4281,7 +4443,15 @@ def batch_failed(report: Report, config: Config) -> BatchFailed:
 
 def finish_report(report: Report, options: BatchOptions) -> None:
     """Write --report and --manifest, also after a run that stopped early; one failing does not
-    keep the other from being written."""
+    keep the other from being written. A copy of the report stays in the cache folder as
+    last-report.json, for `review` (nothing is said if it cannot be kept)."""
+    try:
+        folder = options.cache_dir or state_folder(options.output_dir or report.folder, create=False)
+        if os.path.isdir(folder):
+            write_text_atomically(os.path.join(folder, LAST_REPORT_FILE),
+                                  json_document(report.as_dict(), ensure_ascii=True) + "\n")
+    except OSError:
+        pass  # a convenience copy: the run's own outputs are what counts
     if options.report:
         _write_or_warn(options.report, write_output_file, options.report,
                        json_document(report.as_dict(), ensure_ascii=True) + "\n")
@@ -4603,7 +4773,7 @@ NEAR_DUPLICATE_MIN_TERMS = 3
 IDENTITY_SHARE = 0.5
 IDENTITY_MIN_CAPTIONS = 3
 # The report of the last folder run, inside the dataset (or --output-dir), read for needs review.
-LAST_REPORT = os.path.join(CACHE_FOLDER, "report.json")
+LAST_REPORT = os.path.join(CACHE_FOLDER, LAST_REPORT_FILE)
 REPORT_READ_LIMIT = 256 * 1024 * 1024
 # First chunks that are tags every dataset may start with, never a trigger.
 NOT_TRIGGERS = frozenset("""1girl 1boy 2girls 2boys 3girls 1other solo no_humans masterpiece score_9
@@ -4809,7 +4979,7 @@ def dataset_stats(folder: str, options: BatchOptions, *, trigger: str = "") -> d
 
     The images are those `caption` would caption (options.recursive), their caption files where
     caption writes them (options.ext, options.output_dir); options.report names the last run's
-    report (default: .ollama-generate/report.json in the caption folder). Raises UsageError for a
+    report (default: .ollama-generate/last-report.json in the caption folder). Raises UsageError for a
     folder that is not one or has no images, and for a --report that is not a run report.
     """
     if not os.path.isdir(folder):
@@ -5252,6 +5422,782 @@ def cmd_stats(config: Config, args: argparse.Namespace) -> Product:
     return Product(format_stats(data, top=args.top, histograms=histograms), data)
 
 
+# -- Review: the review page and its server -----------------------------------
+# `review DATASET` serves one page (prompts/review.html, with the dataset's data put in) on
+# 127.0.0.1 only. Every request needs the token of the printed address (or the cookie the first
+# visit sets) and a loopback Host header; only images the caption walk finds are served. Saves,
+# bulk changes and recaptions go through ReviewDataset, which backs up and journals each change
+# (see Human edits) under one lock, and refuses to replace a file that changed since the page
+# loaded it. `review --html FILE` writes the same page, read-only, with everything in it.
+
+REVIEW_PAGE = "review.html"
+REVIEW_DATA_MARKER = "__REVIEW_DATA__"
+REVIEW_BODY_LIMIT = 4 * 1024 * 1024  # a bulk change names at most every image: well under this
+REVIEW_SAMPLES = 20  # changed captions shown in a bulk change's preview
+SERVER_CHECK_TIMEOUT = 3.0
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+               ".bmp": "image/bmp", ".gif": "image/gif"}
+# The page runs only its own inline script and style, and talks only to its own server.
+REVIEW_CSP = ("default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+              "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+REVIEW_REPORT_LIMIT = 256 * 1024 * 1024
+
+
+class ReviewRefused(Exception):
+    """A request the review server answers with an error status and a message for the page."""
+
+    def __init__(self, status: int, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        self.status, self.message, self.hint = status, message, hint
+
+
+def review_page() -> str:
+    """The review page's HTML (prompts/review.html; --prompts-dir may replace it)."""
+    dirs = template_dirs()
+    for folder in dirs:
+        path = os.path.join(folder, REVIEW_PAGE)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+            if text.count(REVIEW_DATA_MARKER) != 1:
+                raise TemplateError(f"the review page {path} must hold {REVIEW_DATA_MARKER} once",
+                                    hint="remove the override to use the built-in page")
+            return text
+    raise TemplateError(f"the review page {REVIEW_PAGE} was not found (looked in {', '.join(dirs)})",
+                        hint="reinstall ollama-generate, or run it from a checkout that has the prompts/ folder")
+
+
+def page_with_data(page: str, data: dict) -> str:
+    """The page with its data put in as JSON that cannot end the script element it sits in."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                          ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(char, escaped)
+    return page.replace(REVIEW_DATA_MARKER, text)
+
+
+def caption_chunks(caption: str) -> list[str]:
+    """A caption's comma-separated chunks, stripped.
+
+    >>> caption_chunks("ohwx, red hair,  smile ,")
+    ['ohwx', 'red hair', 'smile']
+    """
+    return [chunk.strip() for chunk in caption.split(",") if chunk.strip()]
+
+
+def rename_tag(caption: str, tag: str, to: str = "") -> str:
+    """The caption with the tag renamed (merged into `to` where the caption has it already), or
+    removed when `to` is empty; tags compare without case.
+
+    >>> rename_tag("1girl, red hair, smile", "Red Hair", "long hair")
+    '1girl, long hair, smile'
+    >>> rename_tag("1girl, red hair, long hair", "red hair", "long hair")
+    '1girl, long hair'
+    >>> rename_tag("1girl, red hair", "red hair")
+    '1girl'
+    """
+    key, target = tag.strip().casefold(), to.strip()
+    chunks, seen = [], set()
+    for chunk in caption_chunks(caption):
+        if chunk.casefold() == key:
+            chunk = target
+        if chunk and chunk.casefold() not in seen:
+            seen.add(chunk.casefold())
+            chunks.append(chunk)
+    return ", ".join(chunks)
+
+
+def replace_text(caption: str, find: str, replace: str, *, case: bool = True, regex: bool = False) -> str:
+    """The caption with every match of find replaced.
+
+    >>> replace_text("A Cat and a cat", "cat", "dog", case=False)
+    'A dog and a dog'
+    >>> replace_text("red hair, red eyes", r"red (\\w+)", r"blue \\1", regex=True)
+    'blue hair, blue eyes'
+    """
+    pattern = re.compile(find if regex else re.escape(find), 0 if case else re.IGNORECASE)
+    return pattern.sub(replace if regex else replace.replace("\\", "\\\\"), caption)
+
+
+# The page opens on dataset_stats()'s document, the one `stats` prints. After a save only the saved
+# captions are read again (re-reading 5,000 would make every save take seconds): their measures
+# and the flags that depend on all captions (duplicates, the trigger) are redone here, and the
+# whole document again on the next reload.
+
+
+def _review_item(folder: str, options: BatchOptions, image: str) -> dict:
+    """One image's item after a save, as dataset_stats() gives it; its flags are set by _review_flags()."""
+    caption_file = caption_path(image, folder=folder, options=options)
+    text = read_caption(caption_file)
+    chunks = caption_chunks(text or "")
+    return {"image": shown(os.path.relpath(image, folder).replace(os.sep, "/")),
+            "caption_file": shown(os.path.relpath(caption_file, folder).replace(os.sep, "/")),
+            "caption": text, "flags": [], "words": count_words(text or ""),
+            "sentences": count_sentences(text) if text else 0, "tags": len(chunks),
+            "clip_tokens": clip_tokens(text)[0] if text else 0,
+            "style": "tags" if _is_tag_caption(chunks) else "prose"}
+
+
+def _review_flags(items: list[dict], trigger: str) -> None:
+    """Set the flags of items after a save: their own figures and the other items (duplicates)."""
+    same = collections.Counter(item["caption"].casefold() for item in items if item["caption"])
+    key = trigger.casefold()
+    for item in items:
+        text = item["caption"]
+        flags = ["missing"] if text is None else ["empty"] if not text else []
+        if item["style"] == "tags" and text and over_clip_budget(text) is not None:
+            flags.append("over CLIP budget")
+        if key and text and key not in (chunk.casefold() for chunk in caption_chunks(text)):
+            flags.append("missing trigger")
+        if text and same[text.casefold()] > 1:
+            flags.append("duplicate")
+        item["flags"] = flags
+
+
+def _review_summary(items: list[dict]) -> dict:
+    """The counts at the top of the page after a save, from the items (dataset_stats() on reload)."""
+    counts: collections.Counter = collections.Counter()
+    groups: dict[str, list[str]] = collections.defaultdict(list)
+    for item in items:
+        counts.update(dict.fromkeys((chunk.casefold() for chunk in caption_chunks(item["caption"] or "")
+                                     if len(chunk.split()) <= TAG_WORDS), 1))
+        if item["caption"]:
+            groups[item["caption"].casefold()].append(item["image"])
+    return {"images": len(items), "captioned": sum(1 for item in items if item["caption"]),
+            "missing": sum(1 for item in items if item["caption"] is None),
+            "empty": sum(1 for item in items if item["caption"] == ""),
+            "tags": [[tag, count] for tag, count in counts.most_common()],
+            "over_clip_budget": [item["image"] for item in items if "over CLIP budget" in item["flags"]],
+            "duplicates": [group for group in groups.values() if len(group) > 1], "identity": []}
+
+
+def read_last_report(path: str) -> tuple[dict, float]:
+    """What the last caption run said of each image (needs-review reason, rules, raw answer, spans),
+    by image name, and when that report was written; ({}, 0) without a readable report."""
+    try:
+        with open_regular(path) as handle:
+            report = json.loads(handle.read(REVIEW_REPORT_LIMIT))
+        written = os.stat(path).st_mtime
+    except (ImageError, OSError, ValueError):
+        return {}, 0.0
+    notes: dict[str, dict] = {}
+    if not isinstance(report, dict):
+        return {}, 0.0
+    for entry in report.get("captions") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("image"), str):
+            notes.setdefault(entry["image"], {}).update(
+                {key: entry[key] for key in ("rules", "raw", "spans") if entry.get(key)})
+    for entry in report.get("needs_review") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("image"), str):
+            notes.setdefault(entry["image"], {})["review"] = str(entry.get("reason") or "")
+    return notes, written
+
+
+def read_descriptions(path: str) -> dict[str, str]:
+    """The last cached vision description of each image name (descriptions.jsonl)."""
+    found: dict[str, str] = {}
+    try:
+        with open_regular(path, follow_links=False) as handle:
+            lines = handle.read(REVIEW_REPORT_LIMIT).splitlines()
+    except (ImageError, OSError):
+        return found
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("image"), str) \
+                and isinstance(record.get("description"), str):
+            found[record["image"]] = record["description"]
+    return found
+
+
+class ReviewDataset:
+    """A dataset as the review page sees it, and the only way the page changes it.
+
+    Writes happen under one lock: each checks what the page last saw, backs up the caption file,
+    journals the change, then writes the file as `caption` does (one line, UTF-8, never empty).
+    """
+
+    def __init__(self, folder: str, options: BatchOptions, *, config: Config, trigger: str = "",
+                 style: str = "", creative: bool = False, prefix: str = "", hint: str = "",
+                 report: str | None = None) -> None:
+        """Read the dataset; with no trigger given, the first chunk most captions share is taken as
+        it, and with no style, the one most captions have. Recaption writes with these."""
+        import threading
+
+        self.folder = folder
+        self.options = options
+        self.root = options.output_dir or folder  # where caption files, journal and backups live
+        self.cache_folder = options.cache_dir or os.path.join(self.root, CACHE_FOLDER)
+        self.config = config
+        self.report_path = report or os.path.join(self.cache_folder, LAST_REPORT_FILE)
+        self.lock = threading.Lock()
+        self.images: dict[str, str] = {}  # name -> image path, as the caption walk found them
+        self.caption_files: dict[str, str] = {}
+        for image in find_images(folder, recursive=options.recursive):
+            name = shown(os.path.relpath(image, folder).replace(os.sep, "/"))
+            self.images[name] = image
+            self.caption_files[name] = caption_path(image, folder=folder, options=options)
+        self.fresh: dict[str, dict] = {}  # name -> what a recaption from the page said of it
+        self.last_change: dict | None = None  # the last bulk change, for Undo
+        self.saved = 0
+        self.trigger = trigger
+        self.document: dict = {"items": []}
+        self.notes: dict[str, dict] = {}  # what the last run's report says of each image
+        self.report_written = 0.0
+        self.refresh()
+        if not self.trigger:  # the trigger stats found, so that the page and `stats` agree
+            self.trigger = (self.document.get("trigger") or {}).get("word") or ""
+        self.spec = CaptionSpec(style=style or self.guess_style(), creative=creative, trigger=self.trigger,
+                                prefix=prefix, hint=hint)
+
+    def guess_style(self) -> str:
+        """The caption style most captions have: tags, or training prose."""
+        styles = collections.Counter(item["style"] for item in self.document["items"] if item["caption"])
+        return "tags" if styles["tags"] > styles["prose"] else "training"
+
+    def refresh(self, names: list[str] | None = None) -> None:
+        """Read the dataset again (names: only these captions changed; the flags of all are redone),
+        and give each item what the page needs beside it."""
+        if names is None:
+            document = dataset_stats(self.folder, self.options.replace(report=None), trigger=self.trigger)
+            items = [{**item, "flags": [flag for flag in item["flags"] if flag != "needs review"]}
+                     for item in document["items"]]
+            self.notes, self.report_written = read_last_report(self.report_path)
+        else:  # copies: a request being answered may be reading the old ones
+            items = [dict(item) for item in self.document["items"]]
+            where = {item["image"]: number for number, item in enumerate(items)}
+            for name in names:
+                items[where[name]] = _review_item(self.folder, self.options, self.images[name])
+            _review_flags(items, self.trigger)
+        changed = None if names is None else set(names)
+        flagged = [item for item in items if item["flags"] or self.notes.get(item["image"])
+                   or self.fresh.get(item["image"])]
+        descriptions = read_descriptions(os.path.join(self.cache_folder, DescriptionCache.FILENAME)) \
+            if flagged and (changed is None or changed) else {}
+        for item in items:
+            name = item["image"]
+            if changed is None or name in changed:
+                self.describe_item(item, descriptions)
+            elif item.get("review"):
+                item["flags"].append("needs review")
+        summary = {key: value for key, value in document.items() if key != "items"} if names is None \
+            else {**self.document, **_review_summary(items)}
+        self.document = {**summary, "items": items}
+
+    def describe_item(self, item: dict, descriptions: dict[str, str]) -> None:
+        """Add to an item its file's hash, its image's address, and why it is flagged: the last
+        run's needs-review reason, rules, spans and raw answer (or a recaption's), and its description."""
+        name = item["image"]
+        path = self.caption_files.get(name, "")
+        item["hash"] = caption_hash(path)
+        item["src"] = "/image/" + _url_path(name)
+        note = self.fresh.get(name)
+        if note is None:
+            note = self.notes.get(name, {})
+            try:  # a caption changed since the run's report was written is no longer its
+                if note and os.lstat(path).st_mtime > self.report_written:
+                    note = {}
+            except OSError:
+                note = {}
+        item["review"] = note.get("review") or None
+        if item["review"] and not any(flag.startswith("needs review") for flag in item["flags"]):
+            item["flags"].append("needs review")
+        item["rules"] = note.get("rules") or []
+        item["spans"] = note.get("spans") or []
+        item["raw"] = note.get("raw") or None
+        item["description"] = (note.get("description") or descriptions.get(name)) \
+            if item["flags"] or item["rules"] else None
+
+    def data(self, *, readonly: bool = False) -> dict:
+        """What the page is given: the stats document with its items, and what the page can do."""
+        change = self.last_change
+        return {**self.document, "trigger_summary": self.document.get("trigger"), "dataset_style":
+                self.document.get("style"), "folder": shown(self.folder), "readonly": readonly,
+                "trigger": self.trigger, "style": self.spec.style, "host": self.config.host,
+                "undo": {"what": change["what"], "files": len(change["files"])} if change else None}
+
+    def item(self, name: str) -> dict:
+        return next(item for item in self.document["items"] if item["image"] == name)
+
+    def image_file(self, name: str) -> str | None:
+        """The image with this name, when the caption walk found it and it lies inside the dataset."""
+        image = self.images.get(name)
+        if image is None:
+            return None
+        inside = os.path.realpath(self.folder)
+        real = os.path.realpath(image)
+        if os.path.commonpath([inside, real]) != inside:
+            return None  # a symbolic link out of the dataset
+        return real
+
+    def caption_file(self, name: object) -> str:
+        """The caption file that belongs to a named image; 404 for any other name."""
+        if not isinstance(name, str) or name not in self.caption_files:
+            raise ReviewRefused(404, f"there is no image {name!r} in this dataset")
+        return self.caption_files[name]
+
+    # Changes. Each runs under the lock, from the request handlers' threads.
+
+    def save(self, name: object, caption: object, base: object) -> dict:
+        """Write one caption a person edited; 409 if the file changed since the page loaded it."""
+        path = self.caption_file(name)
+        if not isinstance(caption, str) or not one_line(without_surrogates(caption)):
+            raise ReviewRefused(400, "an empty caption is not saved: a caption file is never empty",
+                                hint="write a caption, or put back the text that was there")
+        with self.lock:
+            self.check_unchanged(name, path, base)
+            self.write([(name, path, caption)], by="review")
+            self.fresh[name] = {}  # a person has looked at it: the run's reasons are answered
+            self.saved += 1
+            self.refresh([name])
+            return {"item": self.item(name), "summary": self.summary()}
+
+    def check_unchanged(self, name: str, path: str, base: object) -> None:
+        """Refuse to replace a caption file that changed since the page read it, or a foreign one."""
+        state = caption_state(path)
+        if state not in ("", "exists"):
+            raise ReviewRefused(409, f"{name}: {state}")
+        if caption_hash(path) != base:
+            raise ReviewRefused(409, f"the caption of {name} changed on disk since the page loaded it; "
+                                     "reload the page to see it (copy your text first)")
+
+    def write(self, changes: list[tuple[str, str, str]], *, by: str) -> list[dict]:
+        """Back up, journal, then write each (name, caption file, caption); return the journal entries."""
+        import hashlib
+
+        # Many files: flushed to disk together (one os.sync) rather than one fsync each.
+        each = len(changes) < 8 or not hasattr(os, "sync")
+        entries, lines = [], []
+        try:
+            for name, path, caption in changes:
+                line = one_line(without_surrogates(caption))
+                backup_caption(self.root, path, sync=each)
+                lines.append((path, line))
+                entries.append({"image": name, "caption_file": _relative_caption(self.root, path), "by": by,
+                                "old": caption_hash(path),
+                                "new": hashlib.sha256((line + "\n").encode("utf-8")).hexdigest()})
+            if not each:
+                os.sync()  # the backups are on disk before any caption is replaced
+            journal_edits(self.root, entries)
+        except OSError as exc:
+            raise ReviewRefused(500, f"nothing was changed: cannot keep the backup or the edits journal in "
+                                     f"{shown(os.path.join(self.root, CACHE_FOLDER))} ({exc.strerror or exc})") from None
+        for path, line in lines:
+            try:
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                write_caption_file(path, line, sync=each)
+            except OSError as exc:
+                raise ReviewRefused(500, f"cannot write {shown(path)} ({exc.strerror or exc})") from None
+        if not each:
+            os.sync()
+        return entries
+
+    def bulk(self, request: dict, *, apply: bool) -> dict:
+        """Rename, merge or remove a tag, or find and replace, across all (or the named) captions:
+        a preview of what changes, or the change itself (which Undo can take back)."""
+        transform, what = self.transform(request)
+        names = request.get("images")
+        if names is None:
+            names = list(self.caption_files)
+        if not isinstance(names, list):
+            raise ReviewRefused(400, "images must be a list of image names")
+        with self.lock:
+            changes, left_empty = [], 0
+            for name in dict.fromkeys(names):
+                path = self.caption_file(name)
+                old = read_caption(path)
+                if not old:
+                    continue
+                new = one_line(transform(old)).strip(" ,")
+                if new == old:
+                    continue
+                if not new:
+                    left_empty += 1  # never an empty caption: this one stays as it is
+                    continue
+                changes.append((name, path, old, new))
+            result = {"what": what, "changes": len(changes), "left_empty": left_empty,
+                      "samples": [{"image": name, "old": old, "new": new}
+                                  for name, _path, old, new in changes[:REVIEW_SAMPLES]]}
+            if not apply or not changes:
+                return result
+            entries = self.write([(name, path, new) for name, path, _old, new in changes], by="bulk")
+            self.last_change = {"what": what, "files": [
+                (name, path, old, entry["new"]) for (name, path, old, _new), entry in zip(changes, entries)]}
+            self.refresh([name for name, *_ in changes])
+            return {**result, "applied": True}
+
+    def transform(self, request: dict):
+        """The change a bulk request asks for, as a function of a caption, and its description."""
+        op = request.get("op")
+        text = {key: request.get(key, "") for key in ("tag", "to", "find", "replace")}
+        if not all(isinstance(value, str) for value in text.values()):
+            raise ReviewRefused(400, "tag, to, find and replace must be text")
+        if op in ("rename", "remove"):
+            tag, to = text["tag"].strip(), one_line(text["to"]).strip(" ,") if op == "rename" else ""
+            if not tag or op == "rename" and not to:
+                raise ReviewRefused(400, "name the tag" + (" and its new name" if op == "rename" else ""))
+            if "," in tag or "," in to:
+                raise ReviewRefused(400, "a tag has no commas")
+            what = f"rename {tag!r} to {to!r}" if op == "rename" else f"remove {tag!r}"
+            return (lambda caption: rename_tag(caption, tag, to)), what
+        if op == "replace":
+            if not text["find"]:
+                raise ReviewRefused(400, "give the text to find")
+            case, regex = bool(request.get("case", True)), bool(request.get("regex", False))
+            try:
+                replace_text("", text["find"], text["replace"], case=case, regex=regex)
+            except (re.error, IndexError) as exc:
+                raise ReviewRefused(400, f"the pattern {text['find']!r} cannot be used ({exc})") from None
+            return (lambda caption: replace_text(caption, text["find"], text["replace"], case=case,
+                                                 regex=regex)), f"replace {text['find']!r} with {text['replace']!r}"
+        raise ReviewRefused(400, "op must be rename, remove or replace")
+
+    def undo(self) -> dict:
+        """Take back the last bulk change, except in files changed since (they are named)."""
+        with self.lock:
+            change = self.last_change
+            if not change:
+                raise ReviewRefused(409, "there is no bulk change to undo")
+            back, changed = [], []
+            for name, path, old, new_hash in change["files"]:
+                (back if caption_hash(path) == new_hash else changed).append((name, path, old))
+            self.write(back, by="undo")
+            self.last_change = None
+            self.refresh([name for name, *_ in back])
+            return {"what": change["what"], "undone": len(back), "changed_since": [name for name, *_ in changed]}
+
+    def recaption(self, name: object, base: object) -> dict:
+        """Caption one image again through the configured server, as `caption --overwrite` would
+        (the cached description when there is one, so one text call); the old caption is backed up."""
+        path = self.caption_file(name)
+        with self.lock:
+            self.check_unchanged(name, path, base)
+            try:
+                make_folder(self.cache_folder, "the cache folder")
+                check_templates(self.config, self.spec)
+                job = Job(self.images[name], name, path)
+                report = Report(folder=self.folder, jobs=[job], hosts=connect_hosts(self.config))
+                cache = DescriptionCache(self.cache_folder, follow_links=bool(self.options.cache_dir))
+                cache.notify = lambda message: None  # the page shows what went wrong
+                old = caption_hash(path)
+                try:
+                    run = CaptionRun(self.config, self.spec, self.options.replace(
+                        overwrite=True, quiet=True, limit=None, jobs=1, chunk=1, keep_alive=None,
+                        dry_run=False), report, cache)
+                    run.run()
+                    description = job.description or self.cached_description(run, cache, job.image)
+                finally:
+                    cache.close()
+            except (ServerUnreachable, ServerTimeout) as exc:
+                raise ReviewRefused(503, str(exc), hint=exc.hint) from None
+            except OllamaError as exc:
+                raise ReviewRefused(502, str(exc), hint=exc.hint) from None
+            if job.status != "written":
+                raise ReviewRefused(502, job.reason or f"{name} was not captioned", hint=job.hint)
+            caption = job.caption
+            self.fresh[name] = {"review": "; ".join(caption.review), "rules": caption.fired,
+                                "raw": caption.raw or None, "description": description,
+                                "spans": [{"rule": rule, "action": action, "text": text}
+                                          for rule, action, text in caption.spans]}
+            try:
+                journal_edits(self.root, [{"image": name, "caption_file": _relative_caption(self.root, path),
+                                           "by": "recaption", "old": old, "new": caption_hash(path)}])
+            except OSError:
+                pass  # a model's caption, not a person's: the journal is for people's edits
+            self.refresh([name])
+            return {"item": self.item(name), "summary": self.summary(), "cached": job.cached}
+
+    def cached_description(self, run: CaptionRun, cache: DescriptionCache, image: str) -> str | None:
+        """The description the run used, from the cache (a written job keeps none in memory)."""
+        import hashlib
+
+        try:
+            data = read_image(image)
+        except (ImageError, OSError):
+            return None
+        return cache.get(DescriptionCache.key(hashlib.sha256(data).hexdigest(), self.config.vision_model,
+                                              run.prompt_sha256))
+
+    def summary(self) -> dict:
+        return {key: value for key, value in self.document.items() if key != "items"}
+
+    def server_state(self) -> dict:
+        """Whether the configured Ollama server answers, for the page's Recaption buttons."""
+        client = OllamaClient(self.config.host, timeout=min(self.config.timeout, SERVER_CHECK_TIMEOUT),
+                              retries=0, api_key=self.config.api_key)
+        try:
+            installed = {str(model.get("name") or model.get("model")) for model in client.tags()}
+        except OllamaError as exc:
+            return {"reachable": False, "host": self.config.host, "message": str(exc), "hint": exc.hint or None}
+        missing = [model for model in dict.fromkeys((self.config.vision_model, self.config.model))
+                   if model not in installed and with_tag(model) not in installed]
+        return {"reachable": True, "host": self.config.host, "missing": missing,
+                "message": (f"not installed on {self.config.host}: {', '.join(missing)}" if missing
+                            else f"Recaption uses {self.config.vision_model} and {self.config.model} "
+                                 f"on {self.config.host}")}
+
+
+def _url_path(name: str) -> str:
+    """A relative name as a URL path, each part quoted."""
+    import urllib.parse
+
+    return "/".join(urllib.parse.quote(part) for part in name.split("/"))
+
+
+def export_review(dataset: ReviewDataset, path: str) -> None:
+    """Write the page, read-only and self-contained, to path: images by relative path from it."""
+    data = dataset.data(readonly=True)
+    base = os.path.dirname(os.path.abspath(path))
+    for item in data["items"]:
+        image = os.path.abspath(dataset.images[item["image"]])
+        item["src"] = _url_path(shown(os.path.relpath(image, base).replace(os.sep, "/")))
+    write_output_file(path, page_with_data(review_page(), data))
+
+
+def review_server(dataset: ReviewDataset, *, port: int = 0, token: str = ""):
+    """A review server on 127.0.0.1 (port 0: a free one); serve_forever() runs it."""
+    import http.server
+    import secrets
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        allow_reuse_address = False
+
+    try:
+        server = Server(("127.0.0.1", port), _review_handler())
+    except OSError as exc:
+        raise OllamaError(f"cannot listen on 127.0.0.1:{port} ({exc.strerror or exc})",
+                          hint="choose another --port, or leave it out for a free one") from None
+    server.dataset = dataset
+    server.token = token or secrets.token_urlsafe(32)
+    server.port = server.server_address[1]
+    server.hosts = {f"127.0.0.1:{server.port}", f"localhost:{server.port}"}
+    server.cookie = f"ollama_generate_review_{server.port}"
+    server.url = f"http://127.0.0.1:{server.port}/?token={server.token}"
+    server.page = review_page()
+    return server
+
+
+def _review_handler():
+    """The request handler class of the review server (built on first use: http.server loads late)."""
+    import hmac
+    import http.server
+    import shutil
+    import urllib.parse
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        server_version = f"{PROG}/{__version__}"
+        sys_version = ""
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.handle_request("GET")
+
+        def do_POST(self) -> None:
+            self.handle_request("POST")
+
+        def other_method(self) -> None:
+            self.new_cookie = False
+            self.close_connection = True
+            self.respond(405, {"error": "use GET or POST"})
+
+        do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = other_method
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - http.server's name
+            return None
+
+        def handle_request(self, method: str) -> None:
+            self.new_cookie = False
+            try:
+                url = urllib.parse.urlsplit(self.path)
+                self.check_access(url, method)
+                if method == "GET":
+                    self.get(url.path)
+                else:
+                    self.post(url.path)
+            except ReviewRefused as exc:
+                self.respond(exc.status, {"error": exc.message, "hint": exc.hint or None})
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+            except Exception as exc:  # a bug: an answer, not a dead connection
+                self.respond(500, {"error": f"internal error: {exc!r}"})
+
+        def check_access(self, url, method: str) -> None:
+            """The Host header (DNS rebinding), the Origin of a change, and the token: else 403."""
+            server = self.server
+            if self.headers.get("Host", "") not in server.hosts:
+                raise ReviewRefused(403, "this server answers only at 127.0.0.1 or localhost and its port")
+            origin = self.headers.get("Origin")
+            if method == "POST" and origin is not None and origin not in {f"http://{host}" for host in server.hosts}:
+                raise ReviewRefused(403, "changes come only from the review page itself")
+            given = urllib.parse.parse_qs(url.query).get("token", [""])[0]
+            if given and hmac.compare_digest(given.encode(), server.token.encode()):
+                self.new_cookie = True
+                return
+            cookies = self.headers.get("Cookie", "")
+            for part in cookies.split(";"):
+                key, _, value = part.strip().partition("=")
+                if key == server.cookie and hmac.compare_digest(value.encode(), server.token.encode()):
+                    return
+            raise ReviewRefused(403, "open the address the review command printed (it holds the token)")
+
+        def get(self, path: str) -> None:
+            dataset = self.server.dataset
+            if path == "/":
+                page = page_with_data(self.server.page, dataset.data())
+                self.respond(200, page.encode("utf-8"), "text/html; charset=utf-8")
+            elif path == "/api/items":
+                self.respond(200, dataset.data())
+            elif path == "/api/server":
+                self.respond(200, dataset.server_state())
+            elif path.startswith("/image/"):
+                self.send_image(urllib.parse.unquote(path[len("/image/"):], errors="replace"))
+            else:
+                raise ReviewRefused(404, "not found")
+
+        def send_image(self, name: str) -> None:
+            dataset = self.server.dataset
+            image = dataset.image_file(name)
+            if image is None:
+                raise ReviewRefused(404, "not found")
+            try:
+                handle = open_regular(image)
+            except ImageError:
+                raise ReviewRefused(404, "not found") from None
+            with handle:
+                size = os.fstat(handle.fileno()).st_size
+                self.send_response(200)
+                self.send_header("Content-Type", IMAGE_TYPES.get(os.path.splitext(name)[1].lower(),
+                                                                 "application/octet-stream"))
+                self.send_header("Content-Length", str(size))
+                self.send_header("Cache-Control", "private, no-cache")
+                self.common_headers()
+                self.end_headers()
+                shutil.copyfileobj(handle, self.wfile)
+
+        def post(self, path: str) -> None:
+            routes = {"/api/save": self.save, "/api/preview": self.preview, "/api/apply": self.apply,
+                      "/api/undo": self.undo, "/api/recaption": self.recaption}
+            if path not in routes:
+                raise ReviewRefused(404, "not found")
+            routes[path](self.body())
+
+        def body(self) -> dict:
+            """The request's JSON object, read only up to the size cap."""
+            length = self.headers.get("Content-Length")
+            if length is None or not length.isdigit():
+                self.close_connection = True
+                raise ReviewRefused(411, "send the request body with a Content-Length")
+            if int(length) > REVIEW_BODY_LIMIT:
+                self.close_connection = True  # its body is never read
+                raise ReviewRefused(413, f"the request body is over {REVIEW_BODY_LIMIT // (1024 * 1024)} MB")
+            try:
+                data = json.loads(self.rfile.read(int(length)))
+            except ValueError:
+                raise ReviewRefused(400, "the request body is not JSON") from None
+            if not isinstance(data, dict):
+                raise ReviewRefused(400, "the request body must be a JSON object")
+            return data
+
+        def save(self, data: dict) -> None:
+            self.respond(200, self.server.dataset.save(data.get("image"), data.get("caption"), data.get("base")))
+
+        def preview(self, data: dict) -> None:
+            self.respond(200, self.server.dataset.bulk(data, apply=False))
+
+        def apply(self, data: dict) -> None:
+            self.respond(200, self.server.dataset.bulk(data, apply=True))
+
+        def undo(self, data: dict) -> None:
+            self.respond(200, self.server.dataset.undo())
+
+        def recaption(self, data: dict) -> None:
+            self.respond(200, self.server.dataset.recaption(data.get("image"), data.get("base")))
+
+        def respond(self, status: int, body, content_type: str = "application/json; charset=utf-8") -> None:
+            if not isinstance(body, bytes):
+                body = json.dumps(body, ensure_ascii=False).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.common_headers()
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def common_headers(self) -> None:
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Referrer-Policy", "no-referrer")
+            self.send_header("Content-Security-Policy", REVIEW_CSP)
+            if self.new_cookie:
+                self.send_header("Set-Cookie", f"{self.server.cookie}={self.server.token}; HttpOnly; "
+                                               "SameSite=Strict; Path=/")
+
+    return Handler
+
+
+def review_options(args: argparse.Namespace) -> BatchOptions:
+    """The walk and layout flags review shares with caption, checked as caption checks them."""
+    ext = args.ext if args.ext.startswith(".") else "." + args.ext
+    if len(ext) < 2 or "/" in ext or os.sep in ext or ext.lower() in IMAGE_EXTENSIONS:
+        raise UsageError(f"--ext {args.ext!r} is not a caption extension",
+                         hint="use .txt (the default) or .caption")
+    return BatchOptions(recursive=args.recursive, ext=ext, cache_dir=args.cache_dir,
+                        output_dir=os.path.abspath(args.output_dir) if args.output_dir else None,
+                        keep_alive=None, release_models=False, quiet=True)
+
+
+def cmd_review(config: Config, args: argparse.Namespace) -> Product:
+    """Check and edit a dataset's captions in the browser, on a page served from this machine only."""
+    folder = args.dataset
+    if not os.path.isdir(folder):
+        raise UsageError(f"{shown(folder)} is not a folder", hint="give the folder of images and captions")
+    options = review_options(args)
+    trigger = (args.trigger or "").strip(" ,")
+    if "," in trigger:
+        raise UsageError(f"--trigger must be one word or phrase without commas, got {args.trigger!r}")
+    if "\n" in (args.prefix or "") or "\r" in (args.prefix or ""):
+        raise UsageError("--prefix must be a single line: a caption file is one line")
+    dataset = ReviewDataset(folder, options, config=config, trigger=trigger, style=args.style or "",
+                            creative=args.creative, prefix=args.prefix or "", hint=one_line(args.hint or ""),
+                            report=args.report)
+    if not dataset.images:
+        raise UsageError(f"{shown(folder)} has no images ({', '.join(IMAGE_EXTENSIONS)})"
+                         + ("" if options.recursive else "; --recursive looks in subfolders"))
+    if args.html:
+        check_output_file(args.html, "--html")
+        export_review(dataset, args.html)
+        print(f"Wrote the review page of {plural(len(dataset.images), 'image')} to {shown(args.html)} "
+              "(read-only; images by relative path).", file=sys.stderr)
+        return Product(None, {"command": "review", "html": shown(args.html), "images": len(dataset.images)})
+    if args.json:
+        raise UsageError("--json works with review --html; the server prints its address as its first line")
+    server = review_server(dataset, port=args.port or 0)
+    try:
+        write_product(server.url)
+        print(f"Reviewing {plural(len(dataset.images), 'image')} in {shown(folder)}; Ctrl-C stops the server.",
+              file=sys.stderr, flush=True)
+        if not args.no_browser:
+            import threading
+            import webbrowser
+
+            threading.Thread(target=webbrowser.open, args=(server.url,), daemon=True).start()
+        try:
+            server.serve_forever()
+        except Terminated:
+            raise
+        except KeyboardInterrupt:
+            print(f"\nStopped the review server ({plural(dataset.saved, 'caption')} saved).", file=sys.stderr)
+    finally:
+        server.server_close()
+    return Product(None, {"command": "review", "url": server.url})
+
+
 # -- Command-line interface ---------------------------------------------------
 
 
@@ -5280,6 +6226,7 @@ temperature_value = number_type(float, "a number", 0, "0 or more", MAX_TEMPERATU
 seed_value = number_type(int, "a whole number", 0, "0 or more", MAX_SEED)
 token_count = number_type(int, "a whole number", 1, "1 or more", MAX_TOKENS)
 jobs_count = number_type(int, "a whole number", 1, "1 or more", MAX_JOBS)
+port_number = number_type(int, "a whole number", 0, "0 or more", 65535)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -5362,7 +6309,8 @@ SERVER_DEFAULTS = {"host": None, "model": None, "timeout": DEFAULT_TIMEOUT, "tem
                    "json": False, "prompts_dir": None}
 
 
-COMMANDS = ("caption", "prompt", "enhance", "describe", "lore", "doctor", "models", "templates", "stats")
+COMMANDS = ("caption", "prompt", "enhance", "describe", "lore", "doctor", "models", "templates", "stats",
+            "review")
 # Flags before the command name that take a value (so the value is not the command).
 VALUE_FLAGS = ("--host", "-m", "--model", "--timeout", "--prompts-dir", "--temperature", "--seed",
                "--num-ctx", "--max-tokens")
@@ -5442,7 +6390,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                          help="text placed verbatim at the very start of every caption")
     caption.add_argument("--overwrite", action="store_true",
                          help="replace existing caption files (default: skip them; empty ones are always "
-                              "written, symbolic links and special files never)")
+                              "written, symbolic links and special files never); captions a person "
+                              "edited in `review` are kept, and each replaced one is backed up first")
+    caption.add_argument("--overwrite-edited", action="store_true",
+                         help="with --overwrite (implied), replace captions a person edited too "
+                              "(backed up first)")
     caption.add_argument("--hint", metavar="TEXT",
                          help="context for both models: a character's name, what the dataset is about")
     caption.add_argument("--underscores", action="store_true",
@@ -5563,7 +6515,36 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     stats.add_argument("--top", type=positive_int, default=50, metavar="N",
                        help="how many tags, and names per list, the text shows (default: 50; "
                             "--json has them all)")
-    for sub in (caption, models, doctor):
+    review = add("review", cmd_review,
+                 "  ollama-generate review ./dataset/\n"
+                 "  ollama-generate review ./dataset/ --port 8765 --no-browser\n"
+                 "  ollama-generate review ./dataset/ --html review.html")
+    review.add_argument("dataset", metavar="DATASET", help="the folder of images and caption files")
+    review.add_argument("--port", type=port_number, metavar="N",
+                        help="port on 127.0.0.1, 0-65535 (default: a free one)")
+    review.add_argument("--no-browser", action="store_true",
+                        help="only print the page's address; do not open a browser")
+    review.add_argument("--html", metavar="FILE",
+                        help="write the page as one self-contained, read-only HTML file instead of serving it")
+    review.add_argument("--report", metavar="FILE",
+                        help="a caption run's --report to take needs-review reasons and cleaning spans "
+                             "from (default: the last run's, kept in the cache folder)")
+    walk = review.add_argument_group("dataset layout (as in caption)")
+    walk.add_argument("-r", "--recursive", action="store_true", help="also show images in subfolders")
+    walk.add_argument("--ext", default=CAPTION_EXTENSION, metavar="EXT",
+                      help="caption file extension (default: .txt)")
+    walk.add_argument("--output-dir", metavar="DIR", help="the captions are in DIR, mirroring the folder tree")
+    walk.add_argument("--cache-dir", metavar="DIR",
+                      help=f"where vision descriptions are kept (default: {CACHE_FOLDER}/ inside the folder)")
+    again = review.add_argument_group("recaption (the page's Recaption button, as caption writes)")
+    again.add_argument("--style", choices=CAPTION_STYLES,
+                       help="caption style (default: tags if most captions are tags, else training)")
+    again.add_argument("-c", "--creative", action="store_true", help="the creative mood of the style")
+    again.add_argument("--trigger", metavar="WORD",
+                       help="trigger word, placed first (default: the first chunk most captions share)")
+    again.add_argument("--prefix", metavar="TEXT", help="text placed verbatim at the start of the caption")
+    again.add_argument("--hint", metavar="TEXT", help="context for both models")
+    for sub in (caption, models, doctor, review):
         sub.add_argument("--vision-model", metavar="NAME",
                          help=f"vision model (env: OLLAMA_VISION_MODEL; default {DEFAULT_VISION_MODEL})")
     return parser

@@ -369,20 +369,19 @@ def test_needs_review_comes_from_a_real_caption_run_report(ollama, capsys, tmp_p
     assert data["needs_review"] == [{"image": "a.png", "reason": reason, "rules": []}]
     assert data["report"] == str(report)
     assert item(data, "a.png")["reasons"]["needs review"] == reason
-    # Without --report, the report a run keeps in the dataset's .ollama-generate/ is read.
-    assert stats(capsys, folder)["needs_review"] == []
-    (folder / ".ollama-generate" / "report.json").write_bytes(report.read_bytes())
+    # Without --report, the copy of its report every run keeps in .ollama-generate/ is read.
+    assert json.loads((folder / ".ollama-generate" / "last-report.json").read_text()) == json.loads(report.read_text())
     data = stats(capsys, folder)
     assert (data["needs_review"][0]["image"], data["report"]) == (
-        "a.png", str(folder / ".ollama-generate" / "report.json"))
+        "a.png", str(folder / ".ollama-generate" / "last-report.json"))
     code, out, err = run(capsys, "stats", folder)
-    assert f"Needs review (from {folder / '.ollama-generate' / 'report.json'}) (1):\n  a.png: {reason}\n" in out
+    assert f"Needs review (from {folder / '.ollama-generate' / 'last-report.json'}) (1):\n  a.png: {reason}\n" in out
 
 
 def test_a_broken_default_report_is_a_warning_and_a_symlinked_one_is_not_read(capsys, tmp_path):
     folder = dataset(tmp_path / "set", {"a.png": "a cat"})
     (folder / ".ollama-generate").mkdir()
-    last = folder / ".ollama-generate" / "report.json"
+    last = folder / ".ollama-generate" / "last-report.json"
     last.write_text("{not json")
     code, out, err = run(capsys, "stats", folder, "--json")
     assert code == 0 and json.loads(out)["needs_review"] == []
