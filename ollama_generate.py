@@ -14,6 +14,7 @@ Usage:
   ollama-generate lore "the last lighthouse keeper" --length short
   ollama-generate doctor
   ollama-generate stats ./dataset/ --trigger ohwx
+  ollama-generate review ./dataset/
 
 Environment:
   OLLAMA_HOST          Ollama server URL (default http://localhost:11434)
@@ -1265,6 +1266,10 @@ RULES = (
         r"\A(?:as requested,?|here you have (?:the|your) (?:caption|description|tags|prompt)[.:]"
         r"|i'?d describe it (?:like this|as follows)[^:\n]{0,20}:|(?:caption|option|version|variant) \d+\s*:)\s*",
         re.I)),
+    # In a tag answer anything that ends in "tags:" before the first tag is a lead-in.
+    Rule("lead-in", "start", "strip", lazy_pattern(
+        r"\A(?:(?:the|these|my|your|here are the|here are your)\s+)?(?:[\w/-]+\s+){0,3}?tags?(?:\s+(?:are|is))?\s*:\s*",
+        re.I), forms=("tags",)),
     Rule("label", "start", "strip", lazy_pattern(
         r"\A[*_#\s]*(?:(?:final|rewritten|enhanced|improved|training|booru|danbooru|flux|sdxl|image|the)\s+){0,3}"
         r"(?:caption|tags|tag list|description|prompt|answer|output|result|text|lora)"

@@ -389,3 +389,16 @@ def test_a_short_api_key_does_not_blank_ordinary_words(ollama, capsys, monkeypat
     code, out, err = run(capsys, "caption", photo, "--json")
     assert code == 0 and "long red wool coat" in json.loads(out)["text"]
     assert ollama.requests_to("/api/chat")[0].headers["authorization"] == "Bearer red"
+
+
+@pytest.mark.parametrize("answer", ["The tags are: 1girl, solo, smile", "Danbooru-style tags: 1girl, solo, smile",
+                                    "Here are the tags:\n1girl, solo, smile"])
+def test_a_tag_lead_in_goes_and_the_first_tag_stays(answer):
+    cleaned = og.clean(answer, og.STYLES["tags"])
+    assert cleaned.text == "1girl, solo, smile" and cleaned.fired == ["lead-in"]
+
+
+@pytest.mark.parametrize(("answer", "tags"), [('{"tags": "1girl, solo, smile"}', "1girl, solo, smile"),
+                                              ('{"caption": "x"}', "")])
+def test_structured_answers_that_are_objects(answer, tags):
+    assert og.clean(answer, og.STYLES["tags"]).text == tags
