@@ -3056,13 +3056,13 @@ class DatasetFacts(Record):
     captioned: int
     top_tags: list[tuple[str, int]]  # tags, or for prose captions words and phrases, with counts
     samples: list[str]
-    style: str = "tags"  # "tags" or "prose", by what most captions look like
+    form: str = "tags"  # "tags" or "prose", by what most captions look like
     in_every: list[str] = []  # tags every caption has (a prefix such as score_9), not counted
 
     def summary(self) -> str:
         """One line of facts for the model card prompt."""
         terms = ", ".join(f"{term} ({count})" for term, count in self.top_tags) or "none"
-        what = "caption tags" if self.style == "tags" else "words and phrases in the captions"
+        what = "caption tags" if self.form == "tags" else "words and phrases in the captions"
         every = f"; in every caption: {', '.join(self.in_every)}" if self.in_every else ""
         return (f"{plural(self.images, 'training image')}, {self.captioned} with captions; "
                 f"most frequent {what}: {terms}{every}")
@@ -3119,7 +3119,7 @@ def dataset_facts(folder: str, *, trigger: str = "", top: int = 15, samples: int
     else:
         terms = _frequent_words(chunked, left_out, top)
     return DatasetFacts(len(images), len(captions), terms, captions[:samples],
-                        style="tags" if tag_style else "prose", in_every=in_every)
+                        form="tags" if tag_style else "prose", in_every=in_every)
 
 
 def _is_tag_caption(chunks: list[str]) -> bool:
@@ -3212,7 +3212,7 @@ def card_tail(*, args: argparse.Namespace, dataset: DatasetFacts | None) -> str:
         them = "of them " if dataset.images != 1 else ""
         lines = [f"## Training data\n\n{plural(dataset.images, 'image')}, {dataset.captioned} {them}captioned."]
         if dataset.top_tags:
-            what = "Most frequent tags" if dataset.style == "tags" else "Frequent words and phrases"
+            what = "Most frequent tags" if dataset.form == "tags" else "Frequent words and phrases"
             lines.append(f"{what}: " + ", ".join(f"{term} ({count})" for term, count in dataset.top_tags)
                          + ".")
         if dataset.in_every:
@@ -4962,7 +4962,7 @@ class StatsItem(Record):
     name: str
     caption_file: str
     caption: str | None = None
-    style: str | None = None  # "tags" or "prose", by the caption's chunks
+    form: str | None = None  # "tags" or "prose", by the caption's chunks
     measures: dict = {}
     chunks: list = []  # the caption's comma-separated chunks, lower case
     key: str = ""  # the caption as duplicates are compared: lower case, spacing collapsed
@@ -4976,7 +4976,7 @@ class StatsItem(Record):
                 "flags": [flag for flag in STATS_FLAGS if flag in self.flags],
                 "reasons": {flag: self.flags[flag] for flag in STATS_FLAGS if self.flags.get(flag)},
                 **{measure: self.measures.get(measure) for measure in STATS_MEASURES},
-                "style": self.style}
+                "style": self.form}
 
 
 def dataset_stats(folder: str, options: BatchOptions, *, trigger: str = "") -> dict:
@@ -5020,9 +5020,9 @@ def dataset_stats(folder: str, options: BatchOptions, *, trigger: str = "") -> d
             item.flag(state)
         items.append(item)
     captioned = [item for item in items if item.caption is not None]
-    style = None
+    form = None
     if captioned:
-        style = "tags" if sum(item.style == "tags" for item in captioned) * 2 >= len(captioned) else "prose"
+        form = "tags" if sum(item.form == "tags" for item in captioned) * 2 >= len(captioned) else "prose"
     owned = {os.path.abspath(caption_path(image, folder=folder, options=options)) for image in images}
     root = options.output_dir or folder
     orphans = [shown(os.path.relpath(path, root).replace(os.sep, "/"))
@@ -5041,18 +5041,18 @@ def dataset_stats(folder: str, options: BatchOptions, *, trigger: str = "") -> d
         "unreadable_captions": unreadable_captions,
         "orphans": orphans,
         "unreadable": unreadable,
-        "style": style,
+        "style": form,
         "distributions": {measure: _distribution([item.measures[measure] for item in captioned])
                           for measure in STATS_MEASURES},
         "over_clip_budget": [item.name for item in captioned if "over CLIP budget" in item.flags],
         "out_of_range": [{"image": item.name, "reason": item.flags["out of range"]}
                          for item in captioned if "out of range" in item.flags],
-        "tags": _term_counts(captioned, style),
+        "tags": _term_counts(captioned, form),
         "trigger": trigger_summary,
         "duplicates": _duplicates(captioned),
         "near_duplicates": _near_duplicates(captioned, trigger_summary["word"] or ""),
         "identity": identity,
-        "exclude_tags": _exclude_line(identity) if style == "tags" else None,
+        "exclude_tags": _exclude_line(identity) if form == "tags" else None,
         "needs_review": needs_review,
         "report": shown(report_path) if report is not None else None,
         "items": [item.as_dict() for item in items],
@@ -5064,9 +5064,9 @@ def _measure(item: StatsItem, text: str) -> None:
     item.caption, item.key = text, one_line(text).lower()
     item.measures = {measure: count(text) for measure, count in STATS_MEASURES.items()}
     item.chunks = [one_line(chunk).lower() for chunk in text.split(",") if chunk.strip()]
-    item.style = "tags" if _is_tag_caption(item.chunks) else "prose"
-    rows = [row for row in STYLES.values() if row.family == "caption" and row.form == item.style]
-    if item.style == "tags" and over_clip_budget(item.caption) is not None:
+    item.form = "tags" if _is_tag_caption(item.chunks) else "prose"
+    rows = [row for row in STYLES.values() if row.family == "caption" and row.form == item.form]
+    if item.form == "tags" and over_clip_budget(item.caption) is not None:
         item.flag("over CLIP budget", f"about {item.measures['clip_tokens']} CLIP tokens, over the "
                                       f"{CLIP_TOKEN_BUDGET}-token budget")
     if not any(row.low <= row.size(text) <= row.high for row in rows):
@@ -5087,10 +5087,10 @@ def _distribution(values: list[int]) -> dict:
     return {"min": ordered[0], "median": int(median) if median == int(median) else median, "max": ordered[-1]}
 
 
-def _term_counts(captioned: list[StatsItem], style: str | None) -> list[list]:
+def _term_counts(captioned: list[StatsItem], form: str | None) -> list[list]:
     """Every tag with the number of captions that have it (tag datasets), or the frequent words
     and phrases (prose), most first."""
-    if style == "prose":
+    if form == "prose":
         return [[term, count] for term, count in _frequent_words(
             [item.chunks for item in captioned], set(), len(captioned) * 1000)]
     counts = collections.Counter(chunk.rstrip(".") for item in captioned for chunk in dict.fromkeys(item.chunks))
@@ -5197,7 +5197,7 @@ def _near_duplicates(captioned: list[StatsItem], trigger: str) -> list[list[str]
     texts, term_sets = list(keyed), []
     for text in texts:
         item = keyed[text][0]
-        terms = set(item.chunks) if item.style == "tags" else set(re.findall(r"\w+", text))
+        terms = set(item.chunks) if item.form == "tags" else set(re.findall(r"\w+", text))
         term_sets.append(terms - {trigger})
     frequency = collections.Counter(term for terms in term_sets for term in terms)
     order = {term: rank for rank, term in enumerate(sorted(frequency, key=lambda t: (frequency[t], t)))}
@@ -5278,7 +5278,7 @@ def _identity(captioned: list[StatsItem], trigger: str | None) -> list[dict]:
     read: dict[str, dict[str, str]] = {trigger: {}}  # each distinct tag is read once
     for item in captioned:
         found: dict[str, str] = {}
-        if item.style == "tags":
+        if item.form == "tags":
             for chunk in item.chunks:
                 tag = chunk.rstrip(".")
                 phrases = read.get(tag)

@@ -626,7 +626,7 @@ def test_dataset_facts_leave_out_the_trigger_and_tags_in_every_caption(tmp_path)
         "score_9, score_8_up, ohwx, 1girl, red hair, outdoors",
         "score_9, score_8_up, ohwx, 1girl, red hair, smile"])
     facts = og.dataset_facts(str(folder), trigger="ohwx")
-    assert (facts.style, facts.in_every) == ("tags", ["score_9", "score_8_up", "1girl"])
+    assert (facts.form, facts.in_every) == ("tags", ["score_9", "score_8_up", "1girl"])
     assert facts.top_tags == [("red hair", 3), ("smile", 2), ("blue dress", 1), ("outdoors", 1)]
     assert facts.summary() == ("4 training images, 4 with captions; most frequent caption tags: red hair (3), "
                                "smile (2), blue dress (1), outdoors (1); in every caption: score_9, score_8_up, "
@@ -642,7 +642,7 @@ def test_a_prose_dataset_is_summarised_by_words_and_phrases(fake, capsys, tmp_pa
         "ohwx, a woman in a red coat stands by a frozen lake, snow falling, shallow depth of field.",
         "ohwx, an old man feeds pigeons in a snowy park, morning light, eye level."])
     facts = og.dataset_facts(str(folder), trigger="ohwx")
-    assert facts.style == "prose"
+    assert facts.form == "prose"
     assert facts.top_tags[:6] == [("red coat", 2), ("snowy park", 2), ("eye level", 2), ("shallow depth", 2),
                                   ("depth of field", 2), ("woman", 2)]
     assert all(not term.endswith(".") and term != "ohwx" for term, _count in facts.top_tags)
