@@ -4302,13 +4302,19 @@ def write_manifest(path: str, report: Report) -> int:
     file); text is its caption, read from wherever it was written (beside it or under --output-dir).
     """
     base = os.path.abspath(report.folder)
-    lines = []
+    lines, left_out = [], []
     for job in report.jobs:
         text = read_caption(job.caption_file)  # a regular file only: never a link or a FIFO
         if text:
-            name = shown(os.path.relpath(os.path.abspath(job.image), base).replace(os.sep, "/"))
+            name = os.path.relpath(os.path.abspath(job.image), base).replace(os.sep, "/")
+            if shown(name) != name:  # not UTF-8: no file_name in the manifest could name it
+                left_out.append(shown(name))
+                continue
             lines.append(json.dumps({"file_name": name, "text": text}, ensure_ascii=False))
     write_output_file(path, "".join(line + "\n" for line in lines))
+    if left_out:
+        warn(f"{path} leaves out {plural(len(left_out), 'image')} whose file name is not UTF-8 "
+             f"({', '.join(left_out[:3])}{', ...' if len(left_out) > 3 else ''}); rename them to include them")
     return len(lines)
 
 
