@@ -1102,6 +1102,11 @@ class Style(Frozen):
     cut_long: bool = False  # over the maximum is cut to it, not asked again (tag lists)
     clip_fit: bool = False  # trailing tags are left off until the line fits CLIP's budget (printed whole)
 
+    @property
+    def kind(self) -> str:
+        """The style's name without its mood: "training" for training-creative."""
+        return self.name.removesuffix("-creative")
+
     def size(self, body: str) -> int:
         """The caption's size in the style's unit."""
         return UNITS[self.unit][0](body) if self.unit else 0
@@ -1117,7 +1122,7 @@ class Style(Frozen):
         size, noun = self.size(body), UNITS[self.unit][1]
         if self.low <= size <= self.high or size > self.high and self.cut_long:
             return ""  # a long tag list is cut to its maximum, not asked again
-        return f"it has {plural(size, noun)}; a {self.name.split('-')[0]} caption has {self.low} to {self.high}"
+        return f"it has {plural(size, noun)}; a {self.kind} caption has {self.low} to {self.high}"
 
     def distance(self, body: str) -> int:
         """How far a caption is from the range (0 inside it)."""
@@ -2683,7 +2688,7 @@ def judge_caption(answer: Answer, spec: CaptionSpec, *, structured: bool = False
     if style.far_too_long(strip_think(answer.text)):  # a runaway is judged before cleaning, never written
         words = len(strip_think(answer.text).split())
         return Draft(answer, Cleaned(), problem=f"wrote {plural(words, 'word')}, far beyond a "
-                                                f"{style.name.split('-')[0]} caption's {style.high} {style.unit}")
+                                                f"{style.kind} caption's {style.high} {style.unit}")
     cleaned = clean(answer.text, style, cut_off=answer.done_reason == "length")
     if cleaned.refused:
         return Draft(answer, cleaned, problem="refused to write a caption")
@@ -4355,12 +4360,21 @@ def dry_run(jobs: list[Job], options: BatchOptions) -> str:
         for job in jobs)
 
 
+def caption_extension(value: str) -> str:
+    """The --ext of caption, stats and review, checked: a dot and a name that is not an image's.
+
+    >>> caption_extension("caption")
+    '.caption'
+    """
+    ext = value if value.startswith(".") else "." + value
+    if len(ext) < 2 or "/" in ext or os.sep in ext or ext.lower() in IMAGE_EXTENSIONS:
+        raise UsageError(f"--ext {value!r} is not a caption extension", hint="use .txt (the default) or .caption")
+    return ext
+
+
 def batch_options(args: argparse.Namespace, folder: str) -> BatchOptions:
     """The folder-run flags, checked."""
-    ext = args.ext if args.ext.startswith(".") else "." + args.ext
-    if len(ext) < 2 or "/" in ext or os.sep in ext or ext.lower() in IMAGE_EXTENSIONS:
-        raise UsageError(f"--ext {args.ext!r} is not a caption extension",
-                         hint="use .txt (the default) or .caption")
+    ext = caption_extension(args.ext)
     output_dir = os.path.abspath(args.output_dir) if args.output_dir else None
     return BatchOptions(
         overwrite=args.overwrite or args.overwrite_edited, overwrite_edited=args.overwrite_edited,
@@ -4954,10 +4968,7 @@ def read_run_report(path: str, *, given: bool) -> dict | None:
 
 def stats_options(args: argparse.Namespace) -> BatchOptions:
     """The dataset flags of stats, checked as caption checks them."""
-    ext = args.ext if args.ext.startswith(".") else "." + args.ext
-    if len(ext) < 2 or "/" in ext or os.sep in ext or ext.lower() in IMAGE_EXTENSIONS:
-        raise UsageError(f"--ext {args.ext!r} is not a caption extension",
-                         hint="use .txt (the default) or .caption")
+    ext = caption_extension(args.ext)
     output_dir = os.path.abspath(args.output_dir) if args.output_dir else None
     return BatchOptions(recursive=args.recursive, ext=ext, output_dir=output_dir, report=args.report)
 
@@ -6154,10 +6165,7 @@ def _review_handler():
 
 def review_options(args: argparse.Namespace) -> BatchOptions:
     """The walk and layout flags review shares with caption, checked as caption checks them."""
-    ext = args.ext if args.ext.startswith(".") else "." + args.ext
-    if len(ext) < 2 or "/" in ext or os.sep in ext or ext.lower() in IMAGE_EXTENSIONS:
-        raise UsageError(f"--ext {args.ext!r} is not a caption extension",
-                         hint="use .txt (the default) or .caption")
+    ext = caption_extension(args.ext)
     return BatchOptions(recursive=args.recursive, ext=ext, cache_dir=args.cache_dir,
                         output_dir=os.path.abspath(args.output_dir) if args.output_dir else None,
                         keep_alive=None, release_models=False, quiet=True)
