@@ -46,6 +46,7 @@ import os
 import re
 import stat
 import string
+import struct
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -2482,6 +2483,253 @@ def _image_complete(kind: str, head: bytes, tail: bytes, size: int) -> bool:
         return tail.rstrip(b"\x00").endswith(b";")
     declared = int.from_bytes(head[4:8] if kind == "webp" else head[2:6], "little")
     return declared > 12 and size >= declared + (8 if kind == "webp" else 0)
+
+
+# Dimensions come from the file's header alone (the standard library only), so `stats`, --dry-run
+# and the context sizing know every image's size without decoding a pixel. A reader gets bytes
+# by (offset, count), from a file or from bytes in memory (a JPEG is walked segment by segment,
+# never read whole), and never raises: a truncated or odd file has no size (None).
+# EXIF orientations 5 to 8 turn the picture a quarter turn: width and height swap when shown.
+QUARTER_TURNS = frozenset({5, 6, 7, 8})
+
+
+class ImageSize(Frozen):
+    """An image's stored width and height, and its EXIF orientation (1: as stored)."""
+
+    width: int
+    height: int
+    orientation: int = 1
+
+    @property
+    def upright(self) -> tuple[int, int]:
+        """Width and height as the picture is meant to be seen (orientation applied)."""
+        if self.orientation in QUARTER_TURNS:
+            return self.height, self.width
+        return self.width, self.height
+
+
+def image_size(path: str) -> ImageSize | None:
+    """An image file's size from its header; None when it cannot be read or makes no sense."""
+    try:
+        with open_regular(path) as handle:
+            def read(offset: int, count: int) -> bytes:
+                handle.seek(offset)
+                return handle.read(count)
+
+            return _size_from(read)
+    except (ImageError, OSError):
+        return None
+
+
+def image_size_of(data: bytes) -> ImageSize | None:
+    """The size of an image held in memory, read as image_size() reads a file."""
+    return _size_from(lambda offset, count: data[offset:offset + count])
+
+
+def _size_from(read) -> ImageSize | None:
+    head = read(0, 32)
+    kind = _image_kind(head)
+    reader = HEADER_READERS.get(kind or "")
+    if reader is None:
+        return None
+    try:
+        size = reader(read)
+    except (ValueError, IndexError, struct.error):
+        return None
+    if size is None or not (0 < size.width <= 1 << 20 and 0 < size.height <= 1 << 20):
+        return None
+    return size
+
+
+def _png_size(read) -> ImageSize | None:
+    header = read(8, 16)
+    if header[4:8] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", header[8:16])
+    return ImageSize(width, height)
+
+
+def _gif_size(read) -> ImageSize:
+    width, height = struct.unpack("<HH", read(6, 4))
+    return ImageSize(width, height)
+
+
+def _bmp_size(read) -> ImageSize:
+    header = read(14, 12)
+    if int.from_bytes(header[:4], "little") == 12:  # the old OS/2 header: 16-bit sizes
+        width, height = struct.unpack("<HH", header[4:8])
+    else:
+        width, height = struct.unpack("<ii", header[4:12])  # a negative height is stored top-down
+    return ImageSize(abs(width), abs(height))
+
+
+def _webp_size(read) -> ImageSize | None:
+    chunk = read(12, 18)
+    fourcc, body = chunk[:4], chunk[8:]
+    if fourcc == b"VP8 ":  # lossy: a key frame's start code, then 14-bit sizes
+        if body[3:6] != b"\x9d\x01\x2a":
+            return None
+        width, height = struct.unpack("<HH", body[6:10])
+        return ImageSize(width & 0x3FFF, height & 0x3FFF)
+    if fourcc == b"VP8L":  # lossless: a signature byte, then 14-bit sizes minus one
+        if body[0] != 0x2F:
+            return None
+        bits = int.from_bytes(body[1:5], "little")
+        return ImageSize((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
+    if fourcc == b"VP8X":  # extended: the canvas size, 24-bit sizes minus one
+        return ImageSize(int.from_bytes(body[4:7], "little") + 1, int.from_bytes(body[7:10], "little") + 1)
+    return None
+
+
+# JPEG markers that carry the frame size (SOF0-15, less DHT, JPG and DAC), and those without a length.
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_BARE = frozenset({0x01, *range(0xD0, 0xD9)})
+_JPEG_MAX_SEGMENTS = 1000
+
+
+def _jpeg_size(read) -> ImageSize | None:
+    """Walk the segments up to the frame header, noting the EXIF orientation on the way."""
+    offset, orientation = 2, 1
+    for _ in range(_JPEG_MAX_SEGMENTS):
+        marker = read(offset, 4)
+        if len(marker) < 2 or marker[0] != 0xFF:
+            return None
+        kind = marker[1]
+        if kind == 0xFF:  # fill byte
+            offset += 1
+            continue
+        if kind in _JPEG_BARE:
+            offset += 2
+            continue
+        if kind in (0xD9, 0xDA) or len(marker) < 4:  # the end, or the scan before any frame header
+            return None
+        length = int.from_bytes(marker[2:4], "big")
+        if length < 2:
+            return None
+        if kind in _JPEG_FRAMES:
+            frame = read(offset + 4, 5)
+            height, width = struct.unpack(">HH", frame[1:5])
+            return ImageSize(width, height, orientation)
+        if kind == 0xE1 and orientation == 1:
+            orientation = _exif_orientation(read(offset + 4, length - 2))
+        offset += 2 + length
+    return None
+
+
+def _exif_orientation(segment: bytes) -> int:
+    """The orientation tag (0x0112) of an APP1 Exif segment's first image directory; 1 if none."""
+    if not segment.startswith(b"Exif\0\0"):
+        return 1
+    tiff = segment[6:]
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if order is None:
+        return 1
+    try:
+        directory = struct.unpack(order + "I", tiff[4:8])[0]
+        count = struct.unpack(order + "H", tiff[directory:directory + 2])[0]
+        for entry in range(min(count, 512)):
+            start = directory + 2 + 12 * entry
+            tag, _, _, value = struct.unpack(order + "HHIH", tiff[start:start + 10])
+            if tag == 0x0112:
+                return value if 1 <= value <= 8 else 1
+    except struct.error:
+        pass  # a directory cut short: no orientation
+    return 1
+
+
+HEADER_READERS = {"png": _png_size, "jpeg": _jpeg_size, "webp": _webp_size, "gif": _gif_size, "bmp": _bmp_size}
+
+
+# -- Image tokens: what an image costs in the vision model's context ---------------
+# An estimate per model family (the `details.family` or `general.architecture` /api/show reports),
+# used to size num_ctx so the largest image of a run, the prompt and the answer fit. Each row is
+# one formula with its own numbers:
+#   fixed         a fixed count whatever the size (gemma3 resizes to 896 px squares: 256 tokens;
+#                 CLIP-based llava sees 336 px: 576 tokens);
+#   tile          square tiles of that many pixels, up to `tiles` of them, `per_tile` tokens each
+#                 (mllama: 560 px tiles, at most 4, 1,601 tokens each);
+#   patch         one token per patch x patch pixels after a "smart resize" that keeps the image
+#                 between `low` and `high` tokens (Qwen2/2.5/3-VL: 28 px after merging; Ollama's
+#                 llama.cpp engine asks for at least 1,024 tokens per image and llama.cpp's own
+#                 ceiling is about 4,096). An unknown family is counted as patches with no ceiling,
+#                 so a large image is never under-counted.
+class ImageTokens(Frozen):
+    """How one family of vision models turns an image into context tokens."""
+
+    fixed: int = 0
+    tile: int = 0
+    tiles: int = 0
+    per_tile: int = 0
+    patch: int = 0
+    low: int = 0
+    high: int = 0  # 0: no ceiling
+
+    def count(self, width: int, height: int) -> int:
+        """The tokens an image of this size (as sent) takes."""
+        if self.fixed:
+            return self.fixed
+        if self.tile:
+            return min(self.tiles, math.ceil(width / self.tile) * math.ceil(height / self.tile)) * self.per_tile
+        tokens = max(1, round(width / self.patch)) * max(1, round(height / self.patch))
+        if self.high and tokens > self.high:  # scaled down to the budget, aspect kept
+            scale = math.sqrt(self.high / tokens)
+            tokens = math.floor(width * scale / self.patch) * math.floor(height * scale / self.patch)
+        return max(tokens, self.low)
+
+
+QWEN_VL_TOKENS = ImageTokens(patch=28, low=1024, high=4096)
+VISION_TOKENS: dict[str, ImageTokens] = {
+    "qwen2vl": QWEN_VL_TOKENS,
+    "qwen25vl": QWEN_VL_TOKENS,
+    "qwen3vl": QWEN_VL_TOKENS,
+    "qwen3vlmoe": QWEN_VL_TOKENS,
+    "gemma3": ImageTokens(fixed=256),
+    "gemma3n": ImageTokens(fixed=256),
+    "llava": ImageTokens(fixed=576),
+    "clip": ImageTokens(fixed=576),
+    "mllama": ImageTokens(tile=560, tiles=4, per_tile=1601),
+}
+UNKNOWN_VISION_TOKENS = ImageTokens(patch=28, low=1024)
+# Context rounded up to a multiple of this, so a slightly larger image does not change it.
+CONTEXT_STEP = 1024
+
+
+def image_tokens(family: str, width: int, height: int) -> int:
+    """Estimated context tokens of one image for a model family.
+
+    >>> image_tokens("qwen25vl", 1536, 1024), image_tokens("qwen25vl", 6000, 4000)
+    (2035, 4056)
+    >>> image_tokens("gemma3", 6000, 4000), image_tokens("unknown", 6000, 4000)
+    (256, 30602)
+    """
+    return VISION_TOKENS.get(family, UNKNOWN_VISION_TOKENS).count(width, height)
+
+
+def vision_family(details: dict) -> str:
+    """A model's family as /api/show reports it ("" when it does not)."""
+    info = details.get("model_info") or {}
+    family = (details.get("details") or {}).get("family") or info.get("general.architecture") or ""
+    return str(family)
+
+
+def context_length(details: dict) -> int | None:
+    """The model's trained context length from /api/show's model_info, if it says."""
+    info = details.get("model_info") or {}
+    arch = info.get("general.architecture")
+    value = info.get(f"{arch}.context_length")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def vision_context(image: int, prompt: int) -> int:
+    """The num_ctx of the vision stage: the image, the prompt, and room for an answer and a re-ask
+    that carries it; never below the default (NUM_CTX), in CONTEXT_STEP steps."""
+    needed = image + prompt + 2 * SAMPLING["vision"][1]
+    return max(NUM_CTX, -(-needed // CONTEXT_STEP) * CONTEXT_STEP)
+
+
+def prompt_tokens(text: str) -> int:
+    """A generous token count of prompt text (about three characters a token)."""
+    return len(text) // 3 + 1
 
 
 # -- Commands -----------------------------------------------------------------
