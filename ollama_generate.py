@@ -103,6 +103,11 @@ CAPTION_EXTENSION = ".txt"
 # Larger files are refused: a vision model sees a few megapixels, and a job holds the file
 # and its base64 text in memory, so this bounds the memory of each of --jobs workers.
 MAX_IMAGE_BYTES = 50_000_000
+# Pillow prepares images when installed (see prepare_image); this is how to install it.
+PILLOW_EXTRA = "pip install 'ollama-generate[images]'"
+# How a server says it could not decode an image (Ollama's llama.cpp engine before the 2026-08
+# WebP fix answers "image: unknown format"): the image is converted and sent once more.
+UNREADABLE_IMAGE = re.compile(r"image: unknown format|failed to decode image|unsupported image format", re.I)
 # Files written whole are first written under this prefix (and .tmp) in the same folder. A
 # folder run removes those older than STALE_TEMP_SECONDS before it started: a kill -9 leftover.
 TEMP_PREFIX = ".ollama-generate-"
@@ -126,8 +131,10 @@ INTENSITIES = ("mild", "moderate", "extreme")
 LENGTHS = ("short", "medium", "long")
 LORE_WORDS = {"short": 150, "medium": 400, "long": 900}
 
-# One context size for every request: Ollama reloads a model whenever num_ctx
-# changes, and 8192 holds an image (up to ~1500 tokens) plus a long answer.
+# The context size of the text model's requests, and the least the vision model gets: Ollama
+# reloads a model whenever num_ctx changes, so each model keeps one value for a whole run. 8192
+# holds a prompt, a description and a long answer, or a right-sized image and its answer; a run
+# of larger images gets more for the vision model (see vision_context).
 NUM_CTX = 8192
 
 # (temperature, num_predict) per kind of request. Accurate work runs cool,
@@ -249,6 +256,10 @@ class TemplateError(OllamaError):
 
 class ImageError(OllamaError):
     """One file in a dataset cannot be captioned; a folder run goes on past it."""
+
+
+class ImageUnreadable(ImageError):
+    """The server could not decode the image it was sent."""
 
 
 class BatchFailed(OllamaError):
@@ -487,7 +498,8 @@ class Config(Frozen):
     retries: int = RETRIES
     temperature: float | None = None  # None: each action's own default (SAMPLING)
     max_tokens: int | None = None
-    num_ctx: int = NUM_CTX
+    num_ctx: int | None = None  # --num-ctx: every request, both models
+    vision_num_ctx: int = NUM_CTX  # sized per run for its largest image (see size_vision_context)
     seed: int | None = None
     api_key: str = ""  # never shown: see _hidden
     verbose: bool = False
@@ -512,7 +524,7 @@ class Config(Frozen):
             timeout=args.timeout,
             temperature=args.temperature,
             max_tokens=args.max_tokens,
-            num_ctx=args.num_ctx or NUM_CTX,
+            num_ctx=args.num_ctx or None,
             seed=args.seed,
             api_key=api_key_from(env),
             verbose=args.verbose,
@@ -871,6 +883,9 @@ class OllamaClient:
                 hint="check OLLAMA_HOST (or --host): it should be the server's base URL, "
                      "like http://localhost:11434",
             )
+        if UNREADABLE_IMAGE.search(message):  # the same image fails the same way: not retried
+            return ImageUnreadable(f"Ollama at {self.host} cannot read the image ({message})",
+                                   hint=f"install Pillow ({PILLOW_EXTRA}) to send it converted")
         if status in RETRIED_STATUSES:
             return TransientError(f"Ollama at {self.host} answered HTTP {status}: {message}")
         if status >= 500:
@@ -2732,6 +2747,75 @@ def prompt_tokens(text: str) -> int:
     return len(text) // 3 + 1
 
 
+# -- Preparing images: right-sized before they are sent ---------------------------
+# A vision model sees a megapixel or so; a 24-megapixel photo costs upload time, server-side
+# decoding and image tokens for nothing. With Pillow installed (the optional "images" extra),
+# an image whose longest side is over --max-side is scaled down, turned upright by its EXIF
+# orientation and re-encoded; a format the server cannot read is converted. Without Pillow the
+# original bytes are sent, and `doctor` says what that costs.
+DEFAULT_MAX_SIDE = 1536  # what LoRA dataset tools resize to (musubi-tuner 1280, others 1536)
+MAX_SIDE_LIMIT = 16384
+JPEG_QUALITY = 90
+# Formats every Ollama engine decodes; the others (BMP, GIF) are converted when Pillow can.
+SERVER_FORMATS = frozenset({"png", "jpeg", "webp"})
+
+
+def pillow_installed() -> bool:
+    """Whether Pillow can be imported (it is imported only when an image is prepared)."""
+    try:
+        import PIL.Image  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def preparation(kind: str, size: ImageSize | None, max_side: int, *, pillow: bool) -> str:
+    """What is done to an image before it is sent, as a tag for the description cache: "" when the
+    original bytes go (nothing to do, or no Pillow), else the setting that shaped the result."""
+    if not pillow or size is None:
+        return ""
+    too_large = bool(max_side) and max(size.width, size.height) > max_side
+    if kind in SERVER_FORMATS and size.orientation == 1 and not too_large:
+        return ""
+    return f"pillow max-side {max_side}"
+
+
+def sent_size(size: ImageSize, max_side: int, *, pillow: bool) -> tuple[int, int]:
+    """The width and height the server gets: upright, and scaled to max_side when Pillow prepares it."""
+    width, height = size.upright
+    longest = max(width, height)
+    if not pillow or not max_side or longest <= max_side:
+        return width, height
+    return max(1, round(width * max_side / longest)), max(1, round(height * max_side / longest))
+
+
+def prepare_image(data: bytes, max_side: int) -> bytes:
+    """The image scaled so its longest side is at most max_side (0: kept), turned upright, and
+    encoded as JPEG, or as PNG when it has transparency. Needs Pillow; raises ImageError when
+    Pillow cannot read the file."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if max_side:
+                # Before turning it upright: a JPEG then decodes straight at a reduced scale.
+                image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+            upright = ImageOps.exif_transpose(image)
+            transparent = upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info
+            out = io.BytesIO()
+            if transparent:
+                upright.save(out, "PNG")
+            else:
+                upright.convert("RGB").save(out, "JPEG", quality=JPEG_QUALITY)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"cannot prepare the image with Pillow ({re.sub(r' <[^>]*>', '', str(exc))})",
+                         hint="open and save it again in an image editor, or send it as it is "
+                              "with --max-side 0") from None
+    return out.getvalue()
+
+
 # -- Commands -----------------------------------------------------------------
 
 
@@ -2781,7 +2865,9 @@ def sampling(config: Config, kind: str, *, writing: bool = True) -> dict:
     if writing:
         temperature = temperature if config.temperature is None else config.temperature
         num_predict = config.max_tokens or num_predict
-    options = {"temperature": temperature, "num_predict": num_predict, "num_ctx": config.num_ctx}
+    # One value per model for the whole run: Ollama reloads a model whose num_ctx changes.
+    num_ctx = config.num_ctx or (config.vision_num_ctx if kind == "vision" else NUM_CTX)
+    options = {"temperature": temperature, "num_predict": num_predict, "num_ctx": num_ctx}
     if config.seed is not None:
         options["seed"] = config.seed
     return options
@@ -3020,10 +3106,12 @@ def finish_caption(draft: Draft, spec: CaptionSpec, description: str) -> Caption
     return Caption(text, review, draft.cleaned.fired, draft.cleaned.spans, draft.answer.text, invented, share)
 
 
-def check_models(client: OllamaClient, config: Config) -> None:
-    """Before captioning, make sure both models are installed and the vision model sees."""
+def check_models(client: OllamaClient, config: Config) -> dict[str, dict]:
+    """Before captioning, make sure both models are installed and the vision model sees; return
+    what /api/show says of each (the vision model's family and context length size the run)."""
+    shown_models = {}
     for model in dict.fromkeys((config.vision_model, config.model)):
-        details = client.show(model)
+        details = shown_models[model] = client.show(model)
         capabilities = details.get("capabilities")
         # Servers before v0.6.4 do not report capabilities: unknown is not "no vision".
         if model == config.vision_model and capabilities is not None and "vision" not in capabilities:
@@ -3033,6 +3121,7 @@ def check_models(client: OllamaClient, config: Config) -> None:
                 hint="pick a vision model with --vision-model or OLLAMA_VISION_MODEL, "
                      f"e.g. `ollama pull {DEFAULT_VISION_MODEL}`",
             )
+    return shown_models
 
 
 def check_templates(config: Config, spec: CaptionSpec) -> None:
@@ -3502,6 +3591,7 @@ class BatchOptions(Frozen):
     quiet: bool = False
     report: str | None = None
     manifest: str | None = None
+    max_side: int = DEFAULT_MAX_SIDE  # 0: originals are sent
 
 
 class Job(Record):
@@ -3766,11 +3856,12 @@ class DescriptionCache:
             self._give_up(exc)
 
     @staticmethod
-    def key(image_sha256: str, model: str, prompt_sha256: str) -> str:
-        """The cache key of one description."""
+    def key(image_sha256: str, model: str, prompt_sha256: str, prepared: str = "") -> str:
+        """The cache key of one description; an image sent as it is keeps the key it always had."""
         import hashlib
 
-        return hashlib.sha256(f"{image_sha256}\0{model}\0{prompt_sha256}".encode()).hexdigest()
+        text = f"{image_sha256}\0{model}\0{prompt_sha256}" + (f"\0{prepared}" if prepared else "")
+        return hashlib.sha256(text.encode()).hexdigest()
 
     @staticmethod
     def _key_of(line: bytes) -> str | None:
@@ -3993,6 +4084,7 @@ class Host(Record):
     dropped: str = ""  # why it left the run, if it did
     failures: int = 0  # images it failed in a row with server errors (see HOST_FAILURE_LIMIT)
     failing: bool = False  # it left the run for those failures, not for being unreachable
+    models: dict = {}  # model -> what /api/show said of it when the run began
 
 
 class Report(Record):
@@ -4336,6 +4428,7 @@ class CaptionRun:
         self.cache = cache
         system, user = vision_prompt(config, spec.hint)
         self.prompt_sha256 = hashlib.sha256(f"{system}\0{user}".encode()).hexdigest()
+        self.pillow = pillow_installed()
         # Held while a caption file is written, so Ctrl-C never cuts one short.
         self.write_lock = threading.Lock()
 
@@ -4347,24 +4440,49 @@ class CaptionRun:
             job.description, job.cached = self.describe(client, job)
             job.status = "described"
 
-    def describe(self, client: OllamaClient, job: Job) -> tuple[str, bool]:
-        """Stage 1 for one job: its description, and whether it came from the cache."""
-        import base64
+    def description_key(self, data: bytes) -> tuple[str, str]:
+        """The cache key of an image's description, and how the image is prepared ("" for not):
+        the original file's content, the vision model, the prompt and the preparation, so a
+        rerun finds it and a new --max-side describes again."""
         import hashlib
 
-        data = read_image(job.image)  # checked and read once, then encoded once
-        key = DescriptionCache.key(hashlib.sha256(data).hexdigest(), self.config.vision_model,
-                                   self.prompt_sha256)
+        prepared = preparation(_image_kind(data[:32]) or "", image_size_of(data), self.options.max_side,
+                               pillow=self.pillow)
+        return DescriptionCache.key(hashlib.sha256(data).hexdigest(), self.config.vision_model,
+                                    self.prompt_sha256, prepared), prepared
+
+    def describe(self, client: OllamaClient, job: Job) -> tuple[str, bool]:
+        """Stage 1 for one job: its description, and whether it came from the cache.
+
+        An image the server cannot decode (WebP on older servers) is converted and sent once more.
+        """
+        import base64
+
+        data = read_image(job.image)  # checked and read once, then prepared and encoded once
+        key, prepared = self.description_key(data)
         cached = self.cache.get(key) if self.options.use_cache else None
         if cached:
             return cached, True
+        if prepared:
+            data = prepare_image(data, self.options.max_side)  # the original is released here
         image_base64 = base64.b64encode(data).decode("ascii")
         del data  # only the base64 text is sent: one copy of the image per job, not three
-        description = without_surrogates(describe_image(client, self.config, image_base64, hint=self.spec.hint,
-                                                        keep_alive=self.options.keep_alive))
+        try:
+            description = self.ask_vision(client, image_base64)
+        except ImageUnreadable:
+            if prepared or not self.pillow:
+                raise
+            image_base64 = ""
+            image_base64 = base64.b64encode(prepare_image(read_image(job.image), self.options.max_side)).decode()
+            description = self.ask_vision(client, image_base64)
         self.cache.put(key, {"image": job.name, "model": self.config.vision_model,
                              "description": description})
         return description, False
+
+    def ask_vision(self, client: OllamaClient, image_base64: str) -> str:
+        """The vision model's description of one image."""
+        return without_surrogates(describe_image(client, self.config, image_base64, hint=self.spec.hint,
+                                                 keep_alive=self.options.keep_alive))
 
     def text_step(self, client: OllamaClient, job: Job) -> None:
         """Write one caption from its description and record it."""
@@ -4460,7 +4578,7 @@ def connect_hosts(config: Config) -> list[Host]:
     for url in config.hosts:
         host = Host(connect(config, url))
         try:
-            check_models(host.client, config)
+            host.models = check_models(host.client, config)
         except OllamaError as exc:  # any server that cannot be checked is left out
             problems.append(exc)
             host.dropped = str(exc)
@@ -4571,6 +4689,38 @@ def write_manifest(path: str, report: Report) -> int:
     return len(lines)
 
 
+def size_vision_context(config: Config, spec: CaptionSpec, options: BatchOptions, jobs: list[Job],
+                        hosts: list[Host]) -> Config:
+    """The run's settings with one vision num_ctx for all of it, sized for the largest image as it
+    will be sent, the prompt and the answer (see vision_context). Warns when that is more than the
+    model's context length, or more than an explicit --num-ctx (which is still sent)."""
+    details = next((host.models.get(config.vision_model) for host in hosts if host.models), None) or {}
+    family = vision_family(details)
+    pillow = pillow_installed()
+    largest = None
+    for job in jobs:
+        size = image_size(job.image) if job.status == "pending" else None
+        if size is not None:
+            width, height = sent_size(size, options.max_side, pillow=pillow)
+            tokens = image_tokens(family, width, height)
+            if largest is None or tokens > largest[0]:
+                largest = (tokens, f"{job.name}, {width}x{height} as sent")
+    if largest is None:
+        return config
+    needed = vision_context(largest[0], prompt_tokens("".join(vision_prompt(config, spec.hint))))
+    limit = context_length(details)
+    what = (f"the largest image ({largest[1]}) needs about {needed} context tokens with "
+            f"{config.vision_model} ({plural(largest[0], 'image token')} estimated for the "
+            f"{family or 'unknown'} family)")
+    if config.num_ctx and config.num_ctx < needed:
+        warn(f"{what}, more than --num-ctx {config.num_ctx}; the server may cut the prompt")
+    elif limit and needed > limit:
+        warn(f"{what}, more than its context length of {limit}; the server may cut the prompt: "
+             f"lower --max-side" + ("" if pillow else f" (with Pillow: {PILLOW_EXTRA})")
+             + " or pick a vision model with a longer context")
+    return config.replace(vision_num_ctx=needed)
+
+
 def take_pending(jobs: list[Job], limit: int | None) -> list[Job]:
     """The pending jobs this run works on.
 
@@ -4631,7 +4781,7 @@ def batch_options(args: argparse.Namespace, folder: str) -> BatchOptions:
         keep_alive=DEFAULT_KEEP_ALIVE if args.keep_alive is None else args.keep_alive,
         release_models=args.keep_alive is None, cache_dir=args.cache_dir,
         use_cache=not args.no_cache, quiet=args.quiet, report=args.report,
-        manifest=manifest_path(args.manifest, folder),
+        manifest=manifest_path(args.manifest, folder), max_side=args.max_side,
     )
 
 
@@ -4682,6 +4832,7 @@ def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: Batc
     make_folder(cache_folder, "--cache-dir" if options.cache_dir else "the cache folder")
     # A cache that cannot work warns and stays off; the default one is never reached through a link.
     cache = DescriptionCache(cache_folder, follow_links=bool(options.cache_dir))
+    config = size_vision_context(config, spec, options, jobs, report.hosts)
     try:
         CaptionRun(config, spec, options, report, cache).run()
     except (KeyboardInterrupt, OllamaError) as exc:
@@ -4773,7 +4924,7 @@ def cmd_caption(config: Config, args: argparse.Namespace) -> Product:
                          hint="give an image file, or a folder of images")
     return caption_image(config, spec, path, BatchOptions(
         keep_alive=None, release_models=False, quiet=True, cache_dir=args.cache_dir,
-        use_cache=not args.no_cache))
+        use_cache=not args.no_cache, max_side=args.max_side))
 
 
 def caption_image(config: Config, spec: CaptionSpec, path: str, options: BatchOptions) -> Product:
@@ -4790,6 +4941,7 @@ def caption_image(config: Config, spec: CaptionSpec, path: str, options: BatchOp
         host.client.record = []
     cache = DescriptionCache(options.cache_dir or os.path.join(folder, CACHE_FOLDER),
                              follow_links=bool(options.cache_dir)) if can_keep_cache(options, folder) else NoCache()
+    config = size_vision_context(config, spec, options, [job], report.hosts)
     try:
         CaptionRun(config, spec, options, report, cache).run()
     finally:
@@ -6181,14 +6333,11 @@ class ReviewDataset:
 
     def cached_description(self, run: CaptionRun, cache: DescriptionCache, image: str) -> str | None:
         """The description the run used, from the cache (a written job keeps none in memory)."""
-        import hashlib
-
         try:
             data = read_image(image)
         except (ImageError, OSError):
             return None
-        return cache.get(DescriptionCache.key(hashlib.sha256(data).hexdigest(), self.config.vision_model,
-                                              run.prompt_sha256))
+        return cache.get(run.description_key(data)[0])
 
     def summary(self) -> dict:
         return {key: value for key, value in self.document.items() if key != "items"}
@@ -6494,6 +6643,7 @@ seed_value = number_type(int, "a whole number", 0, "0 or more", MAX_SEED)
 token_count = number_type(int, "a whole number", 1, "1 or more", MAX_TOKENS)
 jobs_count = number_type(int, "a whole number", 1, "1 or more", MAX_JOBS)
 port_number = number_type(int, "a whole number", 0, "0 or more", 65535)
+max_side_pixels = number_type(int, "a whole number of pixels", 0, "0 or more", MAX_SIDE_LIMIT)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -6673,6 +6823,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                               "Ollama 0.5 and later)")
     caption.add_argument("--always-first", metavar="TAGS",
                          help="tags: comma-separated tags to put first, in this order, added if missing")
+    caption.add_argument("--max-side", type=max_side_pixels, default=DEFAULT_MAX_SIDE, metavar="PIXELS",
+                         help=f"with Pillow ({PILLOW_EXTRA}), scale larger images down to this longest "
+                              "side, upright, before sending; 0 sends originals, 0-"
+                              f"{MAX_SIDE_LIMIT} (default: {DEFAULT_MAX_SIDE})")
     folder = caption.add_argument_group("folder runs")
     folder.add_argument("-r", "--recursive", action="store_true",
                         help="also caption images in subfolders (symlinked folders are not entered)")
