@@ -4752,10 +4752,35 @@ def dry_run(jobs: list[Job], options: BatchOptions) -> str:
         except ImageError as exc:
             job.status, job.reason = "failed", str(exc)
     verbs = {"pending": "caption", "skipped": "skip", "failed": "fail", "later": "later"}
+    pillow = pillow_installed()
     return "\n".join(
-        f"caption: {job.name} -> {shown(job.caption_file)}" if job.status == "pending"
+        f"caption: {job.name}{size_label(image_size(job.image), options.max_side, pillow=pillow)} "
+        f"-> {shown(job.caption_file)}" if job.status == "pending"
         else f"{verbs[job.status]}: {job.name} ({job.reason})"
         for job in jobs)
+
+
+def size_fields(size: ImageSize | None, max_side: int, *, pillow: bool) -> dict:
+    """An image's size for --json: upright width and height, and the size it is sent at (None
+    when the header cannot be read)."""
+    if size is None:
+        return {"width": None, "height": None, "sent_width": None, "sent_height": None}
+    width, height = size.upright
+    sent = sent_size(size, max_side, pillow=pillow)
+    return {"width": width, "height": height, "sent_width": sent[0], "sent_height": sent[1]}
+
+
+def size_label(size: ImageSize | None, max_side: int, *, pillow: bool) -> str:
+    """An image's size as a dry run shows it, with the size it is sent at when that differs.
+
+    >>> size_label(ImageSize(6000, 4000), 1536, pillow=True), size_label(ImageSize(60, 40, 6), 0, pillow=False)
+    (' (6000x4000, sent as 1536x1024)', ' (40x60)')
+    """
+    if size is None:
+        return ""
+    width, height = size.upright
+    sent = sent_size(size, max_side, pillow=pillow)
+    return f" ({width}x{height}" + (f", sent as {sent[0]}x{sent[1]})" if sent != (width, height) else ")")
 
 
 def caption_extension(value: str) -> str:
@@ -4807,9 +4832,11 @@ def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: Batc
               f"(of {plural(len(jobs), 'image')}); "
               "no model was called.", file=sys.stderr)
         actions = {"pending": "caption", "skipped": "skip", "failed": "fail", "later": "later"}
+        pillow = pillow_installed()
         return Product(listing, {"command": "caption", "dry_run": [
             {"image": job.name, "action": actions[job.status], "caption_file": shown(job.caption_file),
-             "reason": job.reason or None} for job in jobs]})
+             "reason": job.reason or None, **size_fields(image_size(job.image), options.max_side, pillow=pillow)}
+            for job in jobs]})
     target = options.output_dir or folder
     make_folder(target, "--output-dir" if options.output_dir else "the folder")
     check_writable(target)
@@ -5383,6 +5410,7 @@ class StatsItem(Record):
     measures: dict = {}
     chunks: list = []  # the caption's comma-separated chunks, lower case
     key: str = ""  # the caption as duplicates are compared: lower case, spacing collapsed
+    size: tuple | None = None  # (width, height) upright, from the header; None if it cannot be read
     flags: dict = {}  # flag -> why ("" when the flag says it all), in STATS_FLAGS order when shown
 
     def flag(self, name: str, reason: str = "") -> None:
@@ -5393,7 +5421,8 @@ class StatsItem(Record):
                 "flags": [flag for flag in STATS_FLAGS if flag in self.flags],
                 "reasons": {flag: self.flags[flag] for flag in STATS_FLAGS if self.flags.get(flag)},
                 **{measure: self.measures.get(measure) for measure in STATS_MEASURES},
-                "style": self.form}
+                "style": self.form, "width": self.size[0] if self.size else None,
+                "height": self.size[1] if self.size else None}
 
 
 def dataset_stats(folder: str, options: BatchOptions, *, trigger: str = "") -> dict:
@@ -5424,6 +5453,8 @@ def dataset_stats(folder: str, options: BatchOptions, *, trigger: str = "") -> d
         item = StatsItem(name, shown(caption_file))
         try:
             sniff_image(image)
+            size = image_size(image)
+            item.size = size.upright if size else None
         except ImageError as exc:
             item.flag("unreadable image", str(exc))
             unreadable.append({"image": name, "reason": str(exc)})
@@ -5458,6 +5489,7 @@ def dataset_stats(folder: str, options: BatchOptions, *, trigger: str = "") -> d
         "unreadable_captions": unreadable_captions,
         "orphans": orphans,
         "unreadable": unreadable,
+        "image_sizes": _image_sizes(items),
         "style": form,
         "distributions": {measure: _distribution([item.measures[measure] for item in captioned])
                           for measure in STATS_MEASURES},
@@ -5474,6 +5506,24 @@ def dataset_stats(folder: str, options: BatchOptions, *, trigger: str = "") -> d
         "report": shown(report_path) if report is not None else None,
         "items": [item.as_dict() for item in items],
     }
+
+
+# Trainers for SDXL and Flux train at about 1024x1024 pixels: a smaller image is upscaled.
+TRAINING_PIXELS = 1024 * 1024
+
+
+def _image_sizes(items: list[StatsItem]) -> dict:
+    """The spread of image sizes (megapixels), the smallest and largest image, and those under the
+    training size."""
+    sized = sorted((item for item in items if item.size), key=lambda item: (item.size[0] * item.size[1], item.name))
+
+    def named(item: StatsItem | None) -> dict | None:
+        return {"image": item.name, "width": item.size[0], "height": item.size[1]} if item else None
+
+    megapixels = [round(item.size[0] * item.size[1] / 1e6, 2) for item in sized]
+    return {"known": len(sized), "megapixels": _distribution(megapixels),
+            "smallest": named(sized[0] if sized else None), "largest": named(sized[-1] if sized else None),
+            "under_training_size": [item.name for item in sized if item.size[0] * item.size[1] < TRAINING_PIXELS]}
 
 
 def _measure(item: StatsItem, text: str) -> None:
@@ -5782,6 +5832,13 @@ def format_stats(data: dict, *, top: int, histograms: dict | None = None) -> str
                  f"{plural(len(data['unreadable']), 'unreadable image')}"
                  + (f", {plural(len(data['unreadable_captions']), 'unreadable caption file')}"
                     if data["unreadable_captions"] else ""))
+    sizes = data["image_sizes"]
+    if sizes["known"]:
+        spread, smallest, largest = sizes["megapixels"], sizes["smallest"], sizes["largest"]
+        lines.append(f"Image sizes: smallest {smallest['width']}x{smallest['height']} ({smallest['image']}), "
+                     f"median {spread['median']:g} MP, largest {largest['width']}x{largest['height']} "
+                     f"({largest['image']}); {len(sizes['under_training_size'])} under 1024x1024 pixels "
+                     "(trainers upscale them; --json names them)")
     listing("Unreadable images", [f"{entry['image']}: {entry['reason']}" for entry in data["unreadable"]])
     listing("Unreadable caption files",
             [f"{entry['image']}: {entry['reason']}" for entry in data["unreadable_captions"]])

@@ -636,11 +636,12 @@ def test_json_dry_run_lists_the_plan(ollama, capsys, tmp_path):
     code, out, err = run(capsys, "caption", folder, "--json", "--dry-run")
     assert code == 0
     assert one_json(out) == {"command": "caption", "dry_run": [
-        {"image": "a.png", "action": "caption", "caption_file": str(folder / "a.txt"), "reason": None},
+        {"image": "a.png", "action": "caption", "caption_file": str(folder / "a.txt"), "reason": None,
+         "width": 2, "height": 2, "sent_width": 2, "sent_height": 2},
         {"image": "b.png", "action": "skip", "caption_file": str(folder / "b.txt"),
-         "reason": "caption exists"},
+         "reason": "caption exists", "width": 2, "height": 2, "sent_width": 2, "sent_height": 2},
         {"image": "bad.png", "action": "fail", "caption_file": str(folder / "bad.txt"),
-         "reason": "the file is empty"},
+         "reason": "the file is empty", "width": None, "height": None, "sent_width": None, "sent_height": None},
     ]}
     assert err == ("Dry run: 1 to caption, 1 skipped, 1 failing, 0 left for later (of 3 images); "
                    "no model was called.\n")
