@@ -2760,13 +2760,19 @@ JPEG_QUALITY = 90
 SERVER_FORMATS = frozenset({"png", "jpeg", "webp"})
 
 
-def pillow_installed() -> bool:
-    """Whether Pillow can be imported (it is imported only when an image is prepared)."""
+def pillow_version() -> str:
+    """Pillow's version, or "" when it cannot be imported (it is imported only to prepare images)."""
     try:
-        import PIL.Image  # noqa: F401
+        import PIL
+        import PIL.Image  # noqa: F401 - what prepare_image needs, not only the package
     except ImportError:
-        return False
-    return True
+        return ""
+    return str(getattr(PIL, "__version__", "")) or "?"
+
+
+def pillow_installed() -> bool:
+    """Whether images can be prepared before sending."""
+    return bool(pillow_version())
 
 
 def preparation(kind: str, size: ImageSize | None, max_side: int, *, pillow: bool) -> str:
@@ -5045,8 +5051,20 @@ def doctor_checks(config: Config) -> list[Check]:
         checks.append(structured_output_check(client, version))
         for role, model in (("vision model", config.vision_model), ("text model", config.model)):
             checks.extend(model_checks(client, role, model))
+    checks.append(image_check())
     checks.append(template_check())
     return checks
+
+
+def image_check() -> Check:
+    """Whether images are prepared before sending (Pillow), and what is lost without it."""
+    version = pillow_version()
+    if version:
+        return Check("images", "ok", f"Pillow {version}: images over --max-side are scaled down, turned "
+                     "upright by their EXIF orientation, and BMP and GIF converted before sending")
+    return Check("images", "note", "Pillow is not installed, so images are sent as they are: full size "
+                 "(upload time and image tokens), EXIF orientation not applied, BMP and GIF not converted",
+                 PILLOW_EXTRA)
 
 
 def structured_output_check(client: OllamaClient, version: str) -> Check:
