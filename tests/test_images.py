@@ -336,3 +336,55 @@ def test_max_side_is_checked_like_every_number(capsys):
     code, out, err = run_exit(capsys, "caption", "x", "--max-side", "20000")
     assert (code, out) == (2, "")
     assert err.startswith("ollama-generate: error: argument --max-side: must be at most 16384, got '20000'\n")
+
+
+# -- without Pillow: the production path in a process that cannot import it ----------------------
+
+
+def without_pillow(tmp_path, *argv: str, host: str = ""):
+    """Run the script in a process where `import PIL` fails, as on an install without the extra."""
+    import os
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "no_pillow"
+    blocker.mkdir(exist_ok=True)
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['PIL'] = None  # import PIL fails\n")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("OLLAMA_", "COV_CORE"))}
+    env.update(PYTHONPATH=str(blocker), NO_COLOR="1")
+    if host:
+        env["OLLAMA_HOST"] = host
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ollama_generate.py")
+    return subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, env=env, timeout=60,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_without_pillow_doctor_says_what_is_lost_and_how_to_install_it(ollama, tmp_path):
+    done = without_pillow(tmp_path, "doctor", host=ollama.url)
+    assert done.returncode == 0
+    lines = done.stdout.splitlines()
+    at = lines.index("note  images: Pillow is not installed, so images are sent as they are: full size "
+                     "(upload time and image tokens), EXIF orientation not applied, BMP and GIF not converted")
+    assert lines[at + 1] == "      fix: pip install 'ollama-generate[images]'"
+
+
+def test_without_pillow_originals_are_sent(ollama, tmp_path):
+    originals = {"a.jpg": picture(3000, 2000, orientation=6), "b.bmp": picture(20, 10, "BMP")}
+    folder = dataset(tmp_path, originals)
+    done = without_pillow(tmp_path, "caption", str(folder), "--quiet", host=ollama.url)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    assert ollama.sent_images() == list(originals.values())
+    done = without_pillow(tmp_path, "caption", str(folder), "--dry-run", "--overwrite", host=ollama.url)
+    assert done.stdout.splitlines()[0] == f"caption: a.jpg (2000x3000) -> {folder / 'a.txt'}"
+
+
+def test_without_pillow_webp_the_server_cannot_read_fails_with_the_way_out(make_ollama, tmp_path):
+    server = make_ollama(unreadable_formats={"webp"})
+    folder = dataset(tmp_path, {"a.webp": picture(64, 32, "WEBP")})
+    done = without_pillow(tmp_path, "caption", str(folder / "a.webp"), host=server.url)
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"ollama-generate: error: {folder / 'a.webp'}: Ollama at {server.url} cannot read the image "
+        "(Failed to create new sequence: image: unknown format)\n"
+        "ollama-generate: hint: install Pillow (pip install 'ollama-generate[images]') to send it converted\n")
+    assert len(server.requests_to("/api/chat")) == 1  # not retried: the same bytes fail the same way
