@@ -2652,7 +2652,8 @@ def _exif_orientation(segment: bytes) -> int:
     return 1
 
 
-HEADER_READERS = {"png": _png_size, "jpeg": _jpeg_size, "webp": _webp_size, "gif": _gif_size, "bmp": _bmp_size}
+HEADER_READERS = {"png": _png_size, "jpeg": _jpeg_size, "webp": _webp_size, "gif": _gif_size,
+                  "bmp": _bmp_size}
 
 
 # -- Image tokens: what an image costs in the vision model's context ---------------
@@ -2684,7 +2685,8 @@ class ImageTokens(Frozen):
         if self.fixed:
             return self.fixed
         if self.tile:
-            return min(self.tiles, math.ceil(width / self.tile) * math.ceil(height / self.tile)) * self.per_tile
+            tiles = math.ceil(width / self.tile) * math.ceil(height / self.tile)
+            return min(self.tiles, tiles) * self.per_tile
         tokens = max(1, round(width / self.patch)) * max(1, round(height / self.patch))
         if self.high and tokens > self.high:  # scaled down to the budget, aspect kept
             scale = math.sqrt(self.high / tokens)
@@ -4482,7 +4484,9 @@ class CaptionRun:
             if prepared or not self.pillow:
                 raise
             image_base64 = ""
-            image_base64 = base64.b64encode(prepare_image(read_image(job.image), self.options.max_side)).decode()
+            converted = prepare_image(read_image(job.image), self.options.max_side)
+            image_base64 = base64.b64encode(converted).decode("ascii")
+            del converted
             description = self.ask_vision(client, image_base64)
         self.cache.put(key, {"image": job.name, "model": self.config.vision_model,
                              "description": description})
@@ -4782,8 +4786,10 @@ def size_fields(size: ImageSize | None, max_side: int, *, pillow: bool) -> dict:
 def size_label(size: ImageSize | None, max_side: int, *, pillow: bool) -> str:
     """An image's size as a dry run shows it, with the size it is sent at when that differs.
 
-    >>> size_label(ImageSize(6000, 4000), 1536, pillow=True), size_label(ImageSize(60, 40, 6), 0, pillow=False)
-    (' (6000x4000, sent as 1536x1024)', ' (40x60)')
+    >>> size_label(ImageSize(6000, 4000), 1536, pillow=True)
+    ' (6000x4000, sent as 1536x1024)'
+    >>> size_label(ImageSize(60, 40, 6), 0, pillow=False)
+    ' (40x60)'
     """
     if size is None:
         return ""
@@ -4844,7 +4850,8 @@ def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: Batc
         pillow = pillow_installed()
         return Product(listing, {"command": "caption", "dry_run": [
             {"image": job.name, "action": actions[job.status], "caption_file": shown(job.caption_file),
-             "reason": job.reason or None, **size_fields(image_size(job.image), options.max_side, pillow=pillow)}
+             "reason": job.reason or None,
+             **size_fields(image_size(job.image), options.max_side, pillow=pillow)}
             for job in jobs]})
     target = options.output_dir or folder
     make_folder(target, "--output-dir" if options.output_dir else "the folder")
@@ -5536,7 +5543,8 @@ TRAINING_PIXELS = 1024 * 1024
 def _image_sizes(items: list[StatsItem]) -> dict:
     """The spread of image sizes (megapixels), the smallest and largest image, and those under the
     training size."""
-    sized = sorted((item for item in items if item.size), key=lambda item: (item.size[0] * item.size[1], item.name))
+    sized = sorted((item for item in items if item.size),
+                   key=lambda item: (item.size[0] * item.size[1], item.name))
 
     def named(item: StatsItem | None) -> dict | None:
         return {"image": item.name, "width": item.size[0], "height": item.size[1]} if item else None
@@ -5544,7 +5552,8 @@ def _image_sizes(items: list[StatsItem]) -> dict:
     megapixels = [round(item.size[0] * item.size[1] / 1e6, 2) for item in sized]
     return {"known": len(sized), "megapixels": _distribution(megapixels),
             "smallest": named(sized[0] if sized else None), "largest": named(sized[-1] if sized else None),
-            "under_training_size": [item.name for item in sized if item.size[0] * item.size[1] < TRAINING_PIXELS]}
+            "under_training_size": [item.name for item in sized
+                                    if item.size[0] * item.size[1] < TRAINING_PIXELS]}
 
 
 def _measure(item: StatsItem, text: str) -> None:

@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             sent = og.image_size_of(prepared)
             rows.append((path.name, len(data), len(base64.b64encode(data)), len(prepared),
                          len(base64.b64encode(prepared)),
-                         og.image_tokens(args.family, *size.upright), og.image_tokens(args.family, sent.width, sent.height),
+                         og.image_tokens(args.family, *size.upright),
+                         og.image_tokens(args.family, sent.width, sent.height),
                          f"{sent.width}x{sent.height}", statistics.median(times)))
             medians.append(statistics.median(times))
             del data, prepared
