@@ -2802,9 +2802,13 @@ def prepare_image(data: bytes, max_side: int) -> bytes:
     encoded as JPEG, or as PNG when it has transparency. Needs Pillow; raises ImageError when
     Pillow cannot read the file."""
     import io
+    import warnings
 
     from PIL import Image, ImageOps
 
+    # A photo over 89 megapixels is legitimate here (the file is at most MAX_IMAGE_BYTES), and a
+    # Python warning would break the one-line stderr; past twice that, Pillow refuses (an error).
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
         with Image.open(io.BytesIO(data)) as image:
             longest = max(image.size)

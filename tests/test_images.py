@@ -388,3 +388,11 @@ def test_without_pillow_webp_the_server_cannot_read_fails_with_the_way_out(make_
         "(Failed to create new sequence: image: unknown format)\n"
         "ollama-generate: hint: install Pillow (pip install 'ollama-generate[images]') to send it converted\n")
     assert len(server.requests_to("/api/chat")) == 1  # not retried: the same bytes fail the same way
+
+
+def test_a_very_large_image_is_prepared_without_a_python_warning(recwarn, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)  # as if it were over 89 megapixels
+    assert received(og.prepare_image(picture(150, 100, "PNG"), 60)) == ("JPEG", 60, 40)
+    assert [str(warning.message) for warning in recwarn] == []
+    with pytest.raises(og.ImageError, match="cannot prepare the image with Pillow"):
+        og.prepare_image(picture(300, 300, "PNG"), 60)  # over twice the limit: Pillow refuses it
