@@ -396,3 +396,12 @@ def test_a_very_large_image_is_prepared_without_a_python_warning(recwarn, monkey
     assert [str(warning.message) for warning in recwarn] == []
     with pytest.raises(og.ImageError, match="cannot prepare the image with Pillow"):
         og.prepare_image(picture(300, 300, "PNG"), 60)  # over twice the limit: Pillow refuses it
+
+
+def test_without_pillow_in_process_nothing_is_prepared(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    assert (og.pillow_version(), og.pillow_installed()) == ("", False)
+    assert og.image_check().status == "note"
+    assert og.preparation("bmp", og.ImageSize(6000, 4000, 6), 1536, pillow=og.pillow_installed()) == ""
