@@ -4483,15 +4483,21 @@ class CaptionRun:
         image_base64 = base64.b64encode(data).decode("ascii")
         del data  # only the base64 text is sent: one copy of the image per job, not three
         try:
-            description = self.ask_vision(client, image_base64)
-        except ImageUnreadable:
-            if prepared or not self.pillow:
-                raise
-            image_base64 = ""
-            converted = prepare_image(read_image(job.image), self.options.max_side)
-            image_base64 = base64.b64encode(converted).decode("ascii")
-            del converted
-            description = self.ask_vision(client, image_base64)
+            try:
+                description = self.ask_vision(client, image_base64)
+            except ImageUnreadable:
+                if prepared or not self.pillow:
+                    raise
+                image_base64 = ""
+                converted = prepare_image(read_image(job.image), self.options.max_side)
+                image_base64 = base64.b64encode(converted).decode("ascii")
+                del converted
+                description = self.ask_vision(client, image_base64)
+        except ImageUnreadable as exc:
+            if not self.pillow:
+                raise  # its hint: install Pillow
+            raise ImageUnreadable(f"{exc}, also converted", hint="check that the vision model can see "
+                                  "images, and try another with --vision-model") from None
         self.cache.put(key, {"image": job.name, "model": self.config.vision_model,
                              "description": description})
         return description, False

@@ -405,3 +405,15 @@ def test_without_pillow_in_process_nothing_is_prepared(monkeypatch, tmp_path):
     assert (og.pillow_version(), og.pillow_installed()) == ("", False)
     assert og.image_check().status == "note"
     assert og.preparation("bmp", og.ImageSize(6000, 4000, 6), 1536, pillow=og.pillow_installed()) == ""
+
+
+def test_an_image_the_server_cannot_read_even_converted_fails_alone(make_ollama, capsys, tmp_path, monkeypatch):
+    server = make_ollama(unreadable_formats={"webp", "jpeg", "png"})
+    monkeypatch.setenv("OLLAMA_HOST", server.url)
+    folder = dataset(tmp_path, {"a.webp": picture(64, 32, "WEBP"), "b.bmp": picture(20, 10, "BMP")})
+    code, _out, err = run(capsys, "caption", folder, "--quiet")
+    assert code == 1
+    reason = (f"Ollama at {server.url} cannot read the image (Failed to create new sequence: image: unknown "
+              "format), also converted")
+    assert f"Failed:\n  a.webp: {reason}\n  b.bmp: {reason}\n" in err
+    assert [received(data)[0] for data in server.sent_images()] == ["WEBP", "JPEG", "JPEG"]
