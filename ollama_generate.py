@@ -46,6 +46,7 @@ import os
 import re
 import stat
 import string
+import struct
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -102,6 +103,11 @@ CAPTION_EXTENSION = ".txt"
 # Larger files are refused: a vision model sees a few megapixels, and a job holds the file
 # and its base64 text in memory, so this bounds the memory of each of --jobs workers.
 MAX_IMAGE_BYTES = 50_000_000
+# Pillow prepares images when installed (see prepare_image); this is how to install it.
+PILLOW_EXTRA = "pip install 'ollama-generate[images]'"
+# How a server says it could not decode an image (Ollama's llama.cpp engine before the 2026-08
+# WebP fix answers "image: unknown format"): the image is converted and sent once more.
+UNREADABLE_IMAGE = re.compile(r"image: unknown format|failed to decode image|unsupported image format", re.I)
 # Files written whole are first written under this prefix (and .tmp) in the same folder. A
 # folder run removes those older than STALE_TEMP_SECONDS before it started: a kill -9 leftover.
 TEMP_PREFIX = ".ollama-generate-"
@@ -125,8 +131,10 @@ INTENSITIES = ("mild", "moderate", "extreme")
 LENGTHS = ("short", "medium", "long")
 LORE_WORDS = {"short": 150, "medium": 400, "long": 900}
 
-# One context size for every request: Ollama reloads a model whenever num_ctx
-# changes, and 8192 holds an image (up to ~1500 tokens) plus a long answer.
+# The context size of the text model's requests, and the least the vision model gets: Ollama
+# reloads a model whenever num_ctx changes, so each model keeps one value for a whole run. 8192
+# holds a prompt, a description and a long answer, or a right-sized image and its answer; a run
+# of larger images gets more for the vision model (see vision_context).
 NUM_CTX = 8192
 
 # (temperature, num_predict) per kind of request. Accurate work runs cool,
@@ -248,6 +256,10 @@ class TemplateError(OllamaError):
 
 class ImageError(OllamaError):
     """One file in a dataset cannot be captioned; a folder run goes on past it."""
+
+
+class ImageUnreadable(ImageError):
+    """The server could not decode the image it was sent."""
 
 
 class BatchFailed(OllamaError):
@@ -486,7 +498,8 @@ class Config(Frozen):
     retries: int = RETRIES
     temperature: float | None = None  # None: each action's own default (SAMPLING)
     max_tokens: int | None = None
-    num_ctx: int = NUM_CTX
+    num_ctx: int | None = None  # --num-ctx: every request, both models
+    vision_num_ctx: int = NUM_CTX  # sized per run for its largest image (see size_vision_context)
     seed: int | None = None
     api_key: str = ""  # never shown: see _hidden
     verbose: bool = False
@@ -511,7 +524,7 @@ class Config(Frozen):
             timeout=args.timeout,
             temperature=args.temperature,
             max_tokens=args.max_tokens,
-            num_ctx=args.num_ctx or NUM_CTX,
+            num_ctx=args.num_ctx or None,
             seed=args.seed,
             api_key=api_key_from(env),
             verbose=args.verbose,
@@ -870,6 +883,9 @@ class OllamaClient:
                 hint="check OLLAMA_HOST (or --host): it should be the server's base URL, "
                      "like http://localhost:11434",
             )
+        if UNREADABLE_IMAGE.search(message):  # the same image fails the same way: not retried
+            return ImageUnreadable(f"Ollama at {self.host} cannot read the image ({message})",
+                                   hint=f"install Pillow ({PILLOW_EXTRA}) to send it converted")
         if status in RETRIED_STATUSES:
             return TransientError(f"Ollama at {self.host} answered HTTP {status}: {message}")
         if status >= 500:
@@ -2484,6 +2500,337 @@ def _image_complete(kind: str, head: bytes, tail: bytes, size: int) -> bool:
     return declared > 12 and size >= declared + (8 if kind == "webp" else 0)
 
 
+# Dimensions come from the file's header alone (the standard library only), so `stats`, --dry-run
+# and the context sizing know every image's size without decoding a pixel. A reader gets bytes
+# by (offset, count), from a file or from bytes in memory (a JPEG is walked segment by segment,
+# never read whole), and never raises: a truncated or odd file has no size (None).
+# EXIF orientations 5 to 8 turn the picture a quarter turn: width and height swap when shown.
+QUARTER_TURNS = frozenset({5, 6, 7, 8})
+
+
+class ImageSize(Frozen):
+    """An image's stored width and height, and its EXIF orientation (1: as stored)."""
+
+    width: int
+    height: int
+    orientation: int = 1
+
+    @property
+    def upright(self) -> tuple[int, int]:
+        """Width and height as the picture is meant to be seen (orientation applied)."""
+        if self.orientation in QUARTER_TURNS:
+            return self.height, self.width
+        return self.width, self.height
+
+
+def image_size(path: str) -> ImageSize | None:
+    """An image file's size from its header; None when it cannot be read or makes no sense."""
+    try:
+        with open_regular(path) as handle:
+            def read(offset: int, count: int) -> bytes:
+                handle.seek(offset)
+                return handle.read(count)
+
+            return _size_from(read)
+    except (ImageError, OSError):
+        return None
+
+
+def image_size_of(data: bytes) -> ImageSize | None:
+    """The size of an image held in memory, read as image_size() reads a file."""
+    return _size_from(lambda offset, count: data[offset:offset + count])
+
+
+def _size_from(read) -> ImageSize | None:
+    head = read(0, 32)
+    kind = _image_kind(head)
+    reader = HEADER_READERS.get(kind or "")
+    if reader is None:
+        return None
+    try:
+        size = reader(read)
+    except (ValueError, IndexError, struct.error):
+        return None
+    if size is None or not (0 < size.width <= 1 << 20 and 0 < size.height <= 1 << 20):
+        return None
+    return size
+
+
+def _png_size(read) -> ImageSize | None:
+    header = read(8, 16)
+    if header[4:8] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", header[8:16])
+    return ImageSize(width, height)
+
+
+def _gif_size(read) -> ImageSize:
+    width, height = struct.unpack("<HH", read(6, 4))
+    return ImageSize(width, height)
+
+
+def _bmp_size(read) -> ImageSize:
+    header = read(14, 12)
+    if int.from_bytes(header[:4], "little") == 12:  # the old OS/2 header: 16-bit sizes
+        width, height = struct.unpack("<HH", header[4:8])
+    else:
+        width, height = struct.unpack("<ii", header[4:12])  # a negative height is stored top-down
+    return ImageSize(abs(width), abs(height))
+
+
+def _webp_size(read) -> ImageSize | None:
+    chunk = read(12, 18)
+    fourcc, body = chunk[:4], chunk[8:]
+    if fourcc == b"VP8 ":  # lossy: a key frame's start code, then 14-bit sizes
+        if body[3:6] != b"\x9d\x01\x2a":
+            return None
+        width, height = struct.unpack("<HH", body[6:10])
+        return ImageSize(width & 0x3FFF, height & 0x3FFF)
+    if fourcc == b"VP8L":  # lossless: a signature byte, then 14-bit sizes minus one
+        if body[0] != 0x2F:
+            return None
+        bits = int.from_bytes(body[1:5], "little")
+        return ImageSize((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
+    if fourcc == b"VP8X":  # extended: the canvas size, 24-bit sizes minus one
+        return ImageSize(int.from_bytes(body[4:7], "little") + 1, int.from_bytes(body[7:10], "little") + 1)
+    return None
+
+
+# JPEG markers that carry the frame size (SOF0-15, less DHT, JPG and DAC), and those without a length.
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_BARE = frozenset({0x01, *range(0xD0, 0xD9)})
+_JPEG_MAX_SEGMENTS = 1000
+
+
+def _jpeg_size(read) -> ImageSize | None:
+    """Walk the segments up to the frame header, noting the EXIF orientation on the way."""
+    offset, orientation = 2, 1
+    for _ in range(_JPEG_MAX_SEGMENTS):
+        marker = read(offset, 4)
+        if len(marker) < 2 or marker[0] != 0xFF:
+            return None
+        kind = marker[1]
+        if kind == 0xFF:  # fill byte
+            offset += 1
+            continue
+        if kind in _JPEG_BARE:
+            offset += 2
+            continue
+        if kind in (0xD9, 0xDA) or len(marker) < 4:  # the end, or the scan before any frame header
+            return None
+        length = int.from_bytes(marker[2:4], "big")
+        if length < 2:
+            return None
+        if kind in _JPEG_FRAMES:
+            frame = read(offset + 4, 5)
+            height, width = struct.unpack(">HH", frame[1:5])
+            return ImageSize(width, height, orientation)
+        if kind == 0xE1 and orientation == 1:
+            orientation = _exif_orientation(read(offset + 4, length - 2))
+        offset += 2 + length
+    return None
+
+
+def _exif_orientation(segment: bytes) -> int:
+    """The orientation tag (0x0112) of an APP1 Exif segment's first image directory; 1 if none."""
+    if not segment.startswith(b"Exif\0\0"):
+        return 1
+    tiff = segment[6:]
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if order is None:
+        return 1
+    try:
+        directory = struct.unpack(order + "I", tiff[4:8])[0]
+        count = struct.unpack(order + "H", tiff[directory:directory + 2])[0]
+        for entry in range(min(count, 512)):
+            start = directory + 2 + 12 * entry
+            tag, _, _, value = struct.unpack(order + "HHIH", tiff[start:start + 10])
+            if tag == 0x0112:
+                return value if 1 <= value <= 8 else 1
+    except struct.error:
+        pass  # a directory cut short: no orientation
+    return 1
+
+
+HEADER_READERS = {"png": _png_size, "jpeg": _jpeg_size, "webp": _webp_size, "gif": _gif_size,
+                  "bmp": _bmp_size}
+
+
+# -- Image tokens: what an image costs in the vision model's context ---------------
+# An estimate per model family (the `details.family` or `general.architecture` /api/show reports),
+# used to size num_ctx so the largest image of a run, the prompt and the answer fit. Each row is
+# one formula with its own numbers:
+#   fixed         a fixed count whatever the size (gemma3 resizes to 896 px squares: 256 tokens;
+#                 CLIP-based llava sees 336 px: 576 tokens);
+#   tile          square tiles of that many pixels, up to `tiles` of them, `per_tile` tokens each
+#                 (mllama: 560 px tiles, at most 4, 1,601 tokens each);
+#   patch         one token per patch x patch pixels after a "smart resize" that keeps the image
+#                 between `low` and `high` tokens (Qwen2/2.5/3-VL: 28 px after merging; Ollama's
+#                 llama.cpp engine asks for at least 1,024 tokens per image and llama.cpp's own
+#                 ceiling is about 4,096). An unknown family is counted as patches with no ceiling,
+#                 so a large image is never under-counted.
+class ImageTokens(Frozen):
+    """How one family of vision models turns an image into context tokens."""
+
+    fixed: int = 0
+    tile: int = 0
+    tiles: int = 0
+    per_tile: int = 0
+    patch: int = 0
+    low: int = 0
+    high: int = 0  # 0: no ceiling
+
+    def count(self, width: int, height: int) -> int:
+        """The tokens an image of this size (as sent) takes."""
+        if self.fixed:
+            return self.fixed
+        if self.tile:
+            tiles = math.ceil(width / self.tile) * math.ceil(height / self.tile)
+            return min(self.tiles, tiles) * self.per_tile
+        tokens = max(1, round(width / self.patch)) * max(1, round(height / self.patch))
+        if self.high and tokens > self.high:  # scaled down to the budget, aspect kept
+            scale = math.sqrt(self.high / tokens)
+            tokens = math.floor(width * scale / self.patch) * math.floor(height * scale / self.patch)
+        return max(tokens, self.low)
+
+
+QWEN_VL_TOKENS = ImageTokens(patch=28, low=1024, high=4096)
+VISION_TOKENS: dict[str, ImageTokens] = {
+    "qwen2vl": QWEN_VL_TOKENS,
+    "qwen25vl": QWEN_VL_TOKENS,
+    "qwen3vl": QWEN_VL_TOKENS,
+    "qwen3vlmoe": QWEN_VL_TOKENS,
+    "gemma3": ImageTokens(fixed=256),
+    "gemma3n": ImageTokens(fixed=256),
+    "llava": ImageTokens(fixed=576),
+    "clip": ImageTokens(fixed=576),
+    "mllama": ImageTokens(tile=560, tiles=4, per_tile=1601),
+}
+UNKNOWN_VISION_TOKENS = ImageTokens(patch=28, low=1024)
+# Context rounded up to a multiple of this, so a slightly larger image does not change it.
+CONTEXT_STEP = 1024
+
+
+def image_tokens(family: str, width: int, height: int) -> int:
+    """Estimated context tokens of one image for a model family.
+
+    >>> image_tokens("qwen25vl", 1536, 1024), image_tokens("qwen25vl", 6000, 4000)
+    (2035, 4056)
+    >>> image_tokens("gemma3", 6000, 4000), image_tokens("unknown", 6000, 4000)
+    (256, 30602)
+    """
+    return VISION_TOKENS.get(family, UNKNOWN_VISION_TOKENS).count(width, height)
+
+
+def vision_family(details: dict) -> str:
+    """A model's family as /api/show reports it ("" when it does not)."""
+    info = details.get("model_info") or {}
+    family = (details.get("details") or {}).get("family") or info.get("general.architecture") or ""
+    return str(family)
+
+
+def context_length(details: dict) -> int | None:
+    """The model's trained context length from /api/show's model_info, if it says."""
+    info = details.get("model_info") or {}
+    arch = info.get("general.architecture")
+    value = info.get(f"{arch}.context_length")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def vision_context(image: int, prompt: int) -> int:
+    """The num_ctx of the vision stage: the image, the prompt, and room for an answer and a re-ask
+    that carries it; never below the default (NUM_CTX), in CONTEXT_STEP steps."""
+    needed = image + prompt + 2 * SAMPLING["vision"][1]
+    return max(NUM_CTX, -(-needed // CONTEXT_STEP) * CONTEXT_STEP)
+
+
+def prompt_tokens(text: str) -> int:
+    """A generous token count of prompt text (about three characters a token)."""
+    return len(text) // 3 + 1
+
+
+# -- Preparing images: right-sized before they are sent ---------------------------
+# A vision model sees a megapixel or so; a 24-megapixel photo costs upload time, server-side
+# decoding and image tokens for nothing. With Pillow installed (the optional "images" extra),
+# an image whose longest side is over --max-side is scaled down, turned upright by its EXIF
+# orientation and re-encoded; a format the server cannot read is converted. Without Pillow the
+# original bytes are sent, and `doctor` says what that costs.
+DEFAULT_MAX_SIDE = 1536  # what LoRA dataset tools resize to (musubi-tuner 1280, others 1536)
+MAX_SIDE_LIMIT = 16384
+JPEG_QUALITY = 90
+# Formats every Ollama engine decodes; the others (BMP, GIF) are converted when Pillow can.
+SERVER_FORMATS = frozenset({"png", "jpeg", "webp"})
+
+
+def pillow_version() -> str:
+    """Pillow's version, or "" when it cannot be imported (it is imported only to prepare images)."""
+    try:
+        import PIL
+        import PIL.Image  # noqa: F401 - what prepare_image needs, not only the package
+    except ImportError:
+        return ""
+    return str(getattr(PIL, "__version__", "")) or "?"
+
+
+def pillow_installed() -> bool:
+    """Whether images can be prepared before sending."""
+    return bool(pillow_version())
+
+
+def preparation(kind: str, size: ImageSize | None, max_side: int, *, pillow: bool) -> str:
+    """What is done to an image before it is sent, as a tag for the description cache: "" when the
+    original bytes go (nothing to do, or no Pillow), else the setting that shaped the result."""
+    if not pillow or size is None:
+        return ""
+    too_large = bool(max_side) and max(size.width, size.height) > max_side
+    if kind in SERVER_FORMATS and size.orientation == 1 and not too_large:
+        return ""
+    return f"pillow max-side {max_side}"
+
+
+def sent_size(size: ImageSize, max_side: int, *, pillow: bool) -> tuple[int, int]:
+    """The width and height the server gets: upright, and scaled to max_side when Pillow prepares it."""
+    width, height = size.upright
+    longest = max(width, height)
+    if not pillow or not max_side or longest <= max_side:
+        return width, height
+    return max(1, round(width * max_side / longest)), max(1, round(height * max_side / longest))
+
+
+def prepare_image(data: bytes, max_side: int) -> bytes:
+    """The image scaled so its longest side is at most max_side (0: kept), turned upright, and
+    encoded as JPEG, or as PNG when it has transparency. Needs Pillow; raises ImageError when
+    Pillow cannot read the file."""
+    import io
+    import warnings
+
+    from PIL import Image, ImageOps
+
+    # A photo over 89 megapixels is legitimate here (the file is at most MAX_IMAGE_BYTES), and a
+    # Python warning would break the one-line stderr; past twice that, Pillow refuses (an error).
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            longest = max(image.size)
+            if max_side and longest > max_side:
+                # A JPEG decodes straight at 1/2, 1/4 or 1/8 scale when that still covers the
+                # target (several times faster than decoding 24 megapixels), then is resampled.
+                image.draft(None, tuple(math.ceil(side * max_side / longest) for side in image.size))
+                image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+            upright = ImageOps.exif_transpose(image)
+            transparent = upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info
+            out = io.BytesIO()
+            if transparent:
+                upright.save(out, "PNG")
+            else:
+                upright.convert("RGB").save(out, "JPEG", quality=JPEG_QUALITY)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"cannot prepare the image with Pillow ({re.sub(r' <[^>]*>', '', str(exc))})",
+                         hint="open and save it again in an image editor, or send it as it is "
+                              "with --max-side 0") from None
+    return out.getvalue()
+
+
 # -- Commands -----------------------------------------------------------------
 
 
@@ -2533,7 +2880,9 @@ def sampling(config: Config, kind: str, *, writing: bool = True) -> dict:
     if writing:
         temperature = temperature if config.temperature is None else config.temperature
         num_predict = config.max_tokens or num_predict
-    options = {"temperature": temperature, "num_predict": num_predict, "num_ctx": config.num_ctx}
+    # One value per model for the whole run: Ollama reloads a model whose num_ctx changes.
+    num_ctx = config.num_ctx or (config.vision_num_ctx if kind == "vision" else NUM_CTX)
+    options = {"temperature": temperature, "num_predict": num_predict, "num_ctx": num_ctx}
     if config.seed is not None:
         options["seed"] = config.seed
     return options
@@ -2772,10 +3121,12 @@ def finish_caption(draft: Draft, spec: CaptionSpec, description: str) -> Caption
     return Caption(text, review, draft.cleaned.fired, draft.cleaned.spans, draft.answer.text, invented, share)
 
 
-def check_models(client: OllamaClient, config: Config) -> None:
-    """Before captioning, make sure both models are installed and the vision model sees."""
+def check_models(client: OllamaClient, config: Config) -> dict[str, dict]:
+    """Before captioning, make sure both models are installed and the vision model sees; return
+    what /api/show says of each (the vision model's family and context length size the run)."""
+    shown_models = {}
     for model in dict.fromkeys((config.vision_model, config.model)):
-        details = client.show(model)
+        details = shown_models[model] = client.show(model)
         capabilities = details.get("capabilities")
         # Servers before v0.6.4 do not report capabilities: unknown is not "no vision".
         if model == config.vision_model and capabilities is not None and "vision" not in capabilities:
@@ -2785,6 +3136,7 @@ def check_models(client: OllamaClient, config: Config) -> None:
                 hint="pick a vision model with --vision-model or OLLAMA_VISION_MODEL, "
                      f"e.g. `ollama pull {DEFAULT_VISION_MODEL}`",
             )
+    return shown_models
 
 
 def check_templates(config: Config, spec: CaptionSpec) -> None:
@@ -3254,6 +3606,7 @@ class BatchOptions(Frozen):
     quiet: bool = False
     report: str | None = None
     manifest: str | None = None
+    max_side: int = DEFAULT_MAX_SIDE  # 0: originals are sent
 
 
 class Job(Record):
@@ -3518,11 +3871,12 @@ class DescriptionCache:
             self._give_up(exc)
 
     @staticmethod
-    def key(image_sha256: str, model: str, prompt_sha256: str) -> str:
-        """The cache key of one description."""
+    def key(image_sha256: str, model: str, prompt_sha256: str, prepared: str = "") -> str:
+        """The cache key of one description; an image sent as it is keeps the key it always had."""
         import hashlib
 
-        return hashlib.sha256(f"{image_sha256}\0{model}\0{prompt_sha256}".encode()).hexdigest()
+        text = f"{image_sha256}\0{model}\0{prompt_sha256}" + (f"\0{prepared}" if prepared else "")
+        return hashlib.sha256(text.encode()).hexdigest()
 
     @staticmethod
     def _key_of(line: bytes) -> str | None:
@@ -3745,6 +4099,7 @@ class Host(Record):
     dropped: str = ""  # why it left the run, if it did
     failures: int = 0  # images it failed in a row with server errors (see HOST_FAILURE_LIMIT)
     failing: bool = False  # it left the run for those failures, not for being unreachable
+    models: dict = {}  # model -> what /api/show said of it when the run began
 
 
 class Report(Record):
@@ -4088,6 +4443,7 @@ class CaptionRun:
         self.cache = cache
         system, user = vision_prompt(config, spec.hint)
         self.prompt_sha256 = hashlib.sha256(f"{system}\0{user}".encode()).hexdigest()
+        self.pillow = pillow_installed()
         # Held while a caption file is written, so Ctrl-C never cuts one short.
         self.write_lock = threading.Lock()
 
@@ -4099,24 +4455,57 @@ class CaptionRun:
             job.description, job.cached = self.describe(client, job)
             job.status = "described"
 
-    def describe(self, client: OllamaClient, job: Job) -> tuple[str, bool]:
-        """Stage 1 for one job: its description, and whether it came from the cache."""
-        import base64
+    def description_key(self, data: bytes) -> tuple[str, str]:
+        """The cache key of an image's description, and how the image is prepared ("" for not):
+        the original file's content, the vision model, the prompt and the preparation, so a
+        rerun finds it and a new --max-side describes again."""
         import hashlib
 
-        data = read_image(job.image)  # checked and read once, then encoded once
-        key = DescriptionCache.key(hashlib.sha256(data).hexdigest(), self.config.vision_model,
-                                   self.prompt_sha256)
+        prepared = preparation(_image_kind(data[:32]) or "", image_size_of(data), self.options.max_side,
+                               pillow=self.pillow)
+        return DescriptionCache.key(hashlib.sha256(data).hexdigest(), self.config.vision_model,
+                                    self.prompt_sha256, prepared), prepared
+
+    def describe(self, client: OllamaClient, job: Job) -> tuple[str, bool]:
+        """Stage 1 for one job: its description, and whether it came from the cache.
+
+        An image the server cannot decode (WebP on older servers) is converted and sent once more.
+        """
+        import base64
+
+        data = read_image(job.image)  # checked and read once, then prepared and encoded once
+        key, prepared = self.description_key(data)
         cached = self.cache.get(key) if self.options.use_cache else None
         if cached:
             return cached, True
+        if prepared:
+            data = prepare_image(data, self.options.max_side)  # the original is released here
         image_base64 = base64.b64encode(data).decode("ascii")
         del data  # only the base64 text is sent: one copy of the image per job, not three
-        description = without_surrogates(describe_image(client, self.config, image_base64, hint=self.spec.hint,
-                                                        keep_alive=self.options.keep_alive))
+        try:
+            try:
+                description = self.ask_vision(client, image_base64)
+            except ImageUnreadable:
+                if prepared or not self.pillow:
+                    raise
+                image_base64 = ""
+                converted = prepare_image(read_image(job.image), self.options.max_side)
+                image_base64 = base64.b64encode(converted).decode("ascii")
+                del converted
+                description = self.ask_vision(client, image_base64)
+        except ImageUnreadable as exc:
+            if not self.pillow:
+                raise  # its hint: install Pillow
+            raise ImageUnreadable(f"{exc}, also converted", hint="check that the vision model can see "
+                                  "images, and try another with --vision-model") from None
         self.cache.put(key, {"image": job.name, "model": self.config.vision_model,
                              "description": description})
         return description, False
+
+    def ask_vision(self, client: OllamaClient, image_base64: str) -> str:
+        """The vision model's description of one image."""
+        return without_surrogates(describe_image(client, self.config, image_base64, hint=self.spec.hint,
+                                                 keep_alive=self.options.keep_alive))
 
     def text_step(self, client: OllamaClient, job: Job) -> None:
         """Write one caption from its description and record it."""
@@ -4212,7 +4601,7 @@ def connect_hosts(config: Config) -> list[Host]:
     for url in config.hosts:
         host = Host(connect(config, url))
         try:
-            check_models(host.client, config)
+            host.models = check_models(host.client, config)
         except OllamaError as exc:  # any server that cannot be checked is left out
             problems.append(exc)
             host.dropped = str(exc)
@@ -4323,6 +4712,38 @@ def write_manifest(path: str, report: Report) -> int:
     return len(lines)
 
 
+def size_vision_context(config: Config, spec: CaptionSpec, options: BatchOptions, jobs: list[Job],
+                        hosts: list[Host]) -> Config:
+    """The run's settings with one vision num_ctx for all of it, sized for the largest image as it
+    will be sent, the prompt and the answer (see vision_context). Warns when that is more than the
+    model's context length, or more than an explicit --num-ctx (which is still sent)."""
+    details = next((host.models.get(config.vision_model) for host in hosts if host.models), None) or {}
+    family = vision_family(details)
+    pillow = pillow_installed()
+    largest = None
+    for job in jobs:
+        size = image_size(job.image) if job.status == "pending" else None
+        if size is not None:
+            width, height = sent_size(size, options.max_side, pillow=pillow)
+            tokens = image_tokens(family, width, height)
+            if largest is None or tokens > largest[0]:
+                largest = (tokens, f"{job.name}, {width}x{height} as sent")
+    if largest is None:
+        return config
+    needed = vision_context(largest[0], prompt_tokens("".join(vision_prompt(config, spec.hint))))
+    limit = context_length(details)
+    what = (f"the largest image ({largest[1]}) needs about {needed} context tokens with "
+            f"{config.vision_model} ({plural(largest[0], 'image token')} estimated for the "
+            f"{family or 'unknown'} family)")
+    if config.num_ctx and config.num_ctx < needed:
+        warn(f"{what}, more than --num-ctx {config.num_ctx}; the server may cut the prompt")
+    elif limit and needed > limit:
+        warn(f"{what}, more than its context length of {limit}; the server may cut the prompt: "
+             f"lower --max-side" + ("" if pillow else f" (with Pillow: {PILLOW_EXTRA})")
+             + " or pick a vision model with a longer context")
+    return config.replace(vision_num_ctx=needed)
+
+
 def take_pending(jobs: list[Job], limit: int | None) -> list[Job]:
     """The pending jobs this run works on.
 
@@ -4354,10 +4775,37 @@ def dry_run(jobs: list[Job], options: BatchOptions) -> str:
         except ImageError as exc:
             job.status, job.reason = "failed", str(exc)
     verbs = {"pending": "caption", "skipped": "skip", "failed": "fail", "later": "later"}
+    pillow = pillow_installed()
     return "\n".join(
-        f"caption: {job.name} -> {shown(job.caption_file)}" if job.status == "pending"
+        f"caption: {job.name}{size_label(image_size(job.image), options.max_side, pillow=pillow)} "
+        f"-> {shown(job.caption_file)}" if job.status == "pending"
         else f"{verbs[job.status]}: {job.name} ({job.reason})"
         for job in jobs)
+
+
+def size_fields(size: ImageSize | None, max_side: int, *, pillow: bool) -> dict:
+    """An image's size for --json: upright width and height, and the size it is sent at (None
+    when the header cannot be read)."""
+    if size is None:
+        return {"width": None, "height": None, "sent_width": None, "sent_height": None}
+    width, height = size.upright
+    sent = sent_size(size, max_side, pillow=pillow)
+    return {"width": width, "height": height, "sent_width": sent[0], "sent_height": sent[1]}
+
+
+def size_label(size: ImageSize | None, max_side: int, *, pillow: bool) -> str:
+    """An image's size as a dry run shows it, with the size it is sent at when that differs.
+
+    >>> size_label(ImageSize(6000, 4000), 1536, pillow=True)
+    ' (6000x4000, sent as 1536x1024)'
+    >>> size_label(ImageSize(60, 40, 6), 0, pillow=False)
+    ' (40x60)'
+    """
+    if size is None:
+        return ""
+    width, height = size.upright
+    sent = sent_size(size, max_side, pillow=pillow)
+    return f" ({width}x{height}" + (f", sent as {sent[0]}x{sent[1]})" if sent != (width, height) else ")")
 
 
 def caption_extension(value: str) -> str:
@@ -4383,7 +4831,7 @@ def batch_options(args: argparse.Namespace, folder: str) -> BatchOptions:
         keep_alive=DEFAULT_KEEP_ALIVE if args.keep_alive is None else args.keep_alive,
         release_models=args.keep_alive is None, cache_dir=args.cache_dir,
         use_cache=not args.no_cache, quiet=args.quiet, report=args.report,
-        manifest=manifest_path(args.manifest, folder),
+        manifest=manifest_path(args.manifest, folder), max_side=args.max_side,
     )
 
 
@@ -4409,9 +4857,12 @@ def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: Batc
               f"(of {plural(len(jobs), 'image')}); "
               "no model was called.", file=sys.stderr)
         actions = {"pending": "caption", "skipped": "skip", "failed": "fail", "later": "later"}
+        pillow = pillow_installed()
         return Product(listing, {"command": "caption", "dry_run": [
             {"image": job.name, "action": actions[job.status], "caption_file": shown(job.caption_file),
-             "reason": job.reason or None} for job in jobs]})
+             "reason": job.reason or None,
+             **size_fields(image_size(job.image), options.max_side, pillow=pillow)}
+            for job in jobs]})
     target = options.output_dir or folder
     make_folder(target, "--output-dir" if options.output_dir else "the folder")
     check_writable(target)
@@ -4434,6 +4885,7 @@ def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: Batc
     make_folder(cache_folder, "--cache-dir" if options.cache_dir else "the cache folder")
     # A cache that cannot work warns and stays off; the default one is never reached through a link.
     cache = DescriptionCache(cache_folder, follow_links=bool(options.cache_dir))
+    config = size_vision_context(config, spec, options, jobs, report.hosts)
     try:
         CaptionRun(config, spec, options, report, cache).run()
     except (KeyboardInterrupt, OllamaError) as exc:
@@ -4525,7 +4977,7 @@ def cmd_caption(config: Config, args: argparse.Namespace) -> Product:
                          hint="give an image file, or a folder of images")
     return caption_image(config, spec, path, BatchOptions(
         keep_alive=None, release_models=False, quiet=True, cache_dir=args.cache_dir,
-        use_cache=not args.no_cache))
+        use_cache=not args.no_cache, max_side=args.max_side))
 
 
 def caption_image(config: Config, spec: CaptionSpec, path: str, options: BatchOptions) -> Product:
@@ -4542,6 +4994,7 @@ def caption_image(config: Config, spec: CaptionSpec, path: str, options: BatchOp
         host.client.record = []
     cache = DescriptionCache(options.cache_dir or os.path.join(folder, CACHE_FOLDER),
                              follow_links=bool(options.cache_dir)) if can_keep_cache(options, folder) else NoCache()
+    config = size_vision_context(config, spec, options, [job], report.hosts)
     try:
         CaptionRun(config, spec, options, report, cache).run()
     finally:
@@ -4618,8 +5071,20 @@ def doctor_checks(config: Config) -> list[Check]:
         checks.append(structured_output_check(client, version))
         for role, model in (("vision model", config.vision_model), ("text model", config.model)):
             checks.extend(model_checks(client, role, model))
+    checks.append(image_check())
     checks.append(template_check())
     return checks
+
+
+def image_check() -> Check:
+    """Whether images are prepared before sending (Pillow), and what is lost without it."""
+    version = pillow_version()
+    if version:
+        return Check("images", "ok", f"Pillow {version}: images over --max-side are scaled down, turned "
+                     "upright by their EXIF orientation, and BMP and GIF converted before sending")
+    return Check("images", "note", "Pillow is not installed, so images are sent as they are: full size "
+                 "(upload time and image tokens), EXIF orientation not applied, BMP and GIF not converted",
+                 PILLOW_EXTRA)
 
 
 def structured_output_check(client: OllamaClient, version: str) -> Check:
@@ -4983,6 +5448,7 @@ class StatsItem(Record):
     measures: dict = {}
     chunks: list = []  # the caption's comma-separated chunks, lower case
     key: str = ""  # the caption as duplicates are compared: lower case, spacing collapsed
+    size: tuple | None = None  # (width, height) upright, from the header; None if it cannot be read
     flags: dict = {}  # flag -> why ("" when the flag says it all), in STATS_FLAGS order when shown
 
     def flag(self, name: str, reason: str = "") -> None:
@@ -4993,7 +5459,8 @@ class StatsItem(Record):
                 "flags": [flag for flag in STATS_FLAGS if flag in self.flags],
                 "reasons": {flag: self.flags[flag] for flag in STATS_FLAGS if self.flags.get(flag)},
                 **{measure: self.measures.get(measure) for measure in STATS_MEASURES},
-                "style": self.form}
+                "style": self.form, "width": self.size[0] if self.size else None,
+                "height": self.size[1] if self.size else None}
 
 
 def dataset_stats(folder: str, options: BatchOptions, *, trigger: str = "") -> dict:
@@ -5024,6 +5491,8 @@ def dataset_stats(folder: str, options: BatchOptions, *, trigger: str = "") -> d
         item = StatsItem(name, shown(caption_file))
         try:
             sniff_image(image)
+            size = image_size(image)
+            item.size = size.upright if size else None
         except ImageError as exc:
             item.flag("unreadable image", str(exc))
             unreadable.append({"image": name, "reason": str(exc)})
@@ -5058,6 +5527,7 @@ def dataset_stats(folder: str, options: BatchOptions, *, trigger: str = "") -> d
         "unreadable_captions": unreadable_captions,
         "orphans": orphans,
         "unreadable": unreadable,
+        "image_sizes": _image_sizes(items),
         "style": form,
         "distributions": {measure: _distribution([item.measures[measure] for item in captioned])
                           for measure in STATS_MEASURES},
@@ -5074,6 +5544,26 @@ def dataset_stats(folder: str, options: BatchOptions, *, trigger: str = "") -> d
         "report": shown(report_path) if report is not None else None,
         "items": [item.as_dict() for item in items],
     }
+
+
+# Trainers for SDXL and Flux train at about 1024x1024 pixels: a smaller image is upscaled.
+TRAINING_PIXELS = 1024 * 1024
+
+
+def _image_sizes(items: list[StatsItem]) -> dict:
+    """The spread of image sizes (megapixels), the smallest and largest image, and those under the
+    training size."""
+    sized = sorted((item for item in items if item.size),
+                   key=lambda item: (item.size[0] * item.size[1], item.name))
+
+    def named(item: StatsItem | None) -> dict | None:
+        return {"image": item.name, "width": item.size[0], "height": item.size[1]} if item else None
+
+    megapixels = [round(item.size[0] * item.size[1] / 1e6, 2) for item in sized]
+    return {"known": len(sized), "megapixels": _distribution(megapixels),
+            "smallest": named(sized[0] if sized else None), "largest": named(sized[-1] if sized else None),
+            "under_training_size": [item.name for item in sized
+                                    if item.size[0] * item.size[1] < TRAINING_PIXELS]}
 
 
 def _measure(item: StatsItem, text: str) -> None:
@@ -5382,6 +5872,13 @@ def format_stats(data: dict, *, top: int, histograms: dict | None = None) -> str
                  f"{plural(len(data['unreadable']), 'unreadable image')}"
                  + (f", {plural(len(data['unreadable_captions']), 'unreadable caption file')}"
                     if data["unreadable_captions"] else ""))
+    sizes = data["image_sizes"]
+    if sizes["known"]:
+        spread, smallest, largest = sizes["megapixels"], sizes["smallest"], sizes["largest"]
+        lines.append(f"Image sizes: smallest {smallest['width']}x{smallest['height']} ({smallest['image']}), "
+                     f"median {spread['median']:g} MP, largest {largest['width']}x{largest['height']} "
+                     f"({largest['image']}); {len(sizes['under_training_size'])} under 1024x1024 pixels "
+                     "(trainers upscale them; --json names them)")
     listing("Unreadable images", [f"{entry['image']}: {entry['reason']}" for entry in data["unreadable"]])
     listing("Unreadable caption files",
             [f"{entry['image']}: {entry['reason']}" for entry in data["unreadable_captions"]])
@@ -5933,14 +6430,11 @@ class ReviewDataset:
 
     def cached_description(self, run: CaptionRun, cache: DescriptionCache, image: str) -> str | None:
         """The description the run used, from the cache (a written job keeps none in memory)."""
-        import hashlib
-
         try:
             data = read_image(image)
         except (ImageError, OSError):
             return None
-        return cache.get(DescriptionCache.key(hashlib.sha256(data).hexdigest(), self.config.vision_model,
-                                              run.prompt_sha256))
+        return cache.get(run.description_key(data)[0])
 
     def summary(self) -> dict:
         return {key: value for key, value in self.document.items() if key != "items"}
@@ -6246,6 +6740,7 @@ seed_value = number_type(int, "a whole number", 0, "0 or more", MAX_SEED)
 token_count = number_type(int, "a whole number", 1, "1 or more", MAX_TOKENS)
 jobs_count = number_type(int, "a whole number", 1, "1 or more", MAX_JOBS)
 port_number = number_type(int, "a whole number", 0, "0 or more", 65535)
+max_side_pixels = number_type(int, "a whole number of pixels", 0, "0 or more", MAX_SIDE_LIMIT)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -6425,6 +6920,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                               "Ollama 0.5 and later)")
     caption.add_argument("--always-first", metavar="TAGS",
                          help="tags: comma-separated tags to put first, in this order, added if missing")
+    caption.add_argument("--max-side", type=max_side_pixels, default=DEFAULT_MAX_SIDE, metavar="PIXELS",
+                         help=f"with Pillow ({PILLOW_EXTRA}), scale larger images down to this longest "
+                              "side, upright, before sending; 0 sends originals, 0-"
+                              f"{MAX_SIDE_LIMIT} (default: {DEFAULT_MAX_SIDE})")
     folder = caption.add_argument_group("folder runs")
     folder.add_argument("-r", "--recursive", action="store_true",
                         help="also caption images in subfolders (symlinked folders are not entered)")

@@ -722,6 +722,14 @@ def _image_ok(data: bytes) -> bool:
             or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"))
 
 
+def _image_format(data: bytes) -> str:
+    """The format name of image bytes ("" for none we know)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    signatures = {b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png", b"GIF8": "gif", b"BM": "bmp"}
+    return next((name for magic, name in signatures.items() if data.startswith(magic)), "")
+
+
 def _split(text: str, size: int) -> list[str]:
     return [text[i:i + size] for i in range(0, len(text), size)]
 
@@ -913,7 +921,7 @@ class FakeOllama:
     def __init__(self, *, version: str = "0.13.0", models: dict[str, dict[str, Any]] | None = None,
                  show_capabilities: bool = True, legacy_errors: bool = False, load_cost: float = 0.0,
                  max_loaded: int = 0, parallel: int = 0, request_time: float = 0.0,
-                 validate_images: bool = True) -> None:
+                 validate_images: bool = True, unreadable_formats: Iterable[str] = ()) -> None:
         self.version = version
         self.show_capabilities = show_capabilities
         self.legacy_errors = legacy_errors
@@ -922,6 +930,9 @@ class FakeOllama:
         self.parallel = parallel
         self.request_time = request_time
         self.validate_images = validate_images  # valid base64 that is no known image -> 500 (runner error)
+        # Image formats this server's engine cannot decode ("webp": the llama.cpp engine before the
+        # 2026-08 fix): answered as an unknown format, like bytes that are no image at all.
+        self.unreadable_formats = frozenset(unreadable_formats)
 
         self.url = ""
         self.requests: list[Recorded] = []
@@ -1060,6 +1071,13 @@ class FakeOllama:
     def requests_to(self, path: str) -> list[Recorded]:
         with self._lock:
             return [r for r in self.requests if r.path == path]
+
+    def sent_images(self, path: str = "/api/chat") -> list[bytes]:
+        """The images sent in requests to path, decoded, in arrival order."""
+        import base64
+
+        return [base64.b64decode(image) for rec in self.requests_to(path)
+                for message in (rec.body or {}).get("messages") or [] for image in message.get("images") or []]
 
     def generation_requests(self) -> list[Recorded]:
         with self._lock:
@@ -1402,7 +1420,8 @@ class FakeOllama:
             images.extend(msg.get("images") or [])
         try:
             _check_format(req.get("format"))
-            if self.validate_images and any(not _image_ok(img) for img in images):
+            if self.validate_images and any(not _image_ok(img) or _image_format(img) in self.unreadable_formats
+                                            for img in images):
                 raise _HTTPError(500, "Failed to create new sequence: image: unknown format")
         except _HTTPError as e:
             self._runner_error(h, stream, e.status, e.message)

@@ -6,7 +6,7 @@ import hashlib
 import struct
 import zlib
 
-__all__ = ["JPEG_2X2", "jpeg_bytes", "png_bytes"]
+__all__ = ["JPEG_2X2", "jpeg_bytes", "picture", "png_bytes"]
 
 # A 2x2 baseline JFIF JPEG (made once with Pillow, quality 50, optimised Huffman tables).
 JPEG_2X2 = bytes.fromhex(
@@ -43,3 +43,24 @@ def png_bytes(width: int = 2, height: int = 2, seed: int = 0) -> bytes:
 def jpeg_bytes() -> bytes:
     """A tiny valid JPEG (2x2, starts with FF D8 FF, ends with FF D9)."""
     return JPEG_2X2
+
+
+def picture(width: int, height: int, fmt: str = "JPEG", *, orientation: int = 1, mode: str = "RGB",
+            **save: object) -> bytes:
+    """An image made with Pillow: the left half red, the right half blue (so a turn shows), in any
+    format Pillow writes; orientation != 1 stores that EXIF orientation (JPEG)."""
+    import io
+
+    from PIL import Image
+
+    colour = {"RGB": (0, 0, 255), "RGBA": (0, 0, 255, 0), "L": 200, "P": 1}[mode]
+    image = Image.new(mode, (width, height), colour)
+    left = {"RGB": (255, 0, 0), "RGBA": (255, 0, 0, 255), "L": 50, "P": 2}[mode]
+    image.paste(left, (0, 0, max(1, width // 2), height))
+    if orientation != 1:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        save["exif"] = exif.tobytes()
+    out = io.BytesIO()
+    image.save(out, fmt, **save)
+    return out.getvalue()

@@ -653,10 +653,10 @@ def test_dry_run_lists_the_plan_and_calls_nothing(fake, capsys, tmp_path):
     code, out, err = run(capsys, "caption", dataset, "--dry-run", "--limit", "2")
     assert code == 0
     assert out.splitlines() == [
-        f"caption: a.png -> {dataset / 'a.txt'}",
+        f"caption: a.png (2x2) -> {dataset / 'a.txt'}",
         "skip: b.png (caption exists)",
         "fail: bad.png (the file is empty)",
-        f"caption: d.png -> {dataset / 'd.txt'}",
+        f"caption: d.png (2x2) -> {dataset / 'd.txt'}",
         "later: e.png (beyond --limit 2)",
         "later: f.png (beyond --limit 2)",
     ]
@@ -671,7 +671,7 @@ def test_dry_run_needs_no_server_and_shows_the_output_dir(capsys, tmp_path, monk
     dataset = make_images(tmp_path / "set", ["sub/a.png"])
     code, out, _err = run(capsys, "caption", dataset, "--dry-run", "-r", "--output-dir", tmp_path / "o",
                          "--ext", "caption")
-    assert (code, out) == (0, f"caption: sub/a.png -> {tmp_path / 'o' / 'sub' / 'a.caption'}\n")
+    assert (code, out) == (0, f"caption: sub/a.png (2x2) -> {tmp_path / 'o' / 'sub' / 'a.caption'}\n")
     assert not (tmp_path / "o").exists()
 
 

@@ -25,6 +25,9 @@ VISION = og.DEFAULT_VISION_MODEL  # qwen3-vl:32b: completion, vision, tools
 SERVE_FIX = "start it with `ollama serve`, or set OLLAMA_HOST (or --host) to where it runs"
 QWEN_NOTE = (f"note  text model: {TEXT} thinks; every request sends think:false and /no_think, "
              "and think blocks are stripped")
+IMAGES_OK = (f"ok    images: Pillow {og.pillow_version()}: images over --max-side are scaled down, turned upright "
+             "by their EXIF orientation, and BMP and GIF converted before sending")
+IMAGES_OK_JSON = {"name": "images", "status": "ok", "detail": IMAGES_OK.removeprefix("ok    images: "), "fix": None}
 
 
 def structured_note(version: str = "0.13.0") -> str:
@@ -128,6 +131,7 @@ def test_doctor_all_good(ollama, capsys):
         f"ok    vision model: {VISION} is installed (completion, vision, tools)",
         f"ok    text model: {TEXT} is installed (completion, tools, thinking)",
         QWEN_NOTE,
+        IMAGES_OK,
         "ok    templates: all 18 templates are complete",
         "A caption run would work.",
     ]
@@ -147,6 +151,7 @@ def test_doctor_with_the_server_down_still_runs_and_exits_3(make_ollama, capsys)
     assert out.splitlines() == [
         f"FAIL  server: cannot connect to Ollama at {url} (Connection refused)",
         f"      fix: {SERVE_FIX}",
+        IMAGES_OK,
         "ok    templates: all 18 templates are complete",
         "1 problem to fix before a caption run.",
     ]
@@ -162,6 +167,7 @@ def test_doctor_a_missing_model_gets_its_pull_line_and_exits_4(ollama, capsys):
         f"ok    vision model: {VISION} is installed (completion, vision, tools)",
         f"FAIL  text model: llama3.2 is not installed on {ollama.url}",
         "      fix: ollama pull llama3.2",
+        IMAGES_OK,
         "ok    templates: all 18 templates are complete",
         "1 problem to fix before a caption run.",
     ]
@@ -180,6 +186,7 @@ def test_doctor_a_vision_model_that_cannot_see_exits_4(ollama, capsys):
         f"      fix: ollama pull {VISION}, then use it with --vision-model",
         f"ok    text model: {TEXT} is installed (completion, tools, thinking)",
         QWEN_NOTE,
+        IMAGES_OK,
         "ok    templates: all 18 templates are complete",
         "1 problem to fix before a caption run.",
     ]
@@ -255,6 +262,7 @@ def test_doctor_json_is_one_document(ollama, capsys):
          "detail": f"{TEXT} is installed (completion, tools, thinking)", "fix": None},
         {"name": "text model", "status": "note", "detail": QWEN_NOTE.removeprefix("note  text model: "),
          "fix": None},
+        IMAGES_OK_JSON,
         {"name": "templates", "status": "ok", "detail": "all 18 templates are complete", "fix": None},
     ]}
 
@@ -268,6 +276,7 @@ def test_doctor_json_with_a_failure_keeps_stdout_json_and_the_exit_code(make_oll
     assert one_json(out) == {"command": "doctor", "ok": False, "checks": [
         {"name": "server", "status": "fail",
          "detail": f"cannot connect to Ollama at {url} (Connection refused)", "fix": SERVE_FIX},
+        IMAGES_OK_JSON,
         {"name": "templates", "status": "ok", "detail": "all 18 templates are complete", "fix": None},
     ]}
     assert err == (f"ollama-generate: error: 1 check failed: server: cannot connect to Ollama at {url} "
@@ -292,6 +301,7 @@ def test_doctor_checks_every_host(make_ollama, capsys):
         f"      fix: ollama pull {VISION}",
         f"ok    text model: {TEXT} is installed (completion, tools, thinking)",
         QWEN_NOTE,
+        IMAGES_OK,
         "ok    templates: all 18 templates are complete",
         "1 problem to fix before a caption run.",
     ]
@@ -636,11 +646,12 @@ def test_json_dry_run_lists_the_plan(ollama, capsys, tmp_path):
     code, out, err = run(capsys, "caption", folder, "--json", "--dry-run")
     assert code == 0
     assert one_json(out) == {"command": "caption", "dry_run": [
-        {"image": "a.png", "action": "caption", "caption_file": str(folder / "a.txt"), "reason": None},
+        {"image": "a.png", "action": "caption", "caption_file": str(folder / "a.txt"), "reason": None,
+         "width": 2, "height": 2, "sent_width": 2, "sent_height": 2},
         {"image": "b.png", "action": "skip", "caption_file": str(folder / "b.txt"),
-         "reason": "caption exists"},
+         "reason": "caption exists", "width": 2, "height": 2, "sent_width": 2, "sent_height": 2},
         {"image": "bad.png", "action": "fail", "caption_file": str(folder / "bad.txt"),
-         "reason": "the file is empty"},
+         "reason": "the file is empty", "width": None, "height": None, "sent_width": None, "sent_height": None},
     ]}
     assert err == ("Dry run: 1 to caption, 1 skipped, 1 failing, 0 left for later (of 3 images); "
                    "no model was called.\n")

@@ -101,7 +101,7 @@ def test_a_file_name_that_is_not_utf8_works_end_to_end(fake, capsys, tmp_path):
     report, manifest = tmp_path / "r.json", dataset / "metadata.jsonl"
 
     code, out, err = run(capsys, "caption", dataset, "--dry-run")
-    assert (code, out.splitlines()[1]) == (0, f"caption: caf\\xe9.png -> {dataset}/caf\\xe9.txt")
+    assert (code, out.splitlines()[1]) == (0, f"caption: caf\\xe9.png (2x2) -> {dataset}/caf\\xe9.txt")
 
     code, out, err = run(capsys, "caption", dataset, "--report", report, "--manifest", manifest)
     assert (code, out) == (0, "")
@@ -196,7 +196,7 @@ def test_fifos_in_a_folder_fail_as_images_and_never_block(fake, capsys, tmp_path
     with no_hang():
         code, out, err = run(capsys, "caption", dataset, "--dry-run")
         assert code == 0
-        assert out.splitlines() == [f"caption: a.png -> {dataset / 'a.txt'}",
+        assert out.splitlines() == [f"caption: a.png (2x2) -> {dataset / 'a.txt'}",
                                     "fail: fifo.jpg (not a regular file (it is a FIFO))",
                                     "fail: linked.png (not a regular file (it is a FIFO))"]
         code, out, err = run(capsys, "caption", dataset)
@@ -505,7 +505,9 @@ def test_an_image_over_the_limit_is_refused_with_its_size(fake, capsys, tmp_path
         "ollama-generate: hint: scale it down: vision models see a few megapixels"]
 
 
-def test_each_image_is_opened_once_in_a_folder_run(fake, capsys, tmp_path, monkeypatch):
+def test_each_image_is_read_once_in_a_folder_run(fake, capsys, tmp_path, monkeypatch):
+    """Its header once, before the first request (every size is needed to fix the vision model's
+    num_ctx for the whole run), and its content once, checked as it is read."""
     dataset = make_images(tmp_path / "set", ["a.png", "b.png"])
     opened: list[str] = []
     real_open, real_os_open = builtins.open, os.open
@@ -521,8 +523,8 @@ def test_each_image_is_opened_once_in_a_folder_run(fake, capsys, tmp_path, monke
     monkeypatch.setattr(builtins, "open", spy_open)
     monkeypatch.setattr(og.os, "open", spy_os_open)
     assert run(capsys, "caption", dataset)[0] == 0
-    assert sorted(path for path in opened if path.endswith(".png")) == [str(dataset / "a.png"),
-                                                                         str(dataset / "b.png")]
+    a, b = str(dataset / "a.png"), str(dataset / "b.png")
+    assert [path for path in opened if path.endswith(".png")] == [a, b, a, b]
 
 
 # -- 17. empty caption files ---------------------------------------------------------------------

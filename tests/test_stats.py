@@ -96,7 +96,9 @@ def test_a_dataset_without_captions(capsys, tmp_path):
     code, out, err = run(capsys, "stats", folder)
     assert (code, err) == (0, "")
     assert out == (f"{folder}: 2 images, 0 captioned, 2 missing, 0 empty, 0 orphan caption files, "
-                   "0 unreadable images\nMissing captions (2):\n  a.png\n  b.png\n"
+                   "0 unreadable images\nImage sizes: smallest 2x2 (a.png), median 0 MP, largest 2x2 "
+                   "(b.png); 2 under 1024x1024 pixels (trainers upscale them; --json names them)\n"
+                   "Missing captions (2):\n  a.png\n  b.png\n"
                    "Trigger: none found (give one with --trigger WORD)\n")
 
 
@@ -413,14 +415,15 @@ def test_report_entries_for_other_images_or_malformed_are_left_out(capsys, tmp_p
 def test_json_keys_are_pinned(capsys, tmp_path):
     data = stats(capsys, dataset(tmp_path / "set", {"a.png": "a cat", "b.png": None}))
     assert list(data) == ["command", "folder", "images", "captioned", "missing", "empty",
-                          "unreadable_captions", "orphans", "unreadable", "style", "distributions",
+                          "unreadable_captions", "orphans", "unreadable", "image_sizes", "style", "distributions",
                           "over_clip_budget", "out_of_range", "tags", "trigger", "duplicates",
                           "near_duplicates", "identity", "exclude_tags", "needs_review", "report", "items"]
     assert list(data["distributions"]) == ["words", "sentences", "tags", "clip_tokens"]
     assert list(data["trigger"]) == ["word", "source", "captions", "first", "missing", "not_first", "repeated"]
     assert item(data, "b.png") == {"image": "b.png", "caption_file": str(tmp_path / "set" / "b.txt"),
                                    "caption": None, "flags": ["missing"], "reasons": {}, "words": None,
-                                   "sentences": None, "tags": None, "clip_tokens": None, "style": None}
+                                   "sentences": None, "tags": None, "clip_tokens": None, "style": None,
+                                   "width": 2, "height": 2}
     assert list(item(data, "a.png")) == list(item(data, "b.png"))
     assert set(og.STATS_FLAGS) >= {flag for entry in data["items"] for flag in entry["flags"]}
 
@@ -439,6 +442,8 @@ def test_text_output(capsys, tmp_path):
     tokens = sorted(og.estimate_clip_tokens(text) for text in [*CHARACTER.values(), CHARACTER["a.png"]])
     assert out == (
         f"{folder}: 6 images, 5 captioned, 1 missing, 0 empty, 1 orphan caption file, 0 unreadable images\n"
+        "Image sizes: smallest 2x2 (a.png), median 0 MP, largest 2x2 (f.png); 6 under 1024x1024 pixels "
+        "(trainers upscale them; --json names them)\n"
         "Orphan caption files (no image) (1):\n"
         "  old.txt\n"
         "Missing captions (1):\n"
