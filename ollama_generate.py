@@ -2824,7 +2824,10 @@ def prepare_image(data: bytes, max_side: int) -> bytes:
                 upright.save(out, "PNG")
             else:
                 upright.convert("RGB").save(out, "JPEG", quality=JPEG_QUALITY)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    # Pillow's kinds of "this file is broken": a damaged PNG chunk is a SyntaxError, a cut GIF or
+    # WebP an EOFError, odd tables a struct.error or IndexError; a huge image may not fit in memory.
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, MemoryError,
+            Image.DecompressionBombError) as exc:
         raise ImageError(f"cannot prepare the image with Pillow ({re.sub(r' <[^>]*>', '', str(exc))})",
                          hint="open and save it again in an image editor, or send it as it is "
                               "with --max-side 0") from None

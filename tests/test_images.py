@@ -9,7 +9,7 @@ import struct
 
 import pytest
 from cli import run
-from images import jpeg_bytes, picture, png_bytes
+from images import _png_chunk, jpeg_bytes, picture, png_bytes
 
 import ollama_generate as og
 
@@ -288,6 +288,29 @@ def test_an_image_pillow_cannot_prepare_fails_alone(ollama, capsys, tmp_path):
     assert code == 1
     assert "  a.jpg: cannot prepare the image with Pillow (" in err
     assert len(ollama.requests_to("/api/chat")) == 1
+
+
+def broken_chunk_png(width: int, height: int) -> bytes:
+    """A PNG whose image data is split in two IDAT chunks, the second with a damaged chunk type: the
+    header and the IEND are intact, and Pillow raises SyntaxError (not OSError) when it decodes it."""
+    data = picture(width, height, "PNG")
+    length = struct.unpack(">I", data[33:37])[0]
+    assert data[37:41] == b"IDAT"
+    idat, half = data[41:41 + length], length // 2
+    second = _png_chunk(b"IDAT", idat[half:])
+    return (data[:33] + _png_chunk(b"IDAT", idat[:half]) + second[:4] + b"\xf7DAT" + second[8:]
+            + _png_chunk(b"IEND", b""))
+
+
+def test_a_png_pillow_finds_broken_fails_alone_not_the_run(ollama, capsys, tmp_path):
+    folder = dataset(tmp_path, {"a.png": broken_chunk_png(3000, 200), "b.png": png_bytes()})
+    code, _out, err = run(capsys, "caption", folder, "--quiet")
+    assert code == 1
+    assert "  a.png: cannot prepare the image with Pillow (broken PNG file (chunk b'\\xf7DAT'))\n" in err
+    assert "internal error" not in err
+    assert len(ollama.requests_to("/api/chat")) == 1  # b.png was still captioned
+    code, _out, err = run(capsys, "caption", folder / "a.png")
+    assert code == 1 and err.startswith(f"ollama-generate: error: {folder / 'a.png'}: cannot prepare the image")
 
 
 def test_one_image_on_the_command_line_is_prepared_too(ollama, capsys, tmp_path):
