@@ -2809,6 +2809,9 @@ def prepare_image(data: bytes, max_side: int) -> bytes:
     # A photo over 89 megapixels is legitimate here (the file is at most MAX_IMAGE_BYTES), and a
     # Python warning would break the one-line stderr; past twice that, Pillow refuses (an error).
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    # Nor Pillow's notes on damaged metadata it reads past ("Corrupt EXIF data", "Tag data larger than
+    # file"): the picture is still prepared, and they are not this run's to print.
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
     try:
         with Image.open(io.BytesIO(data)) as image:
             longest = max(image.size)

@@ -421,6 +421,17 @@ def test_a_very_large_image_is_prepared_without_a_python_warning(recwarn, monkey
         og.prepare_image(picture(300, 300, "PNG"), 60)  # over twice the limit: Pillow refuses it
 
 
+def test_corrupt_exif_is_prepared_without_a_python_warning(ollama, capsys, recwarn, tmp_path):
+    # An orientation entry whose data lies beyond the segment: Pillow warns "Tag data larger than file".
+    tiff = b"II*\0" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x0112, 3, 1000, 0x1000) + bytes(4)
+    app1 = b"\xff\xe1" + struct.pack(">H", 2 + 6 + len(tiff)) + b"Exif\0\0" + tiff
+    data = picture(200, 100)
+    folder = dataset(tmp_path, {"a.jpg": data[:2] + app1 + data[2:]})
+    assert run(capsys, "caption", folder, "--quiet", "--max-side", "100") == (0, "", "")
+    assert received(ollama.sent_images()[0]) == ("JPEG", 100, 50)
+    assert [str(warning.message) for warning in recwarn] == []
+
+
 def test_without_pillow_in_process_nothing_is_prepared(monkeypatch, tmp_path):
     import sys
 
