@@ -2822,6 +2822,10 @@ def prepare_image(data: bytes, max_side: int) -> bytes:
                 image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
             upright = ImageOps.exif_transpose(image)
             transparent = upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info
+            if upright.mode.startswith("I") and not transparent:
+                # 16-bit greyscale (a PNG): Pillow's convert to RGB clips every value over 255 to
+                # white, so it is scaled to 8 bits first.
+                upright = upright.convert("I").point(lambda value: value * (1 / 257)).convert("L")
             out = io.BytesIO()
             if transparent:
                 upright.save(out, "PNG")

@@ -258,6 +258,22 @@ def test_a_transparent_png_stays_png_and_bmp_and_gif_are_converted(ollama, capsy
         assert image.mode == "RGBA" and image.getpixel((1000, 10))[3] == 0
 
 
+def test_a_16_bit_greyscale_png_keeps_its_tones_when_prepared(ollama, capsys, tmp_path):
+    # Left to right from black to white in 16 bits; converted to 8 bits as it is, every value over
+    # 255 would be clipped to white, and the model would see a blank picture.
+    width = 3000
+    ramp = b"".join(struct.pack("<H", x * 65535 // (width - 1)) for x in range(width)) * 4
+    out = io.BytesIO()
+    Image.frombytes("I;16", (width, 4), ramp).save(out, "PNG")
+    folder = dataset(tmp_path, {"a.png": out.getvalue()})
+    assert run(capsys, "caption", folder, "--quiet")[0] == 0
+    [sent] = ollama.sent_images()
+    with Image.open(io.BytesIO(sent)) as image:
+        assert (image.format, image.size) == ("JPEG", (1536, 2))
+        grey = image.convert("L")
+        assert grey.getpixel((10, 0)) < 10 and 120 < grey.getpixel((768, 0)) < 135 and grey.getpixel((1525, 0)) > 245
+
+
 def test_the_cache_is_hit_on_a_rerun_and_missed_after_a_new_max_side(ollama, capsys, tmp_path):
     folder = dataset(tmp_path, {"a.jpg": picture(3000, 2000), "b.png": png_bytes(4, 4)})
     assert run(capsys, "caption", folder, "--quiet")[0] == 0
