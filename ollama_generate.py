@@ -6412,9 +6412,11 @@ class ReviewDataset:
                 cache.notify = lambda message: None  # the page shows what went wrong
                 old = caption_hash(path)
                 try:
-                    run = CaptionRun(self.config, self.spec, self.options.replace(
-                        overwrite=True, quiet=True, limit=None, jobs=1, chunk=1, keep_alive=None,
-                        dry_run=False), report, cache)
+                    options = self.options.replace(overwrite=True, quiet=True, limit=None, jobs=1, chunk=1,
+                                                   keep_alive=None, dry_run=False)
+                    # The vision num_ctx sized for this image, as `caption IMAGE` sizes it.
+                    config = size_vision_context(self.config, self.spec, options, [job], report.hosts)
+                    run = CaptionRun(config, self.spec, options, report, cache)
                     run.run()
                     description = job.description or self.cached_description(run, cache, job.image)
                 finally:
