@@ -2723,10 +2723,13 @@ def image_tokens(family: str, width: int, height: int) -> int:
 
 
 def vision_family(details: dict) -> str:
-    """A model's family as /api/show reports it ("" when it does not)."""
+    """A model's family as /api/show reports it ("" when it does not): the first of its family and
+    families that VISION_TOKENS knows (llava is family "llama", families ["llama", "clip"])."""
     info = details.get("model_info") or {}
-    family = (details.get("details") or {}).get("family") or info.get("general.architecture") or ""
-    return str(family)
+    shown = details.get("details") or {}
+    family = shown.get("family") or info.get("general.architecture") or ""
+    families = shown.get("families") if isinstance(shown.get("families"), list) else []
+    return next((str(name) for name in (family, *families) if str(name) in VISION_TOKENS), str(family))
 
 
 def context_length(details: dict) -> int | None:

@@ -130,6 +130,22 @@ def test_the_vision_context_has_room_and_steps():
     assert og.vision_context(30602, 200) == 32 * 1024 + 1024  # 30602 + 200 + 2 x 1024, rounded up
 
 
+def test_llava_is_known_by_the_clip_in_its_families(make_ollama, capsys, tmp_path, monkeypatch):
+    # Ollama reports llava as family "llama", families ["llama", "clip"]: its images cost 576 tokens,
+    # not the unknown family's one per 28 x 28 pixels of a full-size original.
+    server = make_ollama(models={
+        VISION: {"capabilities": ("completion", "vision"), "family": "llama", "families": ("llama", "clip"),
+                 "context_length": 8192},
+        og.DEFAULT_MODEL: {"capabilities": ("completion",), "family": "qwen3"}})
+    monkeypatch.setenv("OLLAMA_HOST", server.url)
+    folder = dataset(tmp_path, {"a.png": picture(3000, 2000, "PNG")})
+    code, _out, err = run(capsys, "caption", folder, "--quiet", "--max-side", "0")
+    assert (code, err) == (0, "")
+    assert contexts(server) == {og.NUM_CTX}
+    assert og.vision_family({"details": {"family": "llama", "families": ["llama", "clip"]}}) == "clip"
+    assert og.vision_family({"details": {"family": "qwen3", "families": ["qwen3"]}}) == "qwen3"
+
+
 def test_family_and_context_length_come_from_api_show():
     details = {"details": {"family": "qwen25vl"},
                "model_info": {"general.architecture": "qwen25vl", "qwen25vl.context_length": 128000}}
