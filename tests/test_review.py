@@ -561,7 +561,8 @@ def test_recaption_sizes_the_vision_context_as_caption_does(make_ollama, capsys,
     (folder / og.CACHE_FOLDER / og.DescriptionCache.FILENAME).unlink()  # recaption describes it again
     review = Review(folder, config=og.Config(hosts=(server_.url,)))
     try:
-        status, _, _answer = review.post("/api/recaption", {"image": "a.png", "base": review.item("a.png")["hash"]})
+        base = review.item("a.png")["hash"]
+        status, _, _answer = review.post("/api/recaption", {"image": "a.png", "base": base})
         assert status == 200
     finally:
         review.close()
