@@ -6817,7 +6817,8 @@ def add_server_options(parser: argparse.ArgumentParser, *, generation: bool = Tr
                                 help=f"random seed, 0-{MAX_SEED}; with --temperature 0 the requests "
                                      "repeat exactly")
     sampling_group.add_argument("--num-ctx", type=token_count, default=argparse.SUPPRESS, metavar="N",
-                                help=f"context window of every request, 1-{MAX_TOKENS} (default {NUM_CTX})")
+                                help=f"context window of every request, 1-{MAX_TOKENS} (default {NUM_CTX}; "
+                                     "caption sizes the vision model's for its largest image)")
     sampling_group.add_argument("--max-tokens", type=token_count, default=argparse.SUPPRESS,
                                 metavar="N", help="cap on the length of the written answer, in tokens, "
                                                   f"1-{MAX_TOKENS}")
