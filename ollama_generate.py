@@ -2723,10 +2723,13 @@ def image_tokens(family: str, width: int, height: int) -> int:
 
 
 def vision_family(details: dict) -> str:
-    """A model's family as /api/show reports it ("" when it does not)."""
+    """A model's family as /api/show reports it ("" when it does not): the first of its family and
+    families that VISION_TOKENS knows (llava is family "llama", families ["llama", "clip"])."""
     info = details.get("model_info") or {}
-    family = (details.get("details") or {}).get("family") or info.get("general.architecture") or ""
-    return str(family)
+    shown = details.get("details") or {}
+    family = shown.get("family") or info.get("general.architecture") or ""
+    families = shown.get("families") if isinstance(shown.get("families"), list) else []
+    return next((str(name) for name in (family, *families) if str(name) in VISION_TOKENS), str(family))
 
 
 def context_length(details: dict) -> int | None:
@@ -2809,6 +2812,9 @@ def prepare_image(data: bytes, max_side: int) -> bytes:
     # A photo over 89 megapixels is legitimate here (the file is at most MAX_IMAGE_BYTES), and a
     # Python warning would break the one-line stderr; past twice that, Pillow refuses (an error).
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    # Nor Pillow's notes on damaged metadata it reads past ("Corrupt EXIF data", "Tag data larger than
+    # file"): the picture is still prepared, and they are not this run's to print.
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
     try:
         with Image.open(io.BytesIO(data)) as image:
             longest = max(image.size)
@@ -2819,12 +2825,19 @@ def prepare_image(data: bytes, max_side: int) -> bytes:
                 image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
             upright = ImageOps.exif_transpose(image)
             transparent = upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info
+            if upright.mode.startswith("I") and not transparent:
+                # 16-bit greyscale (a PNG): Pillow's convert to RGB clips every value over 255 to
+                # white, so it is scaled to 8 bits first.
+                upright = upright.convert("I").point(lambda value: value * (1 / 257)).convert("L")
             out = io.BytesIO()
             if transparent:
                 upright.save(out, "PNG")
             else:
                 upright.convert("RGB").save(out, "JPEG", quality=JPEG_QUALITY)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    # Pillow's kinds of "this file is broken": a damaged PNG chunk is a SyntaxError, a cut GIF or
+    # WebP an EOFError, odd tables a struct.error or IndexError; a huge image may not fit in memory.
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, MemoryError,
+            Image.DecompressionBombError) as exc:
         raise ImageError(f"cannot prepare the image with Pillow ({re.sub(r' <[^>]*>', '', str(exc))})",
                          hint="open and save it again in an image editor, or send it as it is "
                               "with --max-side 0") from None
@@ -6402,9 +6415,11 @@ class ReviewDataset:
                 cache.notify = lambda message: None  # the page shows what went wrong
                 old = caption_hash(path)
                 try:
-                    run = CaptionRun(self.config, self.spec, self.options.replace(
-                        overwrite=True, quiet=True, limit=None, jobs=1, chunk=1, keep_alive=None,
-                        dry_run=False), report, cache)
+                    options = self.options.replace(overwrite=True, quiet=True, limit=None, jobs=1, chunk=1,
+                                                   keep_alive=None, dry_run=False)
+                    # The vision num_ctx sized for this image, as `caption IMAGE` sizes it.
+                    config = size_vision_context(self.config, self.spec, options, [job], report.hosts)
+                    run = CaptionRun(config, self.spec, options, report, cache)
                     run.run()
                     description = job.description or self.cached_description(run, cache, job.image)
                 finally:
@@ -6802,7 +6817,8 @@ def add_server_options(parser: argparse.ArgumentParser, *, generation: bool = Tr
                                 help=f"random seed, 0-{MAX_SEED}; with --temperature 0 the requests "
                                      "repeat exactly")
     sampling_group.add_argument("--num-ctx", type=token_count, default=argparse.SUPPRESS, metavar="N",
-                                help=f"context window of every request, 1-{MAX_TOKENS} (default {NUM_CTX})")
+                                help=f"context window of every request, 1-{MAX_TOKENS} (default {NUM_CTX}; "
+                                     "caption sizes the vision model's for its largest image)")
     sampling_group.add_argument("--max-tokens", type=token_count, default=argparse.SUPPRESS,
                                 metavar="N", help="cap on the length of the written answer, in tokens, "
                                                   f"1-{MAX_TOKENS}")

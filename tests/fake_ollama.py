@@ -121,6 +121,7 @@ class _Model:
     quantization_level: str
     size: int
     context_length: int
+    families: tuple[str, ...] = ()  # details.families; () means (family,). llava: ("llama", "clip")
 
     @property
     def digest(self) -> str:
@@ -131,7 +132,7 @@ class _Model:
             "parent_model": "",
             "format": "gguf",
             "family": self.family,
-            "families": [self.family],
+            "families": list(self.families or (self.family,)),
             "parameter_size": self.parameter_size,
             "quantization_level": self.quantization_level,
         }
@@ -1043,9 +1044,10 @@ class FakeOllama:
 
     def add_model(self, name: str, *, capabilities: Iterable[str] = ("completion",), family: str = "llama",
                   parameter_size: str = "8.0B", quantization_level: str = "Q4_K_M",
-                  size: int = 4_900_000_000, context_length: int = 40960) -> None:
+                  size: int = 4_900_000_000, context_length: int = 40960,
+                  families: Iterable[str] = ()) -> None:
         m = _Model(_with_tag(name), tuple(capabilities), family, parameter_size, quantization_level,
-                   size, context_length)
+                   size, context_length, tuple(families))
         with self._lock:
             self._models[model_key(name)] = m
 

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 from cli import run
-from images import jpeg_bytes, picture, png_bytes
+from images import _png_chunk, jpeg_bytes, picture, png_bytes
 
 import ollama_generate as og
 
@@ -128,6 +128,22 @@ def test_image_tokens_per_family(family, width, height, tokens):
 def test_the_vision_context_has_room_and_steps():
     assert og.vision_context(256, 100) == og.NUM_CTX  # never below the default
     assert og.vision_context(30602, 200) == 32 * 1024 + 1024  # 30602 + 200 + 2 x 1024, rounded up
+
+
+def test_llava_is_known_by_the_clip_in_its_families(make_ollama, capsys, tmp_path, monkeypatch):
+    # Ollama reports llava as family "llama", families ["llama", "clip"]: its images cost 576 tokens,
+    # not the unknown family's one per 28 x 28 pixels of a full-size original.
+    server = make_ollama(models={
+        VISION: {"capabilities": ("completion", "vision"), "family": "llama", "families": ("llama", "clip"),
+                 "context_length": 8192},
+        og.DEFAULT_MODEL: {"capabilities": ("completion",), "family": "qwen3"}})
+    monkeypatch.setenv("OLLAMA_HOST", server.url)
+    folder = dataset(tmp_path, {"a.png": picture(3000, 2000, "PNG")})
+    code, _out, err = run(capsys, "caption", folder, "--quiet", "--max-side", "0")
+    assert (code, err) == (0, "")
+    assert contexts(server) == {og.NUM_CTX}
+    assert og.vision_family({"details": {"family": "llama", "families": ["llama", "clip"]}}) == "clip"
+    assert og.vision_family({"details": {"family": "qwen3", "families": ["qwen3"]}}) == "qwen3"
 
 
 def test_family_and_context_length_come_from_api_show():
@@ -258,6 +274,23 @@ def test_a_transparent_png_stays_png_and_bmp_and_gif_are_converted(ollama, capsy
         assert image.mode == "RGBA" and image.getpixel((1000, 10))[3] == 0
 
 
+def test_a_16_bit_greyscale_png_keeps_its_tones_when_prepared(ollama, capsys, tmp_path):
+    # Left to right from black to white in 16 bits; converted to 8 bits as it is, every value over
+    # 255 would be clipped to white, and the model would see a blank picture.
+    width = 3000
+    ramp = b"".join(struct.pack("<H", x * 65535 // (width - 1)) for x in range(width)) * 4
+    out = io.BytesIO()
+    Image.frombytes("I;16", (width, 4), ramp).save(out, "PNG")
+    folder = dataset(tmp_path, {"a.png": out.getvalue()})
+    assert run(capsys, "caption", folder, "--quiet")[0] == 0
+    [sent] = ollama.sent_images()
+    with Image.open(io.BytesIO(sent)) as image:
+        assert (image.format, image.size) == ("JPEG", (1536, 2))
+        grey = image.convert("L")
+        assert grey.getpixel((10, 0)) < 10 and 120 < grey.getpixel((768, 0)) < 135
+        assert grey.getpixel((1525, 0)) > 245
+
+
 def test_the_cache_is_hit_on_a_rerun_and_missed_after_a_new_max_side(ollama, capsys, tmp_path):
     folder = dataset(tmp_path, {"a.jpg": picture(3000, 2000), "b.png": png_bytes(4, 4)})
     assert run(capsys, "caption", folder, "--quiet")[0] == 0
@@ -288,6 +321,30 @@ def test_an_image_pillow_cannot_prepare_fails_alone(ollama, capsys, tmp_path):
     assert code == 1
     assert "  a.jpg: cannot prepare the image with Pillow (" in err
     assert len(ollama.requests_to("/api/chat")) == 1
+
+
+def broken_chunk_png(width: int, height: int) -> bytes:
+    """A PNG whose image data is split in two IDAT chunks, the second with a damaged chunk type: the
+    header and the IEND are intact, and Pillow raises SyntaxError (not OSError) when it decodes it."""
+    data = picture(width, height, "PNG")
+    length = struct.unpack(">I", data[33:37])[0]
+    assert data[37:41] == b"IDAT"
+    idat, half = data[41:41 + length], length // 2
+    second = _png_chunk(b"IDAT", idat[half:])
+    return (data[:33] + _png_chunk(b"IDAT", idat[:half]) + second[:4] + b"\xf7DAT" + second[8:]
+            + _png_chunk(b"IEND", b""))
+
+
+def test_a_png_pillow_finds_broken_fails_alone_not_the_run(ollama, capsys, tmp_path):
+    folder = dataset(tmp_path, {"a.png": broken_chunk_png(3000, 200), "b.png": png_bytes()})
+    code, _out, err = run(capsys, "caption", folder, "--quiet")
+    assert code == 1
+    assert "  a.png: cannot prepare the image with Pillow (broken PNG file (chunk b'\\xf7DAT'))\n" in err
+    assert "internal error" not in err
+    assert len(ollama.requests_to("/api/chat")) == 1  # b.png was still captioned
+    code, _out, err = run(capsys, "caption", folder / "a.png")
+    assert code == 1
+    assert err.startswith(f"ollama-generate: error: {folder / 'a.png'}: cannot prepare the image with Pillow")
 
 
 def test_one_image_on_the_command_line_is_prepared_too(ollama, capsys, tmp_path):
@@ -396,6 +453,17 @@ def test_a_very_large_image_is_prepared_without_a_python_warning(recwarn, monkey
     assert [str(warning.message) for warning in recwarn] == []
     with pytest.raises(og.ImageError, match="cannot prepare the image with Pillow"):
         og.prepare_image(picture(300, 300, "PNG"), 60)  # over twice the limit: Pillow refuses it
+
+
+def test_corrupt_exif_is_prepared_without_a_python_warning(ollama, capsys, recwarn, tmp_path):
+    # An orientation entry whose data lies beyond the segment: Pillow warns "Tag data larger than file".
+    tiff = b"II*\0" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x0112, 3, 1000, 0x1000) + bytes(4)
+    app1 = b"\xff\xe1" + struct.pack(">H", 2 + 6 + len(tiff)) + b"Exif\0\0" + tiff
+    data = picture(200, 100)
+    folder = dataset(tmp_path, {"a.jpg": data[:2] + app1 + data[2:]})
+    assert run(capsys, "caption", folder, "--quiet", "--max-side", "100") == (0, "", "")
+    assert received(ollama.sent_images()[0]) == ("JPEG", 100, 50)
+    assert [str(warning.message) for warning in recwarn] == []
 
 
 def test_without_pillow_in_process_nothing_is_prepared(monkeypatch, tmp_path):

@@ -543,6 +543,32 @@ def test_recaption_uses_the_cached_description_and_backs_up(ollama, capsys, tmp_
         server.close()
 
 
+def test_recaption_sizes_the_vision_context_as_caption_does(make_ollama, capsys, tmp_path, monkeypatch):
+    from images import picture
+
+    server_ = make_ollama(models={
+        og.DEFAULT_VISION_MODEL: {"capabilities": ("completion", "vision"), "family": "mllama"},
+        og.DEFAULT_MODEL: {"capabilities": ("completion",), "family": "qwen3"}})
+    monkeypatch.setenv("OLLAMA_HOST", server_.url)
+    folder = tmp_path / "set"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(picture(1200, 600, "PNG"))  # 3 x 2 tiles of 560: mllama's 4 x 1,601
+    assert run(capsys, "caption", folder / "a.png", "--no-cache")[0] == 0
+    prompt = og.prompt_tokens("".join(og.vision_prompt(og.Config())))
+    needed = og.vision_context(4 * 1601, prompt)
+    assert needed > og.NUM_CTX
+    assert [rec.body["options"]["num_ctx"] for rec in server_.requests_to("/api/chat")] == [needed]
+    (folder / og.CACHE_FOLDER / og.DescriptionCache.FILENAME).unlink()  # recaption describes it again
+    review = Review(folder, config=og.Config(hosts=(server_.url,)))
+    try:
+        base = review.item("a.png")["hash"]
+        status, _, _answer = review.post("/api/recaption", {"image": "a.png", "base": base})
+        assert status == 200
+    finally:
+        review.close()
+    assert [rec.body["options"]["num_ctx"] for rec in server_.requests_to("/api/chat")] == [needed, needed]
+
+
 # -- caption --overwrite and edited captions ---------------------------------------------------
 
 
