@@ -581,7 +581,7 @@ class OllamaClient:
              keep_alive: int | float | str | None = None) -> Answer:
         """One /api/chat exchange, streamed and gathered into an Answer."""
         body = {"model": model, "messages": messages, "stream": True,
-                "think": False, "options": options}
+                "think": False, "options": options, **self.runner_fields()}
         if keep_alive is not None:
             body["keep_alive"] = keep_alive
         return self._retrying(lambda: self._generation("/api/chat", body))
@@ -596,7 +596,7 @@ class OllamaClient:
         before that, printer.restart() begins each new attempt.
         """
         body = {"model": model, "prompt": prompt, "stream": True,
-                "think": False, "options": options}
+                "think": False, "options": options, **self.runner_fields()}
         if keep_alive is not None:
             body["keep_alive"] = keep_alive
         if fmt is not None:
@@ -624,6 +624,13 @@ class OllamaClient:
         """Whether "format" may hold a JSON schema (Ollama v0.5.0 and later; dev builds say 0.0.0)."""
         version = self.version()
         return bool(version) and (version >= STRUCTURED_OUTPUT_VERSION or version == (0, 0, 0))
+
+    def runner_fields(self) -> dict:
+        """Request fields that shape the model's runner, the same on every request of a run:
+        Ollama reloads a model whose shift setting changes. shift:false (v0.12.6 and later) ends a
+        runaway answer at the context limit with done_reason "length" instead of sliding the window."""
+        version = self.version()
+        return {"shift": False} if version >= SHIFT_VERSION or version == (0, 0, 0) else {}
 
     def tags(self) -> list[dict]:
         """The installed models (/api/tags)."""
@@ -2521,6 +2528,7 @@ class Caption(Record):
 
 # Ollama's structured outputs (a JSON schema in "format") arrived in v0.5.0.
 STRUCTURED_OUTPUT_VERSION = (0, 5, 0)
+SHIFT_VERSION = (0, 12, 6)
 CLIP_TOKEN_BUDGET = 75
 # A model that spends its whole answer thinking is asked once more with this many times
 # the token budget (and think:false, as always).

@@ -772,3 +772,17 @@ def test_requests_waiting_for_the_same_load_count_it_once(make_ollama, capsys, t
     assert code == 0
     assert server.loads == 2
     assert json.loads(report.read_text())["model_loads"] == 2
+
+
+# -- runner options ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("version", "shift"), [("0.12.6", [False]), ("0.12.5", [None]), ("0.0.0", [False])])
+def test_shift_false_goes_on_every_generation_where_the_server_knows_it(make_ollama, capsys, tmp_path,
+                                                                      version, shift):
+    server = make_ollama(version=version, max_loaded=1, load_cost=0.05)
+    server.default_text = derived_answer
+    dataset = make_images(tmp_path / "set", ["a.png", "b.png", "c.png"])
+    assert run(capsys, "caption", dataset, "--host", server.url, "--jobs", "2")[0] == 0
+    assert sorted({r.body.get("shift") for r in content_requests(server)}, key=str) == shift
+    assert server.loads == 2  # one runner per model: the shift setting never changed within the run

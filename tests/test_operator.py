@@ -955,8 +955,9 @@ def test_the_api_key_is_sent_on_every_request_of_a_caption(ollama, capsys, photo
     monkeypatch.setenv("OLLAMA_API_KEY", KEY)
     code, out, err = run(capsys, "caption", photo, "--verbose")
     assert (code, out) == (0, TRAINING + "\n")  # the fake's in-range answer: not asked again
-    assert [r.path for r in ollama.requests] == ["/api/show", "/api/show", "/api/chat", "/api/generate"]
-    assert [r.headers.get("authorization") for r in ollama.requests] == [f"Bearer {KEY}"] * 4
+    assert [r.path for r in ollama.requests] == ["/api/show", "/api/show", "/api/version", "/api/chat",
+                                                 "/api/generate"]
+    assert [r.headers.get("authorization") for r in ollama.requests] == [f"Bearer {KEY}"] * 5
     assert len(err.splitlines()) == 2  # --verbose printed, without the key
     assert KEY not in out + err
 
