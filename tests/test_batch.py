@@ -92,10 +92,15 @@ def test_chunk_1_alternates_and_loads_both_models_per_image(make_ollama, capsys,
     assert [r.path for r in content_requests(server)] == ["/api/chat", "/api/generate"] * 4
 
 
-def test_chunk_2_over_5_images_runs_each_stage_per_chunk(fake, capsys, tmp_path):
+def test_chunk_2_over_5_images_runs_each_stage_per_chunk(make_ollama, capsys, tmp_path):
+    # A server that holds one model at a time (one that holds both overlaps the stages, see
+    # test_stages_overlap_from_the_second_chunk_on_a_server_that_holds_both).
+    fake = make_ollama(max_loaded=1, load_cost=0.05)
+    fake.default_text = derived_answer
     names = ["a.png", "b.png", "c.png", "d.png", "e.png"]
     dataset = make_images(tmp_path / "set", names)
-    assert run(capsys, "caption", dataset, "--chunk", "2")[0] == 0
+    assert run(capsys, "caption", dataset, "--chunk", "2", "--host", fake.url)[0] == 0
+    assert fake.loads == 6  # two per chunk
     chat, gen = "/api/chat", "/api/generate"
     assert [r.path for r in content_requests(fake)] == [chat, chat, gen, gen, chat, chat, gen, gen, chat, gen]
     # Each chunk is the next images in order, and its captions come from its own descriptions.
@@ -148,7 +153,9 @@ def test_keep_alive_flag_is_sent_and_nothing_is_handed_back(fake, capsys, tmp_pa
     for body in bodies:
         assert body["keep_alive"] == sent
         assert type(body["keep_alive"]) is type(sent)
-    assert fake.requests_to("/api/ps") == []
+    # /api/ps is read once, before the chunk, to see whether both models are loaded (--stages
+    # auto); a hand-back would read it again after the run.
+    assert len(fake.requests_to("/api/ps")) == 1
 
 
 @pytest.mark.parametrize("value", ["soon", "5 minutes", "", "30x", "m"])
@@ -195,8 +202,8 @@ def test_an_interrupted_run_still_hands_the_models_back(fake, capsys, tmp_path, 
     assert run(capsys, "caption", dataset)[0] == 130
     assert [r.body["keep_alive"] for r in content_requests(fake)] == [-1, -1]
     # Only the vision model was ever loaded (Ctrl-C came before the first text call),
-    # so only it is handed back.
-    assert len(fake.requests_to("/api/ps")) == 1
+    # so only it is handed back. (The first /api/ps is --stages auto's look before the chunk.)
+    assert len(fake.requests_to("/api/ps")) == 2
     releases = [r.body for r in fake.requests_to("/api/generate") if not r.body.get("prompt")]
     assert releases == [{"model": VISION, "keep_alive": "5m", "stream": False}]
 

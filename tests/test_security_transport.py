@@ -279,9 +279,9 @@ def test_an_image_one_host_failed_fails_when_the_other_host_leaves():
             raise og.TransientError("x broke on b")
         job.status = "written"
 
-    hosts = [og.Host(SimpleNamespace(host=name)) for name in "ab"]
+    hosts = [og.Host(SimpleNamespace(host=name, tally=lambda: (0, 0, 0))) for name in "ab"]
     jobs = [og.Job(name, name, name + ".txt") for name in "yx"]
-    og.run_stage(hosts, jobs, step, workers=1, progress=og.Progress(2, mode="quiet"))
+    og.run_stage(hosts, jobs, [og.Stage("text", "pending", "m", step)], progress=og.Progress(2, mode="quiet"))
     assert [(job.name, job.status, job.reason) for job in jobs] == [
         ("y", "written", ""), ("x", "failed", "x broke on b")]
     assert tries.count(("b", "x")) == 1
