@@ -96,6 +96,7 @@ MAX_TIMEOUT = 86400  # a day
 MAX_JOBS = 64  # requests at once per server and stage; each is a thread here
 AUTO = "auto"  # --jobs auto: learn how many requests each server's models take at once
 AUTO_RISE = 0.4  # share of the ideal gain a doubled --jobs auto must show to be kept
+AUTO_WINDOW = 3  # --jobs auto judges a limit on at least this many intervals between completions
 STAGE_LAYOUTS = ("auto", "overlap", "sequential")  # --stages
 MAX_TEMPERATURE = 2
 MAX_SEED = 2**32 - 1  # llama.cpp keeps the seed as 32 bits
@@ -3831,6 +3832,7 @@ class Report(Record):
             "hosts": [{"url": host.client.host, "model_calls": host.client.calls,
                        "model_loads": host.client.loads_seen, "dropped": host.dropped or None}
                       for host in self.hosts],
+            "throughput": [throughput(host) for host in self.hosts],
             "cleaning": self.cleaning_counts(),
             "captions": [caption_record(job) for job in self.jobs if job.status == "written" and job.caption],
         }
@@ -3840,6 +3842,18 @@ class Report(Record):
         counts = collections.Counter(rule for job in self.jobs if job.status == "written" and job.caption
                                      for rule in job.caption.fired)
         return dict(counts.most_common())
+
+
+def throughput(host: Host) -> dict:
+    """What one server did per stage: images per minute while the stage had requests in flight,
+    the requests at once it ended with (what --jobs auto chose), whether its stages overlapped,
+    and the wall time answers waited for model loads."""
+    return {"url": host.client.host, "overlapped": host.overlapped,
+            "load_wait_seconds": round(host.client.load_wait, 3),
+            "stages": {name: {"model": lane.model, "images": lane.images,
+                              "images_per_minute": round(lane.images_per_minute(), 2),
+                              "jobs": lane.chosen, "auto": lane.auto}
+                       for name, lane in host.lanes.items()}}
 
 
 def caption_record(job: Job) -> dict:
@@ -3995,9 +4009,9 @@ class Lane:
         self.busy_seconds = 0.0  # wall time with a request of this lane in flight
         self._busy_from = 0.0
         self._probing = self.auto
+        self._before_cut = 0  # requests still in flight that were sent before the last halving
         self._best = (0.0, self.limit)  # completions per second, and the limit that gave them
-        self._window_from = 0.0
-        self._window: list[float] = []  # completions of requests sent since _window_from
+        self._window: list[float] = []  # completion times since the limit last changed
 
     def has_room(self) -> bool:
         return self.in_flight < self.limit
@@ -4007,7 +4021,7 @@ class Lane:
             self._busy_from = now
         self.in_flight += 1
 
-    def finish(self, started: float, now: float, *, asked: bool, loaded: bool, busy: bool) -> None:
+    def finish(self, now: float, *, asked: bool, loaded: bool, busy: bool) -> None:
         """One request is done; with --jobs auto, learn from it."""
         self.in_flight -= 1
         if not self.in_flight:
@@ -4015,19 +4029,25 @@ class Lane:
         self.images += asked
         if not self.auto:
             return
-        if busy:
+        if self._before_cut:  # sent before the last cut: the full queue it met is known already
+            self._before_cut -= 1
+        elif busy:
             self.limit = max(1, self.limit // 2)
+            self._before_cut = self.in_flight
             self._restart(now, probing=False)
         elif loaded:
             self._restart(now, probing=True)  # the wait for the load says nothing about speed
-        elif asked and self._probing and started >= self._window_from:
+        elif asked and self._probing:
             self._window.append(now)
-            if len(self._window) > self.limit:
-                self._judge(now)
+            # The first `limit` completions after a change fill the pipeline at the new limit; the
+            # rate is what comes after them, over whole rounds of `limit` requests (requests in
+            # flight together finish in step, so a part of a round would read too fast or slow).
+            measured = len(self._window) - self.limit
+            if measured >= self.limit * -(-AUTO_WINDOW // self.limit):
+                self._judge(now, measured / max(now - self._window[self.limit - 1], 1e-6))
 
-    def _judge(self, now: float) -> None:
-        """A window of limit + 1 completions is in: keep doubling, or settle on the best limit."""
-        rate = (len(self._window) - 1) / max(self._window[-1] - self._window[0], 1e-6)
+    def _judge(self, now: float, rate: float) -> None:
+        """A window is in: keep doubling while completions per second rise, else settle on the best."""
         best_rate, best_limit = self._best
         if rate >= best_rate * (1 + AUTO_RISE * (self.limit / best_limit - 1)):
             self._best = (rate, self.limit)
@@ -4041,7 +4061,12 @@ class Lane:
         if probing and not self._probing:
             self._best = (0.0, self.limit)
         self._probing = probing
-        self._window_from, self._window = now, []
+        self._window = []
+
+    @property
+    def chosen(self) -> int:
+        """The requests at once it settled on; while it still probes, the best one measured."""
+        return self._best[1] if self._probing and self._best[0] else self.limit
 
     def images_per_minute(self) -> float:
         return images_per_minute(self.images, self.busy_seconds)
@@ -4130,14 +4155,13 @@ def run_stage(hosts: list[Host], jobs: list[Job], stages: Sequence[Stage], *, pr
                 return
             job, stage, its_lane = taken
             before = host.client.tally()
-            started = time.monotonic()
             try:
                 if not step_on(host, job, stage):
                     return
             finally:
                 calls, loads, busy = (after - then for after, then in zip(host.client.tally(), before))
                 with ready:
-                    its_lane.finish(started, time.monotonic(), asked=calls > 0, loaded=loads > 0, busy=busy > 0)
+                    its_lane.finish(time.monotonic(), asked=calls > 0, loaded=loads > 0, busy=busy > 0)
                     working[0] -= 1
                     ready.notify_all()
 
@@ -4493,6 +4517,10 @@ def print_summary(report: Report, *, quiet: bool = False) -> None:
         print(f"{report.images_per_minute:.1f} images/min; {plural(calls, 'model call')}, "
               f"{plural(report.cached, 'description')} from the cache, {plural(loads, 'model load')} seen.",
               file=sys.stderr)
+    if not quiet and any(host.overlapped or any(lane.auto for lane in host.lanes.values())
+                         for host in report.hosts):
+        for host in report.hosts:
+            print(speed_line(host), file=sys.stderr)
     cleaning = report.cleaning_counts()
     if cleaning and not quiet:
         print("Cleaning touched: " + ", ".join(f"{rule} ({count})" for rule, count in cleaning.items())
@@ -4506,6 +4534,15 @@ def print_summary(report: Report, *, quiet: bool = False) -> None:
         for job in report.failed:
             print(f"  {job.name}: {job.reason}", file=sys.stderr)
     sys.stderr.flush()
+
+
+def speed_line(host: Host) -> str:
+    """One server's stages in the summary, e.g. "vision 31.5 images/min (1 at once), text ..."."""
+    stages = ", ".join(f"{name} {lane.images_per_minute():.1f} images/min ({lane.chosen} at once"
+                       + (", learned" if lane.auto else "") + ")" for name, lane in host.lanes.items())
+    return (f"{host.client.host}: {stages or 'no model calls'}; stages "
+            + ("overlapped" if host.overlapped else "one after the other")
+            + f"; {format_duration(host.client.load_wait)} waiting for model loads.")
 
 
 def manifest_path(value: str | None, folder: str) -> str | None:

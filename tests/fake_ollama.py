@@ -969,6 +969,7 @@ class FakeOllama:
         self.unload_log: list[str] = []
         self.max_concurrent_seen = 0
         self.max_concurrent_by_model: dict[str, int] = {}  # model name -> most requests answered at once
+        self.max_in_flight_by_model: dict[str, int] = {}  # model name -> most requests sent at once (waiting too)
         self.busy_answers = 0  # 503s sent for max_queue
         self.errors: list[str] = []  # tracebacks of bugs inside the fake (should stay empty)
         self.pullable: dict[str, dict[str, Any]] = {}  # name -> add_model kwargs, installed by /api/pull
@@ -985,6 +986,7 @@ class FakeOllama:
         self._runner_options: dict[str, tuple] = {}  # key -> (num_ctx, shift) it was loaded with
         self._active = 0
         self._active_by_model: dict[str, int] = {}
+        self._in_flight_by_model: dict[str, int] = {}
         self._waiting = 0  # generations waiting for a load or a slot (max_queue)
         self._conns: set[socket.socket] = set()
         self._server: _Server | None = None
@@ -1236,6 +1238,10 @@ class FakeOllama:
                     self._evicting.difference_update(marked)
             self._load_lock.release()
 
+    def _sent_done(self, name: str) -> None:
+        with self._lock:
+            self._in_flight_by_model[name] -= 1
+
     def _release(self, key: str) -> None:
         with self._cond:
             n = self._in_flight.get(key, 0) - 1
@@ -1439,6 +1445,10 @@ class FakeOllama:
                 self.busy_answers += 1
                 raise _HTTPError(503, _DEFAULT_ERRORS[503])
             self._waiting += 1
+            if not empty:
+                self._in_flight_by_model[m.name] = sent = self._in_flight_by_model.get(m.name, 0) + 1
+                self.max_in_flight_by_model[m.name] = max(self.max_in_flight_by_model.get(m.name, 0), sent)
+                h.cleanup.push(lambda: self._sent_done(m.name))
         try:
             reply = None if empty else self._take_reply(key, rec.path, rec)
             self._ensure_loaded(key, keep_alive, abort, _runner(req))
