@@ -96,7 +96,7 @@ MAX_TIMEOUT = 86400  # a day
 MAX_JOBS = 64  # requests at once per server and stage; each is a thread here
 AUTO = "auto"  # --jobs auto: learn how many requests each server's models take at once
 AUTO_RISE = 0.4  # share of the ideal gain a doubled --jobs auto must show to be kept
-AUTO_WINDOW = 3  # --jobs auto judges a limit on at least this many intervals between completions
+AUTO_WINDOW = 2  # --jobs auto judges a limit on at least this many intervals between completions
 STAGE_LAYOUTS = ("auto", "overlap", "sequential")  # --stages
 MAX_TEMPERATURE = 2
 MAX_SEED = 2**32 - 1  # llama.cpp keeps the seed as 32 bits
@@ -4012,11 +4012,15 @@ class Lane:
         self._before_cut = 0  # requests still in flight that were sent before the last halving
         self._best = (0.0, self.limit)  # completions per second, and the limit that gave them
         self._window: list[float] = []  # completion times since the limit last changed
+        self._window_from: float | None = None  # when it changed (or the first request went out)
+        self._skip = 0  # requests in flight then
 
     def has_room(self) -> bool:
         return self.in_flight < self.limit
 
     def start(self, now: float) -> None:
+        if self._window_from is None:
+            self._window_from = now
         if not self.in_flight:
             self._busy_from = now
         self.in_flight += 1
@@ -4039,12 +4043,13 @@ class Lane:
             self._restart(now, probing=True)  # the wait for the load says nothing about speed
         elif asked and self._probing:
             self._window.append(now)
-            # The first `limit` completions after a change fill the pipeline at the new limit; the
+            # Requests sent before the change finish first and say nothing about the new limit; the
             # rate is what comes after them, over whole rounds of `limit` requests (requests in
             # flight together finish in step, so a part of a round would read too fast or slow).
-            measured = len(self._window) - self.limit
+            measured = len(self._window) - self._skip
             if measured >= self.limit * -(-AUTO_WINDOW // self.limit):
-                self._judge(now, measured / max(now - self._window[self.limit - 1], 1e-6))
+                since = self._window[self._skip - 1] if self._skip else self._window_from
+                self._judge(now, measured / max(now - since, 1e-6))
 
     def _judge(self, now: float, rate: float) -> None:
         """A window is in: keep doubling while completions per second rise, else settle on the best."""
@@ -4061,7 +4066,7 @@ class Lane:
         if probing and not self._probing:
             self._best = (0.0, self.limit)
         self._probing = probing
-        self._window = []
+        self._window, self._window_from, self._skip = [], now, self.in_flight
 
     @property
     def chosen(self) -> int:
