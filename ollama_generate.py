@@ -6715,8 +6715,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     folder.add_argument("--dry-run", action="store_true",
                         help="list what would be captioned and skipped on stdout; no model calls")
     folder.add_argument("-j", "--jobs", type=jobs_count, default=1, metavar="N",
-                        help=f"requests sent at once to each server and model, 1-{MAX_JOBS}, or auto: "
-                             "raise them while the server answers faster (default: 1)")
+                        help=f"requests sent at once to each server, 1-{MAX_JOBS} (default: 1), per stage; "
+                             "auto: learn how many each model answers at once")
     folder.add_argument("--stages", choices=STAGE_LAYOUTS, default="auto",
                         help="sequential: the vision model describes a chunk, then the text model writes "
                              "it; overlap: both at once; auto: overlap on servers that hold both models "
