@@ -4012,15 +4012,11 @@ class Lane:
         self._before_cut = 0  # requests still in flight that were sent before the last halving
         self._best = (0.0, self.limit)  # completions per second, and the limit that gave them
         self._window: list[float] = []  # completion times since the limit last changed
-        self._window_from: float | None = None  # when it changed (or the first request went out)
-        self._skip = 0  # requests in flight then
 
     def has_room(self) -> bool:
         return self.in_flight < self.limit
 
     def start(self, now: float) -> None:
-        if self._window_from is None:
-            self._window_from = now
         if not self.in_flight:
             self._busy_from = now
         self.in_flight += 1
@@ -4043,13 +4039,13 @@ class Lane:
             self._restart(now, probing=True)  # the wait for the load says nothing about speed
         elif asked and self._probing:
             self._window.append(now)
-            # Requests sent before the change finish first and say nothing about the new limit; the
-            # rate is what comes after them, over whole rounds of `limit` requests (requests in
-            # flight together finish in step, so a part of a round would read too fast or slow).
-            measured = len(self._window) - self._skip
+            # The first round of `limit` completions after a change still carries requests sent
+            # before it, out of step with the new ones; the rate is what comes after that round,
+            # over whole rounds (requests in flight together finish in step, so a part of a round
+            # would read too fast or too slow).
+            measured = len(self._window) - self.limit
             if measured >= self.limit * -(-AUTO_WINDOW // self.limit):
-                since = self._window[self._skip - 1] if self._skip else self._window_from
-                self._judge(now, measured / max(now - since, 1e-6))
+                self._judge(now, measured / max(now - self._window[self.limit - 1], 1e-6))
 
     def _judge(self, now: float, rate: float) -> None:
         """A window is in: keep doubling while completions per second rise, else settle on the best."""
@@ -4066,7 +4062,7 @@ class Lane:
         if probing and not self._probing:
             self._best = (0.0, self.limit)
         self._probing = probing
-        self._window, self._window_from, self._skip = [], now, self.in_flight
+        self._window = []
 
     @property
     def chosen(self) -> int:
@@ -4153,7 +4149,27 @@ def run_stage(hosts: list[Host], jobs: list[Job], stages: Sequence[Stage], *, pr
                 ready.wait(0.1)
         return None
 
+    threads: list[threading.Thread] = []
+    workers: collections.Counter = collections.Counter()  # host URL -> its threads still working
+
+    def add_workers(host: Host) -> None:
+        """Start a thread per request the host's lanes allow now (they grow with --jobs auto);
+        idle threads beyond that would only wake on every answer."""
+        wanted = sum(lane(host, stage, jobs_per_host).limit for stage in stages)
+        while workers[host.client.host] < min(wanted, len(queue) + working[0]):
+            workers[host.client.host] += 1
+            thread = threading.Thread(target=work, args=(host,), daemon=True)
+            threads.append(thread)
+            thread.start()
+
     def work(host: Host) -> None:
+        try:
+            work_on(host)
+        finally:
+            with ready:
+                workers[host.client.host] -= 1
+
+    def work_on(host: Host) -> None:
         while True:
             taken = wait_for_job(host)
             if taken is None:
@@ -4168,6 +4184,7 @@ def run_stage(hosts: list[Host], jobs: list[Job], stages: Sequence[Stage], *, pr
                 with ready:
                     its_lane.finish(time.monotonic(), asked=calls > 0, loaded=loads > 0, busy=busy > 0)
                     working[0] -= 1
+                    add_workers(host)
                     ready.notify_all()
 
     def step_on(host: Host, job: Job, stage: Stage) -> bool:
@@ -4234,15 +4251,17 @@ def run_stage(hosts: list[Host], jobs: list[Job], stages: Sequence[Stage], *, pr
             )
         if not queue:
             break
-        threads = [threading.Thread(target=work, args=(host,), daemon=True)
-                   for host in hosts if not host.dropped for stage in stages
-                   for _ in range(min(lane(host, stage, jobs_per_host).cap, len(queue)))]
-        for thread in threads:
-            thread.start()
+        with ready:
+            for host in hosts:
+                if not host.dropped:
+                    add_workers(host)
         try:
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(0.1)
+            while True:
+                with ready:
+                    alive = [thread for thread in threads if thread.is_alive()]
+                if not alive:
+                    break
+                alive[0].join(0.1)
         except KeyboardInterrupt:
             stop.set()
             raise

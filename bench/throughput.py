@@ -57,11 +57,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=40, help="images for the overlap cases (default 40)")
     parser.add_argument("--request-time", type=float, default=0.15,
                         help="simulated seconds per request in the overlap cases (default 0.15)")
-    parser.add_argument("--slot-request-time", type=float, default=0.1,
-                        help="simulated seconds per request in the --jobs cases (default 0.1)")
-    parser.add_argument("--images-per-slot", type=int, default=60,
+    parser.add_argument("--slot-request-time", type=float, default=0.15,
+                        help="simulated seconds per request in the --jobs cases (default 0.15)")
+    parser.add_argument("--images-per-slot", type=int, default=40,
                         help="images per slot in the --jobs cases, so each run lasts about as long "
-                             "(default 60: a stage is 60 request times at full speed)")
+                             "(default 40: a stage is 40 request times at full speed)")
     parser.add_argument("--load-cost", type=float, default=0.6,
                         help=f"simulated seconds per model load (default 0.6; a load is seen at "
                              f"load_duration >= {og.LOAD_SEEN_SECONDS:g} s)")
