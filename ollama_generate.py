@@ -3776,7 +3776,7 @@ class Host(Record):
     dropped: str = ""  # why it left the run, if it did
     failures: int = 0  # images it failed in a row with server errors (see HOST_FAILURE_LIMIT)
     failing: bool = False  # it left the run for those failures, not for being unreachable
-    holds_both: bool | None = None  # it keeps the vision and the text model loaded at once (None: not known yet)
+    holds_both: bool | None = None  # it keeps both models loaded at once (None: not known yet)
     overlapped: bool = False  # its stages ran as a pipeline in some chunk
     lanes: dict = {}  # stage name -> Lane: requests in flight and what they did
 
@@ -4680,7 +4680,8 @@ def batch_options(args: argparse.Namespace, folder: str) -> BatchOptions:
 # Folder-run flags and their defaults: a single file refuses any other value.
 FOLDER_ONLY = {"overwrite_edited": False, "recursive": False, "output_dir": None, "limit": None, "dry_run": False,
                "manifest": None, "report": None,
-               "ext": CAPTION_EXTENSION, "jobs": 1, "stages": "auto", "chunk": DEFAULT_CHUNK, "keep_alive": None,
+               "ext": CAPTION_EXTENSION, "jobs": 1, "stages": "auto", "chunk": DEFAULT_CHUNK,
+               "keep_alive": None,
                "quiet": False}
 
 

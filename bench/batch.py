@@ -112,7 +112,8 @@ def fakes(count: int, **settings: float) -> Iterator[list[FakeOllama]]:
     resident yet, and a run never profits from the previous one."""
     # serial_families=(): a vision model that answers in parallel like gemma3, so that --jobs
     # speeds up both stages here; bench/throughput.py measures qwen3-vl's one-at-a-time.
-    servers = [FakeOllama(serial_families=(), **settings).start() for _ in range(count)]  # type: ignore[arg-type]
+    servers = [FakeOllama(serial_families=(), **settings).start()  # type: ignore[arg-type]
+               for _ in range(count)]
     try:
         yield servers
     finally:

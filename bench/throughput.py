@@ -53,7 +53,8 @@ SLOTS = (1, 2, 4, 8)
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each case; medians are shown (default 3)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each case; medians are shown (default 3)")
     parser.add_argument("--images", type=int, default=40, help="images for the overlap cases (default 40)")
     parser.add_argument("--request-time", type=float, default=0.15,
                         help="simulated seconds per request in the overlap cases (default 0.15)")
@@ -85,8 +86,8 @@ def caption(dataset: Path, workdir: Path, flags: list[str], *, warm: bool = Fals
             client = og.OllamaClient(fake.url)
             for model in (VISION, TEXT):
                 client.set_keep_alive(model, -1)
-        argv = [sys.executable, str(CLI), "caption", str(dataset), "--quiet", "--no-cache", "--host", fake.url,
-                "--output-dir", str(out / "captions"), "--report", str(report_file), *flags]
+        argv = [sys.executable, str(CLI), "caption", str(dataset), "--quiet", "--no-cache",
+                "--host", fake.url, "--output-dir", str(out / "captions"), "--report", str(report_file), *flags]
         proc = subprocess.run(argv, env=child_env(), capture_output=True, text=True, check=False)
         report = json.loads(report_file.read_text()) if report_file.exists() else {}
         if proc.returncode or report.get("written") != images or fake.errors:
@@ -132,7 +133,8 @@ def main() -> int:
         cases = {
             "two GPUs, --stages sequential": median_run(reps, overlap_set, work, ["--stages", "sequential"],
                                                         **two_gpus),
-            "two GPUs, --stages overlap": median_run(reps, overlap_set, work, ["--stages", "overlap"], **two_gpus),
+            "two GPUs, --stages overlap": median_run(reps, overlap_set, work, ["--stages", "overlap"],
+                                                     **two_gpus),
             "two GPUs (warm), default (auto)": median_run(reps, overlap_set, work, [], warm=True, **two_gpus),
             "one GPU, --stages sequential": median_run(reps, overlap_set, work, ["--stages", "sequential"],
                                                        **one_gpu),
@@ -160,7 +162,8 @@ def main() -> int:
         slower = one_auto["seconds"] / one_seq["seconds"]
         good = slower <= ONE_MODEL_SLOWDOWN and one_auto["all_loads"] == one_seq["all_loads"] == [2]
         ok &= good
-        ratios.append(["one GPU: default / sequential (loads " + "/".join(map(str, one_auto["all_loads"])) + ")",
+        loads = "/".join(map(str, one_auto["all_loads"]))
+        ratios.append([f"one GPU: default / sequential (loads {loads})",
                        f"{slower:.2f}x", f"<= {ONE_MODEL_SLOWDOWN}x, 2 loads", verdict(good)])
 
         # -- learned concurrency

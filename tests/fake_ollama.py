@@ -21,7 +21,8 @@ Keep-alive durations are recorded (shown in ``/api/ps``) but never expire by the
 Parallel slots: ``parallel`` is one slot count for every model, or a dict of model name -> slots
 ("*" for the others); 0 means no limit (no slots are modelled at all). As in Ollama's
 server/sched.go, models of the SERIAL_FAMILIES run one request at a time whatever slot count
-``parallel`` gives (``serial_families=()`` turns that off). ``request_time`` is likewise a number or a dict of model name -> seconds. Two GPUs that
+``parallel`` gives (``serial_families=()`` turns that off). ``request_time`` is likewise a number
+or a dict of model name -> seconds. Two GPUs that
 each hold one model are ``max_loaded=2`` with one slot per model; one GPU that holds one model is
 ``max_loaded=1``. A resident model whose runner options (``num_ctx``, ``shift``) differ from a new
 request's is reloaded once its requests have finished, as Ollama's ``needsReload`` does.
@@ -969,7 +970,7 @@ class FakeOllama:
         self.unload_log: list[str] = []
         self.max_concurrent_seen = 0
         self.max_concurrent_by_model: dict[str, int] = {}  # model name -> most requests answered at once
-        self.max_in_flight_by_model: dict[str, int] = {}  # model name -> most requests sent at once (waiting too)
+        self.max_in_flight_by_model: dict[str, int] = {}  # model name -> most requests at once, waiting too
         self.busy_answers = 0  # 503s sent for max_queue
         self.errors: list[str] = []  # tracebacks of bugs inside the fake (should stay empty)
         self.pullable: dict[str, dict[str, Any]] = {}  # name -> add_model kwargs, installed by /api/pull

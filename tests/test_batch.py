@@ -831,7 +831,8 @@ def test_stages_overlap_when_forced_and_each_model_loads_once(make_ollama, capsy
         assert (dataset / name).with_suffix(".txt").read_text() == expected_caption(dataset / name)
     throughput = json.loads((tmp_path / "r.json").read_text())["throughput"][0]
     assert throughput["overlapped"] is True and throughput["load_wait_seconds"] >= 1.2  # two loads of 0.6 s
-    assert {name: stage["images"] for name, stage in throughput["stages"].items()} == {"vision": 12, "text": 12}
+    assert {name: stage["images"] for name, stage in throughput["stages"].items()} == {
+        "vision": 12, "text": 12}
     assert f"{server.url}: vision " in err and "; stages overlapped; " in err
 
 
@@ -851,7 +852,8 @@ def test_auto_stages_stay_apart_on_a_server_that_holds_one_model(make_ollama, ca
     server = make_ollama(max_loaded=1, load_cost=0.6)
     server.default_text = derived_answer
     dataset = make_images(tmp_path / "set", [f"{n}.png" for n in "abcdef"])
-    assert run(capsys, "caption", dataset, "--host", server.url, "--chunk", "3", "--report", tmp_path / "r.json")[0] == 0
+    assert run(capsys, "caption", dataset, "--host", server.url, "--chunk", "3",
+               "--report", tmp_path / "r.json")[0] == 0
     assert server.loads == 4  # two per chunk, as before --stages
     chat, gen = "/api/chat", "/api/generate"
     assert [r.path for r in content_requests(server)] == ([chat] * 3 + [gen] * 3) * 2
@@ -871,7 +873,8 @@ def test_a_warm_server_that_holds_both_overlaps_from_the_start(make_ollama, caps
 def test_sequential_stages_never_overlap_nor_look(make_ollama, capsys, tmp_path):
     server = two_gpus(make_ollama)
     dataset = make_images(tmp_path / "set", [f"{n}.png" for n in "abcdef"])
-    assert run(capsys, "caption", dataset, "--host", server.url, "--chunk", "3", "--stages", "sequential")[0] == 0
+    assert run(capsys, "caption", dataset, "--host", server.url, "--chunk", "3",
+               "--stages", "sequential")[0] == 0
     chat, gen = "/api/chat", "/api/generate"
     assert [r.path for r in content_requests(server)] == ([chat] * 3 + [gen] * 3) * 2
     assert len(server.requests_to("/api/ps")) == 1  # only the hand-back's
@@ -880,7 +883,7 @@ def test_sequential_stages_never_overlap_nor_look(make_ollama, capsys, tmp_path)
 # -- --jobs auto ---------------------------------------------------------------------------------
 
 
-def test_jobs_auto_finds_one_for_a_serial_vision_model_and_the_text_models_slots(make_ollama, capsys, tmp_path):
+def test_jobs_auto_finds_one_for_a_serial_vision_model_and_the_text_slots(make_ollama, capsys, tmp_path):
     # qwen3-vl runs one request at a time whatever the slots; the text model has 4.
     server = make_ollama(max_loaded=1, load_cost=0.6, parallel=4, request_time=0.1)
     server.default_text = derived_answer

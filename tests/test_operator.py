@@ -606,6 +606,8 @@ def test_json_folder_run_prints_the_run_report(ollama, capsys, tmp_path):
     report = one_json(out)
     assert isinstance(report.pop("seconds"), float)
     assert isinstance(report.pop("images_per_minute"), float)
+    throughput = report.pop("throughput")
+    assert [(host["url"], sorted(host["stages"])) for host in throughput] == [(ollama.url, ["text", "vision"])]
     assert report == {
         "command": "caption", "folder": str(folder), "total": 2, "written": 2, "skipped": 0,
         "failed": [], "needs_review": [], "not_reached": 0, "later": 0, "interrupted": False,
