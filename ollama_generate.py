@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import collections
 import errno
+import functools
 import json
 import math
 import os
@@ -49,7 +50,7 @@ import string
 import struct
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 
 # Agents call this tool many times, so start-up matters: modules that only some
 # commands need (urllib, threading, hashlib, base64, tempfile, html) are imported
@@ -93,7 +94,11 @@ ERROR_BODY_LIMIT = 64 * 1024
 EXCERPT_CHARS = 200
 # Ranges of the numeric flags (each flag's --help shows its range).
 MAX_TIMEOUT = 86400  # a day
-MAX_JOBS = 64  # requests at once per server; each is a thread here
+MAX_JOBS = 64  # requests at once per server and stage; each is a thread here
+AUTO = "auto"  # --jobs auto: learn how many requests each server's models take at once
+AUTO_RISE = 0.4  # share of the ideal gain a doubled --jobs auto must show to be kept
+AUTO_WINDOW = 2  # --jobs auto judges a limit on at least this many completions (whole rounds) after its first round
+STAGE_LAYOUTS = ("auto", "overlap", "sequential")  # --stages
 MAX_TEMPERATURE = 2
 MAX_SEED = 2**32 - 1  # llama.cpp keeps the seed as 32 bits
 MAX_TOKENS = 1024 * 1024  # --num-ctx and --max-tokens
@@ -578,8 +583,10 @@ class OllamaClient:
         self.calls = 0
         self.loads_seen = 0
         self.load_seconds = 0.0
+        self.load_wait = 0.0  # wall seconds answers spent waiting for loads, each load once
         import threading
 
+        self._here = threading.local()  # the same counts for the calling thread alone (tally())
         self._load_ends: dict[str, float] = {}  # model -> when the last load we counted ended
         self._version: tuple[int, ...] | None = None
         self._lock = threading.Lock()
@@ -594,7 +601,7 @@ class OllamaClient:
              keep_alive: int | float | str | None = None) -> Answer:
         """One /api/chat exchange, streamed and gathered into an Answer."""
         body = {"model": model, "messages": messages, "stream": True,
-                "think": False, "options": options}
+                "think": False, "options": options, **self.runner_fields()}
         if keep_alive is not None:
             body["keep_alive"] = keep_alive
         return self._retrying(lambda: self._generation("/api/chat", body))
@@ -609,7 +616,7 @@ class OllamaClient:
         before that, printer.restart() begins each new attempt.
         """
         body = {"model": model, "prompt": prompt, "stream": True,
-                "think": False, "options": options}
+                "think": False, "options": options, **self.runner_fields()}
         if keep_alive is not None:
             body["keep_alive"] = keep_alive
         if fmt is not None:
@@ -638,6 +645,13 @@ class OllamaClient:
         version = self.version()
         return bool(version) and (version >= STRUCTURED_OUTPUT_VERSION or version == (0, 0, 0))
 
+    def runner_fields(self) -> dict:
+        """Request fields that shape the model's runner, the same on every request of a run:
+        Ollama reloads a model whose shift setting changes. shift:false (v0.12.6 and later) ends a
+        runaway answer at the context limit with done_reason "length" instead of sliding the window."""
+        version = self.version()
+        return {"shift": False} if version >= SHIFT_VERSION or version == (0, 0, 0) else {}
+
     def tags(self) -> list[dict]:
         """The installed models (/api/tags)."""
         return list(self._retrying(lambda: self._call("GET", "/api/tags")).get("models") or [])
@@ -651,6 +665,15 @@ class OllamaClient:
         """Change how long a loaded model stays in memory, without generating."""
         self._call("POST", "/api/generate", {"model": model, "keep_alive": keep_alive,
                                              "stream": False})
+
+    def tally(self) -> tuple[int, int, int]:
+        """Model calls, loads seen and "server busy" answers so far in the calling thread: the
+        engine compares them around one step to learn what that step cost."""
+        here = self._here
+        return getattr(here, "calls", 0), getattr(here, "loads", 0), getattr(here, "busy", 0)
+
+    def _tally(self, name: str) -> None:
+        setattr(self._here, name, getattr(self._here, name, 0) + 1)
 
     # The choke point.
 
@@ -739,13 +762,17 @@ class OllamaClient:
         many requests waited through it.
         """
         load = answer.load_duration / 1e9
+        self._tally("calls")
         with self._lock:
             self.calls += 1
             self.load_seconds += load
             if load >= LOAD_SEEN_SECONDS:
-                if started >= self._load_ends.get(model, 0.0):
+                self._tally("loads")
+                ended = self._load_ends.get(model, 0.0)
+                if started >= ended:
                     self.loads_seen += 1
-                self._load_ends[model] = max(self._load_ends.get(model, 0.0), started + load)
+                self.load_wait += max(0.0, started + load - max(started, ended))
+                self._load_ends[model] = max(ended, started + load)
 
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
         """One short non-streaming request that returns a JSON object."""
@@ -886,6 +913,8 @@ class OllamaClient:
         if UNREADABLE_IMAGE.search(message):  # the same image fails the same way: not retried
             return ImageUnreadable(f"Ollama at {self.host} cannot read the image ({message})",
                                    hint=f"install Pillow ({PILLOW_EXTRA}) to send it converted")
+        if status == 503:
+            self._tally("busy")  # Ollama's queue is full: the engine sends fewer requests at once
         if status in RETRIED_STATUSES:
             return TransientError(f"Ollama at {self.host} answered HTTP {status}: {message}")
         if status >= 500:
@@ -2881,6 +2910,7 @@ class Caption(Record):
 
 # Ollama's structured outputs (a JSON schema in "format") arrived in v0.5.0.
 STRUCTURED_OUTPUT_VERSION = (0, 5, 0)
+SHIFT_VERSION = (0, 12, 6)
 CLIP_TOKEN_BUDGET = 75
 # A model that spends its whole answer thinking is asked once more with this many times
 # the token budget (and think:false, as always).
@@ -3611,7 +3641,8 @@ class BatchOptions(Frozen):
     limit: int | None = None
     dry_run: bool = False
     chunk: int = DEFAULT_CHUNK
-    jobs: int = 1
+    jobs: int | str = 1  # or AUTO
+    stages: str = "auto"  # --stages: one of STAGE_LAYOUTS
     keep_alive: int | float | str = DEFAULT_KEEP_ALIVE
     release_models: bool = True
     cache_dir: str | None = None
@@ -4113,6 +4144,9 @@ class Host(Record):
     failures: int = 0  # images it failed in a row with server errors (see HOST_FAILURE_LIMIT)
     failing: bool = False  # it left the run for those failures, not for being unreachable
     models: dict = {}  # model -> what /api/show said of it when the run began
+    holds_both: bool | None = None  # it keeps both models loaded at once (None: not known yet)
+    overlapped: bool = False  # its stages ran as a pipeline in some chunk
+    lanes: dict = {}  # stage name -> Lane: requests in flight and what they did
 
 
 class Report(Record):
@@ -4166,6 +4200,7 @@ class Report(Record):
             "hosts": [{"url": host.client.host, "model_calls": host.client.calls,
                        "model_loads": host.client.loads_seen, "dropped": host.dropped or None}
                       for host in self.hosts],
+            "throughput": [throughput(host) for host in self.hosts],
             "cleaning": self.cleaning_counts(),
             "captions": [caption_record(job) for job in self.jobs if job.status == "written" and job.caption],
         }
@@ -4175,6 +4210,18 @@ class Report(Record):
         counts = collections.Counter(rule for job in self.jobs if job.status == "written" and job.caption
                                      for rule in job.caption.fired)
         return dict(counts.most_common())
+
+
+def throughput(host: Host) -> dict:
+    """What one server did per stage: images per minute while the stage had requests in flight,
+    the requests at once it ended with (what --jobs auto chose), whether its stages overlapped,
+    and the wall time answers waited for model loads."""
+    return {"url": host.client.host, "overlapped": host.overlapped,
+            "load_wait_seconds": round(host.client.load_wait, 3),
+            "stages": {name: {"model": lane.model, "images": lane.images,
+                              "images_per_minute": round(lane.images_per_minute(), 2),
+                              "jobs": lane.chosen, "auto": lane.auto}
+                       for name, lane in host.lanes.items()}}
 
 
 def caption_record(job: Job) -> dict:
@@ -4210,6 +4257,9 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h {minutes}m {secs}s" if hours else f"{minutes}m {secs}s"
 
 
+PIPELINE = "vision+text"  # the progress line's name for stages that overlap
+
+
 class Progress:
     """Progress on stderr: a live line on a terminal, a line per image otherwise, or nothing."""
 
@@ -4235,14 +4285,15 @@ class Progress:
             self.stage_name, self.stage_done, self.stage_total = name, 0, count
             self._draw(force=True)
 
-    def advance(self, job: Job) -> None:
-        """One step of one image is done; print it if the image is finished."""
+    def advance(self, job: Job, stage: str = "") -> None:
+        """One step (of stage) of one image is done; print it if the image is finished."""
         with self._lock:
             self.steps_done += 1
             self.stage_done += 1
             if job.status in FINAL:
-                if self.stage_name == "vision":
+                if (stage or self.stage_name) == "vision":
                     self.steps_done += 1  # skipped or failed early: it takes no text step
+                    self.stage_done += self.stage_name == PIPELINE
                 self.finished += 1
                 self.counts[job.status] += 1
                 if self.mode == "lines":
@@ -4306,8 +4357,116 @@ def progress_mode(options: BatchOptions) -> str:
 HOST_DOWN = (ServerUnreachable, ServerTimeout)
 
 
-def run_stage(hosts: list[Host], jobs: list[Job], step, *, workers: int, progress: Progress) -> None:
-    """Run step(client, job) over jobs with `workers` threads per live host.
+class Lane:
+    """Requests to one stage's model on one server: how many may be in flight, and what they did.
+
+    A fixed --jobs N keeps N. With --jobs auto the limit is learned the way TCP learns its window:
+    it starts at 1 and doubles while completions per second rise by at least AUTO_RISE of what the
+    extra requests could add, goes back to the best limit once they do not, halves on a "server
+    busy" answer, and probes again after a model load (a new runner may have other slots). Ollama
+    reports no slot count, and a model it serialises (qwen3-vl) gains nothing from a second request.
+    """
+
+    def __init__(self, model: str, jobs: int | str) -> None:
+        self.model = model
+        self.auto = jobs == AUTO
+        self.cap = MAX_JOBS if self.auto else int(jobs)
+        self.limit = 1 if self.auto else self.cap
+        self.in_flight = 0
+        self.images = 0  # steps that asked the model
+        self.busy_seconds = 0.0  # wall time with a request of this lane in flight
+        self._busy_from = 0.0
+        self._probing = self.auto
+        self._before_cut = 0  # requests still in flight that were sent before the last halving
+        self._best = (0.0, self.limit)  # completions per second, and the limit that gave them
+        self._window: list[float] = []  # completion times since the limit last changed
+
+    def has_room(self) -> bool:
+        return self.in_flight < self.limit
+
+    def start(self, now: float) -> None:
+        if not self.in_flight:
+            self._busy_from = now
+        self.in_flight += 1
+
+    def finish(self, now: float, *, asked: bool, loaded: bool, busy: bool) -> None:
+        """One request is done; with --jobs auto, learn from it."""
+        self.in_flight -= 1
+        if not self.in_flight:
+            self.busy_seconds += now - self._busy_from
+        self.images += asked
+        if not self.auto:
+            return
+        if self._before_cut:  # sent before the last cut: the full queue it met is known already
+            self._before_cut -= 1
+        elif busy:
+            self.limit = max(1, self.limit // 2)
+            self._before_cut = self.in_flight
+            self._restart(now, probing=False)
+        elif loaded:
+            self._restart(now, probing=True)  # the wait for the load says nothing about speed
+        elif asked and self._probing:
+            self._window.append(now)
+            # The first round of `limit` completions after a change still carries requests sent
+            # before it, out of step with the new ones; the rate is what comes after that round,
+            # over whole rounds (requests in flight together finish in step, so a part of a round
+            # would read too fast or too slow).
+            measured = len(self._window) - self.limit
+            if measured >= self.limit * -(-AUTO_WINDOW // self.limit):
+                self._judge(now, measured / max(now - self._window[self.limit - 1], 1e-6))
+
+    def _judge(self, now: float, rate: float) -> None:
+        """A window is in: keep doubling while completions per second rise, else settle on the best."""
+        best_rate, best_limit = self._best
+        if rate >= best_rate * (1 + AUTO_RISE * (self.limit / best_limit - 1)):
+            self._best = (rate, self.limit)
+            self.limit = min(self.cap, self.limit * 2)
+            self._restart(now, probing=self._best[1] < self.cap)
+        else:
+            self.limit = best_limit
+            self._restart(now, probing=False)
+
+    def _restart(self, now: float, *, probing: bool) -> None:
+        if probing and not self._probing:
+            self._best = (0.0, self.limit)
+        self._probing = probing
+        self._window = []
+
+    @property
+    def chosen(self) -> int:
+        """The requests at once it settled on; while it still probes, the best one measured."""
+        return self._best[1] if self._probing and self._best[0] else self.limit
+
+    def images_per_minute(self) -> float:
+        return images_per_minute(self.images, self.busy_seconds)
+
+
+class Stage(Frozen):
+    """One stage of a caption run as the scheduler sees it: the jobs it takes (by status), the
+    model it asks, and the step it runs on one job."""
+
+    name: str
+    status: str
+    model: str
+    step: Callable[[OllamaClient, Job], None]
+
+
+def lane(host: Host, stage: Stage, jobs: int | str) -> Lane:
+    """The host's lane for a stage, made on first use and kept for the run."""
+    if stage.name not in host.lanes:
+        host.lanes[stage.name] = Lane(stage.model, jobs)
+    return host.lanes[stage.name]
+
+
+def run_stage(hosts: list[Host], jobs: list[Job], stages: Sequence[Stage], *, progress: Progress,
+              jobs_per_host: int | str = 1, one_model: Collection[str] = ()) -> None:
+    """Run the stages over jobs on every live host, as many requests at once per host and stage
+    as the host's lane allows (jobs_per_host: a number, or AUTO to learn it).
+
+    A job takes the first stage that matches its status, and goes back to the front of the queue
+    for the next one (so with two stages, text steps start on described images while the vision
+    stage goes on). A host in one_model holds one model at a time: it takes a later stage's jobs
+    only once no job waits for an earlier one, so it swaps models once.
 
     A host that stops answering gives its job back and leaves the run; so does one
     that failed HOST_FAILURE_LIMIT images in a row with server errors. An image that
@@ -4317,75 +4476,135 @@ def run_stage(hosts: list[Host], jobs: list[Job], step, *, workers: int, progres
     import threading
 
     queue = collections.deque(jobs)
-    lock = threading.Lock()
+    ready = threading.Condition()
     stop = threading.Event()
     errors: list[BaseException] = []
     failed_on: dict[int, set[str]] = {}  # id(job) -> hosts that failed it with a server error
     last_error: dict[int, str] = {}
+    working = [0]  # jobs in a step: each may come back to the queue
+    by_status = {stage.status: stage for stage in stages}
 
     def live_urls() -> set[str]:
         return {host.client.host for host in hosts if not host.dropped}
 
-    def take(host: Host) -> Job | None:
+    def take(host: Host) -> tuple[Job, Stage, Lane] | None:
+        first = stages[0].status
+        holds_first = host.client.host in one_model and any(job.status == first for job in queue)
         for index, job in enumerate(queue):
-            if host.client.host not in failed_on.get(id(job), ()):
+            stage = by_status[job.status]
+            if host.client.host in failed_on.get(id(job), ()) or holds_first and job.status != first:
+                continue
+            its_lane = lane(host, stage, jobs_per_host)
+            if its_lane.has_room():
                 del queue[index]
-                return job
+                return job, stage, its_lane
         return None
 
     def drop(host: Host, reason: str) -> None:
         if len(hosts) > 1:  # with one server, the run's own error says it all
             progress.note(f"leaving out {host.client.host} for the rest of the run: {reason}")
 
+    def wait_for_job(host: Host) -> tuple[Job, Stage, Lane] | None:
+        with ready:
+            while not stop.is_set() and not host.dropped:
+                taken = take(host)
+                if taken:
+                    working[0] += 1
+                    taken[2].start(time.monotonic())
+                    return taken
+                if not working[0]:
+                    return None  # nothing in a step can bring this host another job
+                ready.wait(0.1)
+        return None
+
+    threads: list[threading.Thread] = []
+    workers: collections.Counter = collections.Counter()  # host URL -> its threads still working
+
+    def add_workers(host: Host) -> None:
+        """Start a thread per request the host's lanes allow now (they grow with --jobs auto);
+        idle threads beyond that would only wake on every answer."""
+        wanted = sum(lane(host, stage, jobs_per_host).limit for stage in stages)
+        while workers[host.client.host] < min(wanted, len(queue) + working[0]):
+            workers[host.client.host] += 1
+            thread = threading.Thread(target=work, args=(host,), daemon=True)
+            threads.append(thread)
+            thread.start()
+
     def work(host: Host) -> None:
-        while not stop.is_set():
-            with lock:
-                job = None if host.dropped else take(host)
-                if job is None:
-                    return
+        try:
+            work_on(host)
+        finally:
+            with ready:
+                workers[host.client.host] -= 1
+
+    def work_on(host: Host) -> None:
+        while True:
+            taken = wait_for_job(host)
+            if taken is None:
+                return
+            job, stage, its_lane = taken
+            before = host.client.tally()
             try:
-                step(host.client, job)
-            except HOST_DOWN as exc:
-                with lock:
-                    queue.appendleft(job)
-                    if host.dropped:
-                        return
-                    host.dropped = str(exc)
-                drop(host, str(exc))
-                return
-            except TransientError as exc:  # a server error, after the client's retries
-                with lock:
-                    host.failures += 1
-                    failed_on.setdefault(id(job), set()).add(host.client.host)
-                    last_error[id(job)] = str(exc)
-                    if host.failures >= HOST_FAILURE_LIMIT and not host.dropped:
-                        host.dropped = f"failed {host.failures} images in a row, the last with: {exc}"
-                        host.failing = True
-                        queue.appendleft(job)
-                        reason = host.dropped
-                    elif live_urls() - failed_on[id(job)]:
-                        queue.append(job)  # another live host has not tried it
-                        continue
-                    else:
-                        job.status, job.reason, reason = "failed", str(exc), ""
-                if reason:
-                    drop(host, reason)
+                if not step_on(host, job, stage):
                     return
-            except BaseException as exc:  # noqa: BLE001 - fatal errors and Ctrl-C end the run
-                errors.append(exc)
-                stop.set()
-                return
-            else:
-                with lock:
-                    host.failures = 0
-            progress.advance(job)
+            finally:
+                calls, loads, busy = (after - then for after, then in zip(host.client.tally(), before))
+                with ready:
+                    its_lane.finish(time.monotonic(), asked=calls > 0, loaded=loads > 0, busy=busy > 0)
+                    working[0] -= 1
+                    add_workers(host)
+                    ready.notify_all()
+
+    def step_on(host: Host, job: Job, stage: Stage) -> bool:
+        """Run one step; False when this host's worker should stop."""
+        try:
+            stage.step(host.client, job)
+        except HOST_DOWN as exc:
+            with ready:
+                queue.appendleft(job)
+                if host.dropped:
+                    return False
+                host.dropped = str(exc)
+            drop(host, str(exc))
+            return False
+        except TransientError as exc:  # a server error, after the client's retries
+            with ready:
+                host.failures += 1
+                failed_on.setdefault(id(job), set()).add(host.client.host)
+                last_error[id(job)] = str(exc)
+                if host.failures >= HOST_FAILURE_LIMIT and not host.dropped:
+                    host.dropped = f"failed {host.failures} images in a row, the last with: {exc}"
+                    host.failing = True
+                    queue.appendleft(job)
+                    reason = host.dropped
+                elif live_urls() - failed_on[id(job)]:
+                    queue.append(job)  # another live host has not tried it
+                    return True
+                else:
+                    job.status, job.reason, reason = "failed", str(exc), ""
+            if reason:
+                drop(host, reason)
+                return False
+        except BaseException as exc:  # noqa: BLE001 - fatal errors and Ctrl-C end the run
+            errors.append(exc)
+            stop.set()
+            return False
+        else:
+            with ready:
+                host.failures = 0
+                if job.status in by_status:  # on to the next stage
+                    failed_on.pop(id(job), None)
+                    queue.appendleft(job)
+        progress.advance(job, stage.name)
+        return True
 
     while queue:
         live = live_urls()
         for job in [job for job in queue if live and failed_on.get(id(job), set()) >= live]:
             queue.remove(job)  # every host left has failed it
+            stage = by_status[job.status]
             job.status, job.reason = "failed", last_error[id(job)]
-            progress.advance(job)
+            progress.advance(job, stage.name)
         if not live:
             reasons = "; ".join(f"{host.client.host}: {host.dropped}" for host in hosts)
             if any(host.failing for host in hosts):
@@ -4400,14 +4619,17 @@ def run_stage(hosts: list[Host], jobs: list[Job], step, *, workers: int, progres
             )
         if not queue:
             break
-        threads = [threading.Thread(target=work, args=(host,), daemon=True)
-                   for host in hosts if not host.dropped for _ in range(workers)]
-        for thread in threads:
-            thread.start()
+        with ready:
+            for host in hosts:
+                if not host.dropped:
+                    add_workers(host)
         try:
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(0.1)
+            while True:
+                with ready:
+                    alive = [thread for thread in threads if thread.is_alive()]
+                if not alive:
+                    break
+                alive[0].join(0.1)
         except KeyboardInterrupt:
             stop.set()
             raise
@@ -4565,8 +4787,50 @@ class CaptionRun:
             return True
         return False
 
+    def holding_both(self, hosts: list[Host]) -> set[str]:
+        """The live hosts whose stages overlap in the next chunk: with --stages auto, those that
+        hold the vision and the text model at once; a host not known yet is asked (/api/ps)."""
+        layout = self.options.stages
+        live = [host for host in hosts if not host.dropped]
+        if layout != "auto":
+            return {host.client.host for host in live} if layout == "overlap" else set()
+        for host in live:
+            if host.holds_both is None and self.both_loaded(host.client):
+                host.holds_both = True
+        return {host.client.host for host in live if host.holds_both}
+
+    def both_loaded(self, client: OllamaClient) -> bool:
+        """Whether the server has the vision and the text model loaded now."""
+        try:
+            loaded = {with_tag(name) for name in client.loaded_models()}
+        except OllamaError:
+            return False  # not known: the stages stay apart, which is never wrong
+        return {with_tag(self.config.vision_model), with_tag(self.config.model)} <= loaded
+
+    def look_after(self, step: Callable[[OllamaClient, Job], None]) -> Callable[[OllamaClient, Job], None]:
+        """The step, and after its first answer on a host, a look at what that host holds: a
+        server that kept the vision model while loading the text model holds both, and its
+        stages overlap from the next chunk on. One that swapped them keeps stage batching."""
+        import threading
+
+        looked: set[str] = set()
+        lock = threading.Lock()
+
+        def step_and_look(client: OllamaClient, job: Job) -> None:
+            step(client, job)
+            with lock:
+                if client.host in looked or not client.tally()[0]:
+                    return
+                looked.add(client.host)
+            host = next(host for host in self.report.hosts if host.client is client)
+            if host.holds_both is None:
+                host.holds_both = self.both_loaded(client)
+
+        return step_and_look
+
     def run(self) -> Report:
-        """Caption the pending jobs chunk by chunk: all vision, then all text."""
+        """Caption the pending jobs chunk by chunk: all vision, then all text; or both at once on
+        servers that hold both models."""
         report = self.report
         jobs = report.jobs
         pending = take_pending(jobs, self.options.limit)
@@ -4586,15 +4850,28 @@ class CaptionRun:
                     and progress.mode == "lines":
                 print(f"{job.name}: {job.status}: {job.reason}", file=sys.stderr, flush=True)
         started = progress.started  # the live line and the summary time the same run
-        workers = self.options.jobs
+        vision = Stage("vision", "pending", self.config.vision_model, self.vision_step)
+        text = Stage("text", "described", self.config.model, self.text_step)
+        # Until a host is known to hold both models, its text stage looks once (see look_after).
+        looking = Stage("text", "described", self.config.model, self.look_after(self.text_step))
+        hosts = report.hosts
+        run = functools.partial(run_stage, hosts, progress=progress, jobs_per_host=self.options.jobs)
         try:
             for first in range(0, len(pending), self.options.chunk):
                 chunk = pending[first:first + self.options.chunk]
+                later = first + self.options.chunk < len(pending)  # a look now pays off in later chunks
+                both = self.holding_both(hosts) if len(chunk) > 1 else set()  # one image: nothing to overlap
+                if both:
+                    progress.stage(PIPELINE, 2 * len(chunk))
+                    run(chunk, [vision, text], one_model={host.client.host for host in hosts} - both)
+                    for host in hosts:
+                        host.overlapped = host.overlapped or host.client.host in both and not host.dropped
+                    continue
                 progress.stage("vision", len(chunk))
-                run_stage(report.hosts, chunk, self.vision_step, workers=workers, progress=progress)
+                run(chunk, [vision])
                 described = [job for job in chunk if job.status == "described"]
                 progress.stage("text", len(described))
-                run_stage(report.hosts, described, self.text_step, workers=workers, progress=progress)
+                run(described, [looking if self.options.stages == "auto" and later else text])
         except (KeyboardInterrupt, *FATAL_ERRORS):
             self.write_lock.acquire(timeout=10)  # let a caption being written finish, start no other
             report.interrupted = True
@@ -4666,6 +4943,10 @@ def print_summary(report: Report, *, quiet: bool = False) -> None:
         print(f"{report.images_per_minute:.1f} images/min; {plural(calls, 'model call')}, "
               f"{plural(report.cached, 'description')} from the cache, {plural(loads, 'model load')} seen.",
               file=sys.stderr)
+    if not quiet and any(host.overlapped or any(lane.auto for lane in host.lanes.values())
+                         for host in report.hosts):
+        for host in report.hosts:
+            print(speed_line(host), file=sys.stderr)
     cleaning = report.cleaning_counts()
     if cleaning and not quiet:
         print("Cleaning touched: " + ", ".join(f"{rule} ({count})" for rule, count in cleaning.items())
@@ -4679,6 +4960,15 @@ def print_summary(report: Report, *, quiet: bool = False) -> None:
         for job in report.failed:
             print(f"  {job.name}: {job.reason}", file=sys.stderr)
     sys.stderr.flush()
+
+
+def speed_line(host: Host) -> str:
+    """One server's stages in the summary, e.g. "vision 31.5 images/min (1 at once), text ..."."""
+    stages = ", ".join(f"{name} {lane.images_per_minute():.1f} images/min ({lane.chosen} at once"
+                       + (", learned" if lane.auto else "") + ")" for name, lane in host.lanes.items())
+    return (f"{host.client.host}: {stages or 'no model calls'}; stages "
+            + ("overlapped" if host.overlapped else "one after the other")
+            + f"; {format_duration(host.client.load_wait)} waiting for model loads.")
 
 
 def manifest_path(value: str | None, folder: str) -> str | None:
@@ -4840,7 +5130,7 @@ def batch_options(args: argparse.Namespace, folder: str) -> BatchOptions:
     return BatchOptions(
         overwrite=args.overwrite or args.overwrite_edited, overwrite_edited=args.overwrite_edited,
         recursive=args.recursive, ext=ext, output_dir=output_dir,
-        limit=args.limit, dry_run=args.dry_run, chunk=args.chunk, jobs=args.jobs,
+        limit=args.limit, dry_run=args.dry_run, chunk=args.chunk, jobs=args.jobs, stages=args.stages,
         keep_alive=DEFAULT_KEEP_ALIVE if args.keep_alive is None else args.keep_alive,
         release_models=args.keep_alive is None, cache_dir=args.cache_dir,
         use_cache=not args.no_cache, quiet=args.quiet, report=args.report,
@@ -4851,7 +5141,8 @@ def batch_options(args: argparse.Namespace, folder: str) -> BatchOptions:
 # Folder-run flags and their defaults: a single file refuses any other value.
 FOLDER_ONLY = {"overwrite_edited": False, "recursive": False, "output_dir": None, "limit": None, "dry_run": False,
                "manifest": None, "report": None,
-               "ext": CAPTION_EXTENSION, "jobs": 1, "chunk": DEFAULT_CHUNK, "keep_alive": None,
+               "ext": CAPTION_EXTENSION, "jobs": 1, "stages": "auto", "chunk": DEFAULT_CHUNK,
+               "keep_alive": None,
                "quiet": False}
 
 
@@ -6753,7 +7044,14 @@ timeout_seconds = number_type(float, "a number of seconds", 0, "more than 0", MA
 temperature_value = number_type(float, "a number", 0, "0 or more", MAX_TEMPERATURE)
 seed_value = number_type(int, "a whole number", 0, "0 or more", MAX_SEED)
 token_count = number_type(int, "a whole number", 1, "1 or more", MAX_TOKENS)
-jobs_count = number_type(int, "a whole number", 1, "1 or more", MAX_JOBS)
+_jobs_number = number_type(int, "a whole number", 1, "1 or more", MAX_JOBS)
+
+
+def jobs_count(value: str) -> int | str:
+    """--jobs: a number of requests at once, or auto."""
+    return AUTO if value == AUTO else _jobs_number(value)
+
+
 port_number = number_type(int, "a whole number", 0, "0 or more", 65535)
 max_side_pixels = number_type(int, "a whole number of pixels", 0, "0 or more", MAX_SIDE_LIMIT)
 
@@ -6952,7 +7250,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     folder.add_argument("--dry-run", action="store_true",
                         help="list what would be captioned and skipped on stdout; no model calls")
     folder.add_argument("-j", "--jobs", type=jobs_count, default=1, metavar="N",
-                        help=f"requests sent at once to each server, 1-{MAX_JOBS} (default: 1)")
+                        help=f"requests sent at once to each server, 1-{MAX_JOBS} (default: 1), per stage; "
+                             "auto: learn how many each model answers at once")
+    folder.add_argument("--stages", choices=STAGE_LAYOUTS, default="auto",
+                        help="sequential: the vision model describes a chunk, then the text model writes "
+                             "it; overlap: both at once; auto: overlap on servers that hold both models "
+                             "(default: auto)")
     folder.add_argument("--chunk", type=positive_int, default=DEFAULT_CHUNK, metavar="N",
                         help="images per stage (1 or more): the vision model describes N, then the text "
                              f"model writes N, so each model loads once per chunk (default: {DEFAULT_CHUNK})")

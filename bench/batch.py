@@ -110,7 +110,10 @@ def child_env() -> dict[str, str]:
 def fakes(count: int, **settings: float) -> Iterator[list[FakeOllama]]:
     """Fresh fake servers on 127.0.0.1 for one run, so their counters start at zero, no model is
     resident yet, and a run never profits from the previous one."""
-    servers = [FakeOllama(**settings).start() for _ in range(count)]  # type: ignore[arg-type]
+    # serial_families=(): a vision model that answers in parallel like gemma3, so that --jobs
+    # speeds up both stages here; bench/throughput.py measures qwen3-vl's one-at-a-time.
+    servers = [FakeOllama(serial_families=(), **settings).start()  # type: ignore[arg-type]
+               for _ in range(count)]
     try:
         yield servers
     finally:

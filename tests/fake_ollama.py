@@ -3,7 +3,8 @@
 It mimics the wire behaviour described in shared/reference/ollama-api.md: routes, request
 validation with Go-like error texts, NDJSON streaming, error shapes (both the >= v0.12.6 real
 status and the legacy 200 + NDJSON error line), thinking, load/unload requests, and a small model
-scheduler (serialised loads, LRU eviction, per-model parallel slots).
+scheduler (serialised loads, LRU eviction, per-model parallel slots, reloads on changed runner
+options, an optional pending-request limit).
 
 Streaming layout of a generation (documented choice): all `thinking` pieces first, then the
 content pieces (``Reply.chunk_chars`` characters each). When the text length is odd the last
@@ -16,6 +17,20 @@ model (idle ones first) for eviction and waits until that model's in-flight requ
 finished. The whole wait counts in ``load_duration``, as in Ollama (it starts at arrival).
 Keep-alive durations are recorded (shown in ``/api/ps``) but never expire by themselves;
 ``keep_alive: 0`` unloads the model once its last request finishes.
+
+Parallel slots: ``parallel`` is one slot count for every model, or a dict of model name -> slots
+("*" for the others); 0 means no limit (no slots are modelled at all). As in Ollama's
+server/sched.go, models of the SERIAL_FAMILIES run one request at a time whatever slot count
+``parallel`` gives (``serial_families=()`` turns that off). ``request_time`` is likewise a number
+or a dict of model name -> seconds. Two GPUs that
+each hold one model are ``max_loaded=2`` with one slot per model; one GPU that holds one model is
+``max_loaded=1``. A resident model whose runner options (``num_ctx``, ``shift``) differ from a new
+request's is reloaded once its requests have finished, as Ollama's ``needsReload`` does.
+
+``max_queue`` (0: no limit) answers 503 "server busy" to a generation that arrives while that many
+are already waiting for a load or a slot. Ollama queues only requests that need scheduling (a model
+not loaded) and lets the others wait for a slot without limit; the fake counts every waiting request
+so that a test can reach the limit with a few.
 """
 
 from __future__ import annotations
@@ -57,6 +72,7 @@ _DEFAULT_ERRORS = {
     502: "bad gateway",
     503: "server busy, please try again.  maximum pending requests exceeded",
 }
+SERIAL_FAMILIES = ("qwen3vl", "qwen3vlmoe", "qwen35", "qwen35moe", "mllama")  # server/sched.go
 _MID_STREAM_ERROR = "an error was encountered while running the model"
 _FOREVER_NS = (1 << 63) - 1
 _DEFAULT_KEEP_ALIVE_NS = 5 * 60 * 10**9
@@ -718,6 +734,24 @@ def _check_format(fmt: Any) -> None:
     raise _HTTPError(500, f'invalid format: {_go_quote(go_json(fmt))}; expected "json" or a valid JSON Schema object')
 
 
+def _per_model(setting: Any, key: str, default: Any) -> Any:
+    """A setting given as one value or as a dict of model name -> value ("*": the others)."""
+    if not isinstance(setting, dict):
+        return setting
+    for name, value in setting.items():
+        if name != "*" and model_key(name) == key:
+            return value
+    return setting.get("*", default)
+
+
+def _runner(req: dict[str, Any]) -> tuple | None:
+    """The runner options a request asks for; a model loaded with others reloads (needsReload)."""
+    if not (req.get("prompt") or req.get("messages")):
+        return None  # a load or unload request: it takes the model as it is
+    options = req.get("options") or {}
+    return (options.get("num_ctx"), req.get("shift"))
+
+
 def _image_ok(data: bytes) -> bool:
     return (data.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM"))
             or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"))
@@ -921,8 +955,10 @@ class FakeOllama:
 
     def __init__(self, *, version: str = "0.13.0", models: dict[str, dict[str, Any]] | None = None,
                  show_capabilities: bool = True, legacy_errors: bool = False, load_cost: float = 0.0,
-                 max_loaded: int = 0, parallel: int = 0, request_time: float = 0.0,
-                 validate_images: bool = True, unreadable_formats: Iterable[str] = ()) -> None:
+                 max_loaded: int = 0, parallel: int | dict[str, int] = 0,
+                 request_time: float | dict[str, float] = 0.0, validate_images: bool = True,
+                 serial_families: Iterable[str] = SERIAL_FAMILIES, max_queue: int = 0,
+                 unreadable_formats: Iterable[str] = ()) -> None:
         self.version = version
         self.show_capabilities = show_capabilities
         self.legacy_errors = legacy_errors
@@ -930,6 +966,8 @@ class FakeOllama:
         self.max_loaded = max_loaded
         self.parallel = parallel
         self.request_time = request_time
+        self.serial_families = tuple(serial_families)
+        self.max_queue = max_queue
         self.validate_images = validate_images  # valid base64 that is no known image -> 500 (runner error)
         # Image formats this server's engine cannot decode ("webp": the llama.cpp engine before the
         # 2026-08 fix): answered as an unknown format, like bytes that are no image at all.
@@ -944,6 +982,9 @@ class FakeOllama:
         self.load_log: list[str] = []
         self.unload_log: list[str] = []
         self.max_concurrent_seen = 0
+        self.max_concurrent_by_model: dict[str, int] = {}  # model name -> most requests answered at once
+        self.max_in_flight_by_model: dict[str, int] = {}  # model name -> most requests at once, waiting too
+        self.busy_answers = 0  # 503s sent for max_queue
         self.errors: list[str] = []  # tracebacks of bugs inside the fake (should stay empty)
         self.pullable: dict[str, dict[str, Any]] = {}  # name -> add_model kwargs, installed by /api/pull
 
@@ -956,7 +997,11 @@ class FakeOllama:
         self._evicting: set[str] = set()
         self._expire_when_idle: set[str] = set()
         self._slots: dict[str, threading.Semaphore] = {}
+        self._runner_options: dict[str, tuple] = {}  # key -> (num_ctx, shift) it was loaded with
         self._active = 0
+        self._active_by_model: dict[str, int] = {}
+        self._in_flight_by_model: dict[str, int] = {}
+        self._waiting = 0  # generations waiting for a load or a slot (max_queue)
         self._conns: set[socket.socket] = set()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -1151,17 +1196,22 @@ class FakeOllama:
         if self._resident.pop(key, None) is not None:
             m = self._models.get(key)
             self.unload_log.append(m.name if m else key)
+        self._runner_options.pop(key, None)
         self._evicting.discard(key)
         self._expire_when_idle.discard(key)
         self._cond.notify_all()
 
-    def _usable(self, key: str) -> bool:
-        return key in self._resident and key not in self._evicting
+    def _usable(self, key: str, runner: tuple | None = None) -> bool:
+        if key not in self._resident or key in self._evicting:
+            return False
+        loaded_with = self._runner_options.get(key)
+        return runner is None or loaded_with is None or loaded_with == runner
 
-    def _ensure_loaded(self, key: str, keep_alive: int | None, abort: threading.Event) -> None:
-        """Make `key` resident and count one in-flight request on it."""
+    def _ensure_loaded(self, key: str, keep_alive: int | None, abort: threading.Event,
+                       runner: tuple | None = None) -> None:
+        """Make `key` resident (with these runner options) and count one in-flight request on it."""
         with self._cond:
-            if self._usable(key):
+            if self._usable(key, runner):
                 self._set_keep_alive(key, keep_alive)
                 self._in_flight[key] = self._in_flight.get(key, 0) + 1
                 return
@@ -1169,10 +1219,20 @@ class FakeOllama:
         marked: set[str] = set()
         try:
             with self._cond:
-                if self._usable(key):
+                if self._usable(key, runner):
                     self._set_keep_alive(key, keep_alive)
                     self._in_flight[key] = self._in_flight.get(key, 0) + 1
                     return
+                while key in self._resident and runner is not None \
+                        and self._runner_options.get(key) not in (None, runner):  # reload once idle
+                    if not self._in_flight.get(key):
+                        self._unload(key)
+                        break
+                    self._evicting.add(key)
+                    marked.add(key)
+                    self._cond.wait(0.02)
+                    if abort.is_set():
+                        raise _Aborted()
                 while self.max_loaded and len(self._resident) >= self.max_loaded:
                     idle = [k for k in self._resident if not self._in_flight.get(k)]
                     if idle:
@@ -1191,12 +1251,18 @@ class FakeOllama:
                 self.load_log.append(m.name if m else key)
                 self._resident.pop(key, None)
                 self._set_keep_alive(key, keep_alive)
+                if runner is not None:
+                    self._runner_options[key] = runner
                 self._in_flight[key] = self._in_flight.get(key, 0) + 1
         finally:
             if marked:
                 with self._cond:
                     self._evicting.difference_update(marked)
             self._load_lock.release()
+
+    def _sent_done(self, name: str) -> None:
+        with self._lock:
+            self._in_flight_by_model[name] -= 1
 
     def _release(self, key: str) -> None:
         with self._cond:
@@ -1215,13 +1281,24 @@ class FakeOllama:
             else:
                 self._unload(key)
 
+    def slots(self, name: str) -> int:
+        """Requests a model answers at once (0: no limit)."""
+        key = model_key(name)
+        slots = _per_model(self.parallel, key, 0)
+        m = self._models.get(key)
+        return 1 if slots and m is not None and m.family in self.serial_families else slots
+
+    def _seconds(self, key: str) -> float:
+        return float(_per_model(self.request_time, key, 0.0))
+
     def _slot(self, key: str) -> threading.Semaphore | None:
-        if self.parallel <= 0:
+        slots = self.slots(key)
+        if slots <= 0:
             return None
         with self._lock:
             sem = self._slots.get(key)
             if sem is None:
-                sem = self._slots[key] = threading.Semaphore(self.parallel)
+                sem = self._slots[key] = threading.Semaphore(slots)
             return sem
 
     # -- routing --
@@ -1385,8 +1462,21 @@ class FakeOllama:
             return
         _check_options(req.get("options") or {})
 
-        reply = None if empty else self._take_reply(key, rec.path, rec)
-        self._ensure_loaded(key, keep_alive, abort)
+        with self._lock:
+            if self.max_queue and self._waiting >= self.max_queue:
+                self.busy_answers += 1
+                raise _HTTPError(503, _DEFAULT_ERRORS[503])
+            self._waiting += 1
+            if not empty:
+                self._in_flight_by_model[m.name] = sent = self._in_flight_by_model.get(m.name, 0) + 1
+                self.max_in_flight_by_model[m.name] = max(self.max_in_flight_by_model.get(m.name, 0), sent)
+                h.cleanup.push(lambda: self._sent_done(m.name))
+        try:
+            reply = None if empty else self._take_reply(key, rec.path, rec)
+            self._ensure_loaded(key, keep_alive, abort, _runner(req))
+        finally:
+            with self._lock:
+                self._waiting -= 1
         h.cleanup.push(lambda: self._release(key))
         load_ns = time.perf_counter_ns() - t0
         if reply is None:
@@ -1431,24 +1521,35 @@ class FakeOllama:
 
         sem = self._slot(key)
         if sem is not None:
-            self._acquire(sem, abort)
+            with self._lock:
+                self._waiting += 1
+            try:
+                self._acquire(sem, abort)
+            finally:
+                with self._lock:
+                    self._waiting -= 1
         with self._lock:
             self._active += 1
             self.max_concurrent_seen = max(self.max_concurrent_seen, self._active)
+            self._active_by_model[key] = self._active_by_model.get(key, 0) + 1
+            label = self._models[key].name if key in self._models else key
+            self.max_concurrent_by_model[label] = max(self.max_concurrent_by_model.get(label, 0),
+                                                      self._active_by_model[key])
 
         def leave_slot() -> None:
             with self._lock:
                 self._active -= 1
+                self._active_by_model[key] -= 1
             if sem is not None:
                 sem.release()
 
         h.cleanup.push(leave_slot)
         gen_start = time.perf_counter_ns()
         if reply.fault == "stall":
-            self._wait(reply.delay + self.request_time or STALL_FOREVER, abort)
+            self._wait(reply.delay + self._seconds(key) or STALL_FOREVER, abort)
             h.drop()
             return
-        self._wait(reply.delay + self.request_time, abort)
+        self._wait(reply.delay + self._seconds(key), abort)
         if reply.fault == "drop":
             h.drop()
             return

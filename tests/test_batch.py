@@ -92,10 +92,15 @@ def test_chunk_1_alternates_and_loads_both_models_per_image(make_ollama, capsys,
     assert [r.path for r in content_requests(server)] == ["/api/chat", "/api/generate"] * 4
 
 
-def test_chunk_2_over_5_images_runs_each_stage_per_chunk(fake, capsys, tmp_path):
+def test_chunk_2_over_5_images_runs_each_stage_per_chunk(make_ollama, capsys, tmp_path):
+    # A server that holds one model at a time (one that holds both overlaps the stages, see
+    # test_stages_overlap_from_the_second_chunk_on_a_server_that_holds_both).
+    fake = make_ollama(max_loaded=1, load_cost=0.05)
+    fake.default_text = derived_answer
     names = ["a.png", "b.png", "c.png", "d.png", "e.png"]
     dataset = make_images(tmp_path / "set", names)
-    assert run(capsys, "caption", dataset, "--chunk", "2")[0] == 0
+    assert run(capsys, "caption", dataset, "--chunk", "2", "--host", fake.url)[0] == 0
+    assert fake.loads == 6  # two per chunk
     chat, gen = "/api/chat", "/api/generate"
     assert [r.path for r in content_requests(fake)] == [chat, chat, gen, gen, chat, chat, gen, gen, chat, gen]
     # Each chunk is the next images in order, and its captions come from its own descriptions.
@@ -148,7 +153,9 @@ def test_keep_alive_flag_is_sent_and_nothing_is_handed_back(fake, capsys, tmp_pa
     for body in bodies:
         assert body["keep_alive"] == sent
         assert type(body["keep_alive"]) is type(sent)
-    assert fake.requests_to("/api/ps") == []
+    # /api/ps is read once, before the chunk, to see whether both models are loaded (--stages
+    # auto); a hand-back would read it again after the run.
+    assert len(fake.requests_to("/api/ps")) == 1
 
 
 @pytest.mark.parametrize("value", ["soon", "5 minutes", "", "30x", "m"])
@@ -195,8 +202,8 @@ def test_an_interrupted_run_still_hands_the_models_back(fake, capsys, tmp_path, 
     assert run(capsys, "caption", dataset)[0] == 130
     assert [r.body["keep_alive"] for r in content_requests(fake)] == [-1, -1]
     # Only the vision model was ever loaded (Ctrl-C came before the first text call),
-    # so only it is handed back.
-    assert len(fake.requests_to("/api/ps")) == 1
+    # so only it is handed back. (The first /api/ps is --stages auto's look before the chunk.)
+    assert len(fake.requests_to("/api/ps")) == 2
     releases = [r.body for r in fake.requests_to("/api/generate") if not r.body.get("prompt")]
     assert releases == [{"model": VISION, "keep_alive": "5m", "stream": False}]
 
@@ -520,8 +527,10 @@ def test_report_file_pins_every_key(make_ollama, capsys, tmp_path, monkeypatch):
     report = json.loads(text)
     assert list(report) == ["folder", "total", "written", "skipped", "failed", "needs_review", "not_reached", "later",
                             "interrupted", "seconds", "images_per_minute", "cached_descriptions",
-                            "model_calls", "model_loads", "hosts", "cleaning", "captions"]
+                            "model_calls", "model_loads", "hosts", "throughput", "cleaning", "captions"]
     seconds, per_minute = report.pop("seconds"), report.pop("images_per_minute")
+    stages = report["throughput"][0]["stages"]
+    speeds = {name: stage.pop("images_per_minute") for name, stage in stages.items()}
     assert report == {
         "folder": str(dataset),
         "total": 4,
@@ -536,12 +545,17 @@ def test_report_file_pins_every_key(make_ollama, capsys, tmp_path, monkeypatch):
         "model_calls": 4,
         "model_loads": 0,
         "hosts": [{"url": server.url, "model_calls": 4, "model_loads": 0, "dropped": None}],
+        # Per stage: the images that asked the model (bad.png failed before), the requests at once.
+        "throughput": [{"url": server.url, "overlapped": False, "load_wait_seconds": 0.0, "stages": {
+            "vision": {"model": VISION, "images": 2, "jobs": 1, "auto": False},
+            "text": {"model": TEXT, "images": 2, "jobs": 1, "auto": False}}}],
         # Nothing was cleaned away or flagged, and every concrete word of each caption is in its description.
         "cleaning": {},
         "captions": [{"image": n, "rules": [], "unsupported_share": 0.0, "invented": []} for n in ["a.png", "b.png"]],
     }
     assert isinstance(seconds, float) and seconds > 0
     assert per_minute == pytest.approx(2 * 60 / seconds, rel=0.05)
+    assert all(speed > per_minute for speed in speeds.values())  # each stage ran only part of the time
     # The summary on stderr says the same.
     assert ": 2 written, 1 skipped, 1 failed (of 4 images)." in err
     assert "Failed:\n  bad.png: the file is empty\n" in err
@@ -772,3 +786,169 @@ def test_requests_waiting_for_the_same_load_count_it_once(make_ollama, capsys, t
     assert code == 0
     assert server.loads == 2
     assert json.loads(report.read_text())["model_loads"] == 2
+
+
+# -- runner options ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("version", "shift"), [("0.12.6", [False]), ("0.12.5", [None]), ("0.0.0", [False])])
+def test_shift_false_goes_on_every_generation_where_the_server_knows_it(make_ollama, capsys, tmp_path,
+                                                                      version, shift):
+    server = make_ollama(version=version, max_loaded=1, load_cost=0.05)
+    server.default_text = derived_answer
+    dataset = make_images(tmp_path / "set", ["a.png", "b.png", "c.png"])
+    assert run(capsys, "caption", dataset, "--host", server.url, "--jobs", "2")[0] == 0
+    assert sorted({r.body.get("shift") for r in content_requests(server)}, key=str) == shift
+    assert server.loads == 2  # one runner per model: the shift setting never changed within the run
+
+
+# -- --stages: overlapped stages on servers that hold both models ---------------------------------
+
+
+def two_gpus(make_ollama, **settings):
+    """A server whose vision and text models are both resident, each with its own slot."""
+    server = make_ollama(max_loaded=2, parallel=1, load_cost=0.6, **settings)
+    server.default_text = derived_answer
+    return server
+
+
+def interleaved(server):
+    """Whether a caption request went out before the last description request."""
+    paths = [r.path for r in content_requests(server)]
+    return paths.index("/api/generate") < len(paths) - 1 - paths[::-1].index("/api/chat")
+
+
+def test_stages_overlap_when_forced_and_each_model_loads_once(make_ollama, capsys, tmp_path):
+    server = two_gpus(make_ollama, request_time=0.1)  # the vision stage outlasts the text model's load
+    names = [f"{n:02}.png" for n in range(12)]
+    dataset = make_images(tmp_path / "set", names)
+    code, out, err = run(capsys, "caption", dataset, "--host", server.url, "--stages", "overlap",
+                         "--report", tmp_path / "r.json")
+    assert (code, out) == (0, "")
+    assert interleaved(server) and server.max_concurrent_seen == 2  # both models answered at once
+    assert server.loads == 2 and server.requests_to("/api/ps") != []  # (the hand-back's)
+    for name in names:
+        assert (dataset / name).with_suffix(".txt").read_text() == expected_caption(dataset / name)
+    throughput = json.loads((tmp_path / "r.json").read_text())["throughput"][0]
+    assert throughput["overlapped"] is True and throughput["load_wait_seconds"] >= 1.2  # two loads of 0.6 s
+    assert {name: stage["images"] for name, stage in throughput["stages"].items()} == {
+        "vision": 12, "text": 12}
+    assert f"{server.url}: vision " in err and "; stages overlapped; " in err
+
+
+def test_stages_overlap_from_the_second_chunk_on_a_server_that_holds_both(make_ollama, capsys, tmp_path):
+    server = two_gpus(make_ollama, request_time=0.05)
+    dataset = make_images(tmp_path / "set", [f"{n}.png" for n in "abcdef"])
+    assert run(capsys, "caption", dataset, "--host", server.url, "--chunk", "3")[0] == 0
+    paths = [r.path for r in content_requests(server)]
+    # The first chunk is stage-batched; after its first caption /api/ps showed both models loaded.
+    assert paths[:4] == ["/api/chat"] * 3 + ["/api/generate"]
+    assert server.loads == 2 and sorted(paths) == ["/api/chat"] * 6 + ["/api/generate"] * 6
+    second = [r.path for r in content_requests(server)[6:]]
+    assert second[0] == "/api/chat" and second.index("/api/generate") < 3  # before the last description
+
+
+def test_auto_stages_stay_apart_on_a_server_that_holds_one_model(make_ollama, capsys, tmp_path):
+    server = make_ollama(max_loaded=1, load_cost=0.6)
+    server.default_text = derived_answer
+    dataset = make_images(tmp_path / "set", [f"{n}.png" for n in "abcdef"])
+    assert run(capsys, "caption", dataset, "--host", server.url, "--chunk", "3",
+               "--report", tmp_path / "r.json")[0] == 0
+    assert server.loads == 4  # two per chunk, as before --stages
+    chat, gen = "/api/chat", "/api/generate"
+    assert [r.path for r in content_requests(server)] == ([chat] * 3 + [gen] * 3) * 2
+    assert json.loads((tmp_path / "r.json").read_text())["throughput"][0]["overlapped"] is False
+
+
+def test_a_warm_server_that_holds_both_overlaps_from_the_start(make_ollama, capsys, tmp_path):
+    server = two_gpus(make_ollama, request_time=0.05)
+    client = og.OllamaClient(server.url)
+    for model in (VISION, TEXT):  # loaded by an earlier run
+        client.generate(model, "warm up", options={"num_ctx": og.NUM_CTX}, keep_alive=-1)
+    dataset = make_images(tmp_path / "set", [f"{n}.png" for n in "abcd"])
+    assert run(capsys, "caption", dataset, "--host", server.url)[0] == 0
+    assert interleaved(server) and server.loads == 2
+
+
+def test_sequential_stages_never_overlap_nor_look(make_ollama, capsys, tmp_path):
+    server = two_gpus(make_ollama)
+    dataset = make_images(tmp_path / "set", [f"{n}.png" for n in "abcdef"])
+    assert run(capsys, "caption", dataset, "--host", server.url, "--chunk", "3",
+               "--stages", "sequential")[0] == 0
+    chat, gen = "/api/chat", "/api/generate"
+    assert [r.path for r in content_requests(server)] == ([chat] * 3 + [gen] * 3) * 2
+    assert len(server.requests_to("/api/ps")) == 1  # only the hand-back's
+
+
+# -- --jobs auto ---------------------------------------------------------------------------------
+
+
+def test_jobs_auto_finds_one_for_a_serial_vision_model_and_the_text_slots(make_ollama, capsys, tmp_path):
+    # qwen3-vl runs one request at a time whatever the slots; the text model has 4.
+    server = make_ollama(max_loaded=1, load_cost=0.6, parallel=4, request_time=0.1)
+    server.default_text = derived_answer
+    dataset = make_images(tmp_path / "set", [f"{n:02}.png" for n in range(30)])
+    code, out, err = run(capsys, "caption", dataset, "--host", server.url, "--jobs", "auto",
+                         "--report", tmp_path / "r.json")
+    assert (code, out) == (0, "")
+    assert server.loads == 2  # learning stays within each stage
+    assert server.max_concurrent_by_model == {VISION: 1, TEXT: 4}
+    # It tried one more than the vision model takes, and twice the text model's slots, then settled.
+    assert server.max_in_flight_by_model == {VISION: 2, TEXT: 8}
+    stages = json.loads((tmp_path / "r.json").read_text())["throughput"][0]["stages"]
+    assert {name: (stage["jobs"], stage["auto"]) for name, stage in stages.items()} == {
+        "vision": (1, True), "text": (4, True)}
+    assert "(1 at once, learned)" in err and "(4 at once, learned)" in err
+
+
+def test_jobs_auto_backs_off_when_the_server_is_busy(make_ollama, capsys, tmp_path):
+    server = make_ollama(parallel=4, serial_families=(), request_time=0.02)
+    server.default_text = derived_answer
+    busy = "server busy, please try again.  maximum pending requests exceeded"
+    for _ in range(2):  # the first caption request meets a full queue twice, then gets through
+        server.reply(status=503, error=busy, endpoint="/api/generate")
+    names = [f"{n:02}.png" for n in range(12)]
+    dataset = make_images(tmp_path / "set", names)
+    code, out, _err = run(capsys, "caption", dataset, "--host", server.url, "--jobs", "auto",
+                          "--report", tmp_path / "r.json")
+    assert (code, out) == (0, "")
+    for name in names:
+        assert (dataset / name).with_suffix(".txt").read_text() == expected_caption(dataset / name)
+    # The text stage met "server busy" at its first request: it stopped raising its requests at once.
+    assert server.max_in_flight_by_model[TEXT] == 1
+    stages = json.loads((tmp_path / "r.json").read_text())["throughput"][0]["stages"]
+    assert stages["text"]["jobs"] == 1
+
+
+def test_lane_doubles_while_throughput_rises_and_settles_on_the_best():
+    lane = og.Lane("m", "auto")
+    clock = [0.0]
+
+    def serve(slots, rounds):
+        """rounds of requests at the lane's limit on a server with this many slots, 1 s each."""
+        for _ in range(rounds):
+            sent = [clock[0]] * lane.limit
+            for _ in sent:
+                lane.start(clock[0])
+            for index, started in enumerate(sent):
+                lane.finish(clock[0] + 1 + index // slots, asked=True, loaded=False, busy=False)
+            clock[0] += 1 + (len(sent) - 1) // slots
+
+    serve(4, 14)
+    assert lane.limit == 4
+    lane.start(clock[0])
+    lane.finish(clock[0], asked=True, loaded=False, busy=True)  # 503: halve
+    assert lane.limit == 2
+    lane.start(clock[0])
+    lane.finish(clock[0] + 1, asked=True, loaded=True, busy=False)  # a load: probe again
+    clock[0] += 1
+    serve(4, 10)
+    assert lane.limit == 4
+    serial = og.Lane("m", "auto")
+    lane = serial
+    serve(1, 10)
+    assert lane.limit == 1
+    fixed = og.Lane("m", 3)
+    fixed.start(0.0)
+    fixed.finish(1.0, asked=True, loaded=False, busy=True)
+    assert (fixed.limit, fixed.auto, fixed.images) == (3, False, 1)

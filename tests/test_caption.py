@@ -52,7 +52,8 @@ def test_single_image_two_stages_and_stdout_only_the_caption(ollama, capsys, pho
     code, out, err = run(capsys, "caption", photo)
     assert (code, out, err) == (0, CAPTION + "\n", "")
     assert [(r.method, r.path) for r in ollama.requests] == [
-        ("POST", "/api/show"), ("POST", "/api/show"), ("POST", "/api/chat"), ("POST", "/api/generate")]
+        ("POST", "/api/show"), ("POST", "/api/show"), ("GET", "/api/version"), ("POST", "/api/chat"),
+        ("POST", "/api/generate")]  # the version says whether shift:false is understood
     assert [r.body["model"] for r in ollama.requests_to("/api/show")] == ["qwen3-vl:32b", "qwen3-30b-a3b:latest"]
 
     vision = ollama.requests_to("/api/chat")[0].body

@@ -35,11 +35,12 @@ class Response(io.BytesIO):
 def test_a_stream_that_breaks_after_the_headers_is_retried_then_reported(monkeypatch, error, message):
     client = og.OllamaClient("http://x:1", timeout=5, retries=2)
     opened = []
-    monkeypatch.setattr(client, "_open", lambda *a, **k: opened.append(1) or Response(error=error))
+    monkeypatch.setattr(client, "_open",
+                        lambda method, path, *a, **k: opened.append(path) or Response(error=error))
     with pytest.raises(og.TransientError) as caught:
         client.generate("m", "p", options={})
     assert str(caught.value) == f"{message} (gave up after 3 attempts)"
-    assert len(opened) == 3
+    assert opened == ["/api/version"] + ["/api/generate"] * 3  # the version is asked once, not retried
 
 
 def test_json_that_is_not_an_object_is_a_bad_answer(monkeypatch):

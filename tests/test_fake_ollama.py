@@ -904,3 +904,51 @@ def test_kill_and_restart_keep_port_and_state(ollama: FakeOllama) -> None:
     assert call(url, "/").status == 200
     assert ollama.loads == 1 and len(ollama.generation_requests()) == 2
     assert gen(ollama, prompt="p", stream=False).status == 200
+
+
+# ------------------------------------------------------------------------------------------------
+# scheduling as issue 11 needs it: slots per model, serial vision families, two GPUs, reloads, 503
+
+
+def test_parallel_per_model_and_serial_families(make_ollama: Callable[..., FakeOllama]) -> None:
+    fake = make_ollama(parallel={THINK: 3, "*": 2}, request_time={THINK: 0.15, "*": 0.15})
+    assert (fake.slots(THINK), fake.slots(VISION)) == (3, 1)  # qwen3vl runs one request at a time
+    run_parallel(6, lambda i: gen(fake, model=(THINK, VISION)[i % 2], prompt="p", stream=False).status)
+    assert fake.max_concurrent_by_model == {THINK: 3, VISION: 1}
+    free = make_ollama(parallel=2, serial_families=(), request_time=0.15)
+    run_parallel(4, lambda i: chat(free, model=VISION, stream=False).status)
+    assert free.slots(VISION) == 2 and free.max_concurrent_by_model[VISION] == 2
+
+
+def test_two_gpus_hold_both_models_and_run_them_at_once(make_ollama: Callable[..., FakeOllama]) -> None:
+    fake = make_ollama(max_loaded=2, parallel=1, request_time=0.3)
+    run_parallel(2, lambda i: gen(fake, model=(THINK, VISION)[i], prompt="p", stream=False).status)
+    assert fake.max_concurrent_seen == 2 and fake.loads == 2
+    assert sorted(m["name"] for m in call(fake.url, "/api/ps").json()["models"]) == sorted([THINK, VISION])
+    one = make_ollama(max_loaded=1, parallel=1, request_time=0.3)
+    run_parallel(2, lambda i: gen(one, model=(THINK, VISION)[i], prompt="p", stream=False).status)
+    assert one.max_concurrent_seen == 1 and one.loads == 2  # the second waited for a swap
+    assert len(call(one.url, "/api/ps").json()["models"]) == 1
+
+
+def test_changed_runner_options_reload_the_model(make_ollama: Callable[..., FakeOllama]) -> None:
+    fake = make_ollama()
+    for options, shift in (({"num_ctx": 8192}, False), ({"num_ctx": 8192}, False),
+                           ({"num_ctx": 8192}, True), ({"num_ctx": 4096}, True)):
+        assert gen(fake, prompt="p", stream=False, options=options, shift=shift).status == 200
+    assert fake.load_log == [THINK] * 3 and fake.unload_log == [THINK] * 2
+    assert gen(fake, prompt="", stream=False).status == 200  # a load request takes it as it is
+    assert fake.loads == 3
+
+
+def test_max_queue_answers_server_busy(make_ollama: Callable[..., FakeOllama]) -> None:
+    fake = make_ollama(parallel=1, max_queue=2)
+    fake.reply("slow", delay=1.0)
+    first = threading.Thread(target=lambda: gen(fake, prompt="p", stream=False))
+    first.start()
+    wait_until(lambda: fake.active == 1)  # it holds the only slot; two more may wait for it
+    answers = run_parallel(4, lambda i: gen(fake, prompt="p", stream=False))
+    first.join(5)
+    assert sorted(a.status for a in answers) == [200, 200, 503, 503] and fake.busy_answers == 2
+    assert {error_of(a) for a in answers if a.status == 503} == {
+        "server busy, please try again.  maximum pending requests exceeded"}

@@ -616,6 +616,8 @@ def test_json_folder_run_prints_the_run_report(ollama, capsys, tmp_path):
     report = one_json(out)
     assert isinstance(report.pop("seconds"), float)
     assert isinstance(report.pop("images_per_minute"), float)
+    throughput = report.pop("throughput")
+    assert [(host["url"], sorted(host["stages"])) for host in throughput] == [(ollama.url, ["text", "vision"])]
     assert report == {
         "command": "caption", "folder": str(folder), "total": 2, "written": 2, "skipped": 0,
         "failed": [], "needs_review": [], "not_reached": 0, "later": 0, "interrupted": False,
@@ -966,8 +968,9 @@ def test_the_api_key_is_sent_on_every_request_of_a_caption(ollama, capsys, photo
     monkeypatch.setenv("OLLAMA_API_KEY", KEY)
     code, out, err = run(capsys, "caption", photo, "--verbose")
     assert (code, out) == (0, TRAINING + "\n")  # the fake's in-range answer: not asked again
-    assert [r.path for r in ollama.requests] == ["/api/show", "/api/show", "/api/chat", "/api/generate"]
-    assert [r.headers.get("authorization") for r in ollama.requests] == [f"Bearer {KEY}"] * 4
+    assert [r.path for r in ollama.requests] == ["/api/show", "/api/show", "/api/version", "/api/chat",
+                                                 "/api/generate"]
+    assert [r.headers.get("authorization") for r in ollama.requests] == [f"Bearer {KEY}"] * 5
     assert len(err.splitlines()) == 2  # --verbose printed, without the key
     assert KEY not in out + err
 

@@ -68,7 +68,8 @@ def test_a_redirect_to_another_port_never_carries_the_key(make_ollama, capsys, m
         "are followed only to the same scheme, host and port, so the API key never goes elsewhere",
         "ollama-generate: hint: set OLLAMA_HOST (or --host) to the address the server redirects to",
     ]
-    assert [(r.method, r.path) for r in front.requests] == [("POST", "/api/generate")]  # not retried
+    assert [(r.method, r.path) for r in front.requests] == [("GET", "/api/version"),
+                                                          ("POST", "/api/generate")]  # not retried
 
 
 def test_doctor_sends_nothing_to_the_address_a_redirect_names(make_ollama, capsys, monkeypatch):
@@ -89,7 +90,8 @@ def test_a_redirect_on_the_same_server_is_followed_with_the_key(make_ollama, cap
     server.reply("A fox in the snow.")
     monkeypatch.setenv("OLLAMA_API_KEY", KEY)
     assert run(capsys, "prompt", "a fox", "--host", server.url + "/old") == (0, "A fox in the snow.\n", "")
-    moved, answered = server.requests
+    version, moved, answered = server.requests
+    assert version.path == "/old/api/version"  # not found there: shift is left out
     assert (moved.method, moved.path, answered.method, answered.path) == (
         "POST", "/old/api/generate", "POST", "/api/generate")
     assert answered.body == moved.body
@@ -114,7 +116,7 @@ def test_a_post_is_never_turned_into_a_get(make_ollama, capsys, monkeypatch, sta
     assert err.splitlines()[0] == (
         f"ollama-generate: error: {server.url}/old redirected a POST with HTTP {status} to "
         f"{server.url}/api/generate, which would turn it into a GET: not followed")
-    assert [r.method for r in server.requests] == ["POST"]
+    assert [r.method for r in server.requests] == ["GET", "POST"]  # the version, then the prompt
 
 
 def test_a_redirect_loop_or_one_without_an_address_is_one_error(make_ollama):
@@ -277,9 +279,9 @@ def test_an_image_one_host_failed_fails_when_the_other_host_leaves():
             raise og.TransientError("x broke on b")
         job.status = "written"
 
-    hosts = [og.Host(SimpleNamespace(host=name)) for name in "ab"]
+    hosts = [og.Host(SimpleNamespace(host=name, tally=lambda: (0, 0, 0))) for name in "ab"]
     jobs = [og.Job(name, name, name + ".txt") for name in "yx"]
-    og.run_stage(hosts, jobs, step, workers=1, progress=og.Progress(2, mode="quiet"))
+    og.run_stage(hosts, jobs, [og.Stage("text", "pending", "m", step)], progress=og.Progress(2, mode="quiet"))
     assert [(job.name, job.status, job.reason) for job in jobs] == [
         ("y", "written", ""), ("x", "failed", "x broke on b")]
     assert tries.count(("b", "x")) == 1
@@ -339,14 +341,14 @@ def test_a_plain_web_server_is_named_in_one_line_without_retries(make_ollama, ca
     assert err.splitlines() == [
         f"ollama-generate: error: {web.url} answered HTTP 501 with an HTML page: is this an Ollama server?",
         HINT_HOST]
-    assert len(web.requests) == 1
+    assert [r.path for r in web.requests] == ["/api/version", "/api/generate"]
 
     dataset = make_images(tmp_path / "set", NAMES[:1])
     code, out, err = run(capsys, "caption", dataset, "--host", web.url)
     assert (code, out) == (1, "")
     assert err.splitlines()[0] == (
         f"ollama-generate: error: {web.url} answered HTTP 501 with an HTML page: is this an Ollama server?")
-    assert len(web.requests) == 2
+    assert len(web.requests) == 3
 
     code, out, err = run(capsys, "doctor", "--host", web.url)
     assert code == 1
@@ -497,7 +499,7 @@ def test_generation_options_are_refused_where_nothing_is_generated(capsys, comma
 def test_generation_options_before_a_generating_command_still_work(ollama, capsys):
     ollama.reply("A fox.")
     assert run(capsys, "--temperature", "0", "--seed", "3", "prompt", "x") == (0, "A fox.\n", "")
-    assert ollama.requests[0].body["options"]["seed"] == 3
+    assert ollama.requests_to("/api/generate")[0].body["options"]["seed"] == 3
 
 
 @pytest.mark.parametrize("argv", [["prompt", "x", "--styel", "tags"], ["caption", "x.png", "--recursve"],
