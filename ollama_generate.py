@@ -97,7 +97,9 @@ MAX_TIMEOUT = 86400  # a day
 MAX_JOBS = 64  # requests at once per server and stage; each is a thread here
 AUTO = "auto"  # --jobs auto: learn how many requests each server's models take at once
 AUTO_RISE = 0.4  # share of the ideal gain a doubled --jobs auto must show to be kept
-AUTO_WINDOW = 2  # --jobs auto judges a limit on at least this many completions (whole rounds) after its first round
+AUTO_WINDOW = 2  # --jobs auto judges a limit on at least this many completions (whole rounds), counted
+#                  after the requests sent before the change have come back
+AUTO_SPARE = 4  # once --jobs auto has learned a limit L it keeps ceil(L / AUTO_SPARE) more requests in flight
 STAGE_LAYOUTS = ("auto", "overlap", "sequential")  # --stages
 MAX_TEMPERATURE = 2
 MAX_SEED = 2**32 - 1  # llama.cpp keeps the seed as 32 bits
@@ -4214,13 +4216,15 @@ class Report(Record):
 
 def throughput(host: Host) -> dict:
     """What one server did per stage: images per minute while the stage had requests in flight,
-    the requests at once it ended with (what --jobs auto chose), whether its stages overlapped,
+    the requests at once it ended with (what --jobs auto chose: the server's slots) and the requests
+    it kept in flight (with --jobs auto, that plus the spare), whether its stages overlapped,
     and the wall time answers waited for model loads."""
     return {"url": host.client.host, "overlapped": host.overlapped,
             "load_wait_seconds": round(host.client.load_wait, 3),
             "stages": {name: {"model": lane.model, "images": lane.images,
                               "images_per_minute": round(lane.images_per_minute(), 2),
-                              "jobs": lane.chosen, "auto": lane.auto}
+                              "jobs": lane.chosen, "in_flight": lane.in_flight_chosen,
+                              "auto": lane.auto}
                        for name, lane in host.lanes.items()}}
 
 
@@ -4365,6 +4369,11 @@ class Lane:
     extra requests could add, goes back to the best limit once they do not, halves on a "server
     busy" answer, and probes again after a model load (a new runner may have other slots). Ollama
     reports no slot count, and a model it serialises (qwen3-vl) gains nothing from a second request.
+
+    Once it has settled, it keeps a spare: ceil(limit / AUTO_SPARE) requests more than the limit in
+    flight, so a request already waits at the server when a slot frees and the slot does not sit
+    idle while the client turns the last answer around. The limit it reports stays the slot count;
+    the spare only queues at the server. After a "server busy" answer it keeps no spare.
     """
 
     def __init__(self, model: str, jobs: int | str) -> None:
@@ -4377,12 +4386,26 @@ class Lane:
         self.busy_seconds = 0.0  # wall time with a request of this lane in flight
         self._busy_from = 0.0
         self._probing = self.auto
+        self._spare_ok = True  # False after a "server busy" answer, until the next probe
         self._before_cut = 0  # requests still in flight that were sent before the last halving
         self._best = (0.0, self.limit)  # completions per second, and the limit that gave them
-        self._window: list[float] = []  # completion times since the limit last changed
+        self._old = 0  # requests sent before the limit last changed, still to come back
+        self._window: list[float] = []  # completion times since those came back (the first: its start)
+
+    @property
+    def spare(self) -> int:
+        """Requests kept in flight above the learned limit (--jobs auto, once settled)."""
+        if not self.auto or self._probing or not self._spare_ok:
+            return 0
+        return -(-self.limit // AUTO_SPARE)
+
+    @property
+    def allowed(self) -> int:
+        """Requests it may have in flight now: the limit, plus the spare once settled."""
+        return min(MAX_JOBS, self.limit + self.spare) if self.auto else self.limit
 
     def has_room(self) -> bool:
-        return self.in_flight < self.limit
+        return self.in_flight < self.allowed
 
     def start(self, now: float) -> None:
         if not self.in_flight:
@@ -4402,18 +4425,23 @@ class Lane:
         elif busy:
             self.limit = max(1, self.limit // 2)
             self._before_cut = self.in_flight
+            self._spare_ok = False
             self._restart(now, probing=False)
         elif loaded:
             self._restart(now, probing=True)  # the wait for the load says nothing about speed
+        elif self._old:  # sent before the change, out of step with the new limit
+            self._old -= 1
+            if not self._old:
+                self._window = [now]
         elif asked and self._probing:
             self._window.append(now)
-            # The first round of `limit` completions after a change still carries requests sent
-            # before it, out of step with the new ones; the rate is what comes after that round,
-            # over whole rounds (requests in flight together finish in step, so a part of a round
-            # would read too fast or too slow).
-            measured = len(self._window) - self.limit
+            # The rate counts from when the last request sent before the change came back (or
+            # from the change, if none was out), over whole rounds of `limit` completions
+            # (requests in flight together finish in step, so a part of a round would read too
+            # fast or too slow).
+            measured = len(self._window) - 1
             if measured >= self.limit * -(-AUTO_WINDOW // self.limit):
-                self._judge(now, measured / max(now - self._window[self.limit - 1], 1e-6))
+                self._judge(now, measured / max(now - self._window[0], 1e-6))
 
     def _judge(self, now: float, rate: float) -> None:
         """A window is in: keep doubling while completions per second rise, else settle on the best."""
@@ -4429,13 +4457,21 @@ class Lane:
     def _restart(self, now: float, *, probing: bool) -> None:
         if probing and not self._probing:
             self._best = (0.0, self.limit)
+        if probing:
+            self._spare_ok = True
         self._probing = probing
-        self._window = []
+        self._old = self.in_flight
+        self._window = [] if self._old else [now]
 
     @property
     def chosen(self) -> int:
         """The requests at once it settled on; while it still probes, the best one measured."""
         return self._best[1] if self._probing and self._best[0] else self.limit
+
+    @property
+    def in_flight_chosen(self) -> int:
+        """The requests it keeps in flight with what it settled on: chosen plus the spare."""
+        return self.chosen + self.spare if self.auto else self.chosen
 
     def images_per_minute(self) -> float:
         return images_per_minute(self.images, self.busy_seconds)
@@ -4523,7 +4559,7 @@ def run_stage(hosts: list[Host], jobs: list[Job], stages: Sequence[Stage], *, pr
     def add_workers(host: Host) -> None:
         """Start a thread per request the host's lanes allow now (they grow with --jobs auto);
         idle threads beyond that would only wake on every answer."""
-        wanted = sum(lane(host, stage, jobs_per_host).limit for stage in stages)
+        wanted = sum(lane(host, stage, jobs_per_host).allowed for stage in stages)
         while workers[host.client.host] < min(wanted, len(queue) + working[0]):
             workers[host.client.host] += 1
             thread = threading.Thread(target=work, args=(host,), daemon=True)
@@ -4965,7 +5001,9 @@ def print_summary(report: Report, *, quiet: bool = False) -> None:
 def speed_line(host: Host) -> str:
     """One server's stages in the summary, e.g. "vision 31.5 images/min (1 at once), text ..."."""
     stages = ", ".join(f"{name} {lane.images_per_minute():.1f} images/min ({lane.chosen} at once"
-                       + (", learned" if lane.auto else "") + ")" for name, lane in host.lanes.items())
+                       + (", learned" if lane.auto else "")
+                       + (f"; {lane.in_flight_chosen} in flight" if lane.in_flight_chosen != lane.chosen else "")
+                       + ")" for name, lane in host.lanes.items())
     return (f"{host.client.host}: {stages or 'no model calls'}; stages "
             + ("overlapped" if host.overlapped else "one after the other")
             + f"; {format_duration(host.client.load_wait)} waiting for model loads.")

@@ -984,6 +984,8 @@ class FakeOllama:
         self.max_concurrent_seen = 0
         self.max_concurrent_by_model: dict[str, int] = {}  # model name -> most requests answered at once
         self.max_in_flight_by_model: dict[str, int] = {}  # model name -> most requests at once, waiting too
+        self.in_flight_log_by_model: dict[str, list[int]] = {}  # model name -> requests at once, waiting
+        #                                                         too, as each generation arrived (itself too)
         self.busy_answers = 0  # 503s sent for max_queue
         self.errors: list[str] = []  # tracebacks of bugs inside the fake (should stay empty)
         self.pullable: dict[str, dict[str, Any]] = {}  # name -> add_model kwargs, installed by /api/pull
@@ -1470,6 +1472,7 @@ class FakeOllama:
             if not empty:
                 self._in_flight_by_model[m.name] = sent = self._in_flight_by_model.get(m.name, 0) + 1
                 self.max_in_flight_by_model[m.name] = max(self.max_in_flight_by_model.get(m.name, 0), sent)
+                self.in_flight_log_by_model.setdefault(m.name, []).append(sent)
                 h.cleanup.push(lambda: self._sent_done(m.name))
         try:
             reply = None if empty else self._take_reply(key, rec.path, rec)

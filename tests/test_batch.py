@@ -547,8 +547,8 @@ def test_report_file_pins_every_key(make_ollama, capsys, tmp_path, monkeypatch):
         "hosts": [{"url": server.url, "model_calls": 4, "model_loads": 0, "dropped": None}],
         # Per stage: the images that asked the model (bad.png failed before), the requests at once.
         "throughput": [{"url": server.url, "overlapped": False, "load_wait_seconds": 0.0, "stages": {
-            "vision": {"model": VISION, "images": 2, "jobs": 1, "auto": False},
-            "text": {"model": TEXT, "images": 2, "jobs": 1, "auto": False}}}],
+            "vision": {"model": VISION, "images": 2, "jobs": 1, "in_flight": 1, "auto": False},
+            "text": {"model": TEXT, "images": 2, "jobs": 1, "in_flight": 1, "auto": False}}}],
         # Nothing was cleaned away or flagged, and every concrete word of each caption is in its description.
         "cleaning": {},
         "captions": [{"image": n, "rules": [], "unsupported_share": 0.0, "invented": []} for n in ["a.png", "b.png"]],
@@ -898,7 +898,29 @@ def test_jobs_auto_finds_one_for_a_serial_vision_model_and_the_text_slots(make_o
     stages = json.loads((tmp_path / "r.json").read_text())["throughput"][0]["stages"]
     assert {name: (stage["jobs"], stage["auto"]) for name, stage in stages.items()} == {
         "vision": (1, True), "text": (4, True)}
-    assert "(1 at once, learned)" in err and "(4 at once, learned)" in err
+    assert {name: stage["in_flight"] for name, stage in stages.items()} == {"vision": 2, "text": 5}
+    assert "(1 at once, learned; 2 in flight)" in err and "(4 at once, learned; 5 in flight)" in err
+
+
+def test_jobs_auto_keeps_a_spare_request_in_flight_once_it_has_learned_the_slots(make_ollama, capsys, tmp_path):
+    # Once settled, one request more than the slots waits at the server, so a slot that frees never
+    # waits for the client; the learned limit stays the slot count, and the spare causes no load.
+    server = make_ollama(max_loaded=1, load_cost=0.6, parallel=4, request_time=0.05)
+    server.default_text = derived_answer
+    dataset = make_images(tmp_path / "set", [f"{n:02}.png" for n in range(60)])
+    code, out, _err = run(capsys, "caption", dataset, "--host", server.url, "--jobs", "auto",
+                          "--stages", "sequential", "--report", tmp_path / "r.json")
+    assert (code, out) == (0, "")
+    assert server.loads == 2
+    assert server.max_concurrent_by_model == {VISION: 1, TEXT: 4}
+    stages = json.loads((tmp_path / "r.json").read_text())["throughput"][0]["stages"]
+    assert {name: (stage["jobs"], stage["in_flight"]) for name, stage in stages.items()} == {
+        "vision": (1, 2), "text": (4, 5)}
+    # Once settled, requests arrived with up to the learned limit plus the spare in flight (the
+    # spare waits at the server; how many are in flight at one arrival depends on answers the
+    # client has not yet turned around, so only the most is checked).
+    log = server.in_flight_log_by_model
+    assert log[VISION][-10:] == [2] * 10 and max(log[TEXT][-20:]) == 5
 
 
 def test_jobs_auto_backs_off_when_the_server_is_busy(make_ollama, capsys, tmp_path):

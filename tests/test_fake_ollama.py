@@ -915,6 +915,9 @@ def test_parallel_per_model_and_serial_families(make_ollama: Callable[..., FakeO
     assert (fake.slots(THINK), fake.slots(VISION)) == (3, 1)  # qwen3vl runs one request at a time
     run_parallel(6, lambda i: gen(fake, model=(THINK, VISION)[i % 2], prompt="p", stream=False).status)
     assert fake.max_concurrent_by_model == {THINK: 3, VISION: 1}
+    # every generation's arrival is logged with the requests to its model then in flight, itself too
+    assert {name: len(log) for name, log in fake.in_flight_log_by_model.items()} == {THINK: 3, VISION: 3}
+    assert {name: max(log) for name, log in fake.in_flight_log_by_model.items()} == fake.max_in_flight_by_model
     free = make_ollama(parallel=2, serial_families=(), request_time=0.15)
     run_parallel(4, lambda i: chat(free, model=VISION, stream=False).status)
     assert free.slots(VISION) == 2 and free.max_concurrent_by_model[VISION] == 2
