@@ -4979,8 +4979,7 @@ def print_summary(report: Report, *, quiet: bool = False) -> None:
         print(f"{report.images_per_minute:.1f} images/min; {plural(calls, 'model call')}, "
               f"{plural(report.cached, 'description')} from the cache, {plural(loads, 'model load')} seen.",
               file=sys.stderr)
-    if not quiet and any(host.overlapped or any(lane.auto for lane in host.lanes.values())
-                         for host in report.hosts):
+    if not quiet and any(lane.images for host in report.hosts for lane in host.lanes.values()):
         for host in report.hosts:
             print(speed_line(host), file=sys.stderr)
     cleaning = report.cleaning_counts()
@@ -5003,7 +5002,7 @@ def speed_line(host: Host) -> str:
     stages = ", ".join(f"{name} {lane.images_per_minute():.1f} images/min ({lane.chosen} at once"
                        + (", learned" if lane.auto else "")
                        + (f"; {lane.in_flight_chosen} in flight" if lane.in_flight_chosen != lane.chosen else "")
-                       + ")" for name, lane in host.lanes.items())
+                       + ")" for name, lane in host.lanes.items() if lane.images)
     return (f"{host.client.host}: {stages or 'no model calls'}; stages "
             + ("overlapped" if host.overlapped else "one after the other")
             + f"; {format_duration(host.client.load_wait)} waiting for model loads.")
@@ -5179,7 +5178,7 @@ def batch_options(args: argparse.Namespace, folder: str) -> BatchOptions:
 # Folder-run flags and their defaults: a single file refuses any other value.
 FOLDER_ONLY = {"overwrite_edited": False, "recursive": False, "output_dir": None, "limit": None, "dry_run": False,
                "manifest": None, "report": None,
-               "ext": CAPTION_EXTENSION, "jobs": 1, "stages": "auto", "chunk": DEFAULT_CHUNK,
+               "ext": CAPTION_EXTENSION, "jobs": AUTO, "stages": "auto", "chunk": DEFAULT_CHUNK,
                "keep_alive": None,
                "quiet": False}
 
@@ -7287,9 +7286,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                         help="caption only the first N images that need one (1 or more), to try a prompt")
     folder.add_argument("--dry-run", action="store_true",
                         help="list what would be captioned and skipped on stdout; no model calls")
-    folder.add_argument("-j", "--jobs", type=jobs_count, default=1, metavar="N",
-                        help=f"requests sent at once to each server, 1-{MAX_JOBS} (default: 1), per stage; "
-                             "auto: learn how many each model answers at once")
+    folder.add_argument("-j", "--jobs", type=jobs_count, default=AUTO, metavar="N",
+                        help=f"requests sent at once to each server, 1-{MAX_JOBS}, per stage; "
+                             "auto (the default): learn how many each model answers at once")
     folder.add_argument("--stages", choices=STAGE_LAYOUTS, default="auto",
                         help="sequential: the vision model describes a chunk, then the text model writes "
                              "it; overlap: both at once; auto: overlap on servers that hold both models "

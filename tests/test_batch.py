@@ -276,7 +276,9 @@ def test_a_rerun_after_ctrl_c_asks_the_vision_model_nothing_again(fake, capsys, 
     rerun = fake.requests[before:]
     assert [r for r in rerun if r.path == "/api/chat"] == []
     assert len([r for r in rerun if r.path == "/api/generate" and r.body.get("prompt")]) == 3
-    assert err.splitlines()[-1].endswith("; 3 model calls, 3 descriptions from the cache, 0 model loads seen.")
+    assert err.splitlines()[-2].endswith("; 3 model calls, 3 descriptions from the cache, 0 model loads seen.")
+    # All descriptions came from the cache: the speed line names the text stage only.
+    assert err.splitlines()[-1].startswith(f"{fake.url}: text ") and "vision" not in err.splitlines()[-1]
     for name in names:
         assert (dataset / name).with_suffix(".txt").read_text() == expected_caption(dataset / name)
 
@@ -507,7 +509,8 @@ def test_summary_counts_model_loads_seen(make_ollama, capsys, tmp_path, monkeypa
     code, _out, err = run(capsys, "caption", dataset, "--report", tmp_path / "r.json")
     assert code == 0
     assert server.loads == 2
-    assert err.splitlines()[-1].endswith("; 4 model calls, 0 descriptions from the cache, 2 model loads seen.")
+    assert err.splitlines()[-2].endswith("; 4 model calls, 0 descriptions from the cache, 2 model loads seen.")
+    assert re.search(r"; stages one after the other; [\d.]+s waiting for model loads\.$", err.splitlines()[-1])
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["model_loads"] == 2
     assert report["hosts"][0]["model_loads"] == 2
@@ -547,8 +550,8 @@ def test_report_file_pins_every_key(make_ollama, capsys, tmp_path, monkeypatch):
         "hosts": [{"url": server.url, "model_calls": 4, "model_loads": 0, "dropped": None}],
         # Per stage: the images that asked the model (bad.png failed before), the requests at once.
         "throughput": [{"url": server.url, "overlapped": False, "load_wait_seconds": 0.0, "stages": {
-            "vision": {"model": VISION, "images": 2, "jobs": 1, "in_flight": 1, "auto": False},
-            "text": {"model": TEXT, "images": 2, "jobs": 1, "in_flight": 1, "auto": False}}}],
+            "vision": {"model": VISION, "images": 2, "jobs": 1, "in_flight": 1, "auto": True},
+            "text": {"model": TEXT, "images": 2, "jobs": 1, "in_flight": 1, "auto": True}}}],
         # Nothing was cleaned away or flagged, and every concrete word of each caption is in its description.
         "cleaning": {},
         "captions": [{"image": n, "rules": [], "unsupported_share": 0.0, "invented": []} for n in ["a.png", "b.png"]],
@@ -839,7 +842,7 @@ def test_stages_overlap_when_forced_and_each_model_loads_once(make_ollama, capsy
 def test_stages_overlap_from_the_second_chunk_on_a_server_that_holds_both(make_ollama, capsys, tmp_path):
     server = two_gpus(make_ollama, request_time=0.05)
     dataset = make_images(tmp_path / "set", [f"{n}.png" for n in "abcdef"])
-    assert run(capsys, "caption", dataset, "--host", server.url, "--chunk", "3")[0] == 0
+    assert run(capsys, "caption", dataset, "--host", server.url, "--chunk", "3", "--jobs", "1")[0] == 0
     paths = [r.path for r in content_requests(server)]
     # The first chunk is stage-batched; after its first caption /api/ps showed both models loaded.
     assert paths[:4] == ["/api/chat"] * 3 + ["/api/generate"]

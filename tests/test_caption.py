@@ -164,7 +164,9 @@ def test_folder_writes_a_caption_beside_each_image(ollama, capsys, tmp_path):
     assert lines[3].startswith("Done after ")
     assert lines[3].endswith(": 3 written, 0 skipped, 0 failed (of 3 images).")
     assert lines[4].endswith("images/min; 6 model calls, 0 descriptions from the cache, 0 model loads seen.")
-    assert len(lines) == 5
+    # --jobs auto (the default) learned 1 at once from three images; the speed line says so.
+    assert lines[5].startswith(f"{ollama.url}: vision ") and "(1 at once, learned)" in lines[5]
+    assert len(lines) == 6
     # Each image's own bytes went to the vision model, in sorted order.
     sent = [r.body["messages"][1]["images"][0] for r in ollama.requests_to("/api/chat")]
     assert sent == [base64.b64encode((dataset / n).read_bytes()).decode() for n in ["C.PNG", "a.jpg", "b.png"]]
@@ -231,7 +233,8 @@ def test_bad_images_are_reported_never_sent_and_the_run_goes_on(ollama, capsys, 
         "[4/4] d.png: written",
     ]
     assert lines[4].endswith(": 2 written, 0 skipped, 2 failed (of 4 images).")
-    assert lines[6:] == [
+    assert lines[6].startswith(f"{ollama.url}: vision ")
+    assert lines[7:] == [
         "Failed:",
         "  b.jpg: not a supported image (its bytes are not PNG, JPEG, WebP, BMP or GIF)",
         "  c.png: the file is empty",

@@ -240,10 +240,11 @@ def test_server_dies_mid_folder_run_keeps_finished_work(make_ollama, capsys, tmp
     assert lines[0] == "[1/3] a.png: written"
     assert lines[1].startswith("Stopped after ")
     assert lines[1].endswith(": 1 written, 0 skipped, 0 failed, 2 not reached (of 3 images).")
-    assert lines[3].startswith(f"ollama-generate: error: no Ollama server is left to work on ({server.url}: "
+    assert lines[3].startswith(f"{server.url}: vision ")
+    assert lines[4].startswith(f"ollama-generate: error: no Ollama server is left to work on ({server.url}: "
                                f"cannot connect to Ollama at {server.url}")
-    assert lines[3].endswith("(gave up after 7 attempts))")
-    assert lines[4] == ("ollama-generate: hint: start the servers again and rerun the same command: "
+    assert lines[4].endswith("(gave up after 7 attempts))")
+    assert lines[5] == ("ollama-generate: hint: start the servers again and rerun the same command: "
                         "finished work is kept")
 
     # The server comes back: the rerun asks the vision model nothing it answered before.

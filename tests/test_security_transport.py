@@ -411,7 +411,7 @@ def test_absurd_numbers_are_usage_errors(capsys, argv, message):
 
 def test_the_ranges_are_in_help(capsys):
     shown = " ".join(run_exit(capsys, "caption", "--help")[1].split())
-    for text in ("(default 300), at most 86400", "each server, 1-64 (default: 1)", "writing model, 0-2",
+    for text in ("(default 300), at most 86400", "each server, 1-64, per stage", "writing model, 0-2",
                  "random seed, 0-4294967295", "request, 1-1048576 (default 8192;", "in tokens, 1-1048576"):
         assert text in shown
 
