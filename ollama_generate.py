@@ -2923,8 +2923,10 @@ def sampling(config: Config, kind: str, *, writing: bool = True) -> dict:
     if writing:
         temperature = temperature if config.temperature is None else config.temperature
         num_predict = config.max_tokens or num_predict
-    # One value per model for the whole run: Ollama reloads a model whose num_ctx changes.
-    num_ctx = config.num_ctx or (config.vision_num_ctx if kind == "vision" else NUM_CTX)
+    # One value per model for the whole run: Ollama reloads a model whose num_ctx changes (a
+    # vision model that also writes the captions keeps the vision stage's).
+    one_model = with_tag(config.model) == with_tag(config.vision_model)
+    num_ctx = config.num_ctx or (config.vision_num_ctx if kind == "vision" or one_model else NUM_CTX)
     options = {"temperature": temperature, "num_predict": num_predict, "num_ctx": num_ctx}
     if config.seed is not None:
         options["seed"] = config.seed

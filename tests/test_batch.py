@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 from cli import run, run_exit
+from images import picture
 from traced import (CACHE, DESCRIPTION, TAGS, TEXT, TRAINING, VISION, derived_answer, expected_caption,
                     make_images, tag_of)
 
@@ -878,6 +879,23 @@ def test_sequential_stages_never_overlap_nor_look(make_ollama, capsys, tmp_path)
     chat, gen = "/api/chat", "/api/generate"
     assert [r.path for r in content_requests(server)] == ([chat] * 3 + [gen] * 3) * 2
     assert len(server.requests_to("/api/ps")) == 1  # only the hand-back's
+
+
+def test_one_model_for_both_stages_keeps_one_num_ctx_and_loads_once(make_ollama, capsys, tmp_path):
+    # A vision model that also writes the captions: the vision stage's num_ctx (sized for a large
+    # image) is the text stage's too, or every switch between the stages would reload it.
+    server = make_ollama(max_loaded=1, load_cost=0.05, models={
+        VISION: {"capabilities": ("completion", "vision"), "family": "someday-vl", "context_length": 262144}})
+    server.default_text = derived_answer
+    dataset = make_images(tmp_path / "set", [f"{n}.png" for n in "abcde"])
+    (dataset / "big.png").write_bytes(picture(2800, 2800, "PNG"))
+    for stages in ("sequential", "overlap"):
+        code = run(capsys, "caption", dataset, "--host", server.url, "--model", VISION, "--vision-model",
+                   VISION, "--max-side", "0", "--chunk", "3", "--stages", stages, "--overwrite")[0]
+        assert code == 0
+    contexts = {r.body["options"]["num_ctx"] for r in content_requests(server)}
+    assert len(contexts) == 1 and contexts.pop() > og.NUM_CTX
+    assert server.loads == 1
 
 
 # -- --jobs auto ---------------------------------------------------------------------------------
