@@ -4468,7 +4468,8 @@ def run_stage(hosts: list[Host], jobs: list[Job], stages: Sequence[Stage], *, pr
     A job takes the first stage that matches its status, and goes back to the front of the queue
     for the next one (so with two stages, text steps start on described images while the vision
     stage goes on). A host in one_model holds one model at a time: it takes a later stage's jobs
-    only once no job waits for an earlier one, so it swaps models once.
+    only once no job waits for an earlier one and its own earlier requests are answered, so it
+    swaps models once.
 
     A host that stops answering gives its job back and leaves the run; so does one
     that failed HOST_FAILURE_LIMIT images in a row with server errors. An image that
@@ -4491,7 +4492,11 @@ def run_stage(hosts: list[Host], jobs: list[Job], stages: Sequence[Stage], *, pr
 
     def take(host: Host) -> tuple[Job, Stage, Lane] | None:
         first = stages[0].status
-        holds_first = host.client.host in one_model and any(job.status == first for job in queue)
+        # A one-model host swaps once its own first-stage requests are answered too: a later one
+        # sent beside one of them could reach the server first and make it swap twice.
+        holds_first = host.client.host in one_model and (
+            any(job.status == first for job in queue)
+            or len(stages) > 1 and lane(host, stages[0], jobs_per_host).in_flight > 0)
         for index, job in enumerate(queue):
             stage = by_status[job.status]
             if host.client.host in failed_on.get(id(job), ()) or holds_first and job.status != first:
