@@ -588,6 +588,7 @@ class OllamaClient:
 
         self._here = threading.local()  # the same counts for the calling thread alone (tally())
         self._load_ends: dict[str, float] = {}  # model -> when the last load we counted ended
+        self._waits: list[tuple[float, float]] = []  # the wall time answers waited for loads, merged
         self._version: tuple[int, ...] | None = None
         self._lock = threading.Lock()
 
@@ -771,8 +772,18 @@ class OllamaClient:
                 ended = self._load_ends.get(model, 0.0)
                 if started >= ended:
                     self.loads_seen += 1
-                self.load_wait += max(0.0, started + load - max(started, ended))
+                self.load_wait += self._waited(started, started + load)
                 self._load_ends[model] = max(ended, started + load)
+
+    def _waited(self, start: float, end: float) -> float:
+        """Add a wait for a load to the waits seen; return the wall time no other one covered
+        (a request for one model may wait through another's load as well as its own)."""
+        covered = sum(max(0.0, min(last, end) - max(first, start)) for first, last in self._waits)
+        apart = [(first, last) for first, last in self._waits if last < start or first > end]
+        joined = [(first, last) for first, last in self._waits if not (last < start or first > end)]
+        merged = (min([start] + [first for first, _ in joined]), max([end] + [last for _, last in joined]))
+        self._waits = sorted(apart + [merged])
+        return max(0.0, end - start - covered)
 
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
         """One short non-streaming request that returns a JSON object."""

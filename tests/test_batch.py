@@ -789,6 +789,19 @@ def test_requests_waiting_for_the_same_load_count_it_once(make_ollama, capsys, t
     assert json.loads(report.read_text())["model_loads"] == 2
 
 
+def test_load_waits_of_two_models_at_once_count_their_wall_time_once(make_ollama, capsys, tmp_path):
+    # Stages forced to overlap on a server that holds one model: a description request waits
+    # through the caption model's load and then its own, while a caption request waits for the first.
+    server = make_ollama(max_loaded=1, load_cost=0.6)
+    server.default_text = derived_answer
+    dataset = make_images(tmp_path / "set", ["a.png", "b.png", "c.png"])
+    code, out, _err = run(capsys, "caption", dataset, "--host", server.url, "--stages", "overlap", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert server.loads >= 3
+    assert 0.6 * server.loads - 0.3 <= report["throughput"][0]["load_wait_seconds"] <= report["seconds"]
+
+
 # -- runner options ------------------------------------------------------------------------------
 
 
