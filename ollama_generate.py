@@ -590,6 +590,7 @@ class OllamaClient:
         self._load_ends: dict[str, float] = {}  # model -> when the last load we counted ended
         self._waits: list[tuple[float, float]] = []  # the wall time answers waited for loads, merged
         self._version: tuple[int, ...] | None = None
+        self._version_lock = threading.Lock()
         self._lock = threading.Lock()
 
     # Public endpoints, named after Ollama's.
@@ -632,13 +633,15 @@ class OllamaClient:
         return self._retrying(attempt, give_up=lambda: printer.shown)
 
     def version(self) -> tuple[int, ...]:
-        """The server's version as numbers, asked once; () when the server does not say."""
-        if self._version is None:
-            try:
-                text = str(self._call("GET", "/api/version").get("version", ""))
-            except (OllamaError, AttributeError):
-                text = ""
-            self._version = tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+        """The server's version as numbers, asked once (threads asking at once get the one
+        answer); () when the server does not say."""
+        with self._version_lock:
+            if self._version is None:
+                try:
+                    text = str(self._call("GET", "/api/version").get("version", ""))
+                except (OllamaError, AttributeError):
+                    text = ""
+                self._version = tuple(int(part) for part in re.findall(r"\d+", text)[:3])
         return self._version
 
     def supports_structured_output(self) -> bool:
