@@ -4640,11 +4640,11 @@ def run_stage(hosts: list[Host], jobs: list[Job], stages: Sequence[Stage], *, pr
             )
         if not queue:
             break
-        with ready:
-            for host in hosts:
-                if not host.dropped:
-                    add_workers(host)
-        try:
+        try:  # a Ctrl-C while the workers start stops those already started too
+            with ready:
+                for host in hosts:
+                    if not host.dropped:
+                        add_workers(host)
             while True:
                 with ready:
                     alive = [thread for thread in threads if thread.is_alive()]

@@ -209,6 +209,32 @@ def test_an_interrupted_run_still_hands_the_models_back(fake, capsys, tmp_path, 
     assert releases == [{"model": VISION, "keep_alive": "5m", "stream": False}]
 
 
+def test_ctrl_c_while_the_workers_start_stops_those_already_started(make_ollama, capsys, tmp_path,
+                                                                    monkeypatch):
+    import threading
+    import time
+
+    one = make_ollama(request_time=0.05)
+    two = make_ollama(request_time=0.05)
+    one.default_text = two.default_text = derived_answer
+    dataset = make_images(tmp_path / "set", [f"{n}.png" for n in range(10)])
+    lane = og.lane
+    asked = []
+
+    def interrupted_lane(host, stage, jobs):
+        if threading.current_thread() is threading.main_thread():
+            asked.append(host.client.host)
+            if host.client.host == two.url:  # the first server's worker has started
+                raise KeyboardInterrupt
+        return lane(host, stage, jobs)
+
+    monkeypatch.setattr(og, "lane", interrupted_lane)
+    code = run(capsys, "caption", dataset, "--host", one.url, "--host", two.url, "--stages", "sequential")[0]
+    assert code == 130 and asked == [one.url, two.url]
+    time.sleep(0.5)
+    assert len(one.requests_to("/api/chat")) <= 1  # the one on its way when Ctrl-C came, and no other
+
+
 # -- --jobs --------------------------------------------------------------------------------------
 
 
