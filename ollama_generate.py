@@ -590,7 +590,9 @@ class OllamaClient:
 
         self._here = threading.local()  # the same counts for the calling thread alone (tally())
         self._load_ends: dict[str, float] = {}  # model -> when the last load we counted ended
+        self._waits: list[tuple[float, float]] = []  # the wall time answers waited for loads, merged
         self._version: tuple[int, ...] | None = None
+        self._version_lock = threading.Lock()
         self._lock = threading.Lock()
 
     # Public endpoints, named after Ollama's.
@@ -633,13 +635,15 @@ class OllamaClient:
         return self._retrying(attempt, give_up=lambda: printer.shown)
 
     def version(self) -> tuple[int, ...]:
-        """The server's version as numbers, asked once; () when the server does not say."""
-        if self._version is None:
-            try:
-                text = str(self._call("GET", "/api/version").get("version", ""))
-            except (OllamaError, AttributeError):
-                text = ""
-            self._version = tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+        """The server's version as numbers, asked once (threads asking at once get the one
+        answer); () when the server does not say."""
+        with self._version_lock:
+            if self._version is None:
+                try:
+                    text = str(self._call("GET", "/api/version").get("version", ""))
+                except (OllamaError, AttributeError):
+                    text = ""
+                self._version = tuple(int(part) for part in re.findall(r"\d+", text)[:3])
         return self._version
 
     def supports_structured_output(self) -> bool:
@@ -773,8 +777,18 @@ class OllamaClient:
                 ended = self._load_ends.get(model, 0.0)
                 if started >= ended:
                     self.loads_seen += 1
-                self.load_wait += max(0.0, started + load - max(started, ended))
+                self.load_wait += self._waited(started, started + load)
                 self._load_ends[model] = max(ended, started + load)
+
+    def _waited(self, start: float, end: float) -> float:
+        """Add a wait for a load to the waits seen; return the wall time no other one covered
+        (a request for one model may wait through another's load as well as its own)."""
+        covered = sum(max(0.0, min(last, end) - max(first, start)) for first, last in self._waits)
+        apart = [(first, last) for first, last in self._waits if last < start or first > end]
+        joined = [(first, last) for first, last in self._waits if not (last < start or first > end)]
+        merged = (min([start] + [first for first, _ in joined]), max([end] + [last for _, last in joined]))
+        self._waits = sorted(apart + [merged])
+        return max(0.0, end - start - covered)
 
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
         """One short non-streaming request that returns a JSON object."""
@@ -2925,8 +2939,10 @@ def sampling(config: Config, kind: str, *, writing: bool = True) -> dict:
     if writing:
         temperature = temperature if config.temperature is None else config.temperature
         num_predict = config.max_tokens or num_predict
-    # One value per model for the whole run: Ollama reloads a model whose num_ctx changes.
-    num_ctx = config.num_ctx or (config.vision_num_ctx if kind == "vision" else NUM_CTX)
+    # One value per model for the whole run: Ollama reloads a model whose num_ctx changes (a
+    # vision model that also writes the captions keeps the vision stage's).
+    one_model = with_tag(config.model) == with_tag(config.vision_model)
+    num_ctx = config.num_ctx or (config.vision_num_ctx if kind == "vision" or one_model else NUM_CTX)
     options = {"temperature": temperature, "num_predict": num_predict, "num_ctx": num_ctx}
     if config.seed is not None:
         options["seed"] = config.seed
@@ -4502,7 +4518,8 @@ def run_stage(hosts: list[Host], jobs: list[Job], stages: Sequence[Stage], *, pr
     A job takes the first stage that matches its status, and goes back to the front of the queue
     for the next one (so with two stages, text steps start on described images while the vision
     stage goes on). A host in one_model holds one model at a time: it takes a later stage's jobs
-    only once no job waits for an earlier one, so it swaps models once.
+    only once no job waits for an earlier one and its own earlier requests are answered, so it
+    swaps models once.
 
     A host that stops answering gives its job back and leaves the run; so does one
     that failed HOST_FAILURE_LIMIT images in a row with server errors. An image that
@@ -4525,7 +4542,11 @@ def run_stage(hosts: list[Host], jobs: list[Job], stages: Sequence[Stage], *, pr
 
     def take(host: Host) -> tuple[Job, Stage, Lane] | None:
         first = stages[0].status
-        holds_first = host.client.host in one_model and any(job.status == first for job in queue)
+        # A one-model host swaps once its own first-stage requests are answered too: a later one
+        # sent beside one of them could reach the server first and make it swap twice.
+        holds_first = host.client.host in one_model and (
+            any(job.status == first for job in queue)
+            or len(stages) > 1 and lane(host, stages[0], jobs_per_host).in_flight > 0)
         for index, job in enumerate(queue):
             stage = by_status[job.status]
             if host.client.host in failed_on.get(id(job), ()) or holds_first and job.status != first:
@@ -4655,11 +4676,11 @@ def run_stage(hosts: list[Host], jobs: list[Job], stages: Sequence[Stage], *, pr
             )
         if not queue:
             break
-        with ready:
-            for host in hosts:
-                if not host.dropped:
-                    add_workers(host)
-        try:
+        try:  # a Ctrl-C while the workers start stops those already started too
+            with ready:
+                for host in hosts:
+                    if not host.dropped:
+                        add_workers(host)
             while True:
                 with ready:
                     alive = [thread for thread in threads if thread.is_alive()]

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 from cli import run, run_exit
+from images import picture
 from traced import (CACHE, DESCRIPTION, TAGS, TEXT, TRAINING, VISION, derived_answer, expected_caption,
                     make_images, tag_of)
 
@@ -206,6 +207,32 @@ def test_an_interrupted_run_still_hands_the_models_back(fake, capsys, tmp_path, 
     assert len(fake.requests_to("/api/ps")) == 2
     releases = [r.body for r in fake.requests_to("/api/generate") if not r.body.get("prompt")]
     assert releases == [{"model": VISION, "keep_alive": "5m", "stream": False}]
+
+
+def test_ctrl_c_while_the_workers_start_stops_those_already_started(make_ollama, capsys, tmp_path,
+                                                                    monkeypatch):
+    import threading
+    import time
+
+    one = make_ollama(request_time=0.05)
+    two = make_ollama(request_time=0.05)
+    one.default_text = two.default_text = derived_answer
+    dataset = make_images(tmp_path / "set", [f"{n}.png" for n in range(10)])
+    lane = og.lane
+    asked = []
+
+    def interrupted_lane(host, stage, jobs):
+        if threading.current_thread() is threading.main_thread():
+            asked.append(host.client.host)
+            if host.client.host == two.url:  # the first server's worker has started
+                raise KeyboardInterrupt
+        return lane(host, stage, jobs)
+
+    monkeypatch.setattr(og, "lane", interrupted_lane)
+    code = run(capsys, "caption", dataset, "--host", one.url, "--host", two.url, "--stages", "sequential")[0]
+    assert code == 130 and asked == [one.url, two.url]
+    time.sleep(0.5)
+    assert len(one.requests_to("/api/chat")) <= 1  # the one on its way when Ctrl-C came, and no other
 
 
 # -- --jobs --------------------------------------------------------------------------------------
@@ -791,6 +818,19 @@ def test_requests_waiting_for_the_same_load_count_it_once(make_ollama, capsys, t
     assert json.loads(report.read_text())["model_loads"] == 2
 
 
+def test_load_waits_of_two_models_at_once_count_their_wall_time_once(make_ollama, capsys, tmp_path):
+    # Stages forced to overlap on a server that holds one model: a description request waits
+    # through the caption model's load and then its own, while a caption request waits for the first.
+    server = make_ollama(max_loaded=1, load_cost=0.6)
+    server.default_text = derived_answer
+    dataset = make_images(tmp_path / "set", ["a.png", "b.png", "c.png"])
+    code, out, _err = run(capsys, "caption", dataset, "--host", server.url, "--stages", "overlap", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert server.loads >= 3
+    assert 0.6 * server.loads - 0.3 <= report["throughput"][0]["load_wait_seconds"] <= report["seconds"]
+
+
 # -- runner options ------------------------------------------------------------------------------
 
 
@@ -881,6 +921,23 @@ def test_sequential_stages_never_overlap_nor_look(make_ollama, capsys, tmp_path)
     chat, gen = "/api/chat", "/api/generate"
     assert [r.path for r in content_requests(server)] == ([chat] * 3 + [gen] * 3) * 2
     assert len(server.requests_to("/api/ps")) == 1  # only the hand-back's
+
+
+def test_one_model_for_both_stages_keeps_one_num_ctx_and_loads_once(make_ollama, capsys, tmp_path):
+    # A vision model that also writes the captions: the vision stage's num_ctx (sized for a large
+    # image) is the text stage's too, or every switch between the stages would reload it.
+    server = make_ollama(max_loaded=1, load_cost=0.05, models={
+        VISION: {"capabilities": ("completion", "vision"), "family": "someday-vl", "context_length": 262144}})
+    server.default_text = derived_answer
+    dataset = make_images(tmp_path / "set", [f"{n}.png" for n in "abcde"])
+    (dataset / "big.png").write_bytes(picture(2800, 2800, "PNG"))
+    for stages in ("sequential", "overlap"):
+        code = run(capsys, "caption", dataset, "--host", server.url, "--model", VISION, "--vision-model",
+                   VISION, "--max-side", "0", "--chunk", "3", "--stages", stages, "--overwrite")[0]
+        assert code == 0
+    contexts = {r.body["options"]["num_ctx"] for r in content_requests(server)}
+    assert len(contexts) == 1 and contexts.pop() > og.NUM_CTX
+    assert server.loads == 1
 
 
 # -- --jobs auto ---------------------------------------------------------------------------------

@@ -195,3 +195,30 @@ def test_product_is_written_as_utf8_on_an_ascii_stdout(monkeypatch):
     monkeypatch.setattr(sys, "stdout", stream)
     og.write_product("caf\u00e9 \u2603")
     assert raw.getvalue() == "caf\u00e9 \u2603\n".encode()
+
+
+def test_threads_asking_the_version_at_once_all_get_the_one_answer(monkeypatch):
+    # The version decides the shift field, which must be the same on every request of a run: a
+    # first ask that fails must not race a second that succeeds.
+    import threading
+    import time
+
+    client = og.OllamaClient("http://127.0.0.1:9")
+    asked = []
+
+    def call(method, path, body=None):
+        asked.append(path)
+        if len(asked) == 1:
+            time.sleep(0.3)
+            raise og.ServerUnreachable("gone for a moment")
+        return {"version": "0.13.0"}
+
+    monkeypatch.setattr(client, "_call", call)
+    seen = []
+    threads = [threading.Thread(target=lambda: seen.append(client.runner_fields())) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join(5)
+    assert seen[0] == seen[1] and asked == ["/api/version"]

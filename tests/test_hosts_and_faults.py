@@ -132,6 +132,26 @@ def test_jobs_apply_to_each_host(make_ollama, capsys, tmp_path):
     assert_captions(dataset, names)
 
 
+def test_a_server_that_holds_one_model_swaps_once_per_chunk_beside_one_that_holds_both(make_ollama, capsys,
+                                                                                      tmp_path):
+    both = serve(make_ollama, max_loaded=2, load_cost=0.3, request_time={VISION: 0.2, "*": 0.05})
+    one = serve(make_ollama, max_loaded=1, load_cost=0.3, request_time=0.05)
+    names = [f"{n:02}.png" for n in range(36)]
+    dataset = make_images(tmp_path / "set", names)
+    code, out, _err = run(capsys, "caption", dataset, "--host", both.url, "--host", one.url, "--chunk", "6")
+    assert (code, out) == (0, "")
+    assert_captions(dataset, names)
+    # Stages overlap on the first from the second chunk on; the other describes its share of each
+    # chunk, then writes: it never sends a caption request while a description of its own is due.
+    chunk_of = {tag_of((dataset / name).read_bytes()): index // 6 for index, name in enumerate(names)}
+    asked = [(chunk_of[request_tag(r)], r.path) for r in one.requests
+             if r.path == "/api/chat" or r.body and r.body.get("prompt")]
+    for chunk in range(6):
+        paths = [path for at, path in asked if at == chunk]
+        assert paths == sorted(paths), f"chunk {chunk}: {paths}"  # /api/chat ones, then /api/generate ones
+    assert both.loads == 2 and one.loads <= 2 * 6
+
+
 def test_a_host_down_at_the_start_is_left_out(make_ollama, capsys, tmp_path):
     dead = make_ollama()
     dead_url = dead.url
