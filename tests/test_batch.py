@@ -965,7 +965,7 @@ def test_jobs_auto_finds_one_for_a_serial_vision_model_and_the_text_slots(make_o
 def test_jobs_auto_keeps_a_spare_request_in_flight_once_it_has_learned_the_slots(make_ollama, capsys, tmp_path):
     # Once settled, one request more than the slots waits at the server, so a slot that frees never
     # waits for the client; the learned limit stays the slot count, and the spare causes no load.
-    server = make_ollama(max_loaded=1, load_cost=0.6, parallel=4, request_time=0.1)
+    server = make_ollama(max_loaded=1, load_cost=0.6, parallel=4, request_time=0.15)
     server.default_text = derived_answer
     dataset = make_images(tmp_path / "set", [f"{n:02}.png" for n in range(60)])
     code, out, _err = run(capsys, "caption", dataset, "--host", server.url, "--jobs", "auto",

@@ -450,7 +450,7 @@ def test_a_server_that_restarts_quickly_is_waited_for(make_ollama, capsys, tmp_p
 
 
 def test_a_thousand_images_stay_under_100_mb(make_ollama, tmp_path):
-    server = make_ollama()
+    server = make_ollama(parallel=4)  # a server with 4 slots: --jobs auto settles on 4 (and a spare)
     # A training caption in range (50-150 words), so no image is asked twice.
     caption = " ".join(["A red fox stands in deep snow"] + [f"detail{n}" for n in range(50)]) + "."
     server.default_text = caption

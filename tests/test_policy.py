@@ -381,7 +381,8 @@ def test_many_unclosed_marks_and_quotes_stay_fast():
     for text in ("*a " * 20_000, 'He said "' + "It rains. " * 20_000):
         started = time.perf_counter()
         og.clean(text, og.STYLES["enhance"])
-        assert time.perf_counter() - started < 3
+        # A guard against runaway backtracking (minutes), not a speed test: bench/policy.py measures speed.
+        assert time.perf_counter() - started < 30
 
 
 def test_a_short_api_key_does_not_blank_ordinary_words(ollama, capsys, monkeypatch, photo):
