@@ -8,12 +8,14 @@ import json
 import os
 import re
 import shutil
+import struct
 import sys
+import zlib
 from types import SimpleNamespace
 
 import pytest
 from cli import run, run_exit
-from images import picture
+from images import _png_chunk
 from traced import (CACHE, DESCRIPTION, TAGS, TEXT, TRAINING, VISION, derived_answer, expected_caption,
                     make_images, tag_of)
 
@@ -930,7 +932,11 @@ def test_one_model_for_both_stages_keeps_one_num_ctx_and_loads_once(make_ollama,
         VISION: {"capabilities": ("completion", "vision"), "family": "someday-vl", "context_length": 262144}})
     server.default_text = derived_answer
     dataset = make_images(tmp_path / "set", [f"{n}.png" for n in "abcde"])
-    (dataset / "big.png").write_bytes(picture(2800, 2800, "PNG"))
+    # Only its header is read here (--max-side 0 sends it as it is): a large picture's pixels would
+    # raise this process's peak memory, which a child started later inherits as its own peak.
+    ihdr = struct.pack(">IIBBBBB", 2800, 2800, 8, 2, 0, 0, 0)
+    (dataset / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+                                      + _png_chunk(b"IDAT", zlib.compress(b"")) + _png_chunk(b"IEND", b""))
     for stages in ("sequential", "overlap"):
         code = run(capsys, "caption", dataset, "--host", server.url, "--model", VISION, "--vision-model",
                    VISION, "--max-side", "0", "--chunk", "3", "--stages", stages, "--overwrite")[0]
