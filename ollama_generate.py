@@ -166,6 +166,7 @@ TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {
     "vision_user": (),
     "caption_training": ("description",),
     "caption_training_creative": ("description",),
+    "caption_short": ("description",),
     "caption_tags": ("description",),
     "caption_tags_creative": ("description",),
     "caption_detailed": ("description",),
@@ -3881,6 +3882,12 @@ def read_caption(path: str, *, whole: bool = False) -> str | None:
 CAPTION_READ_LIMIT = 1 << 16  # a caption is a few hundred bytes
 
 
+def later_lines(path: str) -> list[str]:
+    """A caption file's lines after the first (--variants alternatives), blank ones left out."""
+    whole = read_caption(path, whole=True)
+    return [line.strip() for line in (whole or "").splitlines()[1:] if line.strip()]
+
+
 def write_output_file(path: str, text: str) -> None:
     """Write --report or --manifest: a regular file (or a new one) whole or not at all, through a
     symbolic link to its target; a FIFO, /dev/stdout or another special file is written to as a
@@ -5998,7 +6005,10 @@ def dataset_stats(folder: str, options: BatchOptions, *, trigger: str = "") -> d
     form = None
     if captioned:
         form = "tags" if sum(item.form == "tags" for item in captioned) * 2 >= len(captioned) else "prose"
-    owned = {os.path.abspath(caption_path(image, folder=folder, options=options)) for image in images}
+    # An image's caption file and any --variants-to files beside it (img.tags.txt) are its own.
+    every_variant = options.replace(variants=("", *VARIANT_STYLES), variants_to="files")
+    owned = {os.path.abspath(path) for image in images
+             for path in variant_paths(caption_path(image, folder=folder, options=options), every_variant)}
     root = options.output_dir or folder
     orphans = [shown(os.path.relpath(path, root).replace(os.sep, "/"))
                for path in find_caption_files(root, options.ext, recursive=options.recursive)
@@ -6780,12 +6790,13 @@ class ReviewDataset:
         entries, lines = [], []
         try:
             for name, path, caption in changes:
-                line = one_line(without_surrogates(caption))
+                # The first line is edited; the file's other lines (--variants alternatives) stay.
+                line = [one_line(without_surrogates(caption)), *later_lines(path)]
                 backup_caption(self.root, path, sync=each)
                 lines.append((path, line))
                 entries.append({"image": name, "caption_file": _relative_caption(self.root, path), "by": by,
                                 "old": caption_hash(path),
-                                "new": hashlib.sha256((line + "\n").encode("utf-8")).hexdigest()})
+                                "new": hashlib.sha256("".join(one + "\n" for one in line).encode("utf-8")).hexdigest()})
             if not each:
                 os.sync()  # the backups are on disk before any caption is replaced
             journal_edits(self.root, entries)
@@ -6795,7 +6806,7 @@ class ReviewDataset:
         for path, line in lines:
             try:
                 os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-                write_caption_file(path, line, sync=each)
+                write_caption_lines(path, line, sync=each)
             except OSError as exc:
                 raise ReviewRefused(500, f"cannot write {shown(path)} ({exc.strerror or exc})") from None
         if not each:
