@@ -4907,7 +4907,10 @@ class CaptionRun:
                     os.makedirs(os.path.dirname(job.caption_file) or ".", exist_ok=True)
                     for path, texts in self.caption_files(job, captions):
                         self.back_up(job, path)
-                        write_caption_lines(path, texts)
+                        if len(texts) == 1:
+                            write_caption_file(path, texts[0])
+                        else:
+                            write_caption_lines(path, texts)
             job.status, job.caption = "written", captions[0]
             job.captions = captions if self.spec.variants else []
         # Done with it either way (a job handed to another server keeps it): the
@@ -5354,7 +5357,8 @@ def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: Batc
         pillow = pillow_installed()
         return Product(listing, {"command": "caption", "dry_run": [
             {"image": job.name, "action": actions[job.status], "caption_file": shown(job.caption_file),
-             "caption_files": [shown(path) for path in variant_paths(job.caption_file, options)],
+             **({"caption_files": [shown(path) for path in variant_paths(job.caption_file, options)]}
+                if options.variants else {}),
              "reason": job.reason or None,
              **size_fields(image_size(job.image), options.max_side, pillow=pillow)}
             for job in jobs]})
@@ -6071,7 +6075,8 @@ def _measure(item: StatsItem, text: str) -> None:
     item.measures = {measure: count(text) for measure, count in STATS_MEASURES.items()}
     item.chunks = [one_line(chunk).lower() for chunk in text.split(",") if chunk.strip()]
     item.form = "tags" if _is_tag_caption(item.chunks) else "prose"
-    rows = [row for row in STYLES.values() if row.family == "caption" and row.form == item.form]
+    rows = [row for row in STYLES.values() if row.family == "caption" and row.form == item.form
+            and row.kind in CAPTION_STYLES]  # a caption file's main caption; --variants rows aside
     if item.form == "tags" and over_clip_budget(item.caption) is not None:
         item.flag("over CLIP budget", f"about {item.measures['clip_tokens']} CLIP tokens, over the "
                                       f"{CLIP_TOKEN_BUDGET}-token budget")
