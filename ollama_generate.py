@@ -166,6 +166,7 @@ TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {
     "vision_user": (),
     "caption_training": ("description",),
     "caption_training_creative": ("description",),
+    "caption_short": ("description",),
     "caption_tags": ("description",),
     "caption_tags_creative": ("description",),
     "caption_detailed": ("description",),
@@ -1253,6 +1254,15 @@ STYLES = {row.name: row for row in (
     Style("detailed", "prose", "caption", "sentences", 2, 4, "caption_detailed", "caption", faithful=True),
     Style("detailed-creative", "prose", "caption", "sentences", 2, 4, "caption_detailed_creative",
           "caption-creative"),
+    # --variants: a one-sentence caption within CLIP's 75 tokens, and the T5 paragraph under the name
+    # trainers' users give it (an alias of training).
+    Style("short", "prose", "caption", "sentences", 1, 1, "caption_short", "caption", clip_budget=True,
+          faithful=True),
+    Style("short-creative", "prose", "caption", "sentences", 1, 1, "caption_short", "caption-creative",
+          clip_budget=True),
+    Style("long", "prose", "caption", "words", 50, 150, "caption_training", "caption", faithful=True),
+    Style("long-creative", "prose", "caption", "words", 50, 150, "caption_training_creative",
+          "caption-creative"),
     Style("vision", "text", "vision", sampling="vision"),
     Style("prompt-t5", "prose", "prompt", template="prompt_t5", sampling="prompt"),
     Style("prompt-clip", "tags", "prompt", template="prompt_clip", sampling="prompt", keep_weights=True,
@@ -1262,6 +1272,9 @@ STYLES = {row.name: row for row in (
     Style("lore", "text", "fiction", template="lore", sampling="lore-medium"),
 )}
 CAPTION_STYLES = ("training", "tags", "detailed")
+VARIANT_STYLES = (*CAPTION_STYLES, "short", "long")  # what --variants may name
+MAX_VARIANTS = 6  # each is one more text call per image
+VARIANT_LAYOUTS = ("lines", "files")  # --variants-to: one caption per line of img.txt, or img.NAME.txt each
 
 
 _ALL = ("caption", "prompt", "card", "fiction", "vision")
@@ -2904,12 +2917,17 @@ class CaptionSpec(Frozen):
     exclude: tuple[str, ...] = ()
     always_first: tuple[str, ...] = ()
     structured: bool = True  # ask for tags as a JSON array where the server can (--no-structured)
+    variants: tuple[str, ...] = ()  # --variants: one caption per named style, from one description
 
     @property
     def row(self) -> Style:
         """The style table's row for this style and mood, with --underscores applied."""
         row = STYLES[self.style + ("-creative" if self.creative else "")]
         return row.replace(underscores=True) if self.underscores else row
+
+    def per_variant(self) -> list[CaptionSpec]:
+        """The spec of each caption an image gets: one per --variants name, or this one alone."""
+        return [self.replace(style=name, variants=()) for name in self.variants] or [self]
 
 
 class Caption(Record):
@@ -2922,6 +2940,7 @@ class Caption(Record):
     raw: str = ""  # the model's answer as it came
     invented: list = []  # concrete words the description does not support
     unsupported_share: float | None = None  # their share of the caption's concrete words
+    variant: str = ""  # the --variants name it was written for ("" without --variants)
 
 
 # Ollama's structured outputs (a JSON schema in "format") arrived in v0.5.0.
@@ -3203,7 +3222,8 @@ def check_models(client: OllamaClient, config: Config) -> dict[str, dict]:
 def check_templates(config: Config, spec: CaptionSpec) -> None:
     """Render every template a caption run needs, so a broken one fails before any model call."""
     vision_prompt(config, "hint")
-    render(spec.row.template, description="")
+    for variant in spec.per_variant():
+        render(variant.row.template, description="")
     render("reask", request="", answer="", problem="")
     render("reask_vision", problem="")
 
@@ -3218,13 +3238,37 @@ def caption_spec(args: argparse.Namespace) -> CaptionSpec:
     if "\n" in prefix or "\r" in prefix:
         raise UsageError("--prefix must be a single line: a caption file is one line")
     tag_flags = ("underscores", "exclude_tags", "always_first")
-    if STYLES[args.style].form != "tags" and any(getattr(args, name) for name in tag_flags):
+    variants = parse_variants(args.variants)
+    if all(STYLES[name].form != "tags" for name in variants or (args.style,)) \
+            and any(getattr(args, name) for name in tag_flags):
         raise UsageError("--underscores, --exclude-tags and --always-first shape tags; "
-                         "add --style tags")
-    return CaptionSpec(style=args.style, creative=args.creative, trigger=trigger, prefix=prefix,
+                         "add --style tags" + (" or a tags variant" if variants else ""))
+    return CaptionSpec(style=variants[0] if variants else args.style, variants=variants, creative=args.creative, trigger=trigger, prefix=prefix,
                        hint=one_line(args.hint or ""), underscores=args.underscores,
                        exclude=tag_list(args.exclude_tags), always_first=tag_list(args.always_first),
                        structured=not args.no_structured)
+
+
+def parse_variants(value: str | None) -> tuple[str, ...]:
+    """The --variants SPEC, checked: known style names, each once, at most MAX_VARIANTS.
+
+    >>> parse_variants("training, tags")
+    ('training', 'tags')
+    """
+    if value is None:
+        return ()
+    names = tuple(name.strip() for name in value.split(","))
+    choices = f"choose from {', '.join(VARIANT_STYLES)}, e.g. --variants short,long"
+    unknown = [name for name in names if name not in VARIANT_STYLES]
+    if unknown:
+        raise UsageError(f"--variants names unknown caption styles: {', '.join(map(repr, unknown))}", hint=choices)
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UsageError(f"--variants names {', '.join(twice)} more than once", hint=choices)
+    if len(names) > MAX_VARIANTS:
+        raise UsageError(f"--variants names {len(names)} styles; at most {MAX_VARIANTS} are written per image",
+                         hint=choices)
+    return names
 
 
 def tag_list(value: str | None) -> tuple[str, ...]:
@@ -3669,6 +3713,8 @@ class BatchOptions(Frozen):
     report: str | None = None
     manifest: str | None = None
     max_side: int = DEFAULT_MAX_SIDE  # 0: originals are sent
+    variants: tuple[str, ...] = ()  # --variants: the caption styles each image gets, in order
+    variants_to: str = "lines"  # --variants-to: one of VARIANT_LAYOUTS
 
 
 class Job(Record):
@@ -3682,12 +3728,15 @@ class Job(Record):
     description: str = ""
     cached: bool = False  # the description came from the cache, not the vision model
     caption: Caption | None = None  # the caption written (kept without the raw answer unless a rule fired)
+    captions: list = []  # with --variants, every variant's Caption in order (caption is the first)
     by_model: bool = False  # it failed because the model's answers were unusable
     hint: str = ""  # how to fix what made it fail
 
     @property
     def review(self) -> list[str]:
-        """Why a person should look at the written caption."""
+        """Why a person should look at the written caption (with --variants, each reason names its variant)."""
+        if self.captions:
+            return [f"{caption.variant}: {reason}" for caption in self.captions for reason in caption.review]
         return self.caption.review if self.caption else []
 
 
@@ -3732,6 +3781,29 @@ def caption_path(image: str, *, folder: str = "", options: BatchOptions | None =
     return stem + options.ext
 
 
+def variant_paths(caption_file: str, options: BatchOptions) -> list[str]:
+    """The caption files of one image: its caption file, and with --variants-to files one more per
+    later variant, named by it (img.txt, img.tags.txt, img.short.txt)."""
+    if options.variants_to != "files" or not options.variants:
+        return [caption_file]
+    stem = caption_file[:len(caption_file) - len(options.ext)]
+    return [caption_file] + [f"{stem}.{name}{options.ext}" for name in options.variants[1:]]
+
+
+def caption_set_state(caption_file: str, options: BatchOptions) -> str:
+    """caption_state of an image's set of caption files: "exists" when all exist, "" when none
+    does; a set only partly there is kept (only --overwrite writes the whole set again)."""
+    paths = variant_paths(caption_file, options)
+    states = [caption_state(path) for path in paths]
+    odd = [state for state in states if state not in ("", "exists")]
+    if odd:
+        return odd[0]
+    if all(states) or not any(states) or options.overwrite:
+        return states[0] or ("exists" if any(states) else "")
+    there = [os.path.basename(path) for path, state in zip(paths, states) if state]
+    return f"only part of its variant captions exist ({', '.join(map(shown, there))}; --overwrite writes them all)"
+
+
 def plan_jobs(folder: str, images: list[str], options: BatchOptions) -> list[Job]:
     """One job per image; an existing caption is skipped unless --overwrite, a foreign one always,
     and one a person edited (see the edits journal) unless --overwrite-edited."""
@@ -3742,7 +3814,7 @@ def plan_jobs(folder: str, images: list[str], options: BatchOptions) -> list[Job
     for image in images:
         name = shown(os.path.relpath(image, folder).replace(os.sep, "/"))
         job = Job(image, name, caption_path(image, folder=folder, options=options))
-        state = caption_state(job.caption_file)
+        state = caption_set_state(job.caption_file, options)
         if job.caption_file in owners:
             job.status = "failed"
             job.reason = (f"shares its caption file {shown(os.path.basename(job.caption_file))} "
@@ -3810,6 +3882,12 @@ def read_caption(path: str, *, whole: bool = False) -> str | None:
 CAPTION_READ_LIMIT = 1 << 16  # a caption is a few hundred bytes
 
 
+def later_lines(path: str) -> list[str]:
+    """A caption file's lines after the first (--variants alternatives), blank ones left out."""
+    whole = read_caption(path, whole=True)
+    return [line.strip() for line in (whole or "").splitlines()[1:] if line.strip()]
+
+
 def write_output_file(path: str, text: str) -> None:
     """Write --report or --manifest: a regular file (or a new one) whole or not at all, through a
     symbolic link to its target; a FIFO, /dev/stdout or another special file is written to as a
@@ -3862,6 +3940,15 @@ def write_caption_file(path: str, caption: str, *, sync: bool = True) -> None:
     if not line:
         raise ImageError("refusing to write an empty caption")
     write_text_atomically(path, line + "\n", sync=sync)
+
+
+def write_caption_lines(path: str, captions: list[str], *, sync: bool = True) -> None:
+    """Write captions as the lines of one file atomically (--variants: alternatives a trainer picks
+    from); never an empty line."""
+    lines = [one_line(without_surrogates(caption)) for caption in captions]
+    if not all(lines):
+        raise ImageError("refusing to write an empty caption")
+    write_text_atomically(path, "".join(line + "\n" for line in lines), sync=sync)
 
 
 def _umask() -> int:
@@ -4206,7 +4293,8 @@ class Report(Record):
             "skipped": self.count("skipped"),
             "failed": [{"image": job.name, "reason": job.reason} for job in self.failed],
             "needs_review": [{"image": job.name, "reason": "; ".join(job.review),
-                              "rules": job.caption.fired} for job in self.needs_review],
+                              "rules": [rule for one in job.captions or [job.caption] for rule in one.fired]}
+                             for job in self.needs_review],
             "not_reached": sum(1 for job in self.jobs if job.status not in (*FINAL, "later")),
             "later": self.count("later"),
             "interrupted": self.interrupted,
@@ -4226,7 +4314,7 @@ class Report(Record):
     def cleaning_counts(self) -> dict[str, int]:
         """How many written captions each cleaning rule touched, most first."""
         counts = collections.Counter(rule for job in self.jobs if job.status == "written" and job.caption
-                                     for rule in job.caption.fired)
+                                     for one in job.captions or [job.caption] for rule in one.fired)
         return dict(counts.most_common())
 
 
@@ -4253,6 +4341,12 @@ def caption_record(job: Job) -> dict:
     if caption.spans:
         record["raw"] = caption.raw
         record["spans"] = [{"rule": rule, "action": action, "text": text} for rule, action, text in caption.spans]
+    if job.captions:  # --variants: each one's text, review and cleaning, in order
+        record["variants"] = [{"variant": one.variant, "text": one.text, "review": one.review,
+                               **caption_record(job.replace(caption=one, captions=[]))}
+                              for one in job.captions]
+        for one in record["variants"]:
+            del one["image"]
     return record
 
 
@@ -4804,38 +4898,63 @@ class CaptionRun:
         if self._taken(job, "caption appeared during the run; kept it"):
             return
         with failing_job(job, job.caption_file):
-            caption = write_caption(client, self.config, self.spec, job.description,
-                                    keep_alive=self.options.keep_alive)
-            caption.text = without_surrogates(caption.text)
-            if not caption.spans:
-                caption.raw = ""  # nothing was removed or flagged: the caption is the answer
+            # Every variant is written before any file is: one that fails fails the image, no half set.
+            captions = [self.write_variant(client, spec, job.description) for spec in self.spec.per_variant()]
             with self.write_lock:
                 if self._taken(job, "caption appeared during the run; kept it"):
                     return
                 if job.caption_file:
                     os.makedirs(os.path.dirname(job.caption_file) or ".", exist_ok=True)
-                    self.back_up(job)
-                    write_caption_file(job.caption_file, caption.text)
-            job.status, job.caption = "written", caption
+                    for path, texts in self.caption_files(job, captions):
+                        self.back_up(job, path)
+                        if len(texts) == 1:
+                            write_caption_file(path, texts[0])
+                        else:
+                            write_caption_lines(path, texts)
+            job.status, job.caption = "written", captions[0]
+            job.captions = captions if self.spec.variants else []
         # Done with it either way (a job handed to another server keeps it): the
         # description is in the cache, and memory stays flat over a long run.
         if job.caption_file:
             job.description = ""
 
-    def back_up(self, job: Job) -> None:
+    def write_variant(self, client: OllamaClient, spec: CaptionSpec, description: str) -> Caption:
+        """One caption of an image, in one variant's style; a failure names the variant."""
+        try:
+            caption = write_caption(client, self.config, spec, description, keep_alive=self.options.keep_alive)
+        except ModelAnswerError as exc:
+            if not self.spec.variants:
+                raise
+            raise ModelAnswerError(f"the {spec.style} variant: {exc}", hint=exc.hint) from None
+        caption.text = without_surrogates(caption.text)
+        caption.variant = spec.style if self.spec.variants else ""
+        if not caption.spans:
+            caption.raw = ""  # nothing was removed or flagged: the caption is the answer
+        return caption
+
+    def caption_files(self, job: Job, captions: list[Caption]) -> list[tuple[str, list[str]]]:
+        """(file, lines) of each caption file an image gets: all its variants as lines of one
+        file, or one file each (--variants-to files)."""
+        paths = variant_paths(job.caption_file, self.options)
+        if len(paths) == len(captions):
+            return [(path, [caption.text]) for path, caption in zip(paths, captions)]
+        return [(job.caption_file, [caption.text for caption in captions])]
+
+    def back_up(self, job: Job, path: str = "") -> None:
         """Keep the caption file about to be replaced in the backup folder; an image whose caption
         cannot be kept is not captioned."""
+        path = path or job.caption_file
         try:
-            backup_caption(self.options.output_dir or self.report.folder, job.caption_file)
+            backup_caption(self.options.output_dir or self.report.folder, path)
         except OSError as exc:
-            raise ImageError(f"cannot back up {shown(job.caption_file)} before replacing it "
+            raise ImageError(f"cannot back up {shown(path)} before replacing it "
                              f"({exc.strerror or exc})", hint="check the .ollama-generate/backup folder") from None
 
     def _taken(self, job: Job, reason: str) -> bool:
         """Skip an image whose caption another run (or the user) wrote meanwhile, or that became foreign."""
         if not job.caption_file:  # one image on the command line: printed, no file
             return False
-        state = caption_state(job.caption_file)
+        state = caption_set_state(job.caption_file, self.options)
         if state == "exists" and not self.options.overwrite:
             job.status, job.reason = "skipped", reason
             return True
@@ -5050,7 +5169,21 @@ def manifest_path(value: str | None, folder: str) -> str | None:
     return value
 
 
-def write_manifest(path: str, report: Report) -> int:
+def variant_texts(caption_file: str, options: BatchOptions) -> list[tuple[str, str | None]]:
+    """(manifest column, caption) of an image's captions, read back from its files: text for the
+    first, text_NAME for each later --variants name (None where it is missing)."""
+    if not options.variants:
+        return [("text", read_caption(caption_file))]  # a regular file only: never a link or a FIFO
+    columns = ["text"] + [f"text_{name}" for name in options.variants[1:]]
+    paths = variant_paths(caption_file, options)
+    if len(paths) == len(columns):
+        return list(zip(columns, map(read_caption, paths)))
+    whole = read_caption(caption_file, whole=True)
+    found = whole.splitlines() if whole else []
+    return [(column, found[index].strip() if index < len(found) else None) for index, column in enumerate(columns)]
+
+
+def write_manifest(path: str, report: Report, options: BatchOptions | None = None) -> int:
     """Write a Hugging Face imagefolder metadata.jsonl of every captioned image; return the count.
 
     file_name is the image's path relative to the dataset folder (where manifest_path() puts the
@@ -5059,13 +5192,14 @@ def write_manifest(path: str, report: Report) -> int:
     base = os.path.abspath(report.folder)
     lines, left_out = [], []
     for job in report.jobs:
-        text = read_caption(job.caption_file)  # a regular file only: never a link or a FIFO
+        texts = variant_texts(job.caption_file, options or BatchOptions())
+        text = texts[0][1] if texts else None
         if text:
             name = os.path.relpath(os.path.abspath(job.image), base).replace(os.sep, "/")
             if shown(name) != name:  # not UTF-8: no file_name in the manifest could name it
                 left_out.append(shown(name))
                 continue
-            lines.append(json.dumps({"file_name": name, "text": text}, ensure_ascii=False))
+            lines.append(json.dumps({"file_name": name, **dict(texts)}, ensure_ascii=False))
     write_output_file(path, "".join(line + "\n" for line in lines))
     if left_out:
         warn(f"{path} leaves out {plural(len(left_out), 'image')} whose file name is not UTF-8 "
@@ -5139,7 +5273,7 @@ def dry_run(jobs: list[Job], options: BatchOptions) -> str:
     pillow = pillow_installed()
     return "\n".join(
         f"caption: {job.name}{size_label(image_size(job.image), options.max_side, pillow=pillow)} "
-        f"-> {shown(job.caption_file)}" if job.status == "pending"
+        f"-> {', '.join(map(shown, variant_paths(job.caption_file, options)))}" if job.status == "pending"
         else f"{verbs[job.status]}: {job.name} ({job.reason})"
         for job in jobs)
 
@@ -5193,6 +5327,7 @@ def batch_options(args: argparse.Namespace, folder: str) -> BatchOptions:
         release_models=args.keep_alive is None, cache_dir=args.cache_dir,
         use_cache=not args.no_cache, quiet=args.quiet, report=args.report,
         manifest=manifest_path(args.manifest, folder), max_side=args.max_side,
+        variants=parse_variants(args.variants), variants_to=args.variants_to,
     )
 
 
@@ -5201,7 +5336,7 @@ FOLDER_ONLY = {"overwrite_edited": False, "recursive": False, "output_dir": None
                "manifest": None, "report": None,
                "ext": CAPTION_EXTENSION, "jobs": AUTO, "stages": "auto", "chunk": DEFAULT_CHUNK,
                "keep_alive": None,
-               "quiet": False}
+               "quiet": False, "variants_to": "lines"}
 
 
 def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: BatchOptions) -> Product:
@@ -5222,6 +5357,8 @@ def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: Batc
         pillow = pillow_installed()
         return Product(listing, {"command": "caption", "dry_run": [
             {"image": job.name, "action": actions[job.status], "caption_file": shown(job.caption_file),
+             **({"caption_files": [shown(path) for path in variant_paths(job.caption_file, options)]}
+                if options.variants else {}),
              "reason": job.reason or None,
              **size_fields(image_size(job.image), options.max_side, pillow=pillow)}
             for job in jobs]})
@@ -5295,7 +5432,7 @@ def finish_report(report: Report, options: BatchOptions) -> None:
         _write_or_warn(options.report, write_output_file, options.report,
                        json_document(report.as_dict(), ensure_ascii=True) + "\n")
     if options.manifest:
-        _write_or_warn(options.manifest, write_manifest, options.manifest, report)
+        _write_or_warn(options.manifest, write_manifest, options.manifest, report, options)
 
 
 def _write_or_warn(path: str, write, *args: object) -> None:
@@ -5366,13 +5503,14 @@ def caption_image(config: Config, spec: CaptionSpec, path: str, options: BatchOp
             raise ModelAnswerError(job.reason, hint=job.hint)
         raise ImageError(f"{shown(path)}: {job.reason}", hint=job.hint)
     caption = job.caption
-    if caption.review:
-        warn(f"needs review: {'; '.join(caption.review)}")
+    if job.review:
+        warn(f"needs review: {'; '.join(job.review)}")
+    text = "\n".join(one.text for one in job.captions or [caption])  # --variants: one per line
     requests = [answer_data(answer, model) for host in report.hosts for model, answer in host.client.record]
-    return Product(caption.text, {
+    return Product(text, {
         **caption_record(job), "command": "caption", "image": shown(path), "style": spec.style,
         "creative": spec.creative, "text": caption.text, "description": job.description, "cached": job.cached,
-        "needs_review": "; ".join(caption.review) or None, "vision_model": config.vision_model,
+        "needs_review": "; ".join(job.review) or None, "vision_model": config.vision_model,
         "model": config.model, "requests": requests})
 
 
@@ -5871,7 +6009,10 @@ def dataset_stats(folder: str, options: BatchOptions, *, trigger: str = "") -> d
     form = None
     if captioned:
         form = "tags" if sum(item.form == "tags" for item in captioned) * 2 >= len(captioned) else "prose"
-    owned = {os.path.abspath(caption_path(image, folder=folder, options=options)) for image in images}
+    # An image's caption file and any --variants-to files beside it (img.tags.txt) are its own.
+    every_variant = options.replace(variants=("", *VARIANT_STYLES), variants_to="files")
+    owned = {os.path.abspath(path) for image in images
+             for path in variant_paths(caption_path(image, folder=folder, options=options), every_variant)}
     root = options.output_dir or folder
     orphans = [shown(os.path.relpath(path, root).replace(os.sep, "/"))
                for path in find_caption_files(root, options.ext, recursive=options.recursive)
@@ -5934,7 +6075,8 @@ def _measure(item: StatsItem, text: str) -> None:
     item.measures = {measure: count(text) for measure, count in STATS_MEASURES.items()}
     item.chunks = [one_line(chunk).lower() for chunk in text.split(",") if chunk.strip()]
     item.form = "tags" if _is_tag_caption(item.chunks) else "prose"
-    rows = [row for row in STYLES.values() if row.family == "caption" and row.form == item.form]
+    rows = [row for row in STYLES.values() if row.family == "caption" and row.form == item.form
+            and row.kind in CAPTION_STYLES]  # a caption file's main caption; --variants rows aside
     if item.form == "tags" and over_clip_budget(item.caption) is not None:
         item.flag("over CLIP budget", f"about {item.measures['clip_tokens']} CLIP tokens, over the "
                                       f"{CLIP_TOKEN_BUDGET}-token budget")
@@ -6653,12 +6795,13 @@ class ReviewDataset:
         entries, lines = [], []
         try:
             for name, path, caption in changes:
-                line = one_line(without_surrogates(caption))
+                # The first line is edited; the file's other lines (--variants alternatives) stay.
+                line = [one_line(without_surrogates(caption)), *later_lines(path)]
                 backup_caption(self.root, path, sync=each)
                 lines.append((path, line))
                 entries.append({"image": name, "caption_file": _relative_caption(self.root, path), "by": by,
                                 "old": caption_hash(path),
-                                "new": hashlib.sha256((line + "\n").encode("utf-8")).hexdigest()})
+                                "new": hashlib.sha256("".join(one + "\n" for one in line).encode("utf-8")).hexdigest()})
             if not each:
                 os.sync()  # the backups are on disk before any caption is replaced
             journal_edits(self.root, entries)
@@ -6668,7 +6811,7 @@ class ReviewDataset:
         for path, line in lines:
             try:
                 os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-                write_caption_file(path, line, sync=each)
+                write_caption_lines(path, line, sync=each)
             except OSError as exc:
                 raise ReviewRefused(500, f"cannot write {shown(path)} ({exc.strerror or exc})") from None
         if not each:
@@ -7268,6 +7411,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                          help="training: a 50-150 word paragraph (Flux/T5); tags: 20-40 booru "
                               "tags (SDXL/Pony/Illustrious); detailed: 2-4 sentences of prose "
                               "(default: training)")
+    caption.add_argument("--variants", metavar="SPEC",
+                         help="several captions per image from one description, one per style named, "
+                              f"first one first: any of {', '.join(VARIANT_STYLES)} (short: one sentence "
+                              f"within CLIP's 75 tokens; long: the training paragraph), at most {MAX_VARIANTS}, "
+                              "e.g. short,long or training,tags (replaces --style)")
     caption.add_argument("-c", "--creative", action="store_true",
                          help="add atmosphere, mood and sensory detail (default: accurate)")
     caption.add_argument("--trigger", metavar="WORD",
@@ -7301,6 +7449,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                         help="also caption images in subfolders (symlinked folders are not entered)")
     folder.add_argument("--ext", default=CAPTION_EXTENSION, metavar="EXT",
                         help="caption file extension, e.g. .caption for kohya (default: .txt)")
+    folder.add_argument("--variants-to", choices=VARIANT_LAYOUTS, default="lines",
+                        help="where --variants go: lines: one caption per line of img.txt (OneTrainer, "
+                             "SimpleTuner; kohya with enable_wildcard); files: img.txt for the first, "
+                             "img.NAME.txt for each other, e.g. img.tags.txt (default: lines)")
     folder.add_argument("--output-dir", metavar="DIR",
                         help="write captions into DIR, mirroring the folder tree (default: beside each image)")
     folder.add_argument("--limit", type=positive_int, metavar="N",

@@ -25,11 +25,15 @@ def test_every_template_file_is_known():
     assert files == set(og.TEMPLATE_FIELDS)
 
 
-def test_six_caption_templates_exist():
-    captions = [name for name in og.TEMPLATE_FIELDS if name.startswith("caption_")]
+def test_six_caption_templates_exist_and_the_short_variant_has_its_own():
+    captions = [name for name in og.TEMPLATE_FIELDS if name.startswith("caption_") and name != "caption_short"]
     assert sorted(captions) == sorted(
         f"caption_{style}{mood}" for style in og.CAPTION_STYLES for mood in ("", "_creative"))
     assert len(captions) == 6
+    # --variants: short asks with caption_short in both moods; long is the training row again.
+    assert {og.STYLES[name].template for name in ("short", "short-creative")} == {"caption_short"}
+    assert (og.STYLES["long"].template, og.STYLES["long-creative"].template) == (
+        og.STYLES["training"].template, og.STYLES["training-creative"].template)
     # Each caption style and its -creative row in the style table asks with its own template.
     assert sorted(og.STYLES[style + mood].template for style in og.CAPTION_STYLES
                   for mood in ("", "-creative")) == sorted(captions)

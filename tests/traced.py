@@ -64,7 +64,8 @@ DETAILED = (
     "knitted scarf. She holds a paper cup of coffee in one gloved hand while snowflakes fall around her. "
     "Bare birch trees, a snow-covered bench and a row of lit street lamps fill the background under a deep "
     "blue sky.")
-ANSWERS = {"caption_training": TRAINING, "caption_training_creative": TRAINING, "caption_tags": TAGS,
+SHORT = "A young woman with short black hair in a red wool coat holds a paper cup of coffee in a snowy park at dusk."
+ANSWERS = {"caption_short": SHORT, "caption_training": TRAINING, "caption_training_creative": TRAINING, "caption_tags": TAGS,
            "caption_tags_creative": TAGS + ", cold, quiet, winter, serene, soft light, cinematic lighting",
            "caption_detailed": DETAILED, "caption_detailed_creative": DETAILED}
 
