@@ -5017,7 +5017,8 @@ class CaptionRun:
                                timestamps=", ".join(f"{at:.1f} s" for at in times))
         description = without_surrogates(describe_image(client, self.config, frames, prompt=prompt,
                                                         keep_alive=self.options.keep_alive))
-        self.cache.put(key, {"image": job.name, "model": self.config.vision_model, "description": description})
+        self.cache.put(key, {"image": job.name, "model": self.config.vision_model,
+                             "description": description})
         return description, False
 
     def clip_key(self, path: str) -> str:
@@ -5351,7 +5352,8 @@ def clip_tokens_sent(job: Job, family: str, options: BatchOptions) -> tuple[int,
         return None
     width, height = clip_frame_size(info, options.max_side)
     frames = len(frame_times(info.duration, options.frames))
-    return frames * image_tokens(family, width, height), f"{job.name}, {plural(frames, 'frame')} at {width}x{height}"
+    what = f"{job.name}, {plural(frames, 'frame')} at {width}x{height}"
+    return frames * image_tokens(family, width, height), what
 
 
 def fit_clip_frames(config: Config, spec: CaptionSpec, options: BatchOptions, jobs: list[Job],
@@ -5367,7 +5369,8 @@ def fit_clip_frames(config: Config, spec: CaptionSpec, options: BatchOptions, jo
     per_frame = 0
     for job in clips:
         try:
-            per_frame = max(per_frame, image_tokens(family, *clip_frame_size(probe_clip(job.image), options.max_side)))
+            size = clip_frame_size(probe_clip(job.image), options.max_side)
+            per_frame = max(per_frame, image_tokens(family, *size))
         except ImageError:
             continue  # it fails when described
     if not per_frame:
@@ -6619,10 +6622,11 @@ REVIEW_SAMPLES = 20  # changed captions shown in a bulk change's preview
 SERVER_CHECK_TIMEOUT = 3.0
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
                ".bmp": "image/bmp", ".gif": "image/gif",
-               ".mp4": "video/mp4", ".webm": "video/webm", ".mov": "video/quicktime", ".mkv": "video/x-matroska",
-               ".avi": "video/x-msvideo"}
+               ".mp4": "video/mp4", ".webm": "video/webm", ".mov": "video/quicktime",
+               ".mkv": "video/x-matroska", ".avi": "video/x-msvideo"}
 # The page runs only its own inline script and style, and talks only to its own server.
-REVIEW_CSP = ("default-src 'none'; img-src 'self'; media-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+REVIEW_CSP = ("default-src 'none'; img-src 'self'; media-src 'self'; style-src 'unsafe-inline'; "
+              "script-src 'unsafe-inline'; "
               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 REVIEW_REPORT_LIMIT = 256 * 1024 * 1024
 

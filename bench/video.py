@@ -40,7 +40,8 @@ def make_clips(folder: Path, count: int, seconds: int, size: str) -> list[Path]:
         path = folder / f"clip{index:02d}.mp4"
         # A different start per clip (testsrc's counter), so no two files are alike.
         subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
-                        f"testsrc=duration={seconds}:size={size}:rate=30:decimals=2", "-vf", f"setpts=PTS+{index}/TB",
+                        f"testsrc=duration={seconds}:size={size}:rate=30:decimals=2",
+                        "-vf", f"setpts=PTS+{index}/TB",
                         "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", str(path)],
                        check=True, stdin=subprocess.DEVNULL)
         clips.append(path)
@@ -82,13 +83,15 @@ def main() -> int:
         total = [a + b + c for a, b, c in zip(probe, extract, encode)]
         per_clip = statistics.median(total)
         frames_per_second = args.frames * len(clips) / sum(extract)
-        print(f"clips: {len(clips)} of {args.seconds} s at {args.size}, {clips[0].stat().st_size / 1e6:.1f} MB each; "
+        print(f"clips: {len(clips)} of {args.seconds} s at {args.size}, "
+              f"{clips[0].stat().st_size / 1e6:.1f} MB each; "
               f"{args.frames} frames each at {size[0]}x{size[1]}")
         print(f"probe (ffprobe):           median {statistics.median(probe) * 1000:.0f} ms per clip")
         print(f"extract (ffmpeg per frame): median {statistics.median(extract) * 1000:.0f} ms per clip, "
               f"{frames_per_second:.1f} frames/s")
         print(f"base64:                    median {statistics.median(encode) * 1000:.1f} ms per clip")
-        print(f"outside the model:         median {per_clip * 1000:.0f} ms per clip, max {max(total) * 1000:.0f} ms")
+        print(f"outside the model:         median {per_clip * 1000:.0f} ms per clip, "
+              f"max {max(total) * 1000:.0f} ms")
         print(f"request carries:           median {statistics.median(sent) / 1e6:.2f} MB of base64 frames")
     if not ok:
         print("FAIL: a clip gave the wrong number of frames", file=sys.stderr)

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 from cli import run
@@ -36,13 +35,15 @@ def clips(tmp_path_factory) -> dict[str, bytes]:
     folder = tmp_path_factory.mktemp("clips")
     testsrc = ["-f", "lavfi", "-i", "testsrc=duration=2:size=320x240:rate=10"]
     ffmpeg(*testsrc, "-pix_fmt", "yuv420p", str(folder / "testsrc.mp4"))
-    inputs = [arg for colour in COLOURS for arg in ("-f", "lavfi", "-i", f"color=c={colour}:size=160x120:rate=10:d=1")]
+    inputs = [arg for colour in COLOURS
+              for arg in ("-f", "lavfi", "-i", f"color=c={colour}:size=160x120:rate=10:d=1")]
     ffmpeg(*inputs, "-filter_complex", "".join(f"[{i}:v]" for i in range(len(COLOURS)))
-           + f"concat=n={len(COLOURS)}:v=1[v]", "-map", "[v]", "-pix_fmt", "yuv420p", str(folder / "colours.mp4"))
+           + f"concat=n={len(COLOURS)}:v=1[v]", "-map", "[v]", "-pix_fmt", "yuv420p",
+           str(folder / "colours.mp4"))
     ffmpeg(*testsrc, "-c:v", "libvpx", "-b:v", "200k", str(folder / "testsrc.webm"))
     with open(folder / "piped.mkv", "wb") as out:
-        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", *testsrc, "-f", "matroska", "pipe:1"], check=True,
-                       stdout=out, stdin=subprocess.DEVNULL)
+        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", *testsrc, "-f", "matroska", "pipe:1"],
+                       check=True, stdout=out, stdin=subprocess.DEVNULL)
     return {path.name: path.read_bytes() for path in folder.iterdir()}
 
 
@@ -72,13 +73,14 @@ def prompt_of(rec) -> str:
 def frame_images(rec) -> list[bytes]:
     import base64
 
-    return [base64.b64decode(image) for message in rec.body["messages"] for image in message.get("images") or []]
+    return [base64.b64decode(image) for message in rec.body["messages"]
+            for image in message.get("images") or []]
 
 
 def mean_colour(jpeg: bytes) -> tuple[int, int, int]:
     """The frame's average colour, decoded by ffmpeg (no Pillow needed)."""
-    raw = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "image2pipe", "-i", "-", "-vf", "scale=1:1",
-                          "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], input=jpeg, capture_output=True,
+    raw = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "image2pipe", "-i", "-",
+                          "-vf", "scale=1:1", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], input=jpeg, capture_output=True,
                          check=True).stdout
     return tuple(raw[:3])
 
@@ -87,7 +89,8 @@ def nearest(rgb: tuple[int, int, int]) -> str:
     return min(RGB, key=lambda name: sum((a - b) ** 2 for a, b in zip(RGB[name], rgb)))
 
 
-def test_a_clips_frames_go_in_time_order_in_one_request_with_the_video_prompt(ollama, capsys, tmp_path, clips):
+def test_a_clips_frames_go_in_time_order_in_one_request_with_the_video_prompt(ollama, capsys, tmp_path,
+                                                                              clips):
     folder = dataset(tmp_path, {"clip.mp4": clips["colours.mp4"]})
     code, _out, err = run(capsys, "caption", folder, "--quiet", "--frames", "3")
     assert (code, err) == (0, "")
@@ -97,8 +100,8 @@ def test_a_clips_frames_go_in_time_order_in_one_request_with_the_video_prompt(ol
     assert [nearest(mean_colour(frame)) for frame in frames] == list(COLOURS)
     info = og.probe_clip(str(folder / "clip.mp4"))
     times = og.frame_times(info.duration, 3)
-    system, user = og.vision_prompt(og.Config(), "", "video", frames=3, duration=f"{info.duration:.1f} seconds",
-                                    timestamps=", ".join(f"{at:.1f} s" for at in times))
+    system, user = og.vision_prompt(og.Config(), "", "video", frames=3,
+                                    duration=f"{info.duration:.1f} seconds", timestamps=", ".join(f"{at:.1f} s" for at in times))
     assert vision.body["messages"][0] == {"role": "system", "content": system}
     assert vision.body["messages"][1]["content"] == user
     assert "0.5 s, 1.5 s, 2.5 s" in user and "motion over time" in user
@@ -129,7 +132,8 @@ def test_a_webm_and_a_clip_without_a_stated_duration_are_sampled_over_their_leng
     [vision] = vision_requests(ollama)
     assert len(frame_images(vision)) == 4
     times = og.frame_times(og.probe_clip(str(folder / name)).duration, 4)
-    assert times[-1] > 1.5 and ", ".join(f"{at:.1f} s" for at in times) in vision.body["messages"][1]["content"]
+    stamps = ", ".join(f"{at:.1f} s" for at in times)
+    assert times[-1] > 1.5 and stamps in vision.body["messages"][1]["content"]
 
 
 def test_max_side_scales_the_frames_with_ffmpeg(ollama, capsys, tmp_path, clips):
@@ -149,7 +153,8 @@ def test_a_rerun_uses_the_cache_and_other_frames_miss_it(ollama, capsys, tmp_pat
     assert run(capsys, "caption", folder, "--quiet", "--frames", "3", "--overwrite")[0] == 0
     assert len(vision_requests(ollama)) == 2
     assert len(frame_images(vision_requests(ollama)[-1])) == 3
-    assert run(capsys, "caption", folder, "--quiet", "--frames", "3", "--max-side", "100", "--overwrite")[0] == 0
+    assert run(capsys, "caption", folder, "--quiet", "--frames", "3", "--max-side", "100",
+               "--overwrite")[0] == 0
     assert len(vision_requests(ollama)) == 3
 
 
@@ -247,5 +252,5 @@ def test_the_review_page_plays_a_clip_with_ranges(tmp_path, clips):
 
 def test_the_video_prompts_are_templates_with_their_fields():
     assert og.TEMPLATE_FIELDS["vision_video_user"] == ("frames", "duration", "timestamps")
-    assert sys.modules["ollama_generate"].MEDIA["video"].user == "vision_video_user"
+    assert og.MEDIA["video"].user == "vision_video_user"
     assert os.path.exists(os.path.join(os.path.dirname(og.__file__), "prompts", "vision_video_system.txt"))
