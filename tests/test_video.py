@@ -80,7 +80,8 @@ def frame_images(rec) -> list[bytes]:
 def mean_colour(jpeg: bytes) -> tuple[int, int, int]:
     """The frame's average colour, decoded by ffmpeg (no Pillow needed)."""
     raw = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "image2pipe", "-i", "-",
-                          "-vf", "scale=1:1", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], input=jpeg, capture_output=True,
+                          "-vf", "scale=1:1", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                         input=jpeg, capture_output=True,
                          check=True).stdout
     return tuple(raw[:3])
 
@@ -101,7 +102,8 @@ def test_a_clips_frames_go_in_time_order_in_one_request_with_the_video_prompt(ol
     info = og.probe_clip(str(folder / "clip.mp4"))
     times = og.frame_times(info.duration, 3)
     system, user = og.vision_prompt(og.Config(), "", "video", frames=3,
-                                    duration=f"{info.duration:.1f} seconds", timestamps=", ".join(f"{at:.1f} s" for at in times))
+                                    duration=f"{info.duration:.1f} seconds",
+                                    timestamps=", ".join(f"{at:.1f} s" for at in times))
     assert vision.body["messages"][0] == {"role": "system", "content": system}
     assert vision.body["messages"][1]["content"] == user
     assert "0.5 s, 1.5 s, 2.5 s" in user and "motion over time" in user
