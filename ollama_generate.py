@@ -167,9 +167,6 @@ SAMPLING = {
 TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {
     "vision_system": (),
     "vision_user": (),
-    "vision_video_system": (),
-    "vision_video_user": ("frames", "duration", "timestamps"),
-    "video_caption": (),
     "caption_training": ("description",),
     "caption_training_creative": ("description",),
     "caption_tags": ("description",),
@@ -186,6 +183,9 @@ TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {
     "hint": ("hint",),
     "reask": ("request", "answer", "problem"),
     "reask_vision": ("problem",),
+    "vision_video_system": (),
+    "vision_video_user": ("frames", "duration", "timestamps"),
+    "video_caption": (),
 }
 
 # -- Errors -------------------------------------------------------------------
@@ -5497,7 +5497,7 @@ def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: Batc
     """Caption a folder: plan, check, run, report."""
     images = find_images(folder, recursive=options.recursive)
     if not images:
-        raise UsageError(f"{shown(folder)} has no images ({', '.join(IMAGE_EXTENSIONS)})"
+        raise UsageError(f"{shown(folder)} has no images ({', '.join(MEDIA_EXTENSIONS)})"
                          + ("" if options.recursive else "; --recursive looks in subfolders"))
     jobs = plan_jobs(folder, images, options)
     if options.dry_run:
@@ -6145,7 +6145,7 @@ def dataset_stats(folder: str, options: BatchOptions, *, trigger: str = "") -> d
                          hint="give the folder a caption run wrote the captions into")
     images = find_images(folder, recursive=options.recursive)
     if not images:
-        raise UsageError(f"{shown(folder)} has no images ({', '.join(IMAGE_EXTENSIONS)})"
+        raise UsageError(f"{shown(folder)} has no images ({', '.join(MEDIA_EXTENSIONS)})"
                          + ("" if options.recursive else "; --recursive looks in subfolders"))
     report_path = options.report or os.path.join(options.output_dir or folder, LAST_REPORT)
     report = read_run_report(report_path, given=bool(options.report))
@@ -7387,7 +7387,7 @@ def cmd_review(config: Config, args: argparse.Namespace) -> Product:
                             creative=args.creative, prefix=args.prefix or "", hint=one_line(args.hint or ""),
                             report=args.report)
     if not dataset.images:
-        raise UsageError(f"{shown(folder)} has no images ({', '.join(IMAGE_EXTENSIONS)})"
+        raise UsageError(f"{shown(folder)} has no images ({', '.join(MEDIA_EXTENSIONS)})"
                          + ("" if options.recursive else "; --recursive looks in subfolders"))
     if args.html:
         check_output_file(args.html, "--html")
