@@ -106,6 +106,9 @@ MAX_SEED = 2**32 - 1  # llama.cpp keeps the seed as 32 bits
 MAX_TOKENS = 1024 * 1024  # --num-ctx and --max-tokens
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+# Clips are captioned too: video trainers read clip.mp4 beside clip.txt as they read images.
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi")
+MEDIA_EXTENSIONS = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
 CAPTION_EXTENSION = ".txt"
 # Larger files are refused: a vision model sees a few megapixels, and a job holds the file
 # and its base64 text in memory, so this bounds the memory of each of --jobs workers.
@@ -181,6 +184,9 @@ TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {
     "hint": ("hint",),
     "reask": ("request", "answer", "problem"),
     "reask_vision": ("problem",),
+    "vision_video_system": (),
+    "vision_video_user": ("frames", "duration", "timestamps"),
+    "video_caption": (),
 }
 
 # -- Errors -------------------------------------------------------------------
@@ -2487,6 +2493,8 @@ def open_regular(path: str, *, follow_links: bool = True):
 
 def sniff_image(path: str) -> str:
     """Name the image format from the file's bytes; raise ImageError if it is not one we send."""
+    if media_of(path) == "video":
+        return sniff_clip(path)
     with open_regular(path) as handle:
         size = os.fstat(handle.fileno()).st_size
         _check_image_size(size)
@@ -2902,6 +2910,189 @@ def prepare_image(data: bytes, max_side: int) -> bytes:
     return out.getvalue()
 
 
+# -- Video clips: frames sampled with ffmpeg, sent in one request ----------------
+# A clip is described from --frames frames spread evenly over it (at (i + 0.5) / N of its
+# duration, so neither the black first frame nor a cut-off last one is picked), scaled by
+# ffmpeg to --max-side (Pillow is not needed) and sent in time order in ONE vision request.
+# ffprobe and ffmpeg are found on PATH; without them a clip fails on its own, with a hint.
+DEFAULT_FRAMES = 8
+MAX_FRAMES = 64
+VIDEO_TOOL_TIMEOUT = 120.0  # seconds for one ffprobe or ffmpeg call; a frame takes well under one
+FFMPEG_INSTALL = "install ffmpeg, which brings ffprobe (apt install ffmpeg, brew install ffmpeg)"
+CLIP_JPEG_QUALITY = 3  # ffmpeg's -q:v for MJPEG: 2 (best) to 31; 3 is about Pillow's quality 90
+
+
+class Media(Frozen):
+    """What differs between captioning an image and a clip: the vision prompts, and a note the
+    text stage adds to the caption request (a template name, "" for none)."""
+
+    noun: str
+    system: str
+    user: str
+    caption_note: str = ""
+
+
+MEDIA = {
+    "image": Media("image", "vision_system", "vision_user"),
+    "video": Media("clip", "vision_video_system", "vision_video_user", "video_caption"),
+}
+
+
+def media_of(path: str) -> str:
+    """"video" for a clip's file name, else "image"."""
+    return "video" if os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS else "image"
+
+
+class ClipInfo(Frozen):
+    """What ffprobe says of a clip: its duration (0 when it does not say) and its frame size."""
+
+    duration: float
+    width: int
+    height: int
+
+
+def sniff_clip(path: str) -> str:
+    """Check a clip is a non-empty regular file (ffprobe judges the rest); clips have no size limit."""
+    with open_regular(path) as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            raise ImageError("the file is empty")
+    return "video"
+
+
+def video_tool(name: str) -> str:
+    """The path of ffprobe or ffmpeg, or ImageError saying how to install it."""
+    import shutil
+
+    found = shutil.which(name)
+    if not found:
+        # The fix is in the reason: a folder run lists each failed file's reason, not its hint.
+        raise ImageError(f"{name} is not installed, and a clip needs it to sample frames ({FFMPEG_INSTALL})",
+                         hint="images are captioned without it; only clips need ffmpeg")
+    return found
+
+
+def run_video_tool(args: list[str], what: str) -> bytes:
+    """Run ffprobe or ffmpeg (an argument list, stdin closed, a timeout); its output, or ImageError."""
+    import subprocess
+
+    try:
+        done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=VIDEO_TOOL_TIMEOUT,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        raise ImageError(f"{what} took over {VIDEO_TOOL_TIMEOUT:.0f} seconds") from None
+    except OSError as exc:
+        raise ImageError(f"cannot run {os.path.basename(args[0])} ({exc.strerror or exc})",
+                         hint=FFMPEG_INSTALL) from None
+    if done.returncode != 0 or not done.stdout:
+        message = excerpt(done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:][0]
+                          if done.stderr.strip() else f"exit status {done.returncode}")
+        raise ImageError(f"{what} failed ({message})", hint="check that the clip plays")
+    return done.stdout
+
+
+def probe_clip(path: str) -> ClipInfo:
+    """A clip's duration and frame size, from ffprobe's JSON output."""
+    out = run_video_tool([video_tool("ffprobe"), "-v", "error", "-select_streams", "v:0", "-show_entries",
+                          "stream=width,height,duration:format=duration", "-of", "json", "--", path],
+                         "ffprobe")
+    try:
+        data = json.loads(out)
+        stream = data["streams"][0]
+        width, height = int(stream["width"]), int(stream["height"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise ImageError("ffprobe found no video stream in the clip") from None
+    duration = 0.0
+    for value in (stream.get("duration"), (data.get("format") or {}).get("duration")):
+        try:
+            duration = float(value)
+        except (TypeError, ValueError):
+            continue
+        if duration > 0 and math.isfinite(duration):
+            break
+        duration = 0.0
+    if not duration:
+        duration = last_packet_time(path)
+    return ClipInfo(duration, width, height)
+
+
+def last_packet_time(path: str) -> float:
+    """The time of a clip's last video packet, for a container that does not state its duration (a
+    stream written to a pipe): ffprobe reads the packets without decoding them. 0 when none has one."""
+    out = run_video_tool([video_tool("ffprobe"), "-v", "error", "-select_streams", "v:0", "-show_entries",
+                          "packet=pts_time,duration_time", "-of", "csv=p=0", "--", path], "ffprobe")
+    latest = 0.0
+    for line in out.decode("ascii", "replace").splitlines():
+        try:
+            latest = max(latest, sum(float(value) for value in line.split(",") if value.strip()))
+        except ValueError:
+            continue
+    return latest if math.isfinite(latest) else 0.0
+
+
+def frame_times(duration: float, count: int) -> list[float]:
+    """When the frames are taken: evenly spread, at (i + 0.5) / count of the clip; a clip whose
+    duration is unknown gives its first frame only.
+
+    >>> frame_times(2.0, 4)
+    [0.25, 0.75, 1.25, 1.75]
+    """
+    if duration <= 0:
+        return [0.0]
+    return [round((index + 0.5) * duration / count, 3) for index in range(count)]
+
+
+def clip_frame_size(info: ClipInfo, max_side: int) -> tuple[int, int]:
+    """The size the frames are sent at: scaled so the longest side is at most max_side (0: kept)."""
+    longest = max(info.width, info.height)
+    if not max_side or longest <= max_side:
+        return info.width, info.height
+    return max(2, round(info.width * max_side / longest)), max(2, round(info.height * max_side / longest))
+
+
+def extract_frames(path: str, times: Sequence[float], size: tuple[int, int]) -> list[bytes]:
+    """One JPEG per time, scaled by ffmpeg to size, in the order given."""
+    ffmpeg = video_tool("ffmpeg")
+    frames = []
+    for at in times:
+        # -ss before -i seeks by the container's index: one frame costs a short decode, not the clip.
+        frames.append(run_video_tool(
+            [ffmpeg, "-nostdin", "-v", "error", "-ss", f"{at:.3f}", "-i", path, "-frames:v", "1",
+             "-vf", f"scale={size[0]}:{size[1]}", "-c:v", "mjpeg", "-q:v", str(CLIP_JPEG_QUALITY),
+             "-f", "image2pipe", "-"], f"ffmpeg at {at:.3f} s"))
+    return frames
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 of a file, read in pieces (a clip can be gigabytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open_regular(path) as handle:
+        try:
+            for piece in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(piece)
+        except OSError as exc:
+            raise ImageError(f"cannot read the file ({exc.strerror or exc})") from None
+    return digest.hexdigest()
+
+
+def clip_plan(path: str, frames: int, max_side: int) -> tuple[ClipInfo, list[float], tuple[int, int]]:
+    """What is sent for a clip: its probe, the frame times and the frame size."""
+    info = probe_clip(path)
+    return info, frame_times(info.duration, frames), clip_frame_size(info, max_side)
+
+
+def clip_label(path: str, frames: int, max_side: int) -> str:
+    """A clip as a dry run shows it: duration, size and the frames to be sent."""
+    try:
+        info, times, size = clip_plan(path, frames, max_side)
+    except ImageError as exc:
+        return f" (cannot probe: {exc})"
+    duration = f"{info.duration:.1f} s" if info.duration else "duration unknown"
+    return (f" ({duration}, {info.width}x{info.height}; {plural(len(times), 'frame')} "
+            f"at {size[0]}x{size[1]})")
+
+
 # -- Commands -----------------------------------------------------------------
 
 
@@ -3041,27 +3232,30 @@ def text_result(answer: Answer) -> str:
     return answer.text
 
 
-def vision_prompt(config: Config, hint: str = "") -> tuple[str, str]:
-    """The vision stage's system prompt and user message."""
-    user = with_hint(render("vision_user"), hint)
-    return render("vision_system"), with_no_think(config.vision_model, user)
+def vision_prompt(config: Config, hint: str = "", media: str = "image", **values: object) -> tuple[str, str]:
+    """The vision stage's system prompt and user message, for an image or a clip (MEDIA)."""
+    row = MEDIA[media]
+    user = with_hint(render(row.user, **values), hint)
+    return render(row.system), with_no_think(config.vision_model, user)
 
 
 LOOP_REPEAT_PENALTY = 1.2
 
 
-def describe_image(client: OllamaClient, config: Config, image_base64: str, *, hint: str = "",
-                   keep_alive: int | float | str | None = None) -> str:
+def describe_image(client: OllamaClient, config: Config, image_base64: str | list[str], *, hint: str = "",
+                   keep_alive: int | float | str | None = None, prompt: tuple[str, str] | None = None) -> str:
     """Stage 1: the vision model describes what it sees; returns the cleaned description.
 
     A refusal or an empty answer is asked again once, with the reason; an answer that
     thought through its whole budget gets a larger one; a looping answer is retried once
     with a repeat penalty, and otherwise cut where it loops.
     """
-    system, user = vision_prompt(config, hint)
+    system, user = prompt or vision_prompt(config, hint)
+    # A clip's frames go together, in time order, in one request.
+    images = [image_base64] if isinstance(image_base64, str) else list(image_base64)
     messages = [
         {"role": "system", "content": system},
-        {"role": "user", "content": user, "images": [image_base64]},
+        {"role": "user", "content": user, "images": images},
     ]
     options = sampling(config, "vision", writing=False)
 
@@ -3157,7 +3351,7 @@ REASK_ANSWER_CHARS = 2000  # a looping answer can be long; the start shows the p
 
 
 def write_caption(client: OllamaClient, config: Config, spec: CaptionSpec, description: str, *,
-                  keep_alive: int | float | str | None = None) -> Caption:
+                  keep_alive: int | float | str | None = None, media: str = "image") -> Caption:
     """Stage 2: the text model rewrites a description as a caption in the spec's style.
 
     An answer that refuses, is empty, runs away or is out of range is asked again once
@@ -3165,7 +3359,7 @@ def write_caption(client: OllamaClient, config: Config, spec: CaptionSpec, descr
     the one closer to the range is kept; a second unusable one fails the image.
     """
     style = spec.row
-    request = with_hint(render(style.template, description=description), spec.hint)
+    request = with_hint(render(style.template, description=description) + media_note(media), spec.hint)
     fmt = style.schema() if style.structured and spec.structured and client.supports_structured_output() \
         else None
     draft = judge_caption(ask_text_model(client, config, request, style.sampling, keep_alive=keep_alive,
@@ -3182,6 +3376,12 @@ def write_caption(client: OllamaClient, config: Config, spec: CaptionSpec, descr
         raise ModelAnswerError(f"the text model {config.model} {draft.problem}, twice",
                                hint="try another text model with --model or OLLAMA_MODEL")
     return finish_caption(draft, spec, description)
+
+
+def media_note(media: str) -> str:
+    """What the caption request adds for a clip (what video trainers want first); "" for an image."""
+    name = MEDIA[media].caption_note
+    return render(name) if name else ""
 
 
 def finish_caption(draft: Draft, spec: CaptionSpec, description: str) -> Caption:
@@ -3715,6 +3915,7 @@ class BatchOptions(Frozen):
     max_side: int = DEFAULT_MAX_SIDE  # 0: originals are sent
     variants: tuple[str, ...] = ()  # --variants: the caption styles each image gets, in order
     variants_to: str = "lines"  # --variants-to: one of VARIANT_LAYOUTS
+    frames: int = DEFAULT_FRAMES  # --frames: sampled from each clip
 
 
 class Job(Record):
@@ -3767,7 +3968,7 @@ def find_images(folder: str, *, recursive: bool = False) -> list[str]:
                 continue  # a linked folder, even one named like an image
         except OSError:
             pass  # a link loop or an entry that cannot be examined: it fails as an image
-        if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+        if os.path.splitext(entry.name)[1].lower() in MEDIA_EXTENSIONS:
             found.append(entry.path)
     return found
 
@@ -4829,6 +5030,10 @@ class CaptionRun:
         self.cache = cache
         system, user = vision_prompt(config, spec.hint)
         self.prompt_sha256 = hashlib.sha256(f"{system}\0{user}".encode()).hexdigest()
+        # A clip's prompt names its own frame times; the key takes the template, not those.
+        system, user = vision_prompt(config, spec.hint, "video", frames="$frames", duration="$duration",
+                                     timestamps="$timestamps")
+        self.clip_prompt_sha256 = hashlib.sha256(f"{system}\0{user}".encode()).hexdigest()
         self.pillow = pillow_installed()
         # Held while a caption file is written, so Ctrl-C never cuts one short.
         self.write_lock = threading.Lock()
@@ -4859,6 +5064,8 @@ class CaptionRun:
         """
         import base64
 
+        if media_of(job.image) == "video":
+            return self.describe_clip(client, job)
         data = read_image(job.image)  # checked and read once, then prepared and encoded once
         key, prepared = self.description_key(data)
         cached = self.cache.get(key) if self.options.use_cache else None
@@ -4888,6 +5095,32 @@ class CaptionRun:
                              "description": description})
         return description, False
 
+    def describe_clip(self, client: OllamaClient, job: Job) -> tuple[str, bool]:
+        """Stage 1 for a clip: frames sampled over it, described in one request (or the cache's
+        description: keyed by the clip's content, the model, the prompt, --frames and --max-side)."""
+        import base64
+
+        key = self.clip_key(job.image)
+        cached = self.cache.get(key) if self.options.use_cache else None
+        if cached:
+            return cached, True
+        info, times, size = clip_plan(job.image, self.options.frames, self.options.max_side)
+        frames = [base64.b64encode(frame).decode("ascii") for frame in extract_frames(job.image, times, size)]
+        prompt = vision_prompt(self.config, self.spec.hint, "video", frames=len(frames),
+                               duration=f"{info.duration:.1f} seconds" if info.duration else "unknown length",
+                               timestamps=", ".join(f"{at:.1f} s" for at in times))
+        description = without_surrogates(describe_image(client, self.config, frames, prompt=prompt,
+                                                        keep_alive=self.options.keep_alive))
+        self.cache.put(key, {"image": job.name, "model": self.config.vision_model,
+                             "description": description})
+        return description, False
+
+    def clip_key(self, path: str) -> str:
+        """The cache key of a clip's description: its content (hashed in pieces), the vision model,
+        the prompt, and how frames are sampled (--frames, --max-side)."""
+        return DescriptionCache.key(file_sha256(path), self.config.vision_model, self.clip_prompt_sha256,
+                                    f"frames {self.options.frames} max-side {self.options.max_side}")
+
     def ask_vision(self, client: OllamaClient, image_base64: str) -> str:
         """The vision model's description of one image."""
         return without_surrogates(describe_image(client, self.config, image_base64, hint=self.spec.hint,
@@ -4899,7 +5132,8 @@ class CaptionRun:
             return
         with failing_job(job, job.caption_file):
             # Every variant is written before any file is: one that fails fails the image, no half set.
-            captions = [self.write_variant(client, spec, job.description) for spec in self.spec.per_variant()]
+            captions = [self.write_variant(client, spec, job.description, media_of(job.image))
+                        for spec in self.spec.per_variant()]
             with self.write_lock:
                 if self._taken(job, "caption appeared during the run; kept it"):
                     return
@@ -4918,10 +5152,11 @@ class CaptionRun:
         if job.caption_file:
             job.description = ""
 
-    def write_variant(self, client: OllamaClient, spec: CaptionSpec, description: str) -> Caption:
-        """One caption of an image, in one variant's style; a failure names the variant."""
+    def write_variant(self, client: OllamaClient, spec: CaptionSpec, description: str, media: str) -> Caption:
+        """One caption of an image or clip, in one variant's style; a failure names the variant."""
         try:
-            caption = write_caption(client, self.config, spec, description, keep_alive=self.options.keep_alive)
+            caption = write_caption(client, self.config, spec, description, keep_alive=self.options.keep_alive,
+                                    media=media)
         except ModelAnswerError as exc:
             if not self.spec.variants:
                 raise
@@ -5217,6 +5452,11 @@ def size_vision_context(config: Config, spec: CaptionSpec, options: BatchOptions
     pillow = pillow_installed()
     largest = None
     for job in jobs:
+        if job.status == "pending" and media_of(job.image) == "video":
+            clip = clip_tokens_sent(job, family, options)
+            if clip and (largest is None or clip[0] > largest[0]):
+                largest = clip
+            continue
         size = image_size(job.image) if job.status == "pending" else None
         if size is not None:
             width, height = sent_size(size, options.max_side, pillow=pillow)
@@ -5237,6 +5477,50 @@ def size_vision_context(config: Config, spec: CaptionSpec, options: BatchOptions
              f"lower --max-side" + ("" if pillow else f" (with Pillow: {PILLOW_EXTRA})")
              + " or pick a vision model with a longer context")
     return config.replace(vision_num_ctx=needed)
+
+
+def clip_tokens_sent(job: Job, family: str, options: BatchOptions) -> tuple[int, str] | None:
+    """The image tokens of a clip's frames as sent, and what they are; None when it cannot be probed
+    (it fails when described)."""
+    try:
+        info = probe_clip(job.image)
+    except ImageError:
+        return None
+    width, height = clip_frame_size(info, options.max_side)
+    frames = len(frame_times(info.duration, options.frames))
+    what = f"{job.name}, {plural(frames, 'frame')} at {width}x{height}"
+    return frames * image_tokens(family, width, height), what
+
+
+def fit_clip_frames(config: Config, spec: CaptionSpec, options: BatchOptions, jobs: list[Job],
+                    hosts: list[Host]) -> BatchOptions:
+    """The run's options with --frames lowered, with one warning, when the largest clip's frames
+    would not fit the vision model's context (its context length, or an explicit --num-ctx)."""
+    details = next((host.models.get(config.vision_model) for host in hosts if host.models), None) or {}
+    limits = [value for value in (config.num_ctx, context_length(details)) if value]
+    clips = [job for job in jobs if job.status == "pending" and media_of(job.image) == "video"]
+    if not limits or not clips:
+        return options
+    family = vision_family(details)
+    per_frame = 0
+    for job in clips:
+        try:
+            size = clip_frame_size(probe_clip(job.image), options.max_side)
+            per_frame = max(per_frame, image_tokens(family, *size))
+        except ImageError:
+            continue  # it fails when described
+    if not per_frame:
+        return options
+    prompt = prompt_tokens("".join(vision_prompt(config, spec.hint, "video", frames=options.frames,
+                                                 duration="", timestamps=" 00.0 s," * options.frames)))
+    room = min(limits) - prompt - 2 * SAMPLING["vision"][1]
+    fits = max(1, room // per_frame)
+    if fits >= options.frames:
+        return options
+    warn(f"{plural(options.frames, 'frame')} of {plural(per_frame, 'image token')} each do not fit the "
+         f"{min(limits)}-token context of {config.vision_model}; sending {plural(fits, 'frame')} per clip "
+         "(lower --max-side to keep more)")
+    return options.replace(frames=fits)
 
 
 def take_pending(jobs: list[Job], limit: int | None) -> list[Job]:
@@ -5272,10 +5556,17 @@ def dry_run(jobs: list[Job], options: BatchOptions) -> str:
     verbs = {"pending": "caption", "skipped": "skip", "failed": "fail", "later": "later"}
     pillow = pillow_installed()
     return "\n".join(
-        f"caption: {job.name}{size_label(image_size(job.image), options.max_side, pillow=pillow)} "
+        f"caption: {job.name}{media_label(job.image, options, pillow=pillow)} "
         f"-> {', '.join(map(shown, variant_paths(job.caption_file, options)))}" if job.status == "pending"
         else f"{verbs[job.status]}: {job.name} ({job.reason})"
         for job in jobs)
+
+
+def media_label(path: str, options: BatchOptions, *, pillow: bool) -> str:
+    """An image's size, or a clip's duration, size and frames, as a dry run shows them."""
+    if media_of(path) == "video":
+        return clip_label(path, options.frames, options.max_side)
+    return size_label(image_size(path), options.max_side, pillow=pillow)
 
 
 def size_fields(size: ImageSize | None, max_side: int, *, pillow: bool) -> dict:
@@ -5326,7 +5617,7 @@ def batch_options(args: argparse.Namespace, folder: str) -> BatchOptions:
         keep_alive=DEFAULT_KEEP_ALIVE if args.keep_alive is None else args.keep_alive,
         release_models=args.keep_alive is None, cache_dir=args.cache_dir,
         use_cache=not args.no_cache, quiet=args.quiet, report=args.report,
-        manifest=manifest_path(args.manifest, folder), max_side=args.max_side,
+        manifest=manifest_path(args.manifest, folder), max_side=args.max_side, frames=args.frames,
         variants=parse_variants(args.variants), variants_to=args.variants_to,
     )
 
@@ -5343,7 +5634,7 @@ def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: Batc
     """Caption a folder: plan, check, run, report."""
     images = find_images(folder, recursive=options.recursive)
     if not images:
-        raise UsageError(f"{shown(folder)} has no images ({', '.join(IMAGE_EXTENSIONS)})"
+        raise UsageError(f"{shown(folder)} has no images ({', '.join(MEDIA_EXTENSIONS)})"
                          + ("" if options.recursive else "; --recursive looks in subfolders"))
     jobs = plan_jobs(folder, images, options)
     if options.dry_run:
@@ -5384,6 +5675,7 @@ def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: Batc
     make_folder(cache_folder, "--cache-dir" if options.cache_dir else "the cache folder")
     # A cache that cannot work warns and stays off; the default one is never reached through a link.
     cache = DescriptionCache(cache_folder, follow_links=bool(options.cache_dir))
+    options = fit_clip_frames(config, spec, options, jobs, report.hosts)
     config = size_vision_context(config, spec, options, jobs, report.hosts)
     try:
         CaptionRun(config, spec, options, report, cache).run()
@@ -5471,12 +5763,12 @@ def cmd_caption(config: Config, args: argparse.Namespace) -> Product:
     if not stat.S_ISREG(info.st_mode):
         raise UsageError(f"{shown(path)} is not a regular file (it is {file_kind(info.st_mode)})",
                          hint="give an image file, or a folder of images")
-    if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
-        raise UsageError(f"{shown(path)} is not an image file (expected {', '.join(IMAGE_EXTENSIONS)})",
+    if os.path.splitext(path)[1].lower() not in MEDIA_EXTENSIONS:
+        raise UsageError(f"{shown(path)} is not an image file (expected {', '.join(MEDIA_EXTENSIONS)})",
                          hint="give an image file, or a folder of images")
     return caption_image(config, spec, path, BatchOptions(
         keep_alive=None, release_models=False, quiet=True, cache_dir=args.cache_dir,
-        use_cache=not args.no_cache, max_side=args.max_side))
+        use_cache=not args.no_cache, max_side=args.max_side, frames=args.frames))
 
 
 def caption_image(config: Config, spec: CaptionSpec, path: str, options: BatchOptions) -> Product:
@@ -5493,6 +5785,7 @@ def caption_image(config: Config, spec: CaptionSpec, path: str, options: BatchOp
         host.client.record = []
     cache = DescriptionCache(options.cache_dir or os.path.join(folder, CACHE_FOLDER),
                              follow_links=bool(options.cache_dir)) if can_keep_cache(options, folder) else NoCache()
+    options = fit_clip_frames(config, spec, options, [job], report.hosts)
     config = size_vision_context(config, spec, options, [job], report.hosts)
     try:
         CaptionRun(config, spec, options, report, cache).run()
@@ -5572,6 +5865,7 @@ def doctor_checks(config: Config) -> list[Check]:
         for role, model in (("vision model", config.vision_model), ("text model", config.model)):
             checks.extend(model_checks(client, role, model))
     checks.append(image_check())
+    checks.append(video_check())
     checks.append(template_check())
     return checks
 
@@ -5585,6 +5879,18 @@ def image_check() -> Check:
     return Check("images", "note", "Pillow is not installed, so images are sent as they are: full size "
                  "(upload time and image tokens), EXIF orientation not applied, BMP and GIF not converted",
                  PILLOW_EXTRA)
+
+
+def video_check() -> Check:
+    """Whether clips can be captioned: ffprobe and ffmpeg on PATH."""
+    import shutil
+
+    missing = [name for name in ("ffprobe", "ffmpeg") if not shutil.which(name)]
+    if not missing:
+        return Check("video", "ok", "ffmpeg and ffprobe found: clips (" + ", ".join(VIDEO_EXTENSIONS)
+                     + ") are captioned from sampled frames")
+    return Check("video", "note", f"{' and '.join(missing)} not found on PATH, so clips fail (images are "
+                 "not affected)", FFMPEG_INSTALL)
 
 
 def structured_output_check(client: OllamaClient, version: str) -> Check:
@@ -5979,7 +6285,7 @@ def dataset_stats(folder: str, options: BatchOptions, *, trigger: str = "") -> d
                          hint="give the folder a caption run wrote the captions into")
     images = find_images(folder, recursive=options.recursive)
     if not images:
-        raise UsageError(f"{shown(folder)} has no images ({', '.join(IMAGE_EXTENSIONS)})"
+        raise UsageError(f"{shown(folder)} has no images ({', '.join(MEDIA_EXTENSIONS)})"
                          + ("" if options.recursive else "; --recursive looks in subfolders"))
     report_path = options.report or os.path.join(options.output_dir or folder, LAST_REPORT)
     report = read_run_report(report_path, given=bool(options.report))
@@ -6459,11 +6765,33 @@ REVIEW_BODY_LIMIT = 4 * 1024 * 1024  # a bulk change names at most every image: 
 REVIEW_SAMPLES = 20  # changed captions shown in a bulk change's preview
 SERVER_CHECK_TIMEOUT = 3.0
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
-               ".bmp": "image/bmp", ".gif": "image/gif"}
+               ".bmp": "image/bmp", ".gif": "image/gif",
+               ".mp4": "video/mp4", ".webm": "video/webm", ".mov": "video/quicktime",
+               ".mkv": "video/x-matroska", ".avi": "video/x-msvideo"}
 # The page runs only its own inline script and style, and talks only to its own server.
-REVIEW_CSP = ("default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+REVIEW_CSP = ("default-src 'none'; img-src 'self'; media-src 'self'; style-src 'unsafe-inline'; "
+              "script-src 'unsafe-inline'; "
               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 REVIEW_REPORT_LIMIT = 256 * 1024 * 1024
+
+
+def byte_range(header: str, size: int) -> tuple[int, int] | None:
+    """The first and last byte of a single "bytes=" Range a file of this size can serve, or None
+    (no range, several, or one outside the file: the whole file is sent).
+
+    >>> byte_range("bytes=0-", 100), byte_range("bytes=10-19", 100), byte_range("bytes=-5", 100)
+    ((0, 99), (10, 19), (95, 99))
+    >>> byte_range("bytes=200-", 100), byte_range("bytes=0-1,5-6", 100), byte_range("", 100)
+    (None, None, None)
+    """
+    match = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip())
+    if not match or not size or match.group(1) == match.group(2) == "":
+        return None
+    first, last = match.groups()
+    if not first:  # the last N bytes
+        return max(0, size - int(last)), size - 1
+    start, end = int(first), min(int(last) if last else size - 1, size - 1)
+    return (start, end) if start <= end else None
 
 
 class ReviewRefused(Exception):
@@ -6716,6 +7044,7 @@ class ReviewDataset:
         path = self.caption_files.get(name, "")
         item["hash"] = caption_hash(path)
         item["src"] = "/image/" + _url_path(name)
+        item["video"] = media_of(name) == "video"  # the page shows a <video> for a clip
         note = self.fresh.get(name)
         if note is None:
             note = self.notes.get(name, {})
@@ -6910,6 +7239,7 @@ class ReviewDataset:
                     options = self.options.replace(overwrite=True, quiet=True, limit=None, jobs=1, chunk=1,
                                                    keep_alive=None, dry_run=False)
                     # The vision num_ctx sized for this image, as `caption IMAGE` sizes it.
+                    options = fit_clip_frames(self.config, self.spec, options, [job], report.hosts)
                     config = size_vision_context(self.config, self.spec, options, [job], report.hosts)
                     run = CaptionRun(config, self.spec, options, report, cache)
                     run.run()
@@ -6938,6 +7268,8 @@ class ReviewDataset:
     def cached_description(self, run: CaptionRun, cache: DescriptionCache, image: str) -> str | None:
         """The description the run used, from the cache (a written job keeps none in memory)."""
         try:
+            if media_of(image) == "video":
+                return cache.get(run.clip_key(image))
             data = read_image(image)
         except (ImageError, OSError):
             return None
@@ -7091,14 +7423,27 @@ def _review_handler():
                 raise ReviewRefused(404, "not found") from None
             with handle:
                 size = os.fstat(handle.fileno()).st_size
-                self.send_response(200)
+                # A <video> asks for pieces of a clip (Range) to start playing and to seek.
+                span = byte_range(self.headers.get("Range", ""), size)
+                start, end = span or (0, size - 1)
+                self.send_response(206 if span else 200)
                 self.send_header("Content-Type", IMAGE_TYPES.get(os.path.splitext(name)[1].lower(),
                                                                  "application/octet-stream"))
-                self.send_header("Content-Length", str(size))
+                self.send_header("Content-Length", str(end - start + 1 if size else 0))
+                self.send_header("Accept-Ranges", "bytes")
+                if span:
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
                 self.send_header("Cache-Control", "private, no-cache")
                 self.common_headers()
                 self.end_headers()
-                shutil.copyfileobj(handle, self.wfile)
+                handle.seek(start)
+                left = end - start + 1 if size else 0
+                while left > 0:
+                    piece = handle.read(min(left, 1 << 16))
+                    if not piece:
+                        break
+                    self.wfile.write(piece)
+                    left -= len(piece)
 
         def post(self, path: str) -> None:
             routes = {"/api/save": self.save, "/api/preview": self.preview, "/api/apply": self.apply,
@@ -7187,7 +7532,7 @@ def cmd_review(config: Config, args: argparse.Namespace) -> Product:
                             creative=args.creative, prefix=args.prefix or "", hint=one_line(args.hint or ""),
                             report=args.report)
     if not dataset.images:
-        raise UsageError(f"{shown(folder)} has no images ({', '.join(IMAGE_EXTENSIONS)})"
+        raise UsageError(f"{shown(folder)} has no images ({', '.join(MEDIA_EXTENSIONS)})"
                          + ("" if options.recursive else "; --recursive looks in subfolders"))
     if args.html:
         check_output_file(args.html, "--html")
@@ -7255,6 +7600,7 @@ def jobs_count(value: str) -> int | str:
 
 port_number = number_type(int, "a whole number", 0, "0 or more", 65535)
 max_side_pixels = number_type(int, "a whole number of pixels", 0, "0 or more", MAX_SIDE_LIMIT)
+frame_count = number_type(int, "a whole number of frames", 1, "1 or more", MAX_FRAMES)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -7443,7 +7789,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     caption.add_argument("--max-side", type=max_side_pixels, default=DEFAULT_MAX_SIDE, metavar="PIXELS",
                          help=f"with Pillow ({PILLOW_EXTRA}), scale larger images down to this longest "
                               "side, upright, before sending; 0 sends originals, 0-"
-                              f"{MAX_SIDE_LIMIT} (default: {DEFAULT_MAX_SIDE})")
+                              f"{MAX_SIDE_LIMIT} (default: {DEFAULT_MAX_SIDE}); clips' frames are "
+                              "scaled by ffmpeg")
+    caption.add_argument("--frames", type=frame_count, default=DEFAULT_FRAMES, metavar="N",
+                         help=f"frames sampled evenly from each video clip ({', '.join(VIDEO_EXTENSIONS)}) "
+                              f"and sent in one request, 1-{MAX_FRAMES} (default: {DEFAULT_FRAMES}; "
+                              "fewer when the vision model's context cannot hold them)")
     folder = caption.add_argument_group("folder runs")
     folder.add_argument("-r", "--recursive", action="store_true",
                         help="also caption images in subfolders (symlinked folders are not entered)")

@@ -626,7 +626,7 @@ def test_a_folder_with_images_only_in_subfolders_hints_recursive(fake, capsys, t
     dataset = make_images(tmp_path / "set", ["sub/a.png"])
     code, out, err = run(capsys, "caption", dataset)
     assert (code, out) == (2, "")
-    assert err == (f"ollama-generate: error: {dataset} has no images (.png, .jpg, .jpeg, .webp, .bmp, .gif); "
+    assert err == (f"ollama-generate: error: {dataset} has no images (.png, .jpg, .jpeg, .webp, .bmp, .gif, .mp4, .webm, .mov, .mkv, .avi); "
                    "--recursive looks in subfolders\n")
     assert fake.requests == []
 

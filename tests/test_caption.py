@@ -285,7 +285,7 @@ def test_folder_without_images(ollama, capsys, tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     code, out, err = run(capsys, "caption", tmp_path)
     assert (code, out) == (2, "")
-    assert err == (f"ollama-generate: error: {tmp_path} has no images (.png, .jpg, .jpeg, .webp, .bmp, .gif); "
+    assert err == (f"ollama-generate: error: {tmp_path} has no images (.png, .jpg, .jpeg, .webp, .bmp, .gif, .mp4, .webm, .mov, .mkv, .avi); "
                    "--recursive looks in subfolders\n")
     assert ollama.requests == []
 

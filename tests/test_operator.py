@@ -28,6 +28,8 @@ QWEN_NOTE = (f"note  text model: {TEXT} thinks; every request sends think:false 
 IMAGES_OK = (f"ok    images: Pillow {og.pillow_version()}: images over --max-side are scaled down, turned upright "
              "by their EXIF orientation, and BMP and GIF converted before sending")
 IMAGES_OK_JSON = {"name": "images", "status": "ok", "detail": IMAGES_OK.removeprefix("ok    images: "), "fix": None}
+VIDEO_OK = "ok    video: " + og.video_check().detail
+VIDEO_OK_JSON = {"name": "video", "status": "ok", "detail": og.video_check().detail, "fix": None}
 
 
 def structured_note(version: str = "0.13.0") -> str:
@@ -56,6 +58,7 @@ ALL_TEMPLATES = [
     ("enhance_mild", "$prompt"), ("enhance_moderate", "$prompt"), ("enhance_extreme", "$prompt"),
     ("describe", "$model_name $lora_type $tags $dataset"), ("lore", "$scenario $words"),
     ("hint", "$hint"), ("reask", "$request $answer $problem"), ("reask_vision", "$problem"),
+    ("vision_video_system", "-"), ("vision_video_user", "$frames $duration $timestamps"), ("video_caption", "-"),
 ]
 
 
@@ -133,7 +136,8 @@ def test_doctor_all_good(ollama, capsys):
         f"ok    text model: {TEXT} is installed (completion, tools, thinking)",
         QWEN_NOTE,
         IMAGES_OK,
-        "ok    templates: all 19 templates are complete",
+        VIDEO_OK,
+        "ok    templates: all 22 templates are complete",
         "A caption run would work.",
     ]
     assert out.endswith("A caption run would work.\n")
@@ -153,7 +157,8 @@ def test_doctor_with_the_server_down_still_runs_and_exits_3(make_ollama, capsys)
         f"FAIL  server: cannot connect to Ollama at {url} (Connection refused)",
         f"      fix: {SERVE_FIX}",
         IMAGES_OK,
-        "ok    templates: all 19 templates are complete",
+        VIDEO_OK,
+        "ok    templates: all 22 templates are complete",
         "1 problem to fix before a caption run.",
     ]
     assert err == "ollama-generate: error: 1 check failed; see above\n"
@@ -169,7 +174,8 @@ def test_doctor_a_missing_model_gets_its_pull_line_and_exits_4(ollama, capsys):
         f"FAIL  text model: llama3.2 is not installed on {ollama.url}",
         "      fix: ollama pull llama3.2",
         IMAGES_OK,
-        "ok    templates: all 19 templates are complete",
+        VIDEO_OK,
+        "ok    templates: all 22 templates are complete",
         "1 problem to fix before a caption run.",
     ]
     assert err == "ollama-generate: error: 1 check failed; see above\n"
@@ -188,7 +194,8 @@ def test_doctor_a_vision_model_that_cannot_see_exits_4(ollama, capsys):
         f"ok    text model: {TEXT} is installed (completion, tools, thinking)",
         QWEN_NOTE,
         IMAGES_OK,
-        "ok    templates: all 19 templates are complete",
+        VIDEO_OK,
+        "ok    templates: all 22 templates are complete",
         "1 problem to fix before a caption run.",
     ]
     assert err == "ollama-generate: error: 1 check failed; see above\n"
@@ -246,7 +253,7 @@ def test_doctor_says_when_overrides_are_in_use(ollama, capsys, tmp_path):
     (tmp_path / "prompt_t5.txt").write_text("Paint $concept\n")
     code, out, err = run(capsys, "doctor", "--prompts-dir", tmp_path)
     assert (code, err) == (0, "")
-    line = f"ok    templates: all 19 templates are complete (with overrides from {tmp_path})"
+    line = f"ok    templates: all 22 templates are complete (with overrides from {tmp_path})"
     assert line in out.splitlines()
 
 
@@ -264,7 +271,8 @@ def test_doctor_json_is_one_document(ollama, capsys):
         {"name": "text model", "status": "note", "detail": QWEN_NOTE.removeprefix("note  text model: "),
          "fix": None},
         IMAGES_OK_JSON,
-        {"name": "templates", "status": "ok", "detail": "all 19 templates are complete", "fix": None},
+        VIDEO_OK_JSON,
+        {"name": "templates", "status": "ok", "detail": "all 22 templates are complete", "fix": None},
     ]}
 
 
@@ -278,7 +286,8 @@ def test_doctor_json_with_a_failure_keeps_stdout_json_and_the_exit_code(make_oll
         {"name": "server", "status": "fail",
          "detail": f"cannot connect to Ollama at {url} (Connection refused)", "fix": SERVE_FIX},
         IMAGES_OK_JSON,
-        {"name": "templates", "status": "ok", "detail": "all 19 templates are complete", "fix": None},
+        VIDEO_OK_JSON,
+        {"name": "templates", "status": "ok", "detail": "all 22 templates are complete", "fix": None},
     ]}
     assert err == (f"ollama-generate: error: 1 check failed: server: cannot connect to Ollama at {url} "
                    f"(Connection refused)\nollama-generate: hint: {SERVE_FIX}\n")
@@ -303,7 +312,8 @@ def test_doctor_checks_every_host(make_ollama, capsys):
         f"ok    text model: {TEXT} is installed (completion, tools, thinking)",
         QWEN_NOTE,
         IMAGES_OK,
-        "ok    templates: all 19 templates are complete",
+        VIDEO_OK,
+        "ok    templates: all 22 templates are complete",
         "1 problem to fix before a caption run.",
     ]
     assert err == "ollama-generate: error: 1 check failed; see above\n"

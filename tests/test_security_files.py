@@ -555,7 +555,7 @@ def test_a_file_that_is_not_an_image_by_name_is_a_usage_error(fake, capsys, tmp_
     code, out, err = run(capsys, "caption", notes)
     assert (code, out) == (2, "")
     assert err.splitlines() == [
-        f"ollama-generate: error: {notes} is not an image file (expected .png, .jpg, .jpeg, .webp, .bmp, .gif)",
+        f"ollama-generate: error: {notes} is not an image file (expected .png, .jpg, .jpeg, .webp, .bmp, .gif, .mp4, .webm, .mov, .mkv, .avi)",
         "ollama-generate: hint: give an image file, or a folder of images"]
     fake_png = tmp_path / "photo.png"
     fake_png.write_text("shopping list\n")

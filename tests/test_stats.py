@@ -488,7 +488,7 @@ def test_text_histograms_on_a_terminal(capsys, tmp_path):
 @pytest.mark.parametrize(("setup", "extra", "message", "hint"), [
     ("missing", [], "{folder} does not exist", "give the dataset's folder"),
     ("file", [], "{folder} is not a folder", "give the dataset's folder"),
-    ("empty", [], "{folder} has no images (.png, .jpg, .jpeg, .webp, .bmp, .gif); --recursive looks in "
+    ("empty", [], "{folder} has no images (.png, .jpg, .jpeg, .webp, .bmp, .gif, .mp4, .webm, .mov, .mkv, .avi); --recursive looks in "
                   "subfolders", None),
     ("ok", ["--ext", ".png"], "--ext '.png' is not a caption extension", "use .txt (the default) or .caption"),
     ("ok", ["--output-dir", "{tmp}/nowhere"], "--output-dir {tmp}/nowhere is not a folder",
