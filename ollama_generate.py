@@ -5219,8 +5219,7 @@ def read_image_hints(path: str) -> dict[str, str]:
         with open_regular(path) as handle:
             data = handle.read(MAX_HINTS_BYTES + 1)
     except (ImageError, OSError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise UsageError(f"cannot read the hints file {shown(path)} ({reason})") from None
+        raise UsageError(f"the hints file {shown(path)}: {exc}") from None
     if len(data) > MAX_HINTS_BYTES:
         raise UsageError(f"the hints file {shown(path)} is over {MAX_HINTS_BYTES // 10**6} MB",
                          hint="keep one short hint per image")
