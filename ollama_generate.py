@@ -3031,12 +3031,13 @@ class Ground(Frozen):
     template: str
     where: str
     read: Callable[[str], str]
+    most: int  # the most characters it sends, for sizing the vision context before any is read
 
 
 GROUNDS = {
-    "existing": Ground("ground_existing", "tag or caption file", existing_facts),
-    "filename": Ground("ground_name", "file name", file_name_hint),
-    "folder": Ground("ground_name", "folder name", folder_name_hint),
+    "existing": Ground("ground_existing", "tag or caption file", existing_facts, MAX_GROUND_CHARS),
+    "filename": Ground("ground_name", "file name", file_name_hint, 255),  # a file name's limit
+    "folder": Ground("ground_name", "folder name", folder_name_hint, 255),
 }
 
 
@@ -3059,6 +3060,15 @@ def grounding(image: str, grounds: Sequence[str]) -> str:
         if text:
             parts.append(render(ground.template, where=ground.where, text=text))
     return "".join(parts)
+
+
+def grounding_room(spec: CaptionSpec, jobs: Sequence[Job]) -> str:
+    """Text as long as the most an image's own hint and grounding add to the vision prompt, so
+    its context is sized before any tag file is read."""
+    hint = max((job.image_hint for job in jobs), key=len, default="")
+    room = "".join(render(GROUNDS[name].template, where=GROUNDS[name].where, text="x" * GROUNDS[name].most)
+                   for name in spec.ground)
+    return hint + room
 
 
 def echoed_file_name(caption: str, stem: str) -> str:
@@ -5296,7 +5306,8 @@ def size_vision_context(config: Config, spec: CaptionSpec, options: BatchOptions
                 largest = (tokens, f"{job.name}, {width}x{height} as sent")
     if largest is None:
         return config
-    needed = vision_context(largest[0], prompt_tokens("".join(vision_prompt(config, spec.hint))))
+    needed = vision_context(largest[0], prompt_tokens("".join(vision_prompt(config, spec.hint))
+                                                      + grounding_room(spec, jobs)))
     limit = context_length(details)
     what = (f"the largest image ({largest[1]}) needs about {needed} context tokens with "
             f"{config.vision_model} ({plural(largest[0], 'image token')} estimated for the "

@@ -248,3 +248,13 @@ def test_hints_is_for_a_folder(ollama, capsys, tmp_path):
     code, out, err = run(capsys, "caption", tmp_path / "a.png", "--hints", tmp_path / "h.jsonl")
     assert (code, out) == (2, "")
     assert "--hints works on a folder" in err
+
+
+def test_the_vision_context_has_room_for_the_grounding():
+    spec = og.CaptionSpec(ground=("existing", "folder"))
+    jobs = [og.Job("a.png", "a.png", "a.txt", image_hint="the woman is Mira"), og.Job("b.png", "b.png", "b.txt")]
+    room = og.grounding_room(spec, jobs)
+    longest = (og.render("ground_existing", where="tag or caption file", text="x" * og.MAX_GROUND_CHARS)
+               + og.render("ground_name", where="folder name", text="x" * 255))
+    assert room == "the woman is Mira" + longest
+    assert og.vision_context(30000, og.prompt_tokens(room)) > og.vision_context(30000, 0)
