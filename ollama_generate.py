@@ -4944,7 +4944,8 @@ class CaptionRun:
         """The vision model's description of one image."""
         spec = self.job_spec(job)
         return without_surrogates(describe_image(client, self.config, image_base64, hint=spec.hint,
-                                                 grounding=spec.grounding, keep_alive=self.options.keep_alive))
+                                                 grounding=spec.grounding,
+                                                 keep_alive=self.options.keep_alive))
 
     def text_step(self, client: OllamaClient, job: Job) -> None:
         """Write one caption from its description and record it."""
@@ -5247,7 +5248,8 @@ def read_image_hints(path: str) -> dict[str, str]:
         name = entry.get("file_name", entry.get("image")) if isinstance(entry, dict) else None
         hint = entry.get("hint") if isinstance(entry, dict) else None
         if not isinstance(name, str) or not name.strip() or not isinstance(hint, str):
-            raise UsageError(f'{where} needs "file_name" (or "image") and "hint", both text', hint=HINTS_FORMAT)
+            raise UsageError(f'{where} needs "file_name" (or "image") and "hint", both text',
+                             hint=HINTS_FORMAT)
         hints[shown(os.path.normpath(name.replace("\\", "/")).replace(os.sep, "/"))] = one_line(hint)
     return hints
 
@@ -5281,8 +5283,8 @@ def check_ground_files(jobs: list[Job], options: BatchOptions) -> None:
     if kept and not any(job.status == "pending" for job in jobs):
         raise UsageError(f"--ground existing: the tag or caption files are the {options.ext} captions this "
                          f"run writes, and existing captions are kept, so nothing would be captioned",
-                         hint=f"add --overwrite to replace them grounded in what they say (each is backed up), "
-                              f"or write beside them with another --ext, such as --ext .caption")
+                         hint="add --overwrite to replace them grounded in what they say (each is "
+                              "backed up), or write beside them with another --ext, such as --ext .caption")
     if kept:
         warn(f"--ground existing: {plural(len(kept), 'image')} kept {options.ext} files that are also their "
              "tag files (--overwrite replaces them grounded in them; another --ext writes beside them)")

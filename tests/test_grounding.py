@@ -52,7 +52,8 @@ def test_ground_existing_sends_the_tag_file_as_facts_to_both_stages(ollama, caps
 @pytest.mark.parametrize(("folder", "image", "flags", "expected"), [
     ("10_ohwx woman", "character_name_003.png", "filename", [("file name", "character name")]),
     ("10_ohwx woman", "character_name_003.png", "folder", [("folder name", "ohwx woman")]),
-    ("10_ohwx woman", "mira-07.png", "folder,filename", [("file name", "mira"), ("folder name", "ohwx woman")]),
+    ("10_ohwx woman", "mira-07.png", "folder,filename",
+     [("file name", "mira"), ("folder name", "ohwx woman")]),
     ("3_ohwx_woman", "IMG_0042.png", "filename", []),
 ])
 def test_name_grounding_strips_numbering_and_the_repeat_count(ollama, capsys, tmp_path, folder, image, flags,
@@ -73,7 +74,8 @@ def test_ground_may_be_repeated_and_keeps_the_hint_first(ollama, capsys, tmp_pat
     (dataset / "a.png").write_bytes(png_bytes())
     (dataset / "a.caption").write_text("a woman outdoors", encoding="utf-8")
     answer(ollama)
-    assert run(capsys, "caption", dataset, "--ground", "folder", "--ground", "existing", "--hint", "winter")[0] == 0
+    flags = ("--ground", "folder", "--ground", "existing", "--hint", "winter")
+    assert run(capsys, "caption", dataset, *flags)[0] == 0
     grounding = (ground_text("ground_existing", "tag or caption file", "a woman outdoors")
                  + ground_text("ground_name", "folder name", "mira"))
     assert text_prompts(ollama) == [training_request(hint="winter", grounding=grounding) + "\n/no_think"]
@@ -142,10 +144,10 @@ def test_ground_existing_with_the_tag_file_as_caption_file_says_what_to_do(ollam
     (tmp_path / "a.txt").write_text("1girl, red coat", encoding="utf-8")
     code, out, err = run(capsys, "caption", tmp_path, "--ground", "existing")
     assert (code, out) == (2, "")
-    assert err == ("ollama-generate: error: --ground existing: the tag or caption files are the .txt captions "
-                   "this run writes, and existing captions are kept, so nothing would be captioned\n"
-                   "ollama-generate: hint: add --overwrite to replace them grounded in what they say (each is "
-                   "backed up), or write beside them with another --ext, such as --ext .caption\n")
+    assert err == ("ollama-generate: error: --ground existing: the tag or caption files are the .txt "
+                   "captions this run writes, and existing captions are kept, so nothing would be captioned\n"
+                   "ollama-generate: hint: add --overwrite to replace them grounded in what they say "
+                   "(each is backed up), or write beside them with another --ext, such as --ext .caption\n")
     assert ollama.requests == []
 
 
@@ -189,7 +191,8 @@ def test_hints_jsonl_gives_each_image_its_hint_after_the_run_hint(ollama, capsys
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.png").write_bytes(png_bytes())
     write_hints(tmp_path / "hints.jsonl", [{"file_name": "sub/b.png", "hint": "the woman is Mira"}, b"",
-                                           {"image": "gone.png", "hint": "x"}, {"image": "gone2.png", "hint": "y"}])
+                                           {"image": "gone.png", "hint": "x"},
+                                           {"image": "gone2.png", "hint": "y"}])
     answer(ollama)
     code, out, err = run(capsys, "caption", tmp_path, "--recursive", "--hint", "winter")
     assert code == 0
@@ -252,9 +255,26 @@ def test_hints_is_for_a_folder(ollama, capsys, tmp_path):
 
 def test_the_vision_context_has_room_for_the_grounding():
     spec = og.CaptionSpec(ground=("existing", "folder"))
-    jobs = [og.Job("a.png", "a.png", "a.txt", image_hint="the woman is Mira"), og.Job("b.png", "b.png", "b.txt")]
+    jobs = [og.Job("a.png", "a.png", "a.txt", image_hint="the woman is Mira"),
+            og.Job("b.png", "b.png", "b.txt")]
     room = og.grounding_room(spec, jobs)
     longest = (og.render("ground_existing", where="tag or caption file", text="x" * og.MAX_GROUND_CHARS)
                + og.render("ground_name", where="folder name", text="x" * 255))
     assert room == "the woman is Mira" + longest
     assert og.vision_context(30000, og.prompt_tokens(room)) > og.vision_context(30000, 0)
+
+
+def test_ground_existing_with_overwrite_keeps_a_caption_a_person_edited(ollama, capsys, tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    (tmp_path / "b.png").write_bytes(png_bytes(seed=1))
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("1girl, red coat\n", encoding="utf-8")
+    og.journal_edits(str(tmp_path), [{"caption_file": "a.txt", "by": "review",
+                                      "new": og.caption_hash(str(tmp_path / "a.txt"))}])
+    answer(ollama)
+    code, out, err = run(capsys, "caption", tmp_path, "--ground", "existing", "--overwrite")
+    assert code == 0, err
+    assert "Keeping 1 caption a person edited" in err
+    assert (tmp_path / "a.txt").read_text(encoding="utf-8") == "1girl, red coat\n"
+    assert (tmp_path / "b.txt").read_text(encoding="utf-8") == CAPTION + "\n"
+    assert len(ollama.requests_to("/api/chat")) == 1
