@@ -182,6 +182,8 @@ TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {
     "describe": ("model_name", "lora_type", "tags", "dataset"),
     "lore": ("scenario", "words"),
     "hint": ("hint",),
+    "ground_existing": ("where", "text"),
+    "ground_name": ("where", "text"),
     "reask": ("request", "answer", "problem"),
     "reask_vision": ("problem",),
     "vision_video_system": (),
@@ -3109,6 +3111,9 @@ class CaptionSpec(Frozen):
     always_first: tuple[str, ...] = ()
     structured: bool = True  # ask for tags as a JSON array where the server can (--no-structured)
     variants: tuple[str, ...] = ()  # --variants: one caption per named style, from one description
+    ground: tuple[str, ...] = ()  # --ground: rows of GROUNDS
+    grounding: str = ""  # one image's grounding, rendered (CaptionRun.job_spec)
+    file_stem: str = ""  # one image's file name without extension, which its caption never echoes
 
     @property
     def row(self) -> Style:
@@ -3167,6 +3172,126 @@ def with_no_think(model: str, prompt: str) -> str:
 def with_hint(prompt: str, hint: str) -> str:
     """Add the user's --hint to a prompt."""
     return prompt + render("hint", hint=hint) if hint else prompt
+
+
+# -- Grounding ----------------------------------------------------------------
+# --ground sends what already exists about an image to both stages: facts from its tag or
+# caption file, hints from its file and folder names. They are rendered from prompts/ground_*.txt
+# after the --hint, so they reach the vision prompt and with it the description cache's key.
+
+# The files --ground existing reads beside an image, first found first: a WD14 tagger's own
+# extensions, then the caption extensions trainers read (.txt, kohya's .caption).
+GROUND_FILES = (".tags.txt", ".wd14.txt", ".txt", ".caption")
+MAX_GROUND_CHARS = 4000  # a tag file is a few hundred characters; more is cut, not sent whole
+# Name words that say nothing of the subject: a camera's, phone's or tool's numbering.
+MEANINGLESS_NAME_WORDS = frozenset({"img", "dsc", "dscn", "dscf", "pxl", "mvimg", "photo", "image", "pic",
+                                    "scan", "screenshot", "frame", "untitled", "copy", "final", "edit"})
+HINTS_FILE = "hints.jsonl"  # per-image hints in the dataset folder (or --hints FILE)
+MAX_HINTS_BYTES = 10_000_000
+HINTS_FORMAT = 'each line is an object like {"file_name": "a/b.png", "hint": "..."}'
+
+
+def ground_file(image: str) -> str:
+    """The tag or caption file beside an image that --ground existing reads; "" for none."""
+    stem = os.path.splitext(image)[0]
+    return next((stem + ext for ext in GROUND_FILES if os.path.isfile(stem + ext)), "")
+
+
+def existing_facts(image: str) -> str:
+    """What the image's tag or caption file says, on one line; "" without one."""
+    path = ground_file(image)
+    if not path:
+        return ""
+    try:
+        with open_regular(path) as handle:
+            data = handle.read(MAX_GROUND_CHARS * 4)
+    except (ImageError, OSError):
+        return ""  # a file that cannot be read grounds nothing; the caption is still written
+    return without_surrogates(one_line(data.decode("utf-8", errors="replace")))[:MAX_GROUND_CHARS]
+
+
+def name_words(name: str) -> str:
+    """A file or folder name as words: separators become spaces and numbering goes
+    ("character_name_003" -> "character name"); "" for a name that says nothing (IMG_0042).
+
+    >>> name_words("character_name_003"), name_words("IMG_0042"), name_words("ohwx woman (2)")
+    ('character name', '', 'ohwx woman')
+    """
+    words = [re.sub(r"\d+$", "", word) for word in re.split(r"[\s_.\-()\[\]]+", name)]
+    words = [word for word in words if word and not any(char.isdigit() for char in word)]
+    if all(word.lower() in MEANINGLESS_NAME_WORDS for word in words):
+        return ""
+    return " ".join(words)
+
+
+def file_name_hint(image: str) -> str:
+    """The hint in an image's file name, without its numbering."""
+    return name_words(os.path.splitext(os.path.basename(image))[0])
+
+
+def folder_name_hint(image: str) -> str:
+    """The hint in the name of the image's folder, without kohya's repeat count ("10_ohwx woman")."""
+    folder = os.path.basename(os.path.dirname(os.path.abspath(image)))
+    return name_words(re.sub(r"^\d+_", "", folder))
+
+
+class Ground(Frozen):
+    """One --ground source: the template it is rendered with, what it is called there, how it is read."""
+
+    template: str
+    where: str
+    read: Callable[[str], str]
+    most: int  # the most characters it sends, for sizing the vision context before any is read
+
+
+GROUNDS = {
+    "existing": Ground("ground_existing", "tag or caption file", existing_facts, MAX_GROUND_CHARS),
+    "filename": Ground("ground_name", "file name", file_name_hint, 255),  # a file name's limit
+    "folder": Ground("ground_name", "folder name", folder_name_hint, 255),
+}
+
+
+def ground_list(values: Sequence[str] | None) -> tuple[str, ...]:
+    """The --ground values (repeated or comma-separated), checked, in the table's order."""
+    asked = {value.strip().lower() for item in values or () for value in item.split(",") if value.strip()}
+    unknown = sorted(asked - GROUNDS.keys())
+    if unknown:
+        raise UsageError(f"--ground {unknown[0]!r} is not one of {', '.join(GROUNDS)}",
+                         hint="give --ground existing, --ground filename, --ground folder, or several")
+    return tuple(name for name in GROUNDS if name in asked)
+
+
+def grounding(image: str, grounds: Sequence[str]) -> str:
+    """The grounding text added to both prompts for one image: each source it has, rendered."""
+    parts = []
+    for name in grounds:
+        ground = GROUNDS[name]
+        text = ground.read(image)
+        if text:
+            parts.append(render(ground.template, where=ground.where, text=text))
+    return "".join(parts)
+
+
+def grounding_room(spec: CaptionSpec, jobs: Sequence[Job]) -> str:
+    """Text as long as the most an image's own hint and grounding add to the vision prompt, so
+    its context is sized before any tag file is read."""
+    hint = max((job.image_hint for job in jobs), key=len, default="")
+    room = "".join(render(GROUNDS[name].template, where=GROUNDS[name].where, text="x" * GROUNDS[name].most)
+                   for name in spec.ground)
+    return hint + room
+
+
+def echoed_file_name(caption: str, stem: str) -> str:
+    """The image's raw file stem as the caption writes it ("character_name_003"), or "".
+
+    A stem that is only words ("rose", "red-coat") is left alone: the caption may say them."""
+    variants = {stem, re.sub(r"[_.\-]+", " ", stem)}
+    for variant in sorted(variants, key=len, reverse=True):
+        if not re.search(r"[\d_]", variant):
+            continue
+        if re.search(rf"(?<!\w){re.escape(variant)}(?!\w)", caption, re.IGNORECASE):
+            return variant
+    return ""
 
 
 def connect(config: Config, host: str = "") -> OllamaClient:
@@ -3232,10 +3357,12 @@ def text_result(answer: Answer) -> str:
     return answer.text
 
 
-def vision_prompt(config: Config, hint: str = "", media: str = "image", **values: object) -> tuple[str, str]:
-    """The vision stage's system prompt and user message, for an image or a clip (MEDIA)."""
+def vision_prompt(config: Config, hint: str = "", media: str = "image", grounding: str = "",
+                  **values: object) -> tuple[str, str]:
+    """The vision stage's system prompt and user message, for an image or a clip (MEDIA), with the
+    hint and what --ground found."""
     row = MEDIA[media]
-    user = with_hint(render(row.user, **values), hint)
+    user = with_hint(render(row.user, **values), hint) + grounding
     return render(row.system), with_no_think(config.vision_model, user)
 
 
@@ -3243,14 +3370,15 @@ LOOP_REPEAT_PENALTY = 1.2
 
 
 def describe_image(client: OllamaClient, config: Config, image_base64: str | list[str], *, hint: str = "",
-                   keep_alive: int | float | str | None = None, prompt: tuple[str, str] | None = None) -> str:
+                   grounding: str = "", keep_alive: int | float | str | None = None,
+                   prompt: tuple[str, str] | None = None) -> str:
     """Stage 1: the vision model describes what it sees; returns the cleaned description.
 
     A refusal or an empty answer is asked again once, with the reason; an answer that
     thought through its whole budget gets a larger one; a looping answer is retried once
     with a repeat penalty, and otherwise cut where it loops.
     """
-    system, user = prompt or vision_prompt(config, hint)
+    system, user = prompt or vision_prompt(config, hint, grounding=grounding)
     # A clip's frames go together, in time order, in one request.
     images = [image_base64] if isinstance(image_base64, str) else list(image_base64)
     messages = [
@@ -3359,7 +3487,8 @@ def write_caption(client: OllamaClient, config: Config, spec: CaptionSpec, descr
     the one closer to the range is kept; a second unusable one fails the image.
     """
     style = spec.row
-    request = with_hint(render(style.template, description=description) + media_note(media), spec.hint)
+    request = with_hint(render(style.template, description=description) + media_note(media),
+                        spec.hint) + spec.grounding
     fmt = style.schema() if style.structured and spec.structured and client.supports_structured_output() \
         else None
     draft = judge_caption(ask_text_model(client, config, request, style.sampling, keep_alive=keep_alive,
@@ -3398,6 +3527,9 @@ def finish_caption(draft: Draft, spec: CaptionSpec, description: str) -> Caption
     if tokens is not None:
         where = "over" if tokens > CLIP_TOKEN_BUDGET else "estimated at the edge of"
         review.append(f"about {tokens} CLIP tokens, {where} the {CLIP_TOKEN_BUDGET}-token budget")
+    echoed = echoed_file_name(draft.body, spec.file_stem) if spec.file_stem else ""
+    if echoed:
+        review.append(f"echoes the file name {echoed!r}")
     return Caption(text, review, draft.cleaned.fired, draft.cleaned.spans, draft.answer.text, invented, share)
 
 
@@ -3422,6 +3554,8 @@ def check_models(client: OllamaClient, config: Config) -> dict[str, dict]:
 def check_templates(config: Config, spec: CaptionSpec) -> None:
     """Render every template a caption run needs, so a broken one fails before any model call."""
     vision_prompt(config, "hint")
+    for ground in {GROUNDS[name] for name in spec.ground}:
+        render(ground.template, where="", text="")
     for variant in spec.per_variant():
         render(variant.row.template, description="")
     render("reask", request="", answer="", problem="")
@@ -3446,7 +3580,7 @@ def caption_spec(args: argparse.Namespace) -> CaptionSpec:
     return CaptionSpec(style=variants[0] if variants else args.style, variants=variants, creative=args.creative, trigger=trigger, prefix=prefix,
                        hint=one_line(args.hint or ""), underscores=args.underscores,
                        exclude=tag_list(args.exclude_tags), always_first=tag_list(args.always_first),
-                       structured=not args.no_structured)
+                       structured=not args.no_structured, ground=ground_list(getattr(args, "ground", None)))
 
 
 def parse_variants(value: str | None) -> tuple[str, ...]:
@@ -3916,6 +4050,7 @@ class BatchOptions(Frozen):
     variants: tuple[str, ...] = ()  # --variants: the caption styles each image gets, in order
     variants_to: str = "lines"  # --variants-to: one of VARIANT_LAYOUTS
     frames: int = DEFAULT_FRAMES  # --frames: sampled from each clip
+    hints: str | None = None  # --hints FILE; without it, the folder's hints.jsonl if there is one
 
 
 class Job(Record):
@@ -3932,6 +4067,8 @@ class Job(Record):
     captions: list = []  # with --variants, every variant's Caption in order (caption is the first)
     by_model: bool = False  # it failed because the model's answers were unusable
     hint: str = ""  # how to fix what made it fail
+    image_hint: str = ""  # its line of hints.jsonl (or --hints)
+    grounding: str | None = None  # what --ground found for it, rendered; None until read
 
     @property
     def review(self) -> list[str]:
@@ -5046,16 +5183,29 @@ class CaptionRun:
             job.description, job.cached = self.describe(client, job)
             job.status = "described"
 
-    def description_key(self, data: bytes) -> tuple[str, str]:
+    def job_spec(self, job: Job) -> CaptionSpec:
+        """The run's spec for one image: its own hint after --hint, and its grounding (read once)."""
+        if job.grounding is None:
+            job.grounding = grounding(job.image, self.spec.ground)
+        hint = " ".join(part for part in (self.spec.hint, job.image_hint) if part)
+        return self.spec.replace(hint=hint, grounding=job.grounding,
+                                 file_stem=os.path.splitext(os.path.basename(job.image))[0])
+
+    def description_key(self, data: bytes, job: Job | None = None) -> tuple[str, str]:
         """The cache key of an image's description, and how the image is prepared ("" for not):
-        the original file's content, the vision model, the prompt and the preparation, so a
-        rerun finds it and a new --max-side describes again."""
+        the original file's content, the vision model, the prompt (with the image's own hint and
+        grounding) and the preparation, so a rerun finds it and a new --max-side describes again."""
         import hashlib
 
         prepared = preparation(_image_kind(data[:32]) or "", image_size_of(data), self.options.max_side,
                                pillow=self.pillow)
+        prompt_sha256 = self.prompt_sha256
+        if job is not None and (job.image_hint or self.spec.ground):
+            spec = self.job_spec(job)
+            system, user = vision_prompt(self.config, spec.hint, grounding=spec.grounding)
+            prompt_sha256 = hashlib.sha256(f"{system}\0{user}".encode()).hexdigest()
         return DescriptionCache.key(hashlib.sha256(data).hexdigest(), self.config.vision_model,
-                                    self.prompt_sha256, prepared), prepared
+                                    prompt_sha256, prepared), prepared
 
     def describe(self, client: OllamaClient, job: Job) -> tuple[str, bool]:
         """Stage 1 for one job: its description, and whether it came from the cache.
@@ -5067,7 +5217,7 @@ class CaptionRun:
         if media_of(job.image) == "video":
             return self.describe_clip(client, job)
         data = read_image(job.image)  # checked and read once, then prepared and encoded once
-        key, prepared = self.description_key(data)
+        key, prepared = self.description_key(data, job)
         cached = self.cache.get(key) if self.options.use_cache else None
         if cached:
             return cached, True
@@ -5077,7 +5227,7 @@ class CaptionRun:
         del data  # only the base64 text is sent: one copy of the image per job, not three
         try:
             try:
-                description = self.ask_vision(client, image_base64)
+                description = self.ask_vision(client, image_base64, job)
             except ImageUnreadable:
                 if prepared or not self.pillow:
                     raise
@@ -5085,7 +5235,7 @@ class CaptionRun:
                 converted = prepare_image(read_image(job.image), self.options.max_side)
                 image_base64 = base64.b64encode(converted).decode("ascii")
                 del converted
-                description = self.ask_vision(client, image_base64)
+                description = self.ask_vision(client, image_base64, job)
         except ImageUnreadable as exc:
             if not self.pillow:
                 raise  # its hint: install Pillow
@@ -5100,13 +5250,14 @@ class CaptionRun:
         description: keyed by the clip's content, the model, the prompt, --frames and --max-side)."""
         import base64
 
-        key = self.clip_key(job.image)
+        key = self.clip_key(job)
         cached = self.cache.get(key) if self.options.use_cache else None
         if cached:
             return cached, True
         info, times, size = clip_plan(job.image, self.options.frames, self.options.max_side)
         frames = [base64.b64encode(frame).decode("ascii") for frame in extract_frames(job.image, times, size)]
-        prompt = vision_prompt(self.config, self.spec.hint, "video", frames=len(frames),
+        spec = self.job_spec(job)
+        prompt = vision_prompt(self.config, spec.hint, "video", grounding=spec.grounding, frames=len(frames),
                                duration=f"{info.duration:.1f} seconds" if info.duration else "unknown length",
                                timestamps=", ".join(f"{at:.1f} s" for at in times))
         description = without_surrogates(describe_image(client, self.config, frames, prompt=prompt,
@@ -5115,15 +5266,24 @@ class CaptionRun:
                              "description": description})
         return description, False
 
-    def clip_key(self, path: str) -> str:
+    def clip_key(self, job: Job) -> str:
         """The cache key of a clip's description: its content (hashed in pieces), the vision model,
-        the prompt, and how frames are sampled (--frames, --max-side)."""
-        return DescriptionCache.key(file_sha256(path), self.config.vision_model, self.clip_prompt_sha256,
+        the prompt (with the clip's own hint and grounding), and how frames are sampled (--frames,
+        --max-side)."""
+        import hashlib
+
+        prompt_sha256 = self.clip_prompt_sha256
+        if job.image_hint or self.spec.ground:
+            spec = self.job_spec(job)
+            prompt_sha256 = hashlib.sha256(f"{prompt_sha256}\0{spec.hint}\0{spec.grounding}".encode()).hexdigest()
+        return DescriptionCache.key(file_sha256(job.image), self.config.vision_model, prompt_sha256,
                                     f"frames {self.options.frames} max-side {self.options.max_side}")
 
-    def ask_vision(self, client: OllamaClient, image_base64: str) -> str:
+    def ask_vision(self, client: OllamaClient, image_base64: str, job: Job) -> str:
         """The vision model's description of one image."""
-        return without_surrogates(describe_image(client, self.config, image_base64, hint=self.spec.hint,
+        spec = self.job_spec(job)
+        return without_surrogates(describe_image(client, self.config, image_base64, hint=spec.hint,
+                                                 grounding=spec.grounding,
                                                  keep_alive=self.options.keep_alive))
 
     def text_step(self, client: OllamaClient, job: Job) -> None:
@@ -5133,7 +5293,7 @@ class CaptionRun:
         with failing_job(job, job.caption_file):
             # Every variant is written before any file is: one that fails fails the image, no half set.
             captions = [self.write_variant(client, spec, job.description, media_of(job.image))
-                        for spec in self.spec.per_variant()]
+                        for spec in self.job_spec(job).per_variant()]
             with self.write_lock:
                 if self._taken(job, "caption appeared during the run; kept it"):
                     return
@@ -5442,6 +5602,75 @@ def write_manifest(path: str, report: Report, options: BatchOptions | None = Non
     return len(lines)
 
 
+def read_image_hints(path: str) -> dict[str, str]:
+    """The per-image hints of a hints.jsonl: image name (relative, with / separators) -> hint.
+
+    Every line is checked, and the first bad one is an error naming it: a hint that silently
+    reaches no image, or the wrong one, is worse than a run that does not start."""
+    try:
+        with open_regular(path) as handle:
+            data = handle.read(MAX_HINTS_BYTES + 1)
+    except (ImageError, OSError) as exc:
+        raise UsageError(f"the hints file {shown(path)}: {exc}") from None
+    if len(data) > MAX_HINTS_BYTES:
+        raise UsageError(f"the hints file {shown(path)} is over {MAX_HINTS_BYTES // 10**6} MB",
+                         hint="keep one short hint per image")
+    hints = {}
+    for number, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{shown(path)} line {number}"
+        try:
+            entry = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise UsageError(f"{where} is not UTF-8 text", hint="save the file as UTF-8") from None
+        except ValueError as exc:
+            raise UsageError(f"{where} is not JSON ({getattr(exc, 'msg', exc)})", hint=HINTS_FORMAT) from None
+        name = entry.get("file_name", entry.get("image")) if isinstance(entry, dict) else None
+        hint = entry.get("hint") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name.strip() or not isinstance(hint, str):
+            raise UsageError(f'{where} needs "file_name" (or "image") and "hint", both text',
+                             hint=HINTS_FORMAT)
+        hints[shown(os.path.normpath(name.replace("\\", "/")).replace(os.sep, "/"))] = one_line(hint)
+    return hints
+
+
+def add_image_hints(jobs: list[Job], folder: str, options: BatchOptions) -> None:
+    """Give each job its line of --hints FILE (or the folder's hints.jsonl); names that match no
+    image are warned of once."""
+    path = options.hints or os.path.join(folder, HINTS_FILE)
+    if not options.hints and not os.path.lexists(path):
+        return
+    hints = read_image_hints(path)
+    for job in jobs:
+        job.image_hint = hints.pop(job.name, "")
+    if hints:
+        names = sorted(hints)
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        warn(f"{shown(path)} names {plural(len(names), 'image')} not in the folder: "
+             f"{', '.join(names[:3])}{more}; their hints are not used")
+
+
+def check_ground_files(jobs: list[Job], options: BatchOptions) -> None:
+    """--ground existing with the tag files as the caption files: without --overwrite the run keeps
+    them all and captions nothing, so say what would make it do something."""
+    grounded = [job for job in jobs if ground_file(job.image)]
+    if not grounded:
+        warn(f"--ground existing: no image has a tag or caption file ({', '.join(GROUND_FILES)}) beside it; "
+             "its captions are written without facts")
+        return
+    kept = [job for job in grounded if job.status == "skipped" and job.reason == "caption exists"
+            and ground_file(job.image) == job.caption_file]
+    if kept and not any(job.status == "pending" for job in jobs):
+        raise UsageError(f"--ground existing: the tag or caption files are the {options.ext} captions this "
+                         f"run writes, and existing captions are kept, so nothing would be captioned",
+                         hint="add --overwrite to replace them grounded in what they say (each is "
+                              "backed up), or write beside them with another --ext, such as --ext .caption")
+    if kept:
+        warn(f"--ground existing: {plural(len(kept), 'image')} kept {options.ext} files that are also their "
+             "tag files (--overwrite replaces them grounded in them; another --ext writes beside them)")
+
+
 def size_vision_context(config: Config, spec: CaptionSpec, options: BatchOptions, jobs: list[Job],
                         hosts: list[Host]) -> Config:
     """The run's settings with one vision num_ctx for all of it, sized for the largest image as it
@@ -5465,7 +5694,8 @@ def size_vision_context(config: Config, spec: CaptionSpec, options: BatchOptions
                 largest = (tokens, f"{job.name}, {width}x{height} as sent")
     if largest is None:
         return config
-    needed = vision_context(largest[0], prompt_tokens("".join(vision_prompt(config, spec.hint))))
+    needed = vision_context(largest[0], prompt_tokens("".join(vision_prompt(config, spec.hint))
+                                                      + grounding_room(spec, jobs)))
     limit = context_length(details)
     what = (f"the largest image ({largest[1]}) needs about {needed} context tokens with "
             f"{config.vision_model} ({plural(largest[0], 'image token')} estimated for the "
@@ -5618,13 +5848,13 @@ def batch_options(args: argparse.Namespace, folder: str) -> BatchOptions:
         release_models=args.keep_alive is None, cache_dir=args.cache_dir,
         use_cache=not args.no_cache, quiet=args.quiet, report=args.report,
         manifest=manifest_path(args.manifest, folder), max_side=args.max_side, frames=args.frames,
-        variants=parse_variants(args.variants), variants_to=args.variants_to,
+        variants=parse_variants(args.variants), variants_to=args.variants_to, hints=args.hints,
     )
 
 
 # Folder-run flags and their defaults: a single file refuses any other value.
 FOLDER_ONLY = {"overwrite_edited": False, "recursive": False, "output_dir": None, "limit": None, "dry_run": False,
-               "manifest": None, "report": None,
+               "manifest": None, "report": None, "hints": None,
                "ext": CAPTION_EXTENSION, "jobs": AUTO, "stages": "auto", "chunk": DEFAULT_CHUNK,
                "keep_alive": None,
                "quiet": False, "variants_to": "lines"}
@@ -5637,6 +5867,9 @@ def caption_folder(config: Config, spec: CaptionSpec, folder: str, options: Batc
         raise UsageError(f"{shown(folder)} has no images ({', '.join(MEDIA_EXTENSIONS)})"
                          + ("" if options.recursive else "; --recursive looks in subfolders"))
     jobs = plan_jobs(folder, images, options)
+    add_image_hints(jobs, folder, options)
+    if "existing" in spec.ground:
+        check_ground_files(jobs, options)
     if options.dry_run:
         listing = dry_run(jobs, options)
         counts = collections.Counter(line.split(":", 1)[0] for line in listing.splitlines())
@@ -7269,7 +7502,7 @@ class ReviewDataset:
         """The description the run used, from the cache (a written job keeps none in memory)."""
         try:
             if media_of(image) == "video":
-                return cache.get(run.clip_key(image))
+                return cache.get(run.clip_key(Job(image, os.path.basename(image), "")))
             data = read_image(image)
         except (ImageError, OSError):
             return None
@@ -7777,6 +8010,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                               "(backed up first)")
     caption.add_argument("--hint", metavar="TEXT",
                          help="context for both models: a character's name, what the dataset is about")
+    caption.add_argument("--ground", metavar="WHAT", action="append",
+                         help="ground captions in what exists: existing (the image's tag or caption file, "
+                              "as facts to keep), filename, folder (their names as hints, without numbering "
+                              "or kohya's repeat count); repeat or comma-separate")
+    caption.add_argument("--hints", metavar="FILE",
+                         help=f"per-image hints, one JSON line each ({{\"file_name\": \"a/b.png\", "
+                              f"\"hint\": \"...\"}}), added to --hint; default: the folder's {HINTS_FILE}")
     caption.add_argument("--underscores", action="store_true",
                          help="tags: keep underscores (long_hair) instead of spaces (long hair)")
     caption.add_argument("--exclude-tags", metavar="TAGS",

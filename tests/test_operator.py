@@ -57,7 +57,8 @@ ALL_TEMPLATES = [
     ("prompt_t5", "$concept"), ("prompt_clip", "$concept"),
     ("enhance_mild", "$prompt"), ("enhance_moderate", "$prompt"), ("enhance_extreme", "$prompt"),
     ("describe", "$model_name $lora_type $tags $dataset"), ("lore", "$scenario $words"),
-    ("hint", "$hint"), ("reask", "$request $answer $problem"), ("reask_vision", "$problem"),
+    ("hint", "$hint"), ("ground_existing", "$where $text"), ("ground_name", "$where $text"),
+    ("reask", "$request $answer $problem"), ("reask_vision", "$problem"),
     ("vision_video_system", "-"), ("vision_video_user", "$frames $duration $timestamps"), ("video_caption", "-"),
 ]
 
@@ -137,7 +138,7 @@ def test_doctor_all_good(ollama, capsys):
         QWEN_NOTE,
         IMAGES_OK,
         VIDEO_OK,
-        "ok    templates: all 22 templates are complete",
+        "ok    templates: all 24 templates are complete",
         "A caption run would work.",
     ]
     assert out.endswith("A caption run would work.\n")
@@ -158,7 +159,7 @@ def test_doctor_with_the_server_down_still_runs_and_exits_3(make_ollama, capsys)
         f"      fix: {SERVE_FIX}",
         IMAGES_OK,
         VIDEO_OK,
-        "ok    templates: all 22 templates are complete",
+        "ok    templates: all 24 templates are complete",
         "1 problem to fix before a caption run.",
     ]
     assert err == "ollama-generate: error: 1 check failed; see above\n"
@@ -175,7 +176,7 @@ def test_doctor_a_missing_model_gets_its_pull_line_and_exits_4(ollama, capsys):
         "      fix: ollama pull llama3.2",
         IMAGES_OK,
         VIDEO_OK,
-        "ok    templates: all 22 templates are complete",
+        "ok    templates: all 24 templates are complete",
         "1 problem to fix before a caption run.",
     ]
     assert err == "ollama-generate: error: 1 check failed; see above\n"
@@ -195,7 +196,7 @@ def test_doctor_a_vision_model_that_cannot_see_exits_4(ollama, capsys):
         QWEN_NOTE,
         IMAGES_OK,
         VIDEO_OK,
-        "ok    templates: all 22 templates are complete",
+        "ok    templates: all 24 templates are complete",
         "1 problem to fix before a caption run.",
     ]
     assert err == "ollama-generate: error: 1 check failed; see above\n"
@@ -253,7 +254,7 @@ def test_doctor_says_when_overrides_are_in_use(ollama, capsys, tmp_path):
     (tmp_path / "prompt_t5.txt").write_text("Paint $concept\n")
     code, out, err = run(capsys, "doctor", "--prompts-dir", tmp_path)
     assert (code, err) == (0, "")
-    line = f"ok    templates: all 22 templates are complete (with overrides from {tmp_path})"
+    line = f"ok    templates: all 24 templates are complete (with overrides from {tmp_path})"
     assert line in out.splitlines()
 
 
@@ -272,7 +273,7 @@ def test_doctor_json_is_one_document(ollama, capsys):
          "fix": None},
         IMAGES_OK_JSON,
         VIDEO_OK_JSON,
-        {"name": "templates", "status": "ok", "detail": "all 22 templates are complete", "fix": None},
+        {"name": "templates", "status": "ok", "detail": "all 24 templates are complete", "fix": None},
     ]}
 
 
@@ -287,7 +288,7 @@ def test_doctor_json_with_a_failure_keeps_stdout_json_and_the_exit_code(make_oll
          "detail": f"cannot connect to Ollama at {url} (Connection refused)", "fix": SERVE_FIX},
         IMAGES_OK_JSON,
         VIDEO_OK_JSON,
-        {"name": "templates", "status": "ok", "detail": "all 22 templates are complete", "fix": None},
+        {"name": "templates", "status": "ok", "detail": "all 24 templates are complete", "fix": None},
     ]}
     assert err == (f"ollama-generate: error: 1 check failed: server: cannot connect to Ollama at {url} "
                    f"(Connection refused)\nollama-generate: hint: {SERVE_FIX}\n")
@@ -313,7 +314,7 @@ def test_doctor_checks_every_host(make_ollama, capsys):
         QWEN_NOTE,
         IMAGES_OK,
         VIDEO_OK,
-        "ok    templates: all 22 templates are complete",
+        "ok    templates: all 24 templates are complete",
         "1 problem to fix before a caption run.",
     ]
     assert err == "ollama-generate: error: 1 check failed; see above\n"
