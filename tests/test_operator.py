@@ -55,7 +55,13 @@ ALL_TEMPLATES = [
     ("enhance_mild", "$prompt"), ("enhance_moderate", "$prompt"), ("enhance_extreme", "$prompt"),
     ("describe", "$model_name $lora_type $tags $dataset"), ("lore", "$scenario $words"),
     ("hint", "$hint"), ("reask", "$request $answer $problem"), ("reask_vision", "$problem"),
+    ("target_video", "-"),
 ]
+
+
+def template_lines(out: str) -> list[str]:
+    """The template rows of `templates`, without the targets section after them."""
+    return out.split("\n\n")[0].splitlines()
 
 
 def template_line(name: str, placeholders: str, source: str) -> str:
@@ -132,7 +138,7 @@ def test_doctor_all_good(ollama, capsys):
         f"ok    text model: {TEXT} is installed (completion, tools, thinking)",
         QWEN_NOTE,
         IMAGES_OK,
-        "ok    templates: all 18 templates are complete",
+        "ok    templates: all 19 templates are complete",
         "A caption run would work.",
     ]
     assert out.endswith("A caption run would work.\n")
@@ -152,7 +158,7 @@ def test_doctor_with_the_server_down_still_runs_and_exits_3(make_ollama, capsys)
         f"FAIL  server: cannot connect to Ollama at {url} (Connection refused)",
         f"      fix: {SERVE_FIX}",
         IMAGES_OK,
-        "ok    templates: all 18 templates are complete",
+        "ok    templates: all 19 templates are complete",
         "1 problem to fix before a caption run.",
     ]
     assert err == "ollama-generate: error: 1 check failed; see above\n"
@@ -168,7 +174,7 @@ def test_doctor_a_missing_model_gets_its_pull_line_and_exits_4(ollama, capsys):
         f"FAIL  text model: llama3.2 is not installed on {ollama.url}",
         "      fix: ollama pull llama3.2",
         IMAGES_OK,
-        "ok    templates: all 18 templates are complete",
+        "ok    templates: all 19 templates are complete",
         "1 problem to fix before a caption run.",
     ]
     assert err == "ollama-generate: error: 1 check failed; see above\n"
@@ -187,7 +193,7 @@ def test_doctor_a_vision_model_that_cannot_see_exits_4(ollama, capsys):
         f"ok    text model: {TEXT} is installed (completion, tools, thinking)",
         QWEN_NOTE,
         IMAGES_OK,
-        "ok    templates: all 18 templates are complete",
+        "ok    templates: all 19 templates are complete",
         "1 problem to fix before a caption run.",
     ]
     assert err == "ollama-generate: error: 1 check failed; see above\n"
@@ -245,7 +251,7 @@ def test_doctor_says_when_overrides_are_in_use(ollama, capsys, tmp_path):
     (tmp_path / "prompt_t5.txt").write_text("Paint $concept\n")
     code, out, err = run(capsys, "doctor", "--prompts-dir", tmp_path)
     assert (code, err) == (0, "")
-    line = f"ok    templates: all 18 templates are complete (with overrides from {tmp_path})"
+    line = f"ok    templates: all 19 templates are complete (with overrides from {tmp_path})"
     assert line in out.splitlines()
 
 
@@ -263,7 +269,7 @@ def test_doctor_json_is_one_document(ollama, capsys):
         {"name": "text model", "status": "note", "detail": QWEN_NOTE.removeprefix("note  text model: "),
          "fix": None},
         IMAGES_OK_JSON,
-        {"name": "templates", "status": "ok", "detail": "all 18 templates are complete", "fix": None},
+        {"name": "templates", "status": "ok", "detail": "all 19 templates are complete", "fix": None},
     ]}
 
 
@@ -277,7 +283,7 @@ def test_doctor_json_with_a_failure_keeps_stdout_json_and_the_exit_code(make_oll
         {"name": "server", "status": "fail",
          "detail": f"cannot connect to Ollama at {url} (Connection refused)", "fix": SERVE_FIX},
         IMAGES_OK_JSON,
-        {"name": "templates", "status": "ok", "detail": "all 18 templates are complete", "fix": None},
+        {"name": "templates", "status": "ok", "detail": "all 19 templates are complete", "fix": None},
     ]}
     assert err == (f"ollama-generate: error: 1 check failed: server: cannot connect to Ollama at {url} "
                    f"(Connection refused)\nollama-generate: hint: {SERVE_FIX}\n")
@@ -302,7 +308,7 @@ def test_doctor_checks_every_host(make_ollama, capsys):
         f"ok    text model: {TEXT} is installed (completion, tools, thinking)",
         QWEN_NOTE,
         IMAGES_OK,
-        "ok    templates: all 18 templates are complete",
+        "ok    templates: all 19 templates are complete",
         "1 problem to fix before a caption run.",
     ]
     assert err == "ollama-generate: error: 1 check failed; see above\n"
@@ -411,7 +417,7 @@ def test_models_with_the_server_down_exits_3(make_ollama, capsys):
 def test_templates_lists_every_template_as_built_in(capsys):
     code, out, err = run(capsys, "templates")
     assert (code, err) == (0, "")
-    assert out.splitlines() == [template_line(name, fields, "built-in") for name, fields in ALL_TEMPLATES]
+    assert template_lines(out) == [template_line(name, fields, "built-in") for name, fields in ALL_TEMPLATES]
     assert [name for name, _ in ALL_TEMPLATES] == list(og.TEMPLATE_FIELDS)
 
 
@@ -450,7 +456,7 @@ def test_an_override_is_used_by_file_name_and_listed(ollama, capsys, tmp_path):
 
     code, out, err = run(capsys, "templates", "--prompts-dir", tmp_path)
     assert (code, err) == (0, "")
-    assert out.splitlines() == [
+    assert template_lines(out) == [
         template_line(name, fields, "override" if name == "prompt_t5" else "built-in")
         for name, fields in ALL_TEMPLATES]
 
@@ -506,7 +512,7 @@ def test_a_file_that_replaces_no_template_is_warned_about(capsys, tmp_path):
     (tmp_path / "notes.md").write_text("not a template\n")
     code, out, err = run(capsys, "templates", "--prompts-dir", tmp_path)
     assert code == 0
-    assert out.splitlines() == [template_line(name, fields, "built-in") for name, fields in ALL_TEMPLATES]
+    assert template_lines(out) == [template_line(name, fields, "built-in") for name, fields in ALL_TEMPLATES]
     assert err == (f"ollama-generate: warning: {tmp_path / 'caption-tags.txt'} replaces no template "
                    "(check its name)\n")
 
