@@ -1281,7 +1281,12 @@ class Target(Frozen):
     @property
     def prompt_encoder(self) -> str:
         """The prompt command's encoder: tags for CLIP, prose for everything that reads sentences."""
-        return "clip" if self.encoder == "clip" else "t5"
+        return TARGET_ENCODERS[self.encoder][0]
+
+    @property
+    def tokens(self) -> str:
+        """Whose tokens the budget counts, as the review flag and warnings name them."""
+        return TARGET_ENCODERS[self.encoder][1]
 
 
 # Presets per base model. Budgets: CLIP reads 75 tokens (kohya's --max_token_length extends it);
@@ -1310,7 +1315,9 @@ TARGETS = {row.name: row for row in (
     Target("ltx", "LTX-Video", "training", "t5", 128, guidance="target_video",
            notes="T5, 128 tokens by default: keep captions short; motion and camera first"),
 )}
-TARGET_ENCODERS = ("clip", "t5", "llm")
+# encoder: (prompt --encoder, the tokens a budget counts). T5 and LLM tokens are estimated with the
+# CLIP counter: close enough for English to tell a caption that will be cut off.
+TARGET_ENCODERS = {"clip": ("clip", "CLIP"), "t5": ("t5", "T5 (estimated)"), "llm": ("t5", "LLM (estimated)")}
 TARGETS_FILE = "targets.json"  # rows in a --prompts-dir that add targets or change built-in ones
 
 TARGET_NAME = lazy_pattern(r"[a-z0-9][a-z0-9.-]{0,39}")
@@ -3330,12 +3337,10 @@ def token_budget(spec: CaptionSpec) -> tuple[int, str]:
     """The tokens a caption may take and whose they are; 0 for no limit.
 
     A target's budget applies to every style (LTX reads 128 T5 tokens of prose); without one,
-    tag styles keep CLIP's 75. T5 and LLM tokens are estimated with the CLIP counter: close
-    enough for English to tell a caption that will be cut off.
+    tag styles keep CLIP's 75.
     """
     if spec.target:
-        encoder = spec.target.encoder.upper()
-        return spec.target.budget, encoder if encoder == "CLIP" else f"{encoder} (estimated)"
+        return spec.target.budget, spec.target.tokens
     return (CLIP_TOKEN_BUDGET, "CLIP") if spec.row.clip_budget else (0, "")
 
 
@@ -3583,14 +3588,15 @@ def cmd_prompt(config: Config, args: argparse.Namespace) -> Product:
     concept = read_text_argument(args.concept, "concept")
     target = find_target(args.target)
     quality = quality_prefix(args, target, "")
-    style = STYLES[f"prompt-{args.encoder or (target.prompt_encoder if target else 't5')}"]
+    encoder = args.encoder or (target.prompt_encoder if target else "t5")
+    style = STYLES[f"prompt-{encoder}"]
     request = with_guidance(render(style.template, concept=concept), target)
     # A CLIP prompt is trimmed to its token budget once complete, and quality tags go first:
     # either way the finished text differs from the stream, so it is not streamed.
     product = text_command(config, args, request, style.sampling, style,
                            stream=not (style.clip_fit or quality))
     if style.clip_fit:
-        budget = target.budget if target and target.encoder == "clip" else CLIP_TOKEN_BUDGET
+        budget = target.budget if target and target.prompt_encoder == encoder else CLIP_TOKEN_BUDGET
         product.text = fit_clip_budget(quality.split(", ") + product.text.split(", ") if quality
                                        else product.text.split(", "), budget)
     elif quality:
@@ -3625,9 +3631,7 @@ def cmd_enhance(config: Config, args: argparse.Namespace) -> Product:
         product.data["target"] = target.name
         over = over_clip_budget(product.text or "", target.budget)
         if over is not None and over > target.budget:
-            estimated = "" if target.encoder == "clip" else " (estimated)"
-            warn(f"about {over} {target.encoder.upper()} tokens{estimated}: {target.family} reads only "
-                 f"the first {target.budget}")
+            warn(f"about {over} {target.tokens} tokens: {target.family} reads only the first {target.budget}")
     elif over_clip_budget(product.text or "", CLIP_TOKEN_BUDGET) is not None:
         warn(f"about {tokens} CLIP tokens: SDXL and Pony read only the first {CLIP_TOKEN_BUDGET}; "
              "Flux's T5 reads far more")

@@ -298,3 +298,22 @@ def test_a_bad_targets_file_is_one_clear_error(ollama, capsys, tmp_path, content
     separator = ": " if message.startswith("target") else " "
     assert err.splitlines()[0] == f"ollama-generate: error: {tmp_path / 'targets.json'}{separator}{message}"
     assert ollama.requests == []
+
+
+def test_enhance_for_ltx_warns_over_its_t5_budget(ollama, capsys):
+    prose = ("A red fox sprints left across fresh snow while the camera pans slowly to follow it, low and "
+             "steady at ground level. Powder sprays behind its paws in bright arcs that catch the pale morning "
+             "sun. Birch trunks slide past in the foreground, slightly blurred, as the shot tightens from a wide "
+             "view of the frozen meadow to a medium close-up of the animal's face. Its breath clouds in the cold "
+             "air, ears turning toward a distant sound. Near the fence the fox stops abruptly, crouches, then "
+             "leaps high into a drift and vanishes headfirst; the camera holds still on the settling snow for a "
+             "moment before tilting up to reveal a line of dark pines, a wooden barn with a rusted roof, and "
+             "thin smoke rising from its chimney into a cloudless winter sky.")
+    ollama.reply(prose)
+    code, out, err = run(capsys, "enhance", "a fox", "--target", "ltx", "--no-stream")
+    tokens = og.clip_tokens(prose)[0]
+    assert tokens > 128
+    assert (code, out) == (0, prose + "\n")
+    assert err == f"ollama-generate: warning: about {tokens} T5 (estimated) tokens: LTX-Video reads only the first 128\n"
+    assert ollama.generation_requests()[0].body["prompt"] == (og.render("enhance_moderate", prompt="a fox") + VIDEO
+                                                              + "\n/no_think")
