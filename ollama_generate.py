@@ -5570,7 +5570,7 @@ def caption_image(config: Config, spec: CaptionSpec, path: str, options: BatchOp
     requests = [answer_data(answer, model) for host in report.hosts for model, answer in host.client.record]
     return Product(caption.text, {
         **caption_record(job), "command": "caption", "image": shown(path), "style": spec.style,
-        "creative": spec.creative, "text": caption.text, "description": job.description, "cached": job.cached,
+        "target": spec.target.name if spec.target else None, "creative": spec.creative, "text": caption.text, "description": job.description, "cached": job.cached,
         "needs_review": "; ".join(caption.review) or None, "vision_model": config.vision_model,
         "model": config.model, "requests": requests})
 
@@ -7501,7 +7501,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     caption = add("caption", cmd_caption,
                   "  ollama-generate caption photo.png --style tags\n"
                   "  ollama-generate caption ./dataset/ --trigger ohwx --overwrite\n"
-                  "  ollama-generate caption photo.png --style detailed --creative")
+                  "  ollama-generate caption photo.png --style detailed --creative\n"
+                  "  ollama-generate caption ./dataset/ --target pony --quality-tags\n"
+                  "  ollama-generate caption --target list")
     caption.add_argument("path", metavar="PATH", help="an image file, or a folder of images")
     caption.add_argument("--style", choices=CAPTION_STYLES,
                          help="training: a 50-150 word paragraph (Flux/T5); tags: 20-40 booru "

@@ -596,7 +596,7 @@ def test_json_single_image_caption(ollama, capsys, photo):
     code, out, err = run(capsys, "caption", photo, "--json")
     assert (code, err) == (0, "")
     assert one_json(out) == {
-        "command": "caption", "image": str(photo), "style": "training", "creative": False,
+        "command": "caption", "image": str(photo), "style": "training", "target": None, "creative": False,
         "text": TRAINING, "description": DESCRIPTION, "cached": False,
         # In range, nothing cleaned away, every concrete word in the description.
         "needs_review": None, "rules": [], "unsupported_share": 0.0, "invented": [],

@@ -317,3 +317,12 @@ def test_enhance_for_ltx_warns_over_its_t5_budget(ollama, capsys):
     assert err == f"ollama-generate: warning: about {tokens} T5 (estimated) tokens: LTX-Video reads only the first 128\n"
     assert ollama.generation_requests()[0].body["prompt"] == (og.render("enhance_moderate", prompt="a fox") + VIDEO
                                                               + "\n/no_think")
+
+
+def test_caption_json_names_the_target(ollama, capsys, photo):
+    ollama.reply(DESCRIPTION, endpoint="/api/chat")
+    ollama.reply(TRAINING, endpoint="/api/generate")
+    code, out, err = run(capsys, "caption", photo, "--target", "chroma", "--json")
+    assert (code, err) == (0, "")
+    data = json.loads(out)
+    assert (data["style"], data["target"], data["text"]) == ("training", "chroma", TRAINING)
