@@ -5686,6 +5686,10 @@ def template_check() -> Check:
             render(name, **{field: "x" for field in fields})
         except TemplateError as exc:
             problems.append(str(exc))
+    try:
+        target_table()  # a --prompts-dir targets.json is checked here too
+    except UsageError as exc:
+        problems.append(str(exc))
     where = f" (with overrides from {PROMPTS_OVERRIDE})" if PROMPTS_OVERRIDE else ""
     if problems:
         return Check("templates", "fail", "; ".join(problems), "fix the placeholders, or remove the override")

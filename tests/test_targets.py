@@ -326,3 +326,11 @@ def test_caption_json_names_the_target(ollama, capsys, photo):
     assert (code, err) == (0, "")
     data = json.loads(out)
     assert (data["style"], data["target"], data["text"]) == ("training", "chroma", TRAINING)
+
+
+def test_doctor_checks_a_targets_file(ollama, capsys, tmp_path):
+    (tmp_path / "targets.json").write_text('{"flux": {"budget": -1}}')
+    code, out, err = run(capsys, "doctor", "--prompts-dir", tmp_path)
+    assert code == 1
+    assert (f"FAIL  templates: {tmp_path / 'targets.json'}: target 'flux': budget must be 1-1048576 tokens, "
+            "got -1") in out.splitlines()
