@@ -189,6 +189,7 @@ TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {
     "vision_video_system": (),
     "vision_video_user": ("frames", "duration", "timestamps"),
     "video_caption": (),
+    "target_video": (),
 }
 
 # -- Errors -------------------------------------------------------------------
@@ -1283,6 +1284,154 @@ CAPTION_STYLES = ("training", "tags", "detailed")
 VARIANT_STYLES = (*CAPTION_STYLES, "short", "long")  # what --variants may name
 MAX_VARIANTS = 6  # each is one more text call per image
 VARIANT_LAYOUTS = ("lines", "files")  # --variants-to: one caption per line of img.txt, or img.NAME.txt each
+
+
+class Target(Frozen):
+    """A preset for one base model: the defaults its LoRA trainers expect (a row of TARGETS)."""
+
+    name: str
+    family: str  # the base model, for listings
+    style: str  # the caption style: prose (training) for T5/LLM encoders, tags for CLIP ones
+    encoder: str  # what reads the caption: clip, t5 or llm; prompt --target picks its encoder from it
+    budget: int  # tokens the encoder reads; a caption over it is flagged for review
+    quality: str = ""  # quality tags put first only with --quality-tags, never baked in by default
+    underscores: bool = False  # booru tags keep underscores (long_hair)
+    guidance: str = ""  # a template appended to caption, prompt and enhance requests (no placeholders)
+    notes: str = ""
+
+    @property
+    def prompt_encoder(self) -> str:
+        """The prompt command's encoder: tags for CLIP, prose for everything that reads sentences."""
+        return TARGET_ENCODERS[self.encoder][0]
+
+    @property
+    def tokens(self) -> str:
+        """Whose tokens the budget counts, as the review flag and warnings name them."""
+        return TARGET_ENCODERS[self.encoder][1]
+
+
+# Presets per base model. Budgets: CLIP reads 75 tokens (kohya's --max_token_length extends it);
+# T5 and LLM encoders read what their pipelines' max_sequence_length says. Underscores: every
+# built-in row writes spaces, as kohya's --remove_underscore and the SDXL-anime checkpoints'
+# own prompt guides do; Pony's score_*/source_* keep theirs anyway (normalize_tag). A row in a
+# --prompts-dir targets.json may say otherwise for a checkpoint trained on raw Danbooru tags.
+PONY_QUALITY = "score_9, score_8_up, score_7_up, score_6_up, score_5_up, score_4_up"
+TARGETS = {row.name: row for row in (
+    Target("flux", "Flux.1", "training", "t5", 512, notes="T5 reads 512 tokens (schnell 256); no quality tags"),
+    Target("sdxl", "SDXL", "tags", "clip", 75, notes="CLIP: 75 tokens, about 30-45 short tags"),
+    Target("pony", "Pony Diffusion V6 (SDXL)", "tags", "clip", 75, PONY_QUALITY,
+           notes="score_* with --quality-tags; add source_* with --prefix (e.g. source_anime)"),
+    Target("illustrious", "Illustrious-XL (SDXL)", "tags", "clip", 75, "masterpiece, best quality",
+           notes="quality tags vary per checkpoint: --quality-tags or your own --prefix"),
+    Target("noobai", "NoobAI-XL (SDXL)", "tags", "clip", 75,
+           "masterpiece, best quality, newest, absurdres, highres",
+           notes="rating tags (safe, ...) describe each image: put them in --prefix yourself"),
+    Target("sd15", "Stable Diffusion 1.5", "tags", "clip", 75, notes="CLIP: 75 tokens"),
+    Target("qwen-image", "Qwen-Image", "training", "llm", 512, notes="Qwen2.5-VL encoder reads sentences"),
+    Target("chroma", "Chroma (Flux-based)", "training", "t5", 512, notes="T5 only, no CLIP: prose"),
+    Target("wan", "Wan 2.x (video)", "training", "t5", 512, guidance="target_video",
+           notes="umT5; motion and camera first"),
+    Target("hunyuan-video", "HunyuanVideo", "training", "llm", 256, guidance="target_video",
+           notes="LLM encoder, 256 tokens; motion and camera first"),
+    Target("ltx", "LTX-Video", "training", "t5", 128, guidance="target_video",
+           notes="T5, 128 tokens by default: keep captions short; motion and camera first"),
+)}
+# encoder: (prompt --encoder, the tokens a budget counts). T5 and LLM tokens are estimated with the
+# CLIP counter: close enough for English to tell a caption that will be cut off.
+TARGET_ENCODERS = {"clip": ("clip", "CLIP"), "t5": ("t5", "T5 (estimated)"), "llm": ("t5", "LLM (estimated)")}
+TARGETS_FILE = "targets.json"  # rows in a --prompts-dir that add targets or change built-in ones
+
+TARGET_NAME = lazy_pattern(r"[a-z0-9][a-z0-9.-]{0,39}")
+TARGET_TYPES = {"family": str, "style": str, "encoder": str, "budget": int, "quality": str,
+                "underscores": bool, "guidance": str, "notes": str}
+
+
+def target_table() -> dict[str, Target]:
+    """The built-in targets, with the rows of a --prompts-dir targets.json added or applied."""
+    path = os.path.join(PROMPTS_OVERRIDE, TARGETS_FILE) if PROMPTS_OVERRIDE else ""
+    if not path or not os.path.isfile(path):
+        return dict(TARGETS)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            rows = json.load(handle)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"{path} cannot be read as JSON: {exc}",
+                         hint='write an object of rows, e.g. {"my-sdxl": {"style": "tags", '
+                              '"encoder": "clip", "budget": 75}}') from None
+    if not isinstance(rows, dict):
+        raise UsageError(f"{path} must hold a JSON object of target rows, not a {type(rows).__name__}")
+    table = dict(TARGETS)
+    for name, fields in rows.items():
+        table[name] = target_row_from(path, name, fields, table.get(name))
+    return table
+
+
+def target_row_from(path: str, name: str, fields: object, base: Target | None) -> Target:
+    """One row of targets.json, checked field by field: it changes a built-in row or adds one."""
+    where = f"{path}: target {name!r}"
+    if not TARGET_NAME.fullmatch(name) or name == "list":
+        raise UsageError(f"{where}: a name is lower-case letters, digits, dots and hyphens (not 'list')")
+    if not isinstance(fields, dict):
+        raise UsageError(f"{where} must be a JSON object of fields")
+    unknown = sorted(set(fields) - set(TARGET_TYPES))
+    if unknown:
+        raise UsageError(f"{where} has unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}",
+                         hint=f"a target's fields: {', '.join(TARGET_TYPES)}")
+    for field, value in fields.items():
+        if type(value) is not TARGET_TYPES[field]:  # type(): true is not a budget
+            raise UsageError(f"{where}: {field} must be a {TARGET_TYPES[field].__name__}, got {value!r}")
+    needed = [field for field in ("style", "encoder", "budget") if field not in fields]
+    if base is None and needed:
+        raise UsageError(f"{where} is new and needs {', '.join(needed)}")
+    row = (base or Target(name, name, "", "", 0)).replace(**fields)
+    problems = {
+        "style": (row.style in CAPTION_STYLES, f"one of {', '.join(CAPTION_STYLES)}"),
+        "encoder": (row.encoder in TARGET_ENCODERS, f"one of {', '.join(TARGET_ENCODERS)}"),
+        "budget": (1 <= row.budget <= MAX_TOKENS, f"1-{MAX_TOKENS} tokens"),
+        "quality": ("\n" not in row.quality and "\r" not in row.quality, "one line"),
+        "guidance": (not row.guidance or row.guidance.startswith("target_") and row.guidance in TEMPLATE_FIELDS,
+                     "empty or a target_* template: " + ", ".join(n for n in TEMPLATE_FIELDS
+                                                                  if n.startswith("target_"))),
+    }
+    for field, (fine, allowed) in problems.items():
+        if not fine:
+            raise UsageError(f"{where}: {field} must be {allowed}, got {getattr(row, field)!r}")
+    return row
+
+
+def find_target(name: str | None) -> Target | None:
+    """The --target row, or None without one; an unknown name is a usage error listing them all."""
+    if name is None:
+        return None
+    table = target_table()
+    if name not in table:
+        raise UsageError(f"unknown target {name!r}; the targets: {', '.join(table)}",
+                         hint="`ollama-generate caption --target list` shows what each one sets")
+    return table[name]
+
+
+def target_rows() -> list[dict]:
+    """Every target as a listing row (--target list, templates)."""
+    return [{"name": row.name, "family": row.family, "style": row.style, "encoder": row.encoder,
+             "budget": row.budget, "prefix": row.quality or None, "underscores": row.underscores,
+             "guidance": row.guidance or None, "notes": row.notes} for row in target_table().values()]
+
+
+def format_targets(rows: list[dict]) -> list[str]:
+    """The targets as an aligned table: name, family, style, budget, prefix, notes."""
+    header = {"name": "target", "family": "family", "style": "style", "budget": "budget",
+              "prefix": "prefix (--quality-tags)", "notes": "notes"}
+    cells = [header] + [{**row, "budget": f"{row['budget']} {row['encoder']}", "prefix": row["prefix"] or "-"}
+                        for row in rows]
+    columns = list(header)
+    widths = {column: max(len(str(cell[column])) for cell in cells) for column in columns[:-1]}
+    return ["  ".join(f"{cell[column]!s:<{widths[column]}}" for column in columns[:-1]) + "  " + cell["notes"]
+            for cell in cells]
+
+
+def with_guidance(prompt: str, target: Target | None) -> str:
+    """Add the target's guidance template (video: motion and camera first) to a request."""
+    return prompt + render(target.guidance) if target and target.guidance else prompt
 
 
 _ALL = ("caption", "prompt", "card", "fiction", "vision")
@@ -3114,6 +3263,7 @@ class CaptionSpec(Frozen):
     ground: tuple[str, ...] = ()  # --ground: rows of GROUNDS
     grounding: str = ""  # one image's grounding, rendered (CaptionRun.job_spec)
     file_stem: str = ""  # one image's file name without extension, which its caption never echoes
+    target: Target | None = None  # --target: its guidance joins the request, its budget judges the caption
 
     @property
     def row(self) -> Style:
@@ -3487,8 +3637,8 @@ def write_caption(client: OllamaClient, config: Config, spec: CaptionSpec, descr
     the one closer to the range is kept; a second unusable one fails the image.
     """
     style = spec.row
-    request = with_hint(render(style.template, description=description) + media_note(media),
-                        spec.hint) + spec.grounding
+    request = with_guidance(with_hint(render(style.template, description=description) + media_note(media),
+                                      spec.hint), spec.target) + spec.grounding
     fmt = style.schema() if style.structured and spec.structured and client.supports_structured_output() \
         else None
     draft = judge_caption(ask_text_model(client, config, request, style.sampling, keep_alive=keep_alive,
@@ -3523,14 +3673,26 @@ def finish_caption(draft: Draft, spec: CaptionSpec, description: str) -> Caption
     least, share_at_least = INVENTED_FLAG[style.form]
     if invented and len(invented) >= least and share >= share_at_least:
         review.append("invented: " + ", ".join(invented))
-    tokens = over_clip_budget(text, CLIP_TOKEN_BUDGET) if style.clip_budget else None
+    budget, encoder = token_budget(spec)
+    tokens = over_clip_budget(text, budget) if budget else None
     if tokens is not None:
-        where = "over" if tokens > CLIP_TOKEN_BUDGET else "estimated at the edge of"
-        review.append(f"about {tokens} CLIP tokens, {where} the {CLIP_TOKEN_BUDGET}-token budget")
+        where = "over" if tokens > budget else "estimated at the edge of"
+        review.append(f"about {tokens} {encoder} tokens, {where} the {budget}-token budget")
     echoed = echoed_file_name(draft.body, spec.file_stem) if spec.file_stem else ""
     if echoed:
         review.append(f"echoes the file name {echoed!r}")
     return Caption(text, review, draft.cleaned.fired, draft.cleaned.spans, draft.answer.text, invented, share)
+
+
+def token_budget(spec: CaptionSpec) -> tuple[int, str]:
+    """The tokens a caption may take and whose they are; 0 for no limit.
+
+    A target's budget applies to every style (LTX reads 128 T5 tokens of prose); without one,
+    tag styles keep CLIP's 75.
+    """
+    if spec.target:
+        return spec.target.budget, spec.target.tokens
+    return (CLIP_TOKEN_BUDGET, "CLIP") if spec.row.clip_budget else (0, "")
 
 
 def check_models(client: OllamaClient, config: Config) -> dict[str, dict]:
@@ -3560,12 +3722,15 @@ def check_templates(config: Config, spec: CaptionSpec) -> None:
         render(variant.row.template, description="")
     render("reask", request="", answer="", problem="")
     render("reask_vision", problem="")
+    with_guidance("", spec.target)
 
 
 def caption_spec(args: argparse.Namespace) -> CaptionSpec:
     """The caption flags, checked: a trigger is one comma-free chunk, a prefix one line."""
     trigger = (args.trigger or "").strip(" ,")
-    prefix = args.prefix or ""
+    target = find_target(args.target)
+    prefix = quality_prefix(args, target, args.prefix or "")
+    style = args.style or (target.style if target else "training")
     if "," in trigger:
         raise UsageError(f"--trigger must be one word or phrase without commas, got {args.trigger!r}",
                          hint="put fixed tags that come first in --prefix")
@@ -3573,14 +3738,16 @@ def caption_spec(args: argparse.Namespace) -> CaptionSpec:
         raise UsageError("--prefix must be a single line: a caption file is one line")
     tag_flags = ("underscores", "exclude_tags", "always_first")
     variants = parse_variants(args.variants)
-    if all(STYLES[name].form != "tags" for name in variants or (args.style,)) \
+    if all(STYLES[name].form != "tags" for name in variants or (style,)) \
             and any(getattr(args, name) for name in tag_flags):
         raise UsageError("--underscores, --exclude-tags and --always-first shape tags; "
                          "add --style tags" + (" or a tags variant" if variants else ""))
-    return CaptionSpec(style=variants[0] if variants else args.style, variants=variants, creative=args.creative, trigger=trigger, prefix=prefix,
-                       hint=one_line(args.hint or ""), underscores=args.underscores,
+    return CaptionSpec(style=variants[0] if variants else style, variants=variants, creative=args.creative,
+                       trigger=trigger, prefix=prefix, hint=one_line(args.hint or ""),
+                       underscores=args.underscores or bool(target and target.underscores),
                        exclude=tag_list(args.exclude_tags), always_first=tag_list(args.always_first),
-                       structured=not args.no_structured, ground=ground_list(getattr(args, "ground", None)))
+                       structured=not args.no_structured, target=target,
+                       ground=ground_list(getattr(args, "ground", None)))
 
 
 def parse_variants(value: str | None) -> tuple[str, ...]:
@@ -3603,6 +3770,17 @@ def parse_variants(value: str | None) -> tuple[str, ...]:
         raise UsageError(f"--variants names {len(names)} styles; at most {MAX_VARIANTS} are written per image",
                          hint=choices)
     return names
+
+
+def quality_prefix(args: argparse.Namespace, target: Target | None, prefix: str) -> str:
+    """The prefix with the target's quality tags first when --quality-tags asks for them."""
+    if not args.quality_tags:
+        return prefix
+    if target is None or not target.quality:
+        having = ", ".join(name for name, row in target_table().items() if row.quality)
+        what = f"the target {target.name} has none" if target else "they come from --target"
+        raise UsageError(f"--quality-tags: {what}", hint=f"targets with quality tags: {having}")
+    return ", ".join(part for part in (target.quality, prefix.strip(" ,")) if part)
 
 
 def tag_list(value: str | None) -> tuple[str, ...]:
@@ -3787,19 +3965,31 @@ def text_command(config: Config, args: argparse.Namespace, request: str, kind: s
 def cmd_prompt(config: Config, args: argparse.Namespace) -> Product:
     """Write an image-generation prompt from a concept."""
     concept = read_text_argument(args.concept, "concept")
-    style = STYLES[f"prompt-{args.encoder}"]
-    # A CLIP prompt is trimmed to its token budget once complete, so it is not streamed.
-    product = text_command(config, args, render(style.template, concept=concept), style.sampling, style,
-                           stream=not style.clip_fit)
+    target = find_target(args.target)
+    quality = quality_prefix(args, target, "")
+    encoder = args.encoder or (target.prompt_encoder if target else "t5")
+    style = STYLES[f"prompt-{encoder}"]
+    request = with_guidance(render(style.template, concept=concept), target)
+    # A CLIP prompt is trimmed to its token budget once complete, and quality tags go first:
+    # either way the finished text differs from the stream, so it is not streamed.
+    product = text_command(config, args, request, style.sampling, style,
+                           stream=not (style.clip_fit or quality))
     if style.clip_fit:
-        product.text = product.data["text"] = fit_clip_budget(product.text.split(", "))
+        budget = target.budget if target and target.prompt_encoder == encoder else CLIP_TOKEN_BUDGET
+        product.text = fit_clip_budget(quality.split(", ") + product.text.split(", ") if quality
+                                       else product.text.split(", "), budget)
+    elif quality:
+        product.text = layout_caption(product.text, prefix=quality)
+    product.data["text"] = product.text
+    if target:
+        product.data["target"] = target.name
     return product
 
 
-def fit_clip_budget(tags: list[str]) -> str:
+def fit_clip_budget(tags: list[str], budget: int = CLIP_TOKEN_BUDGET) -> str:
     """Join tags, leaving off the last ones until the line fits CLIP's 75-token budget."""
     tags = [tag for tag in dict.fromkeys(tags) if tag]
-    while len(tags) > 1 and over_clip_budget(", ".join(tags), CLIP_TOKEN_BUDGET) is not None:
+    while len(tags) > 1 and over_clip_budget(", ".join(tags), budget) is not None:
         tags.pop()
     return ", ".join(tags)
 
@@ -3807,11 +3997,21 @@ def fit_clip_budget(tags: list[str]) -> str:
 def cmd_enhance(config: Config, args: argparse.Namespace) -> Product:
     """Rewrite an existing prompt with more detail."""
     prompt = read_text_argument(args.prompt, "prompt")
-    product = text_command(config, args, render(f"enhance_{args.intensity}", prompt=prompt),
-                           f"enhance-{args.intensity}", STYLES["enhance"])
+    target = find_target(args.target)
+    quality = quality_prefix(args, target, "")
+    request = with_guidance(render(f"enhance_{args.intensity}", prompt=prompt), target)
+    product = text_command(config, args, request, f"enhance-{args.intensity}", STYLES["enhance"],
+                           stream=not quality)
+    if quality and not product.text.lower().startswith(quality.split(",")[0].lower()):
+        product.text = product.data["text"] = layout_caption(product.text, prefix=quality)
     tokens = clip_tokens(product.text or "")[0]
     product.data["clip_tokens"] = tokens
-    if over_clip_budget(product.text or "", CLIP_TOKEN_BUDGET) is not None:
+    if target:  # the target says whose budget counts
+        product.data["target"] = target.name
+        over = over_clip_budget(product.text or "", target.budget)
+        if over is not None and over > target.budget:
+            warn(f"about {over} {target.tokens} tokens: {target.family} reads only the first {target.budget}")
+    elif over_clip_budget(product.text or "", CLIP_TOKEN_BUDGET) is not None:
         warn(f"about {tokens} CLIP tokens: SDXL and Pony read only the first {CLIP_TOKEN_BUDGET}; "
              "Flux's T5 reads far more")
     return product
@@ -6035,6 +6235,7 @@ def caption_image(config: Config, spec: CaptionSpec, path: str, options: BatchOp
     requests = [answer_data(answer, model) for host in report.hosts for model, answer in host.client.record]
     return Product(text, {
         **caption_record(job), "command": "caption", "image": shown(path), "style": spec.style,
+        "target": spec.target.name if spec.target else None,
         "creative": spec.creative, "text": caption.text, "description": job.description, "cached": job.cached,
         "needs_review": "; ".join(job.review) or None, "vision_model": config.vision_model,
         "model": config.model, "requests": requests})
@@ -6164,6 +6365,10 @@ def template_check() -> Check:
             render(name, **{field: "x" for field in fields})
         except TemplateError as exc:
             problems.append(str(exc))
+    try:
+        target_table()  # a --prompts-dir targets.json is checked here too
+    except UsageError as exc:
+        problems.append(str(exc))
     where = f" (with overrides from {PROMPTS_OVERRIDE})" if PROMPTS_OVERRIDE else ""
     if problems:
         return Check("templates", "fail", "; ".join(problems), "fix the placeholders, or remove the override")
@@ -6270,7 +6475,9 @@ def cmd_templates(config: Config, args: argparse.Namespace) -> Product:
     width = max(len(row["name"]) for row in rows)
     lines = [f"{row['name']:<{width}}  {' '.join('$' + f for f in row['placeholders']) or '-':<40}  {row['source']}"
              + (" (BROKEN)" if row["problem"] else "") for row in rows]
-    product = Product("\n".join(lines), {"command": "templates", "templates": rows})
+    targets = target_rows()
+    lines += ["", "Targets (--target; rows from a --prompts-dir targets.json included):"] + format_targets(targets)
+    product = Product("\n".join(lines), {"command": "templates", "templates": rows, "targets": targets})
     broken = [row["problem"] for row in rows if row["problem"]]
     if broken:
         product.error = TemplateError(
@@ -6278,6 +6485,12 @@ def cmd_templates(config: Config, args: argparse.Namespace) -> Product:
             + "; ".join(broken),
             hint="fix the placeholders, or remove the file to use the built-in template")
     return product
+
+
+def cmd_target_list(config: Config, args: argparse.Namespace) -> Product:
+    """List the --target presets (`caption --target list`)."""
+    rows = target_rows()
+    return Product("\n".join(format_targets(rows)), {"command": "targets", "targets": rows})
 
 
 # -- Dataset statistics: stats ------------------------------------------------
@@ -7954,6 +8167,38 @@ class _Skipped:
     add_mutually_exclusive_group = add_argument_group
 
 
+def add_target_options(parser: argparse.ArgumentParser) -> None:
+    """--target and --quality-tags, on the commands that write for a base model."""
+    presets = parser.add_argument_group("target model presets (flags given explicitly win)")
+    presets.add_argument("--target", metavar="MODEL",
+                         help=f"the base model the text is for: {', '.join(TARGETS)}; sets the style, "
+                              "encoder, token budget and prompt wording its trainers expect; "
+                              "`--target list` shows them (rows can be added in --prompts-dir "
+                              f"{TARGETS_FILE})")
+    presets.add_argument("--quality-tags", action="store_true",
+                         help="put the target's quality tags first (Pony score_9, ...; NoobAI and "
+                              "Illustrious masterpiece, ...); never added unless asked")
+
+
+def target_listing(argv: Sequence[str]) -> argparse.Namespace | None:
+    """`--target list` on caption, prompt or enhance: the arguments of the listing, else None.
+
+    Read before the full parse, which would ask for the command's PATH or text first.
+    """
+    command = command_in(argv)
+    if command not in ("caption", "prompt", "enhance"):
+        return None
+    listing = argparse.ArgumentParser(add_help=False)
+    listing.add_argument("--target")
+    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--prompts-dir")
+    known = listing.parse_known_args(argv)[0]
+    if known.target != "list":
+        return None
+    return argparse.Namespace(command="targets", run=cmd_target_list, json=known.json,
+                              prompts_dir=known.prompts_dir)
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The command line: one subcommand per action, shared server flags on each.
 
@@ -7984,12 +8229,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     caption = add("caption", cmd_caption,
                   "  ollama-generate caption photo.png --style tags\n"
                   "  ollama-generate caption ./dataset/ --trigger ohwx --overwrite\n"
-                  "  ollama-generate caption photo.png --style detailed --creative")
+                  "  ollama-generate caption photo.png --style detailed --creative\n"
+                  "  ollama-generate caption ./dataset/ --target pony --quality-tags\n"
+                  "  ollama-generate caption --target list")
     caption.add_argument("path", metavar="PATH", help="an image file, or a folder of images")
-    caption.add_argument("--style", choices=CAPTION_STYLES, default="training",
+    caption.add_argument("--style", choices=CAPTION_STYLES,
                          help="training: a 50-150 word paragraph (Flux/T5); tags: 20-40 booru "
                               "tags (SDXL/Pony/Illustrious); detailed: 2-4 sentences of prose "
-                              "(default: training)")
+                              "(default: the --target's, else training)")
     caption.add_argument("--variants", metavar="SPEC",
                          help="several captions per image from one description, one per style named, "
                               f"first one first: any of {', '.join(VARIANT_STYLES)} (short: one sentence "
@@ -8081,8 +8328,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                  '  ollama-generate prompt "a lighthouse in a storm" --encoder clip\n'
                  "  echo 'a fox in snow' | ollama-generate prompt -")
     prompt.add_argument("concept", metavar="CONCEPT", help="what the image is about ('-' reads stdin)")
-    prompt.add_argument("--encoder", choices=ENCODERS, default="t5",
-                        help="t5: natural language for Flux; clip: tags for SDXL/Pony (default: t5)")
+    prompt.add_argument("--encoder", choices=ENCODERS,
+                        help="t5: natural language for Flux; clip: tags for SDXL/Pony "
+                             "(default: the --target's, else t5)")
 
     enhance = add("enhance", cmd_enhance,
                   '  ollama-generate enhance "a cat on a sofa"\n'
@@ -8117,6 +8365,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     lore.add_argument("scenario", metavar="SCENARIO", help="what to write about ('-' reads stdin)")
     lore.add_argument("--length", choices=LENGTHS, default="medium",
                       help="short (~150 words), medium (~400) or long (~900) (default: medium)")
+    for sub in (caption, prompt, enhance):
+        add_target_options(sub)
     for sub in (prompt, enhance, describe, lore):
         streaming = sub.add_mutually_exclusive_group()
         streaming.add_argument("--stream", dest="stream", action="store_true", default=None,
@@ -8240,7 +8490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(command_in(argv))
-    args = parser.parse_args(argv)  # usage errors exit 2 here
+    args = target_listing(argv) or parser.parse_args(argv)  # usage errors exit 2 here
     check_generation_options(parser, args)
     for name, default in SERVER_DEFAULTS.items():
         if not hasattr(args, name):

@@ -60,7 +60,13 @@ ALL_TEMPLATES = [
     ("hint", "$hint"), ("ground_existing", "$where $text"), ("ground_name", "$where $text"),
     ("reask", "$request $answer $problem"), ("reask_vision", "$problem"),
     ("vision_video_system", "-"), ("vision_video_user", "$frames $duration $timestamps"), ("video_caption", "-"),
+    ("target_video", "-"),
 ]
+
+
+def template_lines(out: str) -> list[str]:
+    """The template rows of `templates`, without the targets section after them."""
+    return out.split("\n\n")[0].splitlines()
 
 
 def template_line(name: str, placeholders: str, source: str) -> str:
@@ -138,7 +144,7 @@ def test_doctor_all_good(ollama, capsys):
         QWEN_NOTE,
         IMAGES_OK,
         VIDEO_OK,
-        "ok    templates: all 24 templates are complete",
+        "ok    templates: all 25 templates are complete",
         "A caption run would work.",
     ]
     assert out.endswith("A caption run would work.\n")
@@ -159,7 +165,7 @@ def test_doctor_with_the_server_down_still_runs_and_exits_3(make_ollama, capsys)
         f"      fix: {SERVE_FIX}",
         IMAGES_OK,
         VIDEO_OK,
-        "ok    templates: all 24 templates are complete",
+        "ok    templates: all 25 templates are complete",
         "1 problem to fix before a caption run.",
     ]
     assert err == "ollama-generate: error: 1 check failed; see above\n"
@@ -176,7 +182,7 @@ def test_doctor_a_missing_model_gets_its_pull_line_and_exits_4(ollama, capsys):
         "      fix: ollama pull llama3.2",
         IMAGES_OK,
         VIDEO_OK,
-        "ok    templates: all 24 templates are complete",
+        "ok    templates: all 25 templates are complete",
         "1 problem to fix before a caption run.",
     ]
     assert err == "ollama-generate: error: 1 check failed; see above\n"
@@ -196,7 +202,7 @@ def test_doctor_a_vision_model_that_cannot_see_exits_4(ollama, capsys):
         QWEN_NOTE,
         IMAGES_OK,
         VIDEO_OK,
-        "ok    templates: all 24 templates are complete",
+        "ok    templates: all 25 templates are complete",
         "1 problem to fix before a caption run.",
     ]
     assert err == "ollama-generate: error: 1 check failed; see above\n"
@@ -254,7 +260,7 @@ def test_doctor_says_when_overrides_are_in_use(ollama, capsys, tmp_path):
     (tmp_path / "prompt_t5.txt").write_text("Paint $concept\n")
     code, out, err = run(capsys, "doctor", "--prompts-dir", tmp_path)
     assert (code, err) == (0, "")
-    line = f"ok    templates: all 24 templates are complete (with overrides from {tmp_path})"
+    line = f"ok    templates: all 25 templates are complete (with overrides from {tmp_path})"
     assert line in out.splitlines()
 
 
@@ -273,7 +279,7 @@ def test_doctor_json_is_one_document(ollama, capsys):
          "fix": None},
         IMAGES_OK_JSON,
         VIDEO_OK_JSON,
-        {"name": "templates", "status": "ok", "detail": "all 24 templates are complete", "fix": None},
+        {"name": "templates", "status": "ok", "detail": "all 25 templates are complete", "fix": None},
     ]}
 
 
@@ -288,7 +294,7 @@ def test_doctor_json_with_a_failure_keeps_stdout_json_and_the_exit_code(make_oll
          "detail": f"cannot connect to Ollama at {url} (Connection refused)", "fix": SERVE_FIX},
         IMAGES_OK_JSON,
         VIDEO_OK_JSON,
-        {"name": "templates", "status": "ok", "detail": "all 24 templates are complete", "fix": None},
+        {"name": "templates", "status": "ok", "detail": "all 25 templates are complete", "fix": None},
     ]}
     assert err == (f"ollama-generate: error: 1 check failed: server: cannot connect to Ollama at {url} "
                    f"(Connection refused)\nollama-generate: hint: {SERVE_FIX}\n")
@@ -314,7 +320,7 @@ def test_doctor_checks_every_host(make_ollama, capsys):
         QWEN_NOTE,
         IMAGES_OK,
         VIDEO_OK,
-        "ok    templates: all 24 templates are complete",
+        "ok    templates: all 25 templates are complete",
         "1 problem to fix before a caption run.",
     ]
     assert err == "ollama-generate: error: 1 check failed; see above\n"
@@ -423,7 +429,7 @@ def test_models_with_the_server_down_exits_3(make_ollama, capsys):
 def test_templates_lists_every_template_as_built_in(capsys):
     code, out, err = run(capsys, "templates")
     assert (code, err) == (0, "")
-    assert out.splitlines() == [template_line(name, fields, "built-in") for name, fields in ALL_TEMPLATES]
+    assert template_lines(out) == [template_line(name, fields, "built-in") for name, fields in ALL_TEMPLATES]
     assert [name for name, _ in ALL_TEMPLATES] == list(og.TEMPLATE_FIELDS)
 
 
@@ -462,7 +468,7 @@ def test_an_override_is_used_by_file_name_and_listed(ollama, capsys, tmp_path):
 
     code, out, err = run(capsys, "templates", "--prompts-dir", tmp_path)
     assert (code, err) == (0, "")
-    assert out.splitlines() == [
+    assert template_lines(out) == [
         template_line(name, fields, "override" if name == "prompt_t5" else "built-in")
         for name, fields in ALL_TEMPLATES]
 
@@ -518,7 +524,7 @@ def test_a_file_that_replaces_no_template_is_warned_about(capsys, tmp_path):
     (tmp_path / "notes.md").write_text("not a template\n")
     code, out, err = run(capsys, "templates", "--prompts-dir", tmp_path)
     assert code == 0
-    assert out.splitlines() == [template_line(name, fields, "built-in") for name, fields in ALL_TEMPLATES]
+    assert template_lines(out) == [template_line(name, fields, "built-in") for name, fields in ALL_TEMPLATES]
     assert err == (f"ollama-generate: warning: {tmp_path / 'caption-tags.txt'} replaces no template "
                    "(check its name)\n")
 
@@ -602,7 +608,7 @@ def test_json_single_image_caption(ollama, capsys, photo):
     code, out, err = run(capsys, "caption", photo, "--json")
     assert (code, err) == (0, "")
     assert one_json(out) == {
-        "command": "caption", "image": str(photo), "style": "training", "creative": False,
+        "command": "caption", "image": str(photo), "style": "training", "target": None, "creative": False,
         "text": TRAINING, "description": DESCRIPTION, "cached": False,
         # In range, nothing cleaned away, every concrete word in the description.
         "needs_review": None, "rules": [], "unsupported_share": 0.0, "invented": [],

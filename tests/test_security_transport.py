@@ -516,7 +516,7 @@ def test_templates_flags_a_broken_override(capsys, tmp_path):
     (tmp_path / "lore.txt").write_text("A $words word story about $scenario.\n")
     code, out, err = run(capsys, "templates", "--prompts-dir", tmp_path)
     assert code == 1
-    lines = {line.split()[0]: line for line in out.splitlines()}
+    lines = {line.split()[0]: line for line in out.split("\n\n")[0].splitlines()}
     assert lines["caption_tags"].endswith("  override (BROKEN)")
     assert lines["lore"].endswith("  override")
     assert lines["prompt_t5"].endswith("  built-in")
