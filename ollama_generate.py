@@ -3024,7 +3024,11 @@ def prepare_image(data: bytes, max_side: int) -> bytes:
     import io
     import warnings
 
-    from PIL import Image, ImageOps
+    try:
+        from PIL import Image, ImageOps
+    except ImportError:  # callers ask pillow_installed() first; a broken install fails the image, not the run
+        raise ImageError("cannot prepare the image: Pillow does not import",
+                         hint=f"reinstall it ({PILLOW_EXTRA}), or send originals with --max-side 0") from None
 
     # A photo over 89 megapixels is legitimate here (the file is at most MAX_IMAGE_BYTES), and a
     # Python warning would break the one-line stderr; past twice that, Pillow refuses (an error).
