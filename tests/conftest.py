@@ -90,3 +90,19 @@ def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     import ollama_generate
 
     monkeypatch.setattr(ollama_generate, "BACKOFF_SECONDS", 0.0)
+
+
+@pytest.fixture(autouse=True)
+def restore_prompts_override(monkeypatch):
+    """main() sets the module's --prompts-dir global; put it back after each test."""
+    import ollama_generate
+
+    monkeypatch.setattr(ollama_generate, "PROMPTS_OVERRIDE", None)
+
+
+@pytest.fixture
+def photo(tmp_path):
+    """A small real PNG to caption alone."""
+    path = tmp_path / "photo.png"
+    path.write_bytes(png_bytes())
+    return path

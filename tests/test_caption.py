@@ -35,13 +35,6 @@ def written(name):
 
 
 
-@pytest.fixture
-def photo(tmp_path):
-    path = tmp_path / "photo.png"
-    path.write_bytes(png_bytes())
-    return path
-
-
 def queue_pair(ollama, description=DESCRIPTION, caption=CAPTION):
     ollama.reply(description, endpoint="/api/chat")
     ollama.reply(caption, endpoint="/api/generate")

@@ -88,19 +88,6 @@ def one_json(out: str):
     return value
 
 
-@pytest.fixture(autouse=True)
-def restore_prompts_override(monkeypatch):
-    """main() sets the module's --prompts-dir global; put it back after each test."""
-    monkeypatch.setattr(og, "PROMPTS_OVERRIDE", None)
-
-
-@pytest.fixture
-def photo(tmp_path):
-    path = tmp_path / "photo.png"
-    path.write_bytes(png_bytes())
-    return path
-
-
 @pytest.fixture
 def printers(monkeypatch):
     """Record every StreamPrinter a command makes: what it was fed and what it wrote, in order."""

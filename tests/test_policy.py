@@ -236,13 +236,6 @@ def test_clip_prompts_never_print_sentence_fragments():
 # -- Through the fake server: structured outputs, thinking, reports -----------------------------------
 
 
-@pytest.fixture
-def photo(tmp_path):
-    path = tmp_path / "photo.png"
-    path.write_bytes(png_bytes())
-    return path
-
-
 def test_tag_schema_is_sized_by_the_style_range(ollama, capsys, photo):
     assert run(capsys, "caption", photo, "--style", "tags")[0] == 0
     fmt = ollama.requests_to("/api/generate")[0].body["format"]

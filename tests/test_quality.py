@@ -21,13 +21,6 @@ LONG_TAGS = ["young woman", "short black hair", "snowy park at dusk", "long red 
              "woman holding a paper cup", "snow-covered bench", "birch trees behind her"]
 
 
-@pytest.fixture
-def photo(tmp_path):
-    path = tmp_path / "photo.png"
-    path.write_bytes(png_bytes())
-    return path
-
-
 def text_prompts(fake):
     return [r.body["prompt"] for r in fake.requests_to("/api/generate") if r.body.get("prompt")]
 

@@ -22,12 +22,6 @@ CAPTION = "A small square test picture numbered {tag} " + " ".join(f"detail{n}" 
 NAMES = [f"{n}.png" for n in "abcdef"]
 
 
-@pytest.fixture(autouse=True)
-def restore_prompts_override(monkeypatch):
-    """main() sets the module's --prompts-dir global; put it back after each test."""
-    monkeypatch.setattr(og, "PROMPTS_OVERRIDE", None)
-
-
 def answer(rec) -> str:
     """The vision answer names its image; the caption names the description it was given."""
     if rec.path == "/api/chat":

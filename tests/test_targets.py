@@ -37,19 +37,6 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(autouse=True)
-def restore_prompts_override(monkeypatch):
-    """main() sets the module's --prompts-dir global; put it back after each test."""
-    monkeypatch.setattr(og, "PROMPTS_OVERRIDE", None)
-
-
-@pytest.fixture
-def photo(tmp_path):
-    path = tmp_path / "photo.png"
-    path.write_bytes(png_bytes())
-    return path
-
-
 def caption_request(ollama):
     requests = ollama.requests_to("/api/generate")
     assert len(requests) == 1
