@@ -950,8 +950,10 @@ def test_one_model_for_both_stages_keeps_one_num_ctx_and_loads_once(make_ollama,
 
 
 def test_jobs_auto_finds_one_for_a_serial_vision_model_and_the_text_slots(make_ollama, capsys, tmp_path):
-    # qwen3-vl runs one request at a time whatever the slots; the text model has 4.
-    server = make_ollama(max_loaded=1, load_cost=0.6, parallel=4, request_time=0.1)
+    # qwen3-vl runs one request at a time whatever the slots; the text model has 4. Requests are
+    # long next to the client's turnaround (a false rise needs a turnaround over 1.3x a request),
+    # so a loaded machine does not fake a gain from queueing past the slots.
+    server = make_ollama(max_loaded=1, load_cost=0.6, parallel=4, request_time={VISION: 0.15, TEXT: 0.3})
     server.default_text = derived_answer
     dataset = make_images(tmp_path / "set", [f"{n:02}.png" for n in range(30)])
     code, out, err = run(capsys, "caption", dataset, "--host", server.url, "--jobs", "auto",
@@ -971,7 +973,7 @@ def test_jobs_auto_finds_one_for_a_serial_vision_model_and_the_text_slots(make_o
 def test_jobs_auto_keeps_a_spare_request_in_flight_once_it_has_learned_the_slots(make_ollama, capsys, tmp_path):
     # Once settled, one request more than the slots waits at the server, so a slot that frees never
     # waits for the client; the learned limit stays the slot count, and the spare causes no load.
-    server = make_ollama(max_loaded=1, load_cost=0.6, parallel=4, request_time=0.15)
+    server = make_ollama(max_loaded=1, load_cost=0.6, parallel=4, request_time={VISION: 0.15, TEXT: 0.3})
     server.default_text = derived_answer
     dataset = make_images(tmp_path / "set", [f"{n:02}.png" for n in range(60)])
     code, out, _err = run(capsys, "caption", dataset, "--host", server.url, "--jobs", "auto",
