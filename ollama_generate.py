@@ -21,15 +21,16 @@ Environment:
   OLLAMA_MODEL         text model (default qwen3-30b-a3b:latest)
   OLLAMA_VISION_MODEL  vision model (default qwen3-vl:32b)
   OLLAMA_API_KEY       bearer token for a remote server (default unset)
+  OPENAI_API_KEY       bearer token for an OpenAI-compatible server (default OLLAMA_API_KEY)
   OLLAMA_GENERATE_PROMPTS_DIR  folder of template overrides (default unset)
   OLLAMA_GENERATE_DEBUG  set to 1 to show Python tracebacks (default unset)
   OLLAMA_GENERATE_CLIP_VOCAB  CLIP BPE vocabulary for exact token counts, or none (default found)
 
 Exit status:
   0    success
-  1    Ollama or runtime failure, or an image in a folder run failed
+  1    server or runtime failure, or an image in a folder run failed
   2    usage error: bad flag value, path not found, folder with no images
-  3    the Ollama server cannot be reached
+  3    the server cannot be reached
   4    a model is not installed, or the vision model cannot see images
   130  interrupted (Ctrl-C)
   143  terminated (SIGTERM)
@@ -83,6 +84,11 @@ BACKOFF_CAP_SECONDS = 30.0
 # Retried: a timeout, too many requests, and server errors except those that say
 # the server never will (501 Not Implemented, 505 HTTP Version Not Supported).
 RETRIED_STATUSES = frozenset({408, 429} | set(range(500, 600)) - {501, 505})
+# "Too many requests" and "server busy": with --jobs auto the engine sends fewer at once.
+BUSY_STATUSES = frozenset({429, 503})
+# Answers that say a URL leads to another API: --api auto then asks the other one. (A server that
+# wants a key before it says what it is stays Ollama unless its URL ends in /v1 or --api says.)
+NOT_THIS_API = frozenset({404, 405})
 # A folder run leaves out a server that failed this many images in a row, each
 # after its retries; with no server left it stops (the circuit breaker).
 HOST_FAILURE_LIMIT = 5
@@ -190,6 +196,7 @@ TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {
     "vision_video_user": ("frames", "duration", "timestamps"),
     "video_caption": (),
     "target_video": (),
+    "vision_probe": (),
 }
 
 # -- Errors -------------------------------------------------------------------
@@ -235,6 +242,7 @@ class OllamaError(Exception):
     """
 
     exit_code = 1
+    status = 0  # the HTTP status the server answered, when it answered with one
 
     def __init__(self, message: str, *, hint: str = "") -> None:
         super().__init__(redact(message))
@@ -253,6 +261,10 @@ class ServerUnreachable(OllamaError):
     exit_code = 3
 
 
+class KeyRefused(OllamaError):
+    """The server wants an API key, or refused the one sent."""
+
+
 class ModelUnavailable(OllamaError):
     """A model is not installed, or cannot do what we need (see images)."""
 
@@ -261,6 +273,8 @@ class ModelUnavailable(OllamaError):
 
 class TransientError(OllamaError):
     """A failure worth retrying: 5xx, busy, timeout, dropped connection, garbage."""
+
+    retry_after = 0.0  # seconds the server asked us to wait (Retry-After)
 
 
 class ServerTimeout(TransientError):
@@ -487,26 +501,29 @@ def parse_keep_alive(value: str) -> int | float | str:
         f"expected seconds (300, -1 for forever) or a duration like 30m or 1h30m, got {value!r}")
 
 
-def api_key_from(env: Mapping[str, str]) -> str:
-    """OLLAMA_API_KEY without surrounding whitespace (a key file's line end).
+def api_key_from(env: Mapping[str, str], name: str = "OLLAMA_API_KEY") -> str:
+    """An API key variable (OLLAMA_API_KEY, OPENAI_API_KEY) without surrounding whitespace (a key
+    file's line end). It is hidden wherever it could appear from now on.
 
     A key that could not be sent as a header is refused in a message that never shows it.
     """
-    key = env.get("OLLAMA_API_KEY", "").strip()
+    key = env.get(name, "").strip()
     if any(not " " <= char <= "~" for char in key):
         raise UsageError(
-            "OLLAMA_API_KEY contains control or non-ASCII characters, so it cannot be sent "
+            f"{name} contains control or non-ASCII characters, so it cannot be sent "
             "(the key is not shown)",
             hint="set it to the key alone, on one line; a key file saved with Windows line "
                  "endings or pasted from a document often adds such characters",
         )
+    if len(key) >= SECRET_MIN_CHARS:  # a short "key" would blank ordinary words everywhere
+        SECRETS.add(key)  # redacted wherever it appears (see redact(): short keys only as tokens)
     return key
 
 
 class Config(Frozen):
     """Settings for one run, resolved once: flag, then environment, then default."""
 
-    _hidden = ("api_key",)
+    _hidden = ("api_key", "openai_api_key")
 
     hosts: tuple[str, ...] = (DEFAULT_HOST,)
     model: str = DEFAULT_MODEL
@@ -518,7 +535,9 @@ class Config(Frozen):
     num_ctx: int | None = None  # --num-ctx: every request, both models
     vision_num_ctx: int = NUM_CTX  # sized per run for its largest image (see size_vision_context)
     seed: int | None = None
-    api_key: str = ""  # never shown: see _hidden
+    api: str = "auto"  # --api: which kind of server each host is (API_CHOICES)
+    api_key: str = ""  # OLLAMA_API_KEY, never shown: see _hidden
+    openai_api_key: str = ""  # OPENAI_API_KEY, for OpenAI-compatible servers only
     verbose: bool = False
     prompts_dir: str | None = None
 
@@ -543,17 +562,22 @@ class Config(Frozen):
             max_tokens=args.max_tokens,
             num_ctx=args.num_ctx or None,
             seed=args.seed,
+            api=getattr(args, "api", None) or "auto",
             api_key=api_key_from(env),
+            openai_api_key=api_key_from(env, "OPENAI_API_KEY"),
             verbose=args.verbose,
             prompts_dir=args.prompts_dir or env.get("OLLAMA_GENERATE_PROMPTS_DIR") or None,
         )
 
 
-# -- Ollama HTTP client -------------------------------------------------------
+# -- Server clients: Ollama's own API and the OpenAI-compatible one ----------------
+# One interface, two transports. The stages, the engine, the report and every command call
+# chat(), generate(), show(), tags() and the rest and never ask which kind of server answers;
+# what differs for the user (names, fixes, which figures exist) is a row of SERVER_KINDS.
 
 
 class Answer(Record):
-    """One model answer with the metrics Ollama reports (missing ones are 0)."""
+    """One model answer with the metrics the server reports (missing ones are 0)."""
 
     text: str = ""
     thinking: str = ""
@@ -573,24 +597,86 @@ def model_thinks_by_prompt(model: str) -> bool:
     return model.lower().rsplit("/", 1)[-1].startswith("qwen3")
 
 
-class OllamaClient:
-    """One Ollama server. Every request goes through _open(); retries live in _retrying()."""
+class ServerKind(Frozen):
+    """One kind of server as the user meets it: its name in messages, the fixes it needs, and
+    what it reports."""
+
+    name: str  # the --api value
+    label: str  # messages say "<label> at <url>"
+    what: str  # "is this <what>?"
+    api: str  # "<url> has no <api>"
+    check: str  # the fix when it answers like another kind of server
+    start: str  # the fix when nothing answers
+    base_url: str  # the fix when the URL leads somewhere else
+    absent: str  # "model 'x' <absent> <where> <url>"
+    where: str
+    get_model: str  # the fix for a missing model ({model} and {host} filled in)
+    model_hint: str  # the same as an error's hint
+    get_vision: str  # the fix for a vision model that cannot see
+    vision_hint: str  # the same as an error's hint
+    probes: bool  # a vision model it does not list capabilities for is tried with a tiny image
+    schema_by: str  # how tags are asked for as JSON ({version} filled in)
+    key: str  # the fix for a refused or missing API key
+    keys: tuple[str, ...]  # the Config fields its API key comes from, the first one set wins
+    loads: bool  # it reports model loads and keeps models loaded on request (keep_alive, /api/ps)
+
+
+SERVER_KINDS = {
+    "ollama": ServerKind(
+        "ollama", "Ollama", "an Ollama server", "Ollama API",
+        check="check OLLAMA_HOST (or --host): it should be an Ollama server",
+        start="start it with `ollama serve`, or set OLLAMA_HOST (or --host) to where it runs",
+        base_url="check OLLAMA_HOST (or --host): it should be the Ollama server's base URL, "
+                 "like http://localhost:11434",
+        absent="is not installed", where="on", get_model="ollama pull {model}",
+        model_hint="run `ollama pull {model}`",
+        get_vision=f"ollama pull {DEFAULT_VISION_MODEL}, then use it with --vision-model",
+        vision_hint="pick a vision model with --vision-model or OLLAMA_VISION_MODEL, "
+                    f"e.g. `ollama pull {DEFAULT_VISION_MODEL}`",
+        # Servers before v0.6.4 list no capabilities; a probe would load the model to learn it.
+        probes=False,
+        schema_by="Ollama {version}",
+        key="set OLLAMA_API_KEY to the server's key", keys=("api_key",), loads=True),
+    "openai": ServerKind(
+        "openai", "the OpenAI-compatible server", "an OpenAI-compatible server", "OpenAI-compatible API",
+        check="check --host: it should be an OpenAI-compatible server's URL, ending in /v1",
+        start="start the server, or point --host at where it runs (ending in /v1, like "
+              "http://localhost:8080/v1)",
+        base_url="check --host: an OpenAI-compatible server's base URL ends in /v1, like "
+                 "http://localhost:8080/v1",
+        absent="is not served", where="by",
+        get_model="pick a model it serves with --model or --vision-model "
+                  "(`ollama-generate models --host {host}` lists them)",
+        model_hint="pick a model it serves with --model or --vision-model "
+                   "(`ollama-generate models --host {host}` lists them)",
+        get_vision="serve a vision model there and name it with --vision-model",
+        vision_hint="serve a vision model there and name it with --vision-model or OLLAMA_VISION_MODEL",
+        probes=True,
+        schema_by="response_format with a JSON schema; a server that refuses it is asked for plain text",
+        key="set OPENAI_API_KEY (or OLLAMA_API_KEY) to the server's key",
+        keys=("openai_api_key", "api_key"), loads=False),
+}
+API_CHOICES = ("auto", *SERVER_KINDS)  # --api: auto asks the server which it is
+
+
+class Client:
+    """One server of either kind. Every request goes through _open(); retries live in
+    _retrying(); what the server did is counted for the summary. OllamaClient and OpenAIClient
+    add the endpoints, each with the same public methods."""
+
+    kind: ServerKind = SERVER_KINDS["ollama"]
 
     def __init__(self, host: str, *, timeout: float = DEFAULT_TIMEOUT, retries: int = RETRIES,
                  api_key: str = "", verbose: bool = False) -> None:
         self.host = host
         self.timeout = timeout
         self.retries = retries
-        self._api_key = api_key  # sent as a bearer token, never shown
-        if len(api_key) >= SECRET_MIN_CHARS:  # a short "key" would blank ordinary words everywhere
-            SECRETS.add(api_key)  # redacted wherever it appears (see redact(): short keys only as tokens)
+        self._api_key = api_key  # sent as a bearer token, never shown (api_key_from hid it)
         self.verbose = verbose
         self.record: list[tuple[str, Answer]] | None = None  # (model, answer) of each call, if a list
         # A refused connection is retried only once the server has answered:
         # then it is a restart worth waiting for, not a server that is not there.
         self.answered = False
-        # Models on Ollama v0.12.4 that reject think:false (fixed in v0.12.5).
-        self._no_think_field: set[str] = set()
         # What this server did for us, for summaries; worker threads share the client.
         self.calls = 0
         self.loads_seen = 0
@@ -601,86 +687,52 @@ class OllamaClient:
         self._here = threading.local()  # the same counts for the calling thread alone (tally())
         self._load_ends: dict[str, float] = {}  # model -> when the last load we counted ended
         self._waits: list[tuple[float, float]] = []  # the wall time answers waited for loads, merged
-        self._version: tuple[int, ...] | None = None
-        self._version_lock = threading.Lock()
+        self._sees: dict[str, str] = {}  # model -> "" if it took the probe image, else why not
         self._lock = threading.Lock()
 
-    # Public endpoints, named after Ollama's.
+    @property
+    def label(self) -> str:
+        return self.kind.label
 
-    def show(self, model: str) -> dict:
-        """Details of one installed model; raises ModelUnavailable if it is missing."""
-        return self._retrying(lambda: self._call("POST", "/api/show", {"model": model}))
+    def url(self, path: str) -> str:
+        """Where a request to an endpoint path goes."""
+        return self.host + path
 
-    def chat(self, model: str, messages: list[dict], *, options: dict,
-             keep_alive: int | float | str | None = None) -> Answer:
-        """One /api/chat exchange, streamed and gathered into an Answer."""
-        body = {"model": model, "messages": messages, "stream": True,
-                "think": False, "options": options, **self.runner_fields()}
-        if keep_alive is not None:
-            body["keep_alive"] = keep_alive
-        return self._retrying(lambda: self._generation("/api/chat", body))
+    def probe_vision(self, model: str) -> str:
+        """Whether the model takes an image, for a server that does not say: asked once with a
+        tiny one and a one-token answer. "" when it does, else what the server said."""
+        if model not in self._sees:
+            messages = [{"role": "user", "content": render("vision_probe"), "images": [probe_image()]}]
+            try:
+                self.chat(model, messages, options={"temperature": 0, "num_predict": 1}, once=True)
+                self._sees[model] = ""
+            except (ServerUnreachable, ServerTimeout, KeyRefused, ModelUnavailable):
+                raise
+            except OllamaError as exc:  # a model that cannot see fails the request, often with a 500
+                self._sees[model] = str(exc)
+        return self._sees[model]
 
-    def generate(self, model: str, prompt: str, *, options: dict,
-                 keep_alive: int | float | str | None = None, fmt: dict | None = None,
-                 printer=None) -> Answer:
-        """One /api/generate call, streamed and gathered into an Answer.
-
-        printer.feed(text) sees each piece of the answer as it arrives. Once the printer
-        has shown text, a failure is not retried: what was shown cannot be taken back;
-        before that, printer.restart() begins each new attempt.
-        """
-        body = {"model": model, "prompt": prompt, "stream": True,
-                "think": False, "options": options, **self.runner_fields()}
-        if keep_alive is not None:
-            body["keep_alive"] = keep_alive
-        if fmt is not None:
-            body["format"] = fmt
+    def _streamed(self, send, printer) -> Answer:
+        """send(on_piece) with retries. With a printer, printer.feed(text) sees each piece as it
+        arrives; once it has shown text a failure is not retried (what was shown cannot be taken
+        back), and before that printer.restart() begins each new attempt."""
         if printer is None:
-            return self._retrying(lambda: self._generation("/api/generate", body))
+            return self._retrying(lambda: send(None))
 
         def attempt() -> Answer:
             printer.restart()
-            return self._generation("/api/generate", body, printer.feed)
+            return send(printer.feed)
 
         return self._retrying(attempt, give_up=lambda: printer.shown)
 
-    def version(self) -> tuple[int, ...]:
-        """The server's version as numbers, asked once (threads asking at once get the one
-        answer); () when the server does not say."""
-        with self._version_lock:
-            if self._version is None:
-                try:
-                    text = str(self._call("GET", "/api/version").get("version", ""))
-                except (OllamaError, AttributeError):
-                    text = ""
-                self._version = tuple(int(part) for part in re.findall(r"\d+", text)[:3])
-        return self._version
-
-    def supports_structured_output(self) -> bool:
-        """Whether "format" may hold a JSON schema (Ollama v0.5.0 and later; dev builds say 0.0.0)."""
-        version = self.version()
-        return bool(version) and (version >= STRUCTURED_OUTPUT_VERSION or version == (0, 0, 0))
-
-    def runner_fields(self) -> dict:
-        """Request fields that shape the model's runner, the same on every request of a run:
-        Ollama reloads a model whose shift setting changes. shift:false (v0.12.6 and later) ends a
-        runaway answer at the context limit with done_reason "length" instead of sliding the window."""
-        version = self.version()
-        return {"shift": False} if version >= SHIFT_VERSION or version == (0, 0, 0) else {}
-
-    def tags(self) -> list[dict]:
-        """The installed models (/api/tags)."""
-        return list(self._retrying(lambda: self._call("GET", "/api/tags")).get("models") or [])
-
-    def loaded_models(self) -> list[str]:
-        """Names of the models loaded in memory now (/api/ps)."""
-        models = self._call("GET", "/api/ps").get("models") or []
-        return [str(entry.get("name") or entry.get("model")) for entry in models]
-
-    def set_keep_alive(self, model: str, keep_alive: int | float | str) -> None:
-        """Change how long a loaded model stays in memory, without generating."""
-        self._call("POST", "/api/generate", {"model": model, "keep_alive": keep_alive,
-                                             "stream": False})
+    def _finish(self, path: str, model: str, answer: Answer, started: float) -> Answer:
+        """Count a complete answer, keep it for --json if asked, and report it with --verbose."""
+        self._count(model, answer, started)
+        if self.record is not None:
+            self.record.append((model, answer))
+        if self.verbose:
+            self._report(path, model, answer, time.monotonic() - started)
+        return answer
 
     def tally(self) -> tuple[int, int, int]:
         """Model calls, loads seen and "server busy" answers so far in the calling thread: the
@@ -713,54 +765,10 @@ class OllamaClient:
                         raise type(exc)(f"{exc} (gave up after {tries + 1} attempts)",
                                         hint=exc.hint) from None
                     raise
-                time.sleep(min(BACKOFF_SECONDS * 2 ** tries, BACKOFF_CAP_SECONDS))
+                # A server that says when to come back (Retry-After) is waited for, within the cap.
+                wait = max(BACKOFF_SECONDS * 2 ** tries, getattr(exc, "retry_after", 0.0))
+                time.sleep(min(wait, BACKOFF_CAP_SECONDS))
                 tries += 1
-
-    def _generation(self, path: str, body: dict, on_piece=None) -> Answer:
-        """Send one streaming generation request and gather its NDJSON pieces."""
-        model = body["model"]
-        started = time.monotonic()
-        if model in self._no_think_field:
-            body = {k: v for k, v in body.items() if k != "think"}
-        try:
-            response = self._open("POST", path, body, timeout=self.timeout)
-        except OllamaError as exc:
-            if "does not support thinking" in str(exc) and "think" in body:
-                # Ollama v0.12.4 refused think:false on models that never think.
-                self._no_think_field.add(model)
-                return self._generation(path, body, on_piece)
-            raise
-        answer = Answer()
-        text: list[str] = []
-        thinking: list[str] = []
-        done = False
-        with response:
-            for line in self._lines(response):
-                piece = self._decode(line)
-                if "error" in piece:
-                    # Ollama reports failures after the first byte in-band, with HTTP 200.
-                    raise TransientError(f"Ollama failed while answering: {excerpt(str(piece['error']))}")
-                message = piece.get("message") or {}
-                text.append(piece.get("response") or message.get("content") or "")
-                if on_piece and text[-1]:
-                    on_piece(text[-1])
-                thinking.append(piece.get("thinking") or message.get("thinking") or "")
-                if piece.get("done"):
-                    done = True
-                    answer.done_reason = str(piece.get("done_reason") or "")
-                    for name in _METRICS:
-                        setattr(answer, name, int(piece.get(name) or 0))
-                    break
-        if not done:
-            raise TransientError(f"the answer from Ollama at {self.host} stopped before it was complete")
-        answer.text = "".join(text)
-        answer.thinking = "".join(thinking)
-        self._count(model, answer, started)
-        if self.record is not None:
-            self.record.append((model, answer))
-        if self.verbose:
-            self._report(path, model, answer, time.monotonic() - started)
-        return answer
 
     def _report(self, path: str, model: str, answer: Answer, seconds: float) -> None:
         """--verbose: one line per request on stderr with its timings and token counts."""
@@ -823,26 +831,26 @@ class OllamaClient:
             data = response.readline(LINE_LIMIT) if line else response.read(LINE_LIMIT + 1)
         except TimeoutError:
             raise ServerTimeout(
-                f"Ollama at {self.host} stopped answering for {self.timeout:g} s",
+                f"{self.label} at {self.host} stopped answering for {self.timeout:g} s",
                 hint="a slow or overloaded server needs a longer --timeout",
             ) from None
         except (OSError, http.client.HTTPException) as exc:
-            raise TransientError(f"the connection to Ollama at {self.host} dropped ({exc})") from None
+            raise TransientError(f"the connection to {self.label} at {self.host} dropped ({exc})") from None
         if len(data) > LINE_LIMIT or line and len(data) == LINE_LIMIT and not data.endswith(b"\n"):
             what = "a line" if line else "an answer"
-            raise TransientError(f"Ollama at {self.host} sent {what} longer than "
+            raise TransientError(f"{self.label} at {self.host} sent {what} longer than "
                                  f"{LINE_LIMIT / 2 ** 20:g} MB; it was not read further")
         return data
 
     def _decode(self, data: bytes) -> dict:
-        """Parse one JSON object from Ollama."""
+        """Parse one JSON object from the server."""
         try:
             value = json.loads(data)
         except ValueError:
             sample = excerpt(data[:4096].decode("utf-8", "replace"), 60)
-            raise TransientError(f"Ollama at {self.host} sent something that is not JSON: {sample!r}") from None
+            raise TransientError(f"{self.label} at {self.host} sent something that is not JSON: {sample!r}") from None
         if not isinstance(value, dict):
-            raise TransientError(f"Ollama at {self.host} sent unexpected JSON: {excerpt(str(value), 60)}")
+            raise TransientError(f"{self.label} at {self.host} sent unexpected JSON: {excerpt(str(value), 60)}")
         self.answered = True
         return value
 
@@ -857,7 +865,7 @@ class OllamaClient:
                    "User-Agent": f"{PROG}/{__version__}"}
         if self._api_key:  # as the official client does for remote and cloud servers
             headers["Authorization"] = f"Bearer {self._api_key}"
-        request = urllib.request.Request(self.host + path, data=data, method=method, headers=headers)
+        request = urllib.request.Request(self.url(path), data=data, method=method, headers=headers)
         try:
             return self._opener().open(request, timeout=timeout)
         except urllib.error.HTTPError as exc:
@@ -868,20 +876,20 @@ class OllamaClient:
             if isinstance(reason, TimeoutError):
                 raise self._timeout(timeout) from None
             if isinstance(reason, (ConnectionResetError, ConnectionAbortedError)):
-                raise TransientError(f"the connection to Ollama at {self.host} dropped ({reason})") from None
+                raise TransientError(f"the connection to {self.label} at {self.host} dropped ({reason})") from None
             if type(reason).__name__.startswith("SSL"):
                 raise ServerUnreachable(
                     f"cannot make a secure connection to {self.host} ({getattr(reason, 'reason', None) or reason})",
                     hint="if the server uses its own certificate, point SSL_CERT_FILE at it",
                 ) from None
             raise ServerUnreachable(
-                f"cannot connect to Ollama at {self.host} ({getattr(reason, 'strerror', None) or reason})",
-                hint="start it with `ollama serve`, or set OLLAMA_HOST (or --host) to where it runs",
+                f"cannot connect to {self.label} at {self.host} ({getattr(reason, 'strerror', None) or reason})",
+                hint=self.kind.start,
             ) from None
         except TimeoutError:
             raise self._timeout(timeout) from None
         except (OSError, http.client.HTTPException) as exc:
-            raise TransientError(f"the connection to Ollama at {self.host} dropped ({exc})") from None
+            raise TransientError(f"the connection to {self.label} at {self.host} dropped ({exc})") from None
 
     def _opener(self):
         """urllib's opener: redirects only to the same origin; a server on this machine is
@@ -897,12 +905,17 @@ class OllamaClient:
 
     def _timeout(self, timeout: float) -> ServerTimeout:
         return ServerTimeout(
-            f"Ollama at {self.host} did not answer within {timeout:g} s",
+            f"{self.label} at {self.host} did not answer within {timeout:g} s",
             hint="a cold model load can take minutes on slow disks; raise --timeout",
         )
 
     def _http_error(self, exc, body: dict | None) -> OllamaError:
-        """Turn an HTTP error status into the error the user can act on."""
+        """Turn an HTTP error status into the error the user can act on (its status kept)."""
+        error = self._status_error(exc, body)
+        error.status = exc.code
+        return error
+
+    def _status_error(self, exc, body: dict | None) -> OllamaError:
         import http.client
 
         try:
@@ -918,35 +931,34 @@ class OllamaClient:
         model = (body or {}).get("model", "")
         if kind == "html":
             return (TransientError if status in RETRIED_STATUSES else OllamaError)(
-                f"{self.host} answered HTTP {status} with an HTML page: is this an Ollama server?",
-                hint="check OLLAMA_HOST (or --host): it should be the Ollama server's base URL, "
-                     "like http://localhost:11434",
+                f"{self.host} answered HTTP {status} with an HTML page: is this {self.kind.what}?",
+                hint=self.kind.base_url,
             )
-        from_ollama = kind == "ollama"
-        if status == 404 and model and from_ollama:
-            return ModelUnavailable(
-                f"model '{model}' is not installed on {self.host}",
-                hint=f"run `ollama pull {model}`",
-            )
+        if status in (401, 403):
+            return KeyRefused(f"{self.label} at {self.host} "
+                              + ("refused the API key" if self._api_key else "wants an API key")
+                              + f" (HTTP {status}: {message})", hint=self.kind.key)
+        if status == 404 and model and kind == "api":
+            return ModelUnavailable(f"model '{model}' {self.kind.absent} {self.kind.where} {self.host}",
+                                    hint=self.kind.model_hint.format(model=model, host=self.host))
         if status == 404:
-            # Ollama answers a JSON error for a missing model; a plain 404 page means
-            # the URL does not lead to Ollama's API (a wrong path or another server).
-            return OllamaError(
-                f"{self.host} has no Ollama API (HTTP 404: {message})",
-                hint="check OLLAMA_HOST (or --host): it should be the server's base URL, "
-                     "like http://localhost:11434",
-            )
+            # The API answers a JSON error for a missing model; a plain 404 page means
+            # the URL does not lead to the API (a wrong path or another server).
+            return OllamaError(f"{self.host} has no {self.kind.api} (HTTP 404: {message})",
+                               hint=self.kind.base_url)
         if UNREADABLE_IMAGE.search(message):  # the same image fails the same way: not retried
-            return ImageUnreadable(f"Ollama at {self.host} cannot read the image ({message})",
+            return ImageUnreadable(f"{self.label} at {self.host} cannot read the image ({message})",
                                    hint=f"install Pillow ({PILLOW_EXTRA}) to send it converted")
-        if status == 503:
-            self._tally("busy")  # Ollama's queue is full: the engine sends fewer requests at once
+        if status in BUSY_STATUSES:
+            self._tally("busy")  # the queue is full: the engine sends fewer requests at once
         if status in RETRIED_STATUSES:
-            return TransientError(f"Ollama at {self.host} answered HTTP {status}: {message}")
+            error = TransientError(f"{self.label} at {self.host} answered HTTP {status}: {message}")
+            error.retry_after = retry_after(exc.headers)
+            return error
         if status >= 500:
-            return OllamaError(f"Ollama at {self.host} answered HTTP {status}: {message}",
-                               hint="check OLLAMA_HOST (or --host): it should be an Ollama server")
-        return OllamaError(f"Ollama at {self.host} refused the request (HTTP {status}): {message}")
+            return OllamaError(f"{self.label} at {self.host} answered HTTP {status}: {message}",
+                               hint=self.kind.check)
+        return OllamaError(f"{self.label} at {self.host} refused the request (HTTP {status}): {message}")
 
     def _redirect_error(self, exc, *, post: bool) -> OllamaError:
         """A redirect that was not followed: to another origin, or one that would turn a POST into a GET."""
@@ -958,7 +970,7 @@ class OllamaClient:
         hint = "set OLLAMA_HOST (or --host) to the address the server redirects to"
         if not target:
             return OllamaError(f"{self.host} answered HTTP {exc.code}, a redirect without a Location",
-                               hint="check OLLAMA_HOST (or --host): it should be an Ollama server")
+                               hint=self.kind.check)
         if not same_origin(target, self.host):
             return OllamaError(
                 f"{self.host} redirected the request to {excerpt(target)}: redirects are followed "
@@ -972,6 +984,449 @@ class OllamaClient:
                            hint="check OLLAMA_HOST (or --host) and the server's redirects")
 
 
+class OllamaClient(Client):
+    """Ollama's own API (/api/chat, /api/generate, /api/show, ...): model loads are reported,
+    models are kept loaded on request, thinking is switched off by a field."""
+
+    kind = SERVER_KINDS["ollama"]
+
+    def __init__(self, host: str, **settings) -> None:
+        import threading
+
+        super().__init__(host, **settings)
+        # Models on Ollama v0.12.4 that reject think:false (fixed in v0.12.5).
+        self._no_think_field: set[str] = set()
+        self._version: tuple[int, ...] | None = None
+        self._version_lock = threading.Lock()
+
+    # Public endpoints, named after Ollama's.
+
+    def show(self, model: str) -> dict:
+        """Details of one installed model; raises ModelUnavailable if it is missing."""
+        return self._retrying(lambda: self._call("POST", "/api/show", {"model": model}))
+
+    def chat(self, model: str, messages: list[dict], *, options: dict,
+             keep_alive: int | float | str | None = None, once: bool = False) -> Answer:
+        """One /api/chat exchange, streamed and gathered into an Answer (once: not retried).
+        A message's images are base64 text in its "images" list."""
+        body = {"model": model, "messages": messages, "stream": True,
+                "think": False, "options": options, **self.runner_fields()}
+        if keep_alive is not None:
+            body["keep_alive"] = keep_alive
+        return self._retrying(lambda: self._generation("/api/chat", body), give_up=lambda: once)
+
+    def generate(self, model: str, prompt: str, *, options: dict,
+                 keep_alive: int | float | str | None = None, fmt: dict | None = None,
+                 printer=None) -> Answer:
+        """One /api/generate call, streamed and gathered into an Answer; fmt is a JSON schema the
+        answer must follow. A printer sees the answer as it arrives (see _streamed)."""
+        body = {"model": model, "prompt": prompt, "stream": True,
+                "think": False, "options": options, **self.runner_fields()}
+        if keep_alive is not None:
+            body["keep_alive"] = keep_alive
+        if fmt is not None:
+            body["format"] = fmt
+        return self._streamed(lambda on_piece: self._generation("/api/generate", body, on_piece), printer)
+
+    def version(self) -> tuple[int, ...]:
+        """The server's version as numbers, asked once (threads asking at once get the one
+        answer); () when the server does not say."""
+        with self._version_lock:
+            if self._version is None:
+                try:
+                    self.answers()
+                except OllamaError:
+                    pass
+                self._version = self._version or ()
+        return self._version
+
+    def answers(self) -> bool:
+        """Whether /api/version answers as Ollama's does (the version is kept). False for an
+        answer that says this is another API; an error when nothing answers, or answers wrong."""
+        try:
+            text = self._call("GET", "/api/version").get("version")
+        except OllamaError as exc:
+            self._version = ()  # asked once: it does not say
+            if exc.status not in NOT_THIS_API:
+                raise
+            text = None
+        self._version = tuple(int(part) for part in re.findall(r"\d+", str(text or ""))[:3])
+        return isinstance(text, str)
+
+    def describe(self) -> str:
+        """The server as doctor names it."""
+        return f"Ollama {'.'.join(map(str, self.version())) or 'unknown'} at {self.host}"
+
+    def supports_structured_output(self) -> bool:
+        """Whether "format" may hold a JSON schema (Ollama v0.5.0 and later; dev builds say 0.0.0)."""
+        version = self.version()
+        return bool(version) and (version >= STRUCTURED_OUTPUT_VERSION or version == (0, 0, 0))
+
+    def runner_fields(self) -> dict:
+        """Request fields that shape the model's runner, the same on every request of a run:
+        Ollama reloads a model whose shift setting changes. shift:false (v0.12.6 and later) ends a
+        runaway answer at the context limit with done_reason "length" instead of sliding the window."""
+        version = self.version()
+        return {"shift": False} if version >= SHIFT_VERSION or version == (0, 0, 0) else {}
+
+    def tags(self) -> list[dict]:
+        """The installed models (/api/tags)."""
+        return list(self._retrying(lambda: self._call("GET", "/api/tags")).get("models") or [])
+
+    def loaded_models(self) -> list[str]:
+        """Names of the models loaded in memory now (/api/ps)."""
+        models = self._call("GET", "/api/ps").get("models") or []
+        return [str(entry.get("name") or entry.get("model")) for entry in models]
+
+    def set_keep_alive(self, model: str, keep_alive: int | float | str) -> None:
+        """Change how long a loaded model stays in memory, without generating."""
+        self._call("POST", "/api/generate", {"model": model, "keep_alive": keep_alive,
+                                             "stream": False})
+
+
+    def _generation(self, path: str, body: dict, on_piece=None) -> Answer:
+        """Send one streaming generation request and gather its NDJSON pieces."""
+        model = body["model"]
+        started = time.monotonic()
+        if model in self._no_think_field:
+            body = {k: v for k, v in body.items() if k != "think"}
+        try:
+            response = self._open("POST", path, body, timeout=self.timeout)
+        except OllamaError as exc:
+            if "does not support thinking" in str(exc) and "think" in body:
+                # Ollama v0.12.4 refused think:false on models that never think.
+                self._no_think_field.add(model)
+                return self._generation(path, body, on_piece)
+            raise
+        answer = Answer()
+        text: list[str] = []
+        thinking: list[str] = []
+        done = False
+        with response:
+            for line in self._lines(response):
+                piece = self._decode(line)
+                if "error" in piece:
+                    # Ollama reports failures after the first byte in-band, with HTTP 200.
+                    raise TransientError(f"Ollama failed while answering: {excerpt(str(piece['error']))}")
+                message = piece.get("message") or {}
+                text.append(piece.get("response") or message.get("content") or "")
+                if on_piece and text[-1]:
+                    on_piece(text[-1])
+                thinking.append(piece.get("thinking") or message.get("thinking") or "")
+                if piece.get("done"):
+                    done = True
+                    answer.done_reason = str(piece.get("done_reason") or "")
+                    for name in _METRICS:
+                        setattr(answer, name, int(piece.get(name) or 0))
+                    break
+        if not done:
+            raise TransientError(f"the answer from Ollama at {self.host} stopped before it was complete")
+        answer.text = "".join(text)
+        answer.thinking = "".join(thinking)
+        return self._finish(path, model, answer, started)
+
+
+# Ollama's option names as OpenAI-compatible request fields: (field, how the value converts).
+# num_ctx has none: such a server's context is set when it starts. A repeat penalty (x1.2) is
+# the nearest standard field, a frequency penalty (+0.2).
+OPENAI_OPTIONS: dict[str, tuple[str, Callable | None]] = {
+    "temperature": ("temperature", None),
+    "num_predict": ("max_tokens", None),
+    "seed": ("seed", None),
+    "repeat_penalty": ("frequency_penalty", lambda value: round(value - 1, 2)),
+}
+# How thinking is switched off, by model name (the first row whose pattern is in the name wins):
+# the chat template's enable_thinking switch that vLLM, SGLang and llama.cpp's server document, and
+# the lowest effort for models that always reason. A server that refuses a field loses it.
+THINKING_OFF: tuple[tuple[str, dict], ...] = (
+    ("gpt-oss", {"reasoning_effort": "low"}),
+    ("", {"chat_template_kwargs": {"enable_thinking": False}}),
+)
+# Fields a server may refuse, in the order they are given up when an error names them
+# ("json_schema": a response_format of that type, which then goes as json_object with the schema).
+OPTIONAL_FIELDS = ("json_schema", "response_format", "chat_template_kwargs", "reasoning_effort",
+                   "stream_options", "seed", "frequency_penalty")
+
+
+class OpenAIClient(Client):
+    """An OpenAI-compatible server (/v1/chat/completions, /v1/models): LM Studio, llama.cpp's
+    llama-server, vLLM, SGLang, or Ollama's own /v1. Images go as data URLs, answers stream as
+    server-sent events. It reports no model loads and keeps no model loaded on request; what it
+    does not report (a model's capabilities) is unknown, and vision is probed when needed."""
+
+    kind = SERVER_KINDS["openai"]
+
+    def __init__(self, host: str, **settings) -> None:
+        super().__init__(host, **settings)
+        self.base = host if host.endswith("/v1") else host + "/v1"
+        self._models: list[dict] | None = None
+        self._refused: set[str] = set()  # OPTIONAL_FIELDS this server refused
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def answers(self) -> bool:
+        """Whether /v1/models answers with a model list; an error when nothing answers, or it
+        wants a key (then it is an OpenAI-compatible server all the same)."""
+        try:
+            self.models_served()
+        except OllamaError as exc:
+            if exc.status not in NOT_THIS_API:
+                raise
+            return False
+        return True
+
+    def describe(self) -> str:
+        owner = next((str(row.get("owned_by")) for row in self.models_served() if row.get("owned_by")), "")
+        return f"OpenAI-compatible server at {self.host}" + (f" (models owned by {owner})" if owner else "")
+
+    def models_served(self) -> list[dict]:
+        """The /v1/models list, asked once."""
+        if self._models is None:
+            data = self._retrying(lambda: self._call("GET", "/models")).get("data")
+            if not isinstance(data, list):
+                raise OllamaError(f"{self.host} answered /v1/models without a model list", hint=self.kind.base_url)
+            self._models = [row for row in data if isinstance(row, dict) and row.get("id")]
+        return self._models
+
+    def tags(self) -> list[dict]:
+        """The models it serves, shaped as /api/tags lists them (what it does not say is empty)."""
+        return [{"name": str(row["id"]), "model": str(row["id"]), "capabilities": None}
+                for row in self.models_served()]
+
+    def show(self, model: str) -> dict:
+        """What the model list says of one model, shaped as /api/show: capabilities unknown, and the
+        context length where the server gives it (vLLM's max_model_len, llama.cpp's n_ctx_train)."""
+        row = next((row for row in self.models_served() if with_tag(str(row["id"])) == with_tag(model)), None)
+        if row is None:
+            served = ", ".join(str(row["id"]) for row in self.models_served()) or "none"
+            raise ModelUnavailable(f"model '{model}' {self.kind.absent} {self.kind.where} {self.host} "
+                                   f"(it serves: {served})", hint=self.kind.model_hint.format(model=model, host=self.host))
+        length = row.get("max_model_len") or (row.get("meta") or {}).get("n_ctx_train")
+        return {"capabilities": None, "details": {}, "context_length": length}
+
+    def version(self) -> tuple[int, ...]:
+        return ()
+
+    def supports_structured_output(self) -> bool:
+        """Asked for as response_format until the server refuses it (then answers are plain text)."""
+        return "response_format" not in self._refused
+
+    def loaded_models(self) -> list[str]:
+        """Such a server does not say which models are loaded: none is known to be."""
+        return []
+
+    def chat(self, model: str, messages: list[dict], *, options: dict,
+             keep_alive: int | float | str | None = None, once: bool = False) -> Answer:
+        """One chat completion, streamed and gathered into an Answer (once: not retried).
+        A message's "images" (base64 text) become image_url parts before its text."""
+        body = self._body(model, [openai_message(message) for message in messages], options)
+        return self._retrying(lambda: self._completion(body), give_up=lambda: once)
+
+    def generate(self, model: str, prompt: str, *, options: dict,
+                 keep_alive: int | float | str | None = None, fmt: dict | None = None,
+                 printer=None) -> Answer:
+        """The prompt as the one user message of a chat completion; fmt is a JSON schema the
+        answer must follow (response_format). A printer sees the answer as it arrives."""
+        body = self._body(model, [{"role": "user", "content": prompt}], options)
+        if fmt is not None:
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "answer", "schema": fmt, "strict": True}}
+        return self._streamed(lambda on_piece: self._completion(body, on_piece), printer)
+
+    def _body(self, model: str, messages: list[dict], options: dict) -> dict:
+        body = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
+        for name, value in options.items():
+            field, convert = OPENAI_OPTIONS.get(name, (None, None))
+            if field:
+                body[field] = convert(value) if convert else value
+        body.update(next(fields for pattern, fields in THINKING_OFF if pattern in model.lower()))
+        return body
+
+    def _sendable(self, body: dict) -> dict:
+        """The body without the fields this server refused."""
+        body = {name: value for name, value in body.items() if name not in self._refused}
+        shape = body.get("response_format") or {}
+        if "json_schema" in self._refused and shape.get("type") == "json_schema":
+            body["response_format"] = {"type": "json_object", "schema": shape["json_schema"]["schema"]}
+        return body
+
+    def _refused_field(self, exc: OllamaError, body: dict) -> str:
+        """The optional field a refusal names, if any (as OPTIONAL_FIELDS names it)."""
+        if isinstance(exc, (ServerUnreachable, ServerTimeout, KeyRefused, ModelUnavailable)):
+            return ""
+        message = str(exc).lower()
+        shape = (body.get("response_format") or {}).get("type")
+        for field in OPTIONAL_FIELDS:
+            sent = shape == "json_schema" if field == "json_schema" else field in body
+            if sent and field in message:
+                return field
+        return ""
+
+    def _completion(self, body: dict, on_piece=None) -> Answer:
+        """Send one streaming chat completion and gather its events; a field the server refuses
+        is left out from then on and the request sent again at once."""
+        model = body["model"]
+        started = time.monotonic()
+        while True:
+            sent = self._sendable(body)
+            try:
+                response = self._open("POST", "/chat/completions", sent, timeout=self.timeout)
+                break
+            except OllamaError as exc:
+                field = self._refused_field(exc, sent)
+                if not field:
+                    raise
+                self._refused.add(field)
+        answer = Answer()
+        text: list[str] = []
+        thinking: list[str] = []
+        done = False
+        with response:
+            for event in self._events(response):
+                if event is None:  # data: [DONE]
+                    done = True
+                    break
+                if event.get("error"):
+                    # An error after the first byte comes as an event, with HTTP 200.
+                    raise TransientError(f"{self.label} at {self.host} failed while answering: "
+                                         f"{error_text(event['error'])}")
+                for choice in (event.get("choices") or [])[:1]:
+                    delta = choice.get("delta") or choice.get("message") or {}
+                    text.append(str(delta.get("content") or ""))
+                    thinking.append(str(delta.get("reasoning_content") or delta.get("reasoning") or ""))
+                    if on_piece and text[-1]:
+                        on_piece(text[-1])
+                    if choice.get("finish_reason"):
+                        done = True
+                        answer.done_reason = str(choice["finish_reason"])
+                self._take_usage(answer, event)
+        if not done:
+            raise TransientError(f"the answer from {self.label} at {self.host} stopped before it was complete")
+        answer.text = "".join(text)
+        answer.thinking = "".join(thinking)
+        answer.total_duration = int((time.monotonic() - started) * 1e9)
+        return self._finish("/v1/chat/completions", model, answer, started)
+
+    @staticmethod
+    def _take_usage(answer: Answer, event: dict) -> None:
+        """Token counts from the usage a server adds at the end, and llama.cpp's timings."""
+        usage = event.get("usage") or {}
+        timings = event.get("timings") or {}
+        answer.prompt_eval_count = int(usage.get("prompt_tokens") or timings.get("prompt_n")
+                                       or answer.prompt_eval_count)
+        answer.eval_count = int(usage.get("completion_tokens") or timings.get("predicted_n") or answer.eval_count)
+        answer.eval_duration = int(float(timings.get("predicted_ms") or 0) * 1e6) or answer.eval_duration
+
+    def _events(self, response) -> Iterator[dict | None]:
+        """The server-sent events of a streaming answer: each data as JSON, None for [DONE]. An
+        "error" event is raised (llama.cpp's server sends one when generation fails)."""
+        data: list[str] = []
+        name = ""
+        while True:
+            raw = self._read(response, line=True)
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if raw and line and not line.startswith(":"):  # ":" starts a comment (a keep-alive)
+                field, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if field == "data":
+                    data.append(value)
+                elif field == "event":
+                    name = value.strip()
+                continue
+            if data:  # a blank line (or the end) dispatches the event
+                joined = "\n".join(data)
+                if joined.strip() == "[DONE]":
+                    yield None
+                    return
+                event = self._decode(joined.encode())
+                if name == "error":
+                    event = {"error": event.get("error") or event}
+                yield event
+            data, name = [], ""
+            if not raw:
+                return
+
+
+def openai_message(message: dict) -> dict:
+    """An Ollama chat message as an OpenAI-compatible one: its images (base64 text) become
+    image_url parts with data URLs, before the text, where Ollama's templates put them."""
+    images = message.get("images") or []
+    if not images:
+        return {"role": message["role"], "content": message["content"]}
+    parts = [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
+    return {"role": message["role"], "content": parts + [{"type": "text", "text": message["content"]}]}
+
+
+def data_url(image_base64: str) -> str:
+    """A data URL for an image sent as base64 text; its type read from its first bytes."""
+    import base64
+
+    head = base64.b64decode(image_base64[:32] + "=" * (-len(image_base64[:32]) % 4))
+    return f"data:image/{_image_kind(head) or 'png'};base64,{image_base64}"
+
+
+def error_text(error: object) -> str:
+    """What an error object says: OpenAI's {"message": ...}, or the value itself."""
+    if isinstance(error, dict):
+        error = error.get("message") or error
+    return excerpt(str(error))
+
+
+def probe_image() -> str:
+    """A 32x32 grey PNG as base64 text: the image of a vision probe (see Client.probe_vision)."""
+    import base64
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + b"\x80\x80\x80" * 32 for _ in range(32))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 32, 32, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return base64.b64encode(png).decode("ascii")
+
+
+def retry_after(headers) -> float:
+    """Seconds a Retry-After header asks to wait (0 when there is none, or it is a date)."""
+    try:
+        return max(0.0, float((headers.get("Retry-After") or "0") if headers else "0"))
+    except ValueError:
+        return 0.0
+
+
+def connect(config: Config, host: str = "") -> Client:
+    """A client for the configured server (or another of the configured ones), of the kind --api
+    names. auto: a URL ending in /v1 is OpenAI-compatible; otherwise a server whose /api/version
+    answers is Ollama, one whose /v1/models answers is OpenAI-compatible, and one that answers
+    neither is treated as Ollama (its errors then say what is wrong). Each kind gets its own key."""
+    url = host or config.host
+    api = "openai" if config.api == "auto" and url.rstrip("/").endswith("/v1") else config.api
+
+    def client(kind: str) -> Client:
+        row = SERVER_KINDS[kind]
+        key = next((getattr(config, name) for name in row.keys if getattr(config, name)), "")
+        return CLIENTS[kind](url, timeout=config.timeout, retries=config.retries, api_key=key,
+                             verbose=config.verbose)
+
+    if api != "auto":
+        return client(api)
+    ollama = client("ollama")
+    try:
+        if ollama.answers():
+            return ollama
+    except OllamaError:  # nothing answers: the client says so when it is used
+        return ollama
+    other = client("openai")
+    try:
+        return other if other.answers() else ollama
+    except OllamaError:  # it wants a key, or stopped answering: the client says so when used
+        return other
+
+
+CLIENTS: dict[str, type[Client]] = {"ollama": OllamaClient, "openai": OpenAIClient}
+
+
 def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
     """Server text as one short line, redacted before it is cut (so no part of a secret shows).
 
@@ -983,11 +1438,12 @@ def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
 
 
 def server_message(raw: bytes, content_type: str = "") -> tuple[str, str]:
-    """What an error body says, as (one short line, kind): kind is "ollama" for Ollama's
-    {"error": ...}, "html" for a web page (the line is then ""), else "text"."""
+    """What an error body says, as (one short line, kind): kind is "api" for the API's own
+    {"error": ...} (Ollama's text, or OpenAI's {"message": ...}), "html" for a web page (the line
+    is then ""), else "text"."""
     text = raw.decode("utf-8", "replace")
     try:
-        return excerpt(str(json.loads(text)["error"])), "ollama"
+        return error_text(json.loads(text)["error"]), "api"
     except (ValueError, KeyError, TypeError):
         pass
     head = text.lstrip()[:200].lower()
@@ -2950,10 +3406,11 @@ def vision_family(details: dict) -> str:
 
 
 def context_length(details: dict) -> int | None:
-    """The model's trained context length from /api/show's model_info, if it says."""
+    """The model's context length from /api/show's model_info (or as an OpenAI-compatible
+    server's model list gives it), if it says."""
     info = details.get("model_info") or {}
     arch = info.get("general.architecture")
-    value = info.get(f"{arch}.context_length")
+    value = details.get("context_length") or info.get(f"{arch}.context_length")
     return value if isinstance(value, int) and value > 0 else None
 
 
@@ -3448,12 +3905,6 @@ def echoed_file_name(caption: str, stem: str) -> str:
     return ""
 
 
-def connect(config: Config, host: str = "") -> OllamaClient:
-    """A client for the configured server (or another of the configured ones)."""
-    return OllamaClient(host or config.host, timeout=config.timeout, retries=config.retries,
-                        api_key=config.api_key, verbose=config.verbose)
-
-
 class ModelAnswerError(ImageError):
     """The model answered, but nothing usable came of it (a refusal, nothing, only thinking)."""
 
@@ -3705,16 +4156,21 @@ def check_models(client: OllamaClient, config: Config) -> dict[str, dict]:
     shown_models = {}
     for model in dict.fromkeys((config.vision_model, config.model)):
         details = shown_models[model] = client.show(model)
-        capabilities = details.get("capabilities")
-        # Servers before v0.6.4 do not report capabilities: unknown is not "no vision".
-        if model == config.vision_model and capabilities is not None and "vision" not in capabilities:
+        refusal = cannot_see(client, model, details.get("capabilities")) if model == config.vision_model else ""
+        if refusal:
             raise ModelUnavailable(
-                f"the vision model '{model}' cannot see images "
-                f"(its capabilities: {', '.join(capabilities) or 'none'})",
-                hint="pick a vision model with --vision-model or OLLAMA_VISION_MODEL, "
-                     f"e.g. `ollama pull {DEFAULT_VISION_MODEL}`",
-            )
+                f"the vision model '{model}' cannot see images{refusal}", hint=client.kind.vision_hint)
     return shown_models
+
+
+def cannot_see(client: Client, model: str, capabilities: list[str] | None) -> str:
+    """Why the model cannot see images, as a clause ("" when it can or nobody knows): from its
+    capabilities, or, where an OpenAI-compatible server does not list them, from a probe with a
+    tiny image (Ollama before v0.6.4 does not list them either: unknown is not "no vision")."""
+    if capabilities is not None:
+        return "" if "vision" in capabilities else f" (its capabilities: {', '.join(capabilities) or 'none'})"
+    refusal = client.probe_vision(model) if client.kind.probes else ""
+    return f" (it refused a test image: {refusal})" if refusal else ""
 
 
 def check_templates(config: Config, spec: CaptionSpec) -> None:
@@ -4795,6 +5251,21 @@ class Host(Record):
     overlapped: bool = False  # its stages ran as a pipeline in some chunk
     lanes: dict = {}  # stage name -> Lane: requests in flight and what they did
 
+    # What a server that reports no model loads (an OpenAI-compatible one) leaves out of the report.
+    LOAD_FIGURES = ("model_loads", "load_wait_seconds")
+
+    @property
+    def not_reported(self) -> list[str]:
+        return [] if self.client.kind.loads else list(self.LOAD_FIGURES)
+
+    @property
+    def loads_seen(self) -> int | None:
+        return self.client.loads_seen if self.client.kind.loads else None
+
+    @property
+    def load_wait(self) -> float | None:
+        return round(self.client.load_wait, 3) if self.client.kind.loads else None
+
 
 class Report(Record):
     """What a folder run did; the summary, --report and --json render it."""
@@ -4826,6 +5297,12 @@ class Report(Record):
     def images_per_minute(self) -> float:
         return images_per_minute(self.count("written"), self.seconds)
 
+    @property
+    def loads_seen(self) -> int | None:
+        """Model loads seen on the servers that report them (None when none does)."""
+        counts = [host.loads_seen for host in self.hosts if host.loads_seen is not None]
+        return sum(counts) if counts else None
+
     def as_dict(self) -> dict:
         """The report as JSON-ready data (--report)."""
         return {
@@ -4844,9 +5321,10 @@ class Report(Record):
             "images_per_minute": round(self.images_per_minute, 2),
             "cached_descriptions": self.cached,
             "model_calls": sum(host.client.calls for host in self.hosts),
-            "model_loads": sum(host.client.loads_seen for host in self.hosts),
-            "hosts": [{"url": host.client.host, "model_calls": host.client.calls,
-                       "model_loads": host.client.loads_seen, "dropped": host.dropped or None}
+            "model_loads": self.loads_seen,
+            "hosts": [{"url": host.client.host, "api": host.client.kind.name, "model_calls": host.client.calls,
+                       "model_loads": host.loads_seen, "dropped": host.dropped or None,
+                       "not_reported": host.not_reported}
                       for host in self.hosts],
             "throughput": [throughput(host) for host in self.hosts],
             "cleaning": self.cleaning_counts(),
@@ -4866,7 +5344,7 @@ def throughput(host: Host) -> dict:
     it kept in flight (with --jobs auto, that plus the spare), whether its stages overlapped,
     and the wall time answers waited for model loads."""
     return {"url": host.client.host, "overlapped": host.overlapped,
-            "load_wait_seconds": round(host.client.load_wait, 3),
+            "load_wait_seconds": host.load_wait,
             "stages": {name: {"model": lane.model, "images": lane.images,
                               "images_per_minute": round(lane.images_per_minute(), 2),
                               "jobs": lane.chosen, "in_flight": lane.in_flight_chosen,
@@ -5575,7 +6053,10 @@ class CaptionRun:
         return {host.client.host for host in live if host.holds_both}
 
     def both_loaded(self, client: OllamaClient) -> bool:
-        """Whether the server has the vision and the text model loaded now."""
+        """Whether the server has the vision and the text model loaded now. A server that does
+        not say what it holds (an OpenAI-compatible one) holds both only when one model does both."""
+        if not client.kind.loads:
+            return with_tag(self.config.vision_model) == with_tag(self.config.model)
         try:
             loaded = {with_tag(name) for name in client.loaded_models()}
         except OllamaError:
@@ -5714,9 +6195,10 @@ def print_summary(report: Report, *, quiet: bool = False) -> None:
               + (f", {later} left for later" if later else "")
               + f" (of {plural(len(report.jobs), 'image')}).", file=sys.stderr)
         calls = sum(host.client.calls for host in report.hosts)
-        loads = sum(host.client.loads_seen for host in report.hosts)
+        loads = report.loads_seen
         print(f"{report.images_per_minute:.1f} images/min; {plural(calls, 'model call')}, "
-              f"{plural(report.cached, 'description')} from the cache, {plural(loads, 'model load')} seen.",
+              f"{plural(report.cached, 'description')} from the cache, "
+              + ("model loads not reported by the server." if loads is None else f"{plural(loads, 'model load')} seen."),
               file=sys.stderr)
     if not quiet and any(lane.images for host in report.hosts for lane in host.lanes.values()):
         for host in report.hosts:
@@ -5744,7 +6226,8 @@ def speed_line(host: Host) -> str:
                        + ")" for name, lane in host.lanes.items() if lane.images)
     return (f"{host.client.host}: {stages or 'no model calls'}; stages "
             + ("overlapped" if host.overlapped else "one after the other")
-            + f"; {format_duration(host.client.load_wait)} waiting for model loads.")
+            + ("; model loads not reported." if host.load_wait is None
+               else f"; {format_duration(host.load_wait)} waiting for model loads."))
 
 
 def manifest_path(value: str | None, folder: str) -> str | None:
@@ -6288,18 +6771,16 @@ def doctor_checks(config: Config) -> list[Check]:
     for url in config.hosts:
         client = connect(config, url)
         try:
-            version = ".".join(map(str, client.version())) or "unknown"
+            server = client.describe()
             client.loaded_models()  # /api/version may be absent on old servers; this must answer
         except ServerUnreachable as exc:
-            checks.append(Check("server", "fail", str(exc),
-                                "start it with `ollama serve`, or set OLLAMA_HOST (or --host) to where it runs",
-                                exit_code=3))
+            checks.append(Check("server", "fail", str(exc), client.kind.start, exit_code=3))
             continue
         except OllamaError as exc:
-            checks.append(Check("server", "fail", str(exc), "check OLLAMA_HOST", exit_code=1))
+            checks.append(Check("server", "fail", str(exc), exc.hint or client.kind.check, exit_code=1))
             continue
-        checks.append(Check("server", "ok", f"Ollama {version} at {url}"))
-        checks.append(structured_output_check(client, version))
+        checks.append(Check("server", "ok", server))
+        checks.append(structured_output_check(client))
         for role, model in (("vision model", config.vision_model), ("text model", config.model)):
             checks.extend(model_checks(client, role, model))
     checks.append(image_check())
@@ -6331,29 +6812,34 @@ def video_check() -> Check:
                  "not affected)", FFMPEG_INSTALL)
 
 
-def structured_output_check(client: OllamaClient, version: str) -> Check:
+def structured_output_check(client: Client) -> Check:
     """Whether tag captions are asked for as a JSON array, and how to turn that off."""
+    version = ".".join(map(str, client.version())) or "unknown"
     if client.supports_structured_output():
         tags = STYLES["tags"]
-        return Check("structured outputs", "note", f"tags are asked for as a JSON array of {tags.low} to {tags.high} (Ollama "
-                     f"{version}); `caption --no-structured` asks for plain text instead")
+        return Check("structured outputs", "note", f"tags are asked for as a JSON array of {tags.low} to {tags.high} "
+                     f"({client.kind.schema_by.format(version=version)}); `caption --no-structured` asks for "
+                     "plain text instead")
     return Check("structured outputs", "note", f"not available on Ollama {version} (needs 0.5 or later): "
                  "tags are asked for as plain text")
 
 
-def model_checks(client: OllamaClient, role: str, model: str) -> list[Check]:
-    """Is the model installed, can the vision model see, and does the model think?"""
+def model_checks(client: Client, role: str, model: str) -> list[Check]:
+    """Is the model installed, can the vision model see (asked with a probe image where the
+    server does not say), and does the model think?"""
+    kind = client.kind
     try:
         details = client.show(model)
     except ModelUnavailable:
-        return [Check(role, "fail", f"{model} is not installed on {client.host}",
-                      f"ollama pull {model}", exit_code=4)]
+        return [Check(role, "fail", f"{model} {kind.absent} {kind.where} {client.host}",
+                      kind.get_model.format(model=model, host=client.host), exit_code=4)]
     capabilities = details.get("capabilities")
-    checks = [Check(role, "ok", f"{model} is installed ({', '.join(capabilities or ['capabilities unknown'])})")]
-    if role == "vision model" and capabilities is not None and "vision" not in capabilities:
-        checks.append(Check(role, "fail", f"{model} cannot see images",
-                            f"ollama pull {DEFAULT_VISION_MODEL}, then use it with --vision-model",
-                            exit_code=4))
+    checks = [Check(role, "ok", f"{model} {kind.absent.replace(' not ', ' ')} "
+                    f"({', '.join(capabilities or ['capabilities unknown'])})")]
+    refusal = cannot_see(client, model, capabilities) if role == "vision model" else ""
+    if refusal:  # the line above shows the capabilities; a probe's refusal is news
+        checks.append(Check(role, "fail", f"{model} cannot see images" + ("" if capabilities else refusal),
+                            kind.get_vision, exit_code=4))
     if capabilities and "thinking" in capabilities:
         checks.append(Check(role, "note", f"{model} thinks; every request sends think:false"
                             + (" and /no_think" if model_thinks_by_prompt(model) else "")
@@ -6433,9 +6919,10 @@ def cmd_models(config: Config, args: argparse.Namespace) -> Product:
     widths = [max(len(cells[n]) for cells in table) for n in range(len(table[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip() for cells in table]
     for entry in missing:
-        lines.append(f"{entry['configured_as']} model {entry['name']} is not installed: "
-                     f"ollama pull {entry['name']}")
-    return Product("\n".join(lines), {"command": "models", "models": rows, "missing": missing})
+        lines.append(f"{entry['configured_as']} model {entry['name']} {client.kind.absent}: "
+                     + client.kind.get_model.format(model=entry["name"], host=client.host))
+    return Product("\n".join(lines), {"command": "models", "api": client.kind.name, "models": rows,
+                                       "missing": missing})
 
 
 def format_size(size: int) -> str:
@@ -7729,17 +8216,18 @@ class ReviewDataset:
         return {key: value for key, value in self.document.items() if key != "items"}
 
     def server_state(self) -> dict:
-        """Whether the configured Ollama server answers, for the page's Recaption buttons."""
-        client = OllamaClient(self.config.host, timeout=min(self.config.timeout, SERVER_CHECK_TIMEOUT),
-                              retries=0, api_key=self.config.api_key)
+        """Whether the configured server answers, for the page's Recaption buttons."""
+        config = self.config.replace(timeout=min(self.config.timeout, SERVER_CHECK_TIMEOUT), retries=0)
         try:
+            client = connect(config)
             installed = {str(model.get("name") or model.get("model")) for model in client.tags()}
         except OllamaError as exc:
             return {"reachable": False, "host": self.config.host, "message": str(exc), "hint": exc.hint or None}
         missing = [model for model in dict.fromkeys((self.config.vision_model, self.config.model))
                    if model not in installed and with_tag(model) not in installed]
         return {"reachable": True, "host": self.config.host, "missing": missing,
-                "message": (f"not installed on {self.config.host}: {', '.join(missing)}" if missing
+                "message": (f"{client.kind.absent.removeprefix('is ')} {client.kind.where} {self.config.host}: "
+                            f"{', '.join(missing)}" if missing
                             else f"Recaption uses {self.config.vision_model} and {self.config.model} "
                                  f"on {self.config.host}")}
 
@@ -8086,8 +8574,13 @@ def add_server_options(parser: argparse.ArgumentParser, *, generation: bool = Tr
     """
     server = parser.add_argument_group("server options")
     server.add_argument("--host", action="append", default=argparse.SUPPRESS, metavar="URL",
-                        help="Ollama server URL; repeat it to spread a folder run over several "
-                             f"servers (env: OLLAMA_HOST, comma-separated; default {DEFAULT_HOST})")
+                        help="server URL: Ollama, or an OpenAI-compatible server (a URL ending in /v1); "
+                             "repeat it to spread a folder run over several servers (env: OLLAMA_HOST, "
+                             f"comma-separated; default {DEFAULT_HOST})")
+    server.add_argument("--api", choices=API_CHOICES, default=argparse.SUPPRESS,
+                        help="the servers' API: ollama, openai (chat completions, as LM Studio, llama.cpp's "
+                             "server, vLLM and SGLang serve it), or auto (default): a URL ending in /v1 is "
+                             "openai, else whichever the server answers as")
     server.add_argument("-m", "--model", default=argparse.SUPPRESS, metavar="NAME",
                         help=f"text model (env: OLLAMA_MODEL; default {DEFAULT_MODEL})")
     server.add_argument("--timeout", type=timeout_seconds, default=argparse.SUPPRESS,
@@ -8129,7 +8622,7 @@ def check_generation_options(parser: _Parser, args: argparse.Namespace) -> None:
                          f"and {GENERATING[-1]} generate text")
 
 
-SERVER_DEFAULTS = {"host": None, "model": None, "timeout": DEFAULT_TIMEOUT, "temperature": None,
+SERVER_DEFAULTS = {"host": None, "api": "auto", "model": None, "timeout": DEFAULT_TIMEOUT, "temperature": None,
                    "seed": None, "num_ctx": None, "max_tokens": None, "verbose": False,
                    "json": False, "prompts_dir": None}
 

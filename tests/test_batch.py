@@ -576,7 +576,7 @@ def test_report_file_pins_every_key(make_ollama, capsys, tmp_path, monkeypatch):
         "cached_descriptions": 0,
         "model_calls": 4,
         "model_loads": 0,
-        "hosts": [{"url": server.url, "model_calls": 4, "model_loads": 0, "dropped": None}],
+        "hosts": [{"url": server.url, "model_calls": 4, "model_loads": 0, "dropped": None, "api": "ollama", "not_reported": []}],
         # Per stage: the images that asked the model (bad.png failed before), the requests at once.
         "throughput": [{"url": server.url, "overlapped": False, "load_wait_seconds": 0.0, "stages": {
             "vision": {"model": VISION, "images": 2, "jobs": 1, "in_flight": 1, "auto": True},

@@ -45,8 +45,8 @@ def test_single_image_two_stages_and_stdout_only_the_caption(ollama, capsys, pho
     code, out, err = run(capsys, "caption", photo)
     assert (code, out, err) == (0, CAPTION + "\n", "")
     assert [(r.method, r.path) for r in ollama.requests] == [
-        ("POST", "/api/show"), ("POST", "/api/show"), ("GET", "/api/version"), ("POST", "/api/chat"),
-        ("POST", "/api/generate")]  # the version says whether shift:false is understood
+        ("GET", "/api/version"), ("POST", "/api/show"), ("POST", "/api/show"), ("POST", "/api/chat"),
+        ("POST", "/api/generate")]  # the version says it is Ollama, and whether shift:false is understood
     assert [r.body["model"] for r in ollama.requests_to("/api/show")] == ["qwen3-vl:32b", "qwen3-30b-a3b:latest"]
 
     vision = ollama.requests_to("/api/chat")[0].body
@@ -170,7 +170,7 @@ def test_folder_writes_a_caption_beside_each_image(ollama, capsys, tmp_path):
         ".ollama-generate", "C.PNG", "C.txt", "a.jpg", "a.txt", "b.png", "b.txt"]
     # Both models were checked once, up front.
     assert len(ollama.requests_to("/api/show")) == 2
-    assert ollama.requests[0].path == "/api/show"
+    assert [r.path for r in ollama.requests[:3]] == ["/api/version", "/api/show", "/api/show"]
 
 
 def test_folder_skips_existing_captions_unless_overwrite(ollama, capsys, tmp_path):

@@ -82,7 +82,7 @@ def test_a_plain_404_page_means_the_url_is_not_ollama(ollama, capsys):
     assert (code, out) == (1, "")
     assert err.splitlines() == [
         f"ollama-generate: error: {ollama.url}/not-ollama has no Ollama API (HTTP 404: 404 page not found)",
-        "ollama-generate: hint: check OLLAMA_HOST (or --host): it should be the server's base URL, "
+        "ollama-generate: hint: check OLLAMA_HOST (or --host): it should be the Ollama server's base URL, "
         "like http://localhost:11434",
     ]
 

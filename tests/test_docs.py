@@ -38,8 +38,9 @@ def documented_flags(text: str) -> set[str]:
     """Long flags anywhere, short flags in our own command lines and code spans."""
     flags = set()
     for line in text.splitlines():
-        if "pytest" in line or "pip install" in line or "bench/" in line:
-            continue  # flags of pip, pytest and the benchmark scripts
+        if any(tool in line for tool in ("pytest", "pip install", "bench/", "llama-server", "vllm serve",
+                                         "sglang.launch_server", "llama_cpp.server")):
+            continue  # flags of pip, pytest, the benchmark scripts and the servers in "Other servers"
         flags.update(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line))
         flags.update(re.findall(r"`(-[a-zA-Z])[` ]", line))
     return flags

@@ -115,8 +115,8 @@ def test_two_hosts_share_a_folder(make_ollama, capsys, tmp_path, monkeypatch, ho
     assert len(caption_requests(one) + caption_requests(two)) == 6
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["hosts"] == [
-        {"url": one.url, "model_calls": len(chats(one) + caption_requests(one)), "model_loads": 0, "dropped": None},
-        {"url": two.url, "model_calls": len(chats(two) + caption_requests(two)), "model_loads": 0, "dropped": None},
+        {"url": one.url, "model_calls": len(chats(one) + caption_requests(one)), "model_loads": 0, "dropped": None, "api": "ollama", "not_reported": []},
+        {"url": two.url, "model_calls": len(chats(two) + caption_requests(two)), "model_loads": 0, "dropped": None, "api": "ollama", "not_reported": []},
     ]
     assert report["model_calls"] == 12
 
@@ -225,7 +225,7 @@ def test_a_host_that_dies_mid_run_is_left_out_and_its_image_goes_elsewhere(make_
     assert report["hosts"][0]["url"] == one.url
     assert report["hosts"][0]["dropped"].startswith(f"cannot connect to Ollama at {one.url} (")
     assert report["hosts"][1] == {"url": two.url, "model_calls": report["hosts"][1]["model_calls"],
-                                  "model_loads": 0, "dropped": None}
+                                  "model_loads": 0, "dropped": None, "api": "ollama", "not_reported": []}
     # The dropped host is not asked to hand its models back (its one /api/ps is --stages auto's
     # look before the chunk).
     assert len(one.requests_to("/api/ps")) == len(two.requests_to("/api/ps")) - 1 == 1

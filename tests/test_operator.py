@@ -61,6 +61,7 @@ ALL_TEMPLATES = [
     ("reask", "$request $answer $problem"), ("reask_vision", "$problem"),
     ("vision_video_system", "-"), ("vision_video_user", "$frames $duration $timestamps"), ("video_caption", "-"),
     ("target_video", "-"),
+    ("vision_probe", "-"),
 ]
 
 
@@ -131,7 +132,7 @@ def test_doctor_all_good(ollama, capsys):
         QWEN_NOTE,
         IMAGES_OK,
         VIDEO_OK,
-        "ok    templates: all 25 templates are complete",
+        "ok    templates: all 26 templates are complete",
         "A caption run would work.",
     ]
     assert out.endswith("A caption run would work.\n")
@@ -152,7 +153,7 @@ def test_doctor_with_the_server_down_still_runs_and_exits_3(make_ollama, capsys)
         f"      fix: {SERVE_FIX}",
         IMAGES_OK,
         VIDEO_OK,
-        "ok    templates: all 25 templates are complete",
+        "ok    templates: all 26 templates are complete",
         "1 problem to fix before a caption run.",
     ]
     assert err == "ollama-generate: error: 1 check failed; see above\n"
@@ -169,7 +170,7 @@ def test_doctor_a_missing_model_gets_its_pull_line_and_exits_4(ollama, capsys):
         "      fix: ollama pull llama3.2",
         IMAGES_OK,
         VIDEO_OK,
-        "ok    templates: all 25 templates are complete",
+        "ok    templates: all 26 templates are complete",
         "1 problem to fix before a caption run.",
     ]
     assert err == "ollama-generate: error: 1 check failed; see above\n"
@@ -189,7 +190,7 @@ def test_doctor_a_vision_model_that_cannot_see_exits_4(ollama, capsys):
         QWEN_NOTE,
         IMAGES_OK,
         VIDEO_OK,
-        "ok    templates: all 25 templates are complete",
+        "ok    templates: all 26 templates are complete",
         "1 problem to fix before a caption run.",
     ]
     assert err == "ollama-generate: error: 1 check failed; see above\n"
@@ -247,7 +248,7 @@ def test_doctor_says_when_overrides_are_in_use(ollama, capsys, tmp_path):
     (tmp_path / "prompt_t5.txt").write_text("Paint $concept\n")
     code, out, err = run(capsys, "doctor", "--prompts-dir", tmp_path)
     assert (code, err) == (0, "")
-    line = f"ok    templates: all 25 templates are complete (with overrides from {tmp_path})"
+    line = f"ok    templates: all 26 templates are complete (with overrides from {tmp_path})"
     assert line in out.splitlines()
 
 
@@ -266,7 +267,7 @@ def test_doctor_json_is_one_document(ollama, capsys):
          "fix": None},
         IMAGES_OK_JSON,
         VIDEO_OK_JSON,
-        {"name": "templates", "status": "ok", "detail": "all 25 templates are complete", "fix": None},
+        {"name": "templates", "status": "ok", "detail": "all 26 templates are complete", "fix": None},
     ]}
 
 
@@ -281,7 +282,7 @@ def test_doctor_json_with_a_failure_keeps_stdout_json_and_the_exit_code(make_oll
          "detail": f"cannot connect to Ollama at {url} (Connection refused)", "fix": SERVE_FIX},
         IMAGES_OK_JSON,
         VIDEO_OK_JSON,
-        {"name": "templates", "status": "ok", "detail": "all 25 templates are complete", "fix": None},
+        {"name": "templates", "status": "ok", "detail": "all 26 templates are complete", "fix": None},
     ]}
     assert err == (f"ollama-generate: error: 1 check failed: server: cannot connect to Ollama at {url} "
                    f"(Connection refused)\nollama-generate: hint: {SERVE_FIX}\n")
@@ -307,7 +308,7 @@ def test_doctor_checks_every_host(make_ollama, capsys):
         QWEN_NOTE,
         IMAGES_OK,
         VIDEO_OK,
-        "ok    templates: all 25 templates are complete",
+        "ok    templates: all 26 templates are complete",
         "1 problem to fix before a caption run.",
     ]
     assert err == "ollama-generate: error: 1 check failed; see above\n"
@@ -341,7 +342,7 @@ def test_models_table_marks_the_configured_models(ollama, capsys):
 
 def test_models_on_an_old_server_asks_show_for_capabilities(ollama, capsys):
     run(capsys, "models")
-    assert [r.path for r in ollama.requests] == ["/api/tags", "/api/show", "/api/show"]
+    assert [r.path for r in ollama.requests] == ["/api/version", "/api/tags", "/api/show", "/api/show"]
     assert [r.body for r in ollama.requests_to("/api/show")] == [{"model": TEXT}, {"model": VISION}]
 
 
@@ -390,7 +391,7 @@ def test_models_one_model_for_both_roles(ollama, capsys):
 def test_models_json_shape(ollama, capsys):
     code, out, err = run(capsys, "models", "--json", "-m", "llama3.2")
     assert (code, err) == (0, "")
-    assert one_json(out) == {"command": "models", "models": [
+    assert one_json(out) == {"command": "models", "api": "ollama", "models": [
         {"name": TEXT, "size": 18_556_701_140, "family": "qwen3", "parameter_size": "30.5B",
          "quantization_level": "Q4_K_M", "capabilities": ["completion", "tools", "thinking"],
          "configured_as": None},
@@ -627,7 +628,7 @@ def test_json_folder_run_prints_the_run_report(ollama, capsys, tmp_path):
         "command": "caption", "folder": str(folder), "total": 2, "written": 2, "skipped": 0,
         "failed": [], "needs_review": [], "not_reached": 0, "later": 0, "interrupted": False,
         "cached_descriptions": 0, "model_calls": 4, "model_loads": 0,
-        "hosts": [{"url": ollama.url, "model_calls": 4, "model_loads": 0, "dropped": None}],
+        "hosts": [{"url": ollama.url, "model_calls": 4, "model_loads": 0, "dropped": None, "api": "ollama", "not_reported": []}],
         "cleaning": {},
         "captions": [{"image": n, "rules": [], "unsupported_share": 0.0, "invented": []} for n in ["a.png", "b.png"]],
     }
@@ -973,7 +974,7 @@ def test_the_api_key_is_sent_on_every_request_of_a_caption(ollama, capsys, photo
     monkeypatch.setenv("OLLAMA_API_KEY", KEY)
     code, out, err = run(capsys, "caption", photo, "--verbose")
     assert (code, out) == (0, TRAINING + "\n")  # the fake's in-range answer: not asked again
-    assert [r.path for r in ollama.requests] == ["/api/show", "/api/show", "/api/version", "/api/chat",
+    assert [r.path for r in ollama.requests] == ["/api/version", "/api/show", "/api/show", "/api/chat",
                                                  "/api/generate"]
     assert [r.headers.get("authorization") for r in ollama.requests] == [f"Bearer {KEY}"] * 5
     assert len(err.splitlines()) == 2  # --verbose printed, without the key

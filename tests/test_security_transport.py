@@ -84,8 +84,9 @@ def test_a_redirect_on_the_same_server_is_followed_with_the_key(make_ollama, cap
     server.reply("A fox in the snow.")
     monkeypatch.setenv("OLLAMA_API_KEY", KEY)
     assert run(capsys, "prompt", "a fox", "--host", server.url + "/old") == (0, "A fox in the snow.\n", "")
-    version, moved, answered = server.requests
+    version, models, moved, answered = server.requests
     assert version.path == "/old/api/version"  # not found there: shift is left out
+    assert models.path == "/old/v1/models"  # not found either: not an OpenAI-compatible server
     assert (moved.method, moved.path, answered.method, answered.path) == (
         "POST", "/old/api/generate", "POST", "/api/generate")
     assert answered.body == moved.body
@@ -110,7 +111,8 @@ def test_a_post_is_never_turned_into_a_get(make_ollama, capsys, monkeypatch, sta
     assert err.splitlines()[0] == (
         f"ollama-generate: error: {server.url}/old redirected a POST with HTTP {status} to "
         f"{server.url}/api/generate, which would turn it into a GET: not followed")
-    assert [r.method for r in server.requests] == ["GET", "POST"]  # the version, then the prompt
+    # The version, the OpenAI-compatible model list (both not found: --api auto keeps Ollama), the prompt.
+    assert [r.method for r in server.requests] == ["GET", "GET", "POST"]
 
 
 def test_a_redirect_loop_or_one_without_an_address_is_one_error(make_ollama):
@@ -335,14 +337,14 @@ def test_a_plain_web_server_is_named_in_one_line_without_retries(make_ollama, ca
     assert err.splitlines() == [
         f"ollama-generate: error: {web.url} answered HTTP 501 with an HTML page: is this an Ollama server?",
         HINT_HOST]
-    assert [r.path for r in web.requests] == ["/api/version", "/api/generate"]
+    assert [r.path for r in web.requests] == ["/api/version", "/v1/models", "/api/generate"]
 
     dataset = make_images(tmp_path / "set", NAMES[:1])
     code, out, err = run(capsys, "caption", dataset, "--host", web.url)
     assert (code, out) == (1, "")
     assert err.splitlines()[0] == (
         f"ollama-generate: error: {web.url} answered HTTP 501 with an HTML page: is this an Ollama server?")
-    assert len(web.requests) == 3
+    assert len(web.requests) == 6  # the first server's two looks and three /api/show tries, then this one's
 
     code, out, err = run(capsys, "doctor", "--host", web.url)
     assert code == 1
