@@ -222,3 +222,16 @@ def test_caption_a_folder_through_the_vision_front(llama_server, vision_front, c
         assert not (folder / name).with_suffix(".txt").exists()  # no empty or half-written file
     sent = [request for request in vision_front.requests if request.path == "/v1/chat/completions"]
     assert any(b'"image_url"' in request.raw for request in sent)  # the vision stage sent the images
+
+
+@needs_client
+def test_caption_one_image_through_the_vision_front(llama_server, vision_front, capsys, photo):
+    code, out, err = run(capsys, "caption", photo, "--host", vision_front.url + "/v1",
+                         "--vision-model", llama_server.model, "--model", llama_server.model, "--json", *SHORT)
+    document = json.loads(out)  # one document either way
+    if code == 0:
+        assert document["text"].strip() and document["description"].strip()
+        assert (document["vision_model"], document["model"]) == (llama_server.model, llama_server.model)
+    else:  # a 135M model may write something the policy refuses: an error, with its exit code
+        assert (code, document["exit_code"]) == (1, 1), err
+    assert not photo.with_suffix(".txt").exists()  # one image: the caption is printed, not written
