@@ -226,7 +226,9 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServ
     command = [str(python), "-m", "llama_cpp.server", "--model", str(model_file),
                "--model_alias", LLAMA_SERVER_MODEL, "--host", "127.0.0.1", "--port", str(port),
                "--n_ctx", "8192",  # SmolLM2's context, so caption prompts fit
-               "--n_threads", "2", "--n_threads_batch", "2"]
+               # One thread: llama.cpp's threads wait for each other at every step, so two threads on
+               # a machine whose other core is busy ran 0.5 tokens/s where one runs about 25.
+               "--n_threads", "1", "--n_threads_batch", "1"]
     # The server reads its settings from the environment too (API_KEY, MODEL, CONFIG_FILE, ...):
     # give it only what a process needs, so a developer's shell cannot change it.
     env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/"), "LANG": "C.UTF-8",

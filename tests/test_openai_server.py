@@ -28,7 +28,6 @@ SCRIPT = TESTS_DIR.parent / "ollama_generate.py"
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 SHORT = ["--max-tokens", "60", "--seed", "1", "--temperature", "0"]
 # The OpenAI-compatible client lands on the lead's branch; these marks go when it is merged.
-needs_client = pytest.mark.xfail(reason="client lands in issue13-client", strict=False)
 
 
 def get_json(url: str) -> dict:
@@ -107,7 +106,6 @@ def assert_one_clean_paragraph(text: str) -> None:
     assert not re.match(r"(?i)here(?: is|'s)\b", text)
 
 
-@needs_client
 @pytest.mark.parametrize("server", [["{url}/v1"], ["{url}", "--api", "openai"], ["{url}", "--api", "auto"]],
                          ids=["v1-suffix", "api-openai", "api-auto"])
 def test_prompt_through_each_way_of_naming_the_server(llama_server, capsys, server):
@@ -118,7 +116,6 @@ def test_prompt_through_each_way_of_naming_the_server(llama_server, capsys, serv
     assert_one_clean_paragraph(out)
 
 
-@needs_client
 @pytest.mark.parametrize("command", [["enhance", "a cat on a tin roof"],
                                      ["lore", "the last lighthouse keeper", "--length", "short"],
                                      ["describe", "Drowned Coast", "--type", "style"]],
@@ -130,7 +127,6 @@ def test_the_other_text_commands(llama_server, capsys, command):
     assert out.strip()
 
 
-@needs_client
 def test_prompt_json_has_the_text_and_the_model(llama_server, capsys):
     code, out, err = run(capsys, "prompt", "a lighthouse at dusk", "--host", llama_server.url + "/v1",
                          "--model", llama_server.model, "--json", *SHORT)
@@ -140,14 +136,12 @@ def test_prompt_json_has_the_text_and_the_model(llama_server, capsys):
     assert document["model"] == llama_server.model
 
 
-@needs_client
 def test_models_json_lists_the_servers_model(llama_server, capsys):
     code, out, err = run(capsys, "models", "--host", llama_server.url + "/v1", "--json")
     assert code == 0, err
     assert llama_server.model in json.dumps(json.loads(out))
 
 
-@needs_client
 def test_doctor_json_passes_the_server_and_names_it_openai_compatible(llama_server, capsys):
     code, out, err = run(capsys, "doctor", "--host", llama_server.url + "/v1", "--model", llama_server.model,
                          "--vision-model", llama_server.model, "--json")
@@ -181,7 +175,6 @@ def run_in_a_terminal(*argv: str) -> tuple[int, str, str]:
     return process.wait(timeout=60), shown.decode(errors="replace").replace("\r\n", "\n"), err
 
 
-@needs_client
 def test_prompt_streams_to_a_terminal(llama_server):
     code, shown, err = run_in_a_terminal("prompt", "a lighthouse at dusk", "--host", llama_server.url + "/v1",
                                          "--model", llama_server.model, *SHORT)
@@ -198,7 +191,6 @@ def vision_front(llama_server, make_ollama) -> Iterator[object]:
     yield front
 
 
-@needs_client
 def test_caption_a_folder_through_the_vision_front(llama_server, vision_front, capsys, tmp_path):
     folder = tmp_path / "set"
     folder.mkdir()
@@ -224,7 +216,6 @@ def test_caption_a_folder_through_the_vision_front(llama_server, vision_front, c
     assert any(b'"image_url"' in request.raw for request in sent)  # the vision stage sent the images
 
 
-@needs_client
 def test_caption_one_image_through_the_vision_front(llama_server, vision_front, capsys, photo):
     code, out, err = run(capsys, "caption", photo, "--host", vision_front.url + "/v1",
                          "--vision-model", llama_server.model, "--model", llama_server.model, "--json", *SHORT)
