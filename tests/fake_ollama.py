@@ -1565,7 +1565,7 @@ class FakeOllama:
 
     def _run_reply(self, h: _Handler, req: dict[str, Any], reply: Reply, *, is_gen: bool, name: str,
                    key: str, stream: bool, think_on: bool, t0: int, load_ns: int,
-                   abort: threading.Event, face: Any = None) -> None:
+                   abort: threading.Event, face: _OpenAIFace | None = None) -> None:
         """Schedule and answer one generation; `face` (the /v1 face) answers errors and text in its shapes."""
         runner_error = face.runner_error if face is not None else self._runner_error
         emit = face.emit if face is not None else self._emit
@@ -1974,7 +1974,7 @@ class FakeOllama:
                     _send_openai_error(h, _DIALECTS["openai"], e.status, e.message)
                     return
             headers = {k: v for k, v in h.headers.items() if k.lower() in ("authorization", "content-type")}
-            conn = http.client.HTTPConnection(host, port, timeout=STALL_FOREVER)
+            conn = http.client.HTTPConnection(host, port, timeout=_UPSTREAM_TIMEOUT)
             try:
                 conn.request(rec.method, prefix + rec.path + (f"?{rec.query}" if rec.query else ""),
                              body=body or None, headers=headers)
@@ -2006,6 +2006,7 @@ _OPENAI_ROUTES: dict[str, tuple[str, ...]] = {
     "/v1/chat/completions": ("POST",),
 }
 _REASONING_EFFORTS = ("high", "medium", "low", "none")  # Ollama's openai.FromChatRequest
+_UPSTREAM_TIMEOUT = 120.0  # forward_to: a model on a CPU may think a while before its first byte
 
 
 class _OpenAIError(_HTTPError):
