@@ -31,21 +31,62 @@ request's is reloaded once its requests have finished, as Ollama's ``needsReload
 are already waiting for a load or a slot. Ollama queues only requests that need scheduling (a model
 not loaded) and lets the others wait for a slot without limit; the fake counts every waiting request
 so that a test can reach the limit with a few.
+
+The OpenAI-compatible face (``api``): "ollama" (default) serves Ollama's API alone, and /v1 paths
+answer "404 page not found" as any unknown path. "openai" plays a vLLM / llama-server-like server:
+only ``/health`` and ``/v1/models``, ``/v1/chat/completions``; every other path answers FastAPI's
+404 ``{"detail":"Not Found"}``; model names are served verbatim (no ":latest"); every installed model
+counts as resident (no loads: ``loads`` stays 0). "both" is Ollama itself: /api and /v1 on one
+server, /v1 requests load models like /api ones. How each speaks is a row of ``_DIALECTS``: thinking
+goes as ``reasoning_content`` (vLLM, llama-server) or ``reasoning`` (Ollama); vLLM sends the role in a
+first chunk of its own, Ollama in every delta; error ``code`` is the HTTP status (vLLM) or null
+(Ollama); ``owned_by`` (keyword, default per dialect: "vllm" / "library"; llama-server says
+"llamacpp", llama-cpp-python "me"); vLLM lists ``max_model_len`` (the model's ``context_length``).
+Thinking models think unless ``chat_template_kwargs.enable_thinking`` is false (vLLM) or
+``reasoning_effort`` (or ``reasoning.effort``) is "none" (Ollama, which ignores chat_template_kwargs).
+
+A /v1/chat/completions request is translated into the internal chat request (text parts joined,
+``image_url`` data URLs decoded into ``images``; max_tokens / max_completion_tokens, temperature,
+top_p, seed and stop into ``options``; ``response_format`` json_object / json_schema into ``format``)
+and then scheduled and scripted exactly like /api/chat (replies, default_text, slots,
+request_time, max_queue, faults, the per-model counters). The answer is OpenAI's: a
+``chat.completion`` with ``usage``, or server-sent events (``data: {json}``) of
+``chat.completion.chunk`` objects (thinking pieces, then content pieces, then a chunk with
+``finish_reason`` = ``Reply.done_reason``, the ``usage`` chunk with ``"choices": []`` when
+``stream_options.include_usage``, then ``data: [DONE]``). ``Reply.final_fields`` merge into that final
+chunk (or the whole answer). Errors are ``{"error": {"message", "type", "param", "code"}}`` with the
+HTTP status; a scripted ``Reply(status=...)`` keeps its status (``Reply.retry_after`` adds a
+Retry-After header); ``mid_stream`` sends half the content, then ``data: {"error": {...}}`` and ends
+without [DONE]; fault "eof" ends the stream with neither finish_reason nor [DONE]; reset, garbage,
+drop and stall are as on /api. An image_url that is no ``data:image/...;base64,`` URL, or whose
+base64 does not decode, is a 400; ``validate_images`` then checks the bytes as on /api (500).
+``structured_outputs=False`` refuses json_schema (400); ``unsupported_fields`` names top-level fields
+answered with 400 "Unrecognized request argument supplied: FIELD" (a strict server);
+``api_key`` makes every request but /health without ``Authorization: Bearer KEY`` a 401, in OpenAI's
+shape on /v1 and ``{"error":"unauthorized"}`` elsewhere. ``forward_to(url)`` turns the fake into a
+vision front for a text-only OpenAI-compatible server on loopback (llama-cpp-python's): /v1 requests
+go there with each image part replaced by ``describe_image`` text, and the answer (SSE too) comes
+back unchanged; the fake still records the original request. ``request_text(rec)`` gives the text of
+a recorded generation on any face, for default_text callables.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import datetime as _dt
 import hashlib
+import http.client
 import http.server
 import json
 import math
 import socket
+import struct
 import sys
 import threading
 import time
 import traceback
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 import dataclasses
@@ -53,7 +94,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["FakeOllama", "Recorded", "Reply", "b64"]
+__all__ = ["FakeOllama", "Recorded", "Reply", "b64", "describe_image", "request_text"]
 
 JSON_CT = "application/json; charset=utf-8"
 NDJSON_CT = "application/x-ndjson"
@@ -120,6 +161,7 @@ class Reply:
     chunk_delay: float = 0.0  # seconds between streamed chunks
     final_piece: bool | None = None  # None: last text piece rides in the final chunk iff len(text) is odd
     final_fields: dict[str, Any] | None = None  # merged into the final object; a None value deletes the key
+    retry_after: float | None = None  # status != 200 on the /v1 face: sent as a Retry-After header
 
     def __post_init__(self) -> None:
         if self.fault not in FAULTS:
@@ -958,7 +1000,16 @@ class FakeOllama:
                  max_loaded: int = 0, parallel: int | dict[str, int] = 0,
                  request_time: float | dict[str, float] = 0.0, validate_images: bool = True,
                  serial_families: Iterable[str] = SERIAL_FAMILIES, max_queue: int = 0,
-                 unreadable_formats: Iterable[str] = ()) -> None:
+                 unreadable_formats: Iterable[str] = (), api: str = "ollama", owned_by: str = "",
+                 structured_outputs: bool = True, unsupported_fields: Iterable[str] = (),
+                 api_key: str = "") -> None:
+        if api not in APIS:
+            raise ValueError(f"unknown api {api!r}; expected one of {APIS}")
+        self.api = api  # which faces are served (see the module docstring); fixed once models are added
+        self.owned_by = owned_by or _DIALECTS.get(api, _DIALECTS["both"]).owned_by
+        self.structured_outputs = structured_outputs  # False: /v1 refuses response_format json_schema
+        self.unsupported_fields = frozenset(unsupported_fields)  # /v1 request fields answered with 400
+        self.api_key = api_key  # set: requests without "Authorization: Bearer <api_key>" get 401
         self.version = version
         self.show_capabilities = show_capabilities
         self.legacy_errors = legacy_errors
@@ -1093,7 +1144,8 @@ class FakeOllama:
                   parameter_size: str = "8.0B", quantization_level: str = "Q4_K_M",
                   size: int = 4_900_000_000, context_length: int = 40960,
                   families: Iterable[str] = ()) -> None:
-        m = _Model(_with_tag(name), tuple(capabilities), family, parameter_size, quantization_level,
+        shown = name if self.api == "openai" else _with_tag(name)  # vLLM serves names verbatim
+        m = _Model(shown, tuple(capabilities), family, parameter_size, quantization_level,
                    size, context_length, tuple(families))
         with self._lock:
             self._models[model_key(name)] = m
@@ -1126,11 +1178,13 @@ class FakeOllama:
         import base64
 
         return [base64.b64decode(image) for rec in self.requests_to(path)
-                for message in (rec.body or {}).get("messages") or [] for image in message.get("images") or []]
+                for message in (rec.body or {}).get("messages") or [] for image in message.get("images") or []
+                ] + [image for rec in self.requests_to(path) if path in _OPENAI_ROUTES
+                     for image in _data_url_images(rec.body)]
 
     def generation_requests(self) -> list[Recorded]:
         with self._lock:
-            return [r for r in self.requests if r.path in ("/api/chat", "/api/generate")]
+            return [r for r in self.requests if r.path in ("/api/chat", "/api/generate", "/v1/chat/completions")]
 
     # -- internals: bookkeeping --
 
@@ -1307,6 +1361,8 @@ class FakeOllama:
 
     def _route(self, h: _Handler, rec: Recorded) -> None:
         if self.intercept is not None and self.intercept(h, rec):
+            return
+        if self._openai_face(h, rec):
             return
         allowed = _ROUTES.get(rec.path)
         if allowed is None:
@@ -1509,7 +1565,10 @@ class FakeOllama:
 
     def _run_reply(self, h: _Handler, req: dict[str, Any], reply: Reply, *, is_gen: bool, name: str,
                    key: str, stream: bool, think_on: bool, t0: int, load_ns: int,
-                   abort: threading.Event) -> None:
+                   abort: threading.Event, face: _OpenAIFace | None = None) -> None:
+        """Schedule and answer one generation; `face` (the /v1 face) answers errors and text in its shapes."""
+        runner_error = face.runner_error if face is not None else self._runner_error
+        emit = face.emit if face is not None else self._emit
         images: list[bytes] = list(req.get("images") or [])
         for msg in req.get("messages") or []:
             images.extend(msg.get("images") or [])
@@ -1519,7 +1578,7 @@ class FakeOllama:
                                             for img in images):
                 raise _HTTPError(500, "Failed to create new sequence: image: unknown format")
         except _HTTPError as e:
-            self._runner_error(h, stream, e.status, e.message)
+            runner_error(h, stream, e.status, e.message)
             return
 
         sem = self._slot(key)
@@ -1557,9 +1616,9 @@ class FakeOllama:
             h.drop()
             return
         if reply.status != 200:
-            self._runner_error(h, stream, reply.status, reply.error or _DEFAULT_ERRORS.get(reply.status, "error"))
+            runner_error(h, stream, reply.status, reply.error or _DEFAULT_ERRORS.get(reply.status, "error"))
             return
-        self._emit(h, req, reply, is_gen=is_gen, name=name, stream=stream, think_on=think_on,
+        emit(h, req, reply, is_gen=is_gen, name=name, stream=stream, think_on=think_on,
                    t0=t0, load_ns=load_ns, gen_start=gen_start, n_images=len(images), abort=abort)
 
     def _chunk(self, is_gen: bool, name: str, content: str = "", thinking: str = "") -> dict[str, Any]:
@@ -1759,7 +1818,691 @@ class FakeOllama:
 
         self.misbehave(answer, paths)
 
+    # -- the OpenAI-compatible face (/v1/models, /v1/chat/completions): see the module docstring --
+
+    def _openai_face(self, h: _Handler, rec: Recorded) -> bool:
+        """Answer what the api mode and api_key decide; False leaves the request to Ollama's routes."""
+        v1 = rec.path.startswith("/v1/")
+        if self.api_key and rec.path != "/health" \
+                and h.headers.get("Authorization", "") != f"Bearer {self.api_key}":
+            if v1:
+                h.send_json(401, {"error": {"message": "Incorrect API key provided.",
+                                            "type": "invalid_request_error", "param": None,
+                                            "code": "invalid_api_key"}})
+            else:
+                h.send_json(401, {"error": "unauthorized"})
+            return True
+        dialect = _DIALECTS.get(self.api)
+        if dialect is None:
+            return False  # plain Ollama: /v1 answers "404 page not found" like any unknown path
+        allowed = _OPENAI_ROUTES.get(rec.path)
+        if self.api == "both" and allowed is None:
+            return False  # Ollama's own routes (and its 404s) for everything else
+        if allowed is None:  # FastAPI (vLLM): /health and /v1 only
+            if rec.path == "/health" and rec.method == "GET":
+                h.send_bytes(200, b"", JSON_CT)
+            else:
+                h.send_bytes(404, b'{"detail":"Not Found"}', "application/json")
+            return True
+        if rec.method not in allowed:
+            if self.api == "both":
+                h.send_text(405, "405 method not allowed", extra=[("Allow", ", ".join(allowed))])
+            else:
+                h.send_bytes(405, b'{"detail":"Method Not Allowed"}', "application/json",
+                             extra=[("Allow", ", ".join(allowed))])
+            return True
+        try:
+            if rec.path == "/v1/models":
+                _send_dialect_json(h, dialect, 200, self._openai_models(dialect))
+            else:
+                self._openai_chat(h, rec, dialect)
+        except _HTTPError as e:
+            if h.headers_sent:
+                raise
+            _send_openai_error(h, dialect, e.status, e.message, kind=getattr(e, "kind", ""))
+        return True
+
+    def _openai_models(self, dialect: _Dialect) -> dict[str, Any]:
+        with self._lock:
+            models = list(self._models.values())
+        data = []
+        for m in models:
+            entry: dict[str, Any] = {"id": m.name, "object": "model", "created": int(time.time()),
+                                     "owned_by": self.owned_by}
+            if dialect.max_model_len:
+                entry["max_model_len"] = m.context_length
+            data.append(entry)
+        return {"object": "list", "data": data}
+
+    def _openai_model(self, name: str) -> _Model | None:
+        if self.api != "openai":
+            return self._lookup(name)  # Ollama: tags default to latest, case does not matter
+        with self._lock:
+            return next((m for m in self._models.values() if m.name == name), None)
+
+    def _openai_chat(self, h: _Handler, rec: Recorded, dialect: _Dialect) -> None:
+        abort = self._abort
+        t0 = time.perf_counter_ns()
+        body = rec.body
+        if not isinstance(body, dict):
+            raise _OpenAIError(400, "The request body must be a JSON object.")
+        for field in sorted(self.unsupported_fields & body.keys()):
+            raise _OpenAIError(400, f"Unrecognized request argument supplied: {field}", "invalid_request_error")
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            raise _OpenAIError(400, "you must provide a model parameter", "invalid_request_error")
+        messages = _openai_messages(body.get("messages"))
+        m = self._openai_model(name)
+        if m is None:
+            raise _OpenAIError(404, dialect.missing_model.format(name=name))
+        key = model_key(m.name)
+        stream = body.get("stream")
+        if stream not in (None, True, False):
+            raise _OpenAIError(400, "stream must be a boolean")
+        stream_options = body.get("stream_options") or {}
+        if not isinstance(stream_options, dict):
+            raise _OpenAIError(400, "stream_options must be an object")
+        req: dict[str, Any] = {"model": name, "messages": messages, "stream": bool(stream),
+                               "options": _openai_options(body)}
+        fmt = self._openai_format(body.get("response_format"))
+        if fmt is not None:
+            req["format"] = fmt
+        think_on = dialect.thinking(body, m)
+        face = _OpenAIFace(self, dialect, name, include_usage=stream_options.get("include_usage") is True)
+
+        with self._lock:
+            if self.max_queue and self._waiting >= self.max_queue:
+                self.busy_answers += 1
+                raise _OpenAIError(503, dialect.default_errors[503])
+            self._waiting += 1
+            self._in_flight_by_model[m.name] = sent = self._in_flight_by_model.get(m.name, 0) + 1
+            self.max_in_flight_by_model[m.name] = max(self.max_in_flight_by_model.get(m.name, 0), sent)
+            self.in_flight_log_by_model.setdefault(m.name, []).append(sent)
+            h.cleanup.push(lambda: self._sent_done(m.name))
+        loaded = False
+        try:
+            reply = self._take_reply(key, rec.path, rec)
+            if self.api == "both":  # Ollama loads models for /v1 as for /api; vLLM holds its model
+                self._ensure_loaded(key, None, abort, _runner(req))
+                loaded = True
+        finally:
+            with self._lock:
+                self._waiting -= 1
+        if loaded:
+            h.cleanup.push(lambda: self._release(key))
+        if reply.status != 200:
+            reply = dataclasses.replace(reply, error=reply.error or dialect.default_errors.get(reply.status, "error"))
+            face.retry_after = (reply.status, reply.retry_after)
+        self._run_reply(h, req, reply, is_gen=False, name=name, key=key, stream=bool(stream), think_on=think_on,
+                        t0=t0, load_ns=time.perf_counter_ns() - t0, abort=abort, face=face)
+
+    def _openai_format(self, value: Any) -> Any:
+        """response_format as the internal `format` ("json", a schema, or None for plain text)."""
+        if value is None:
+            return None
+        kind = value.get("type") if isinstance(value, dict) else None
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return "json"
+        if kind != "json_schema":
+            raise _OpenAIError(400, f"response_format type {kind!r} is not supported", "invalid_request_error")
+        if not self.structured_outputs:
+            raise _OpenAIError(400, "response_format type json_schema is not supported", "invalid_request_error")
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise _OpenAIError(400, "response_format.json_schema.schema must be a JSON schema object",
+                               "invalid_request_error")
+        return schema
+
+    def forward_to(self, upstream_url: str) -> None:
+        """Be a vision front for a text-only OpenAI-compatible server on loopback: /v1/models and
+        /v1/chat/completions go to upstream_url, each image_url part replaced by a text part that
+        describes the image (describe_image), and the answer comes back unchanged (SSE too)."""
+        parts = urlsplit(upstream_url)
+        if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost", "::1") or not parts.port:
+            raise ValueError(f"forward_to takes a loopback http://HOST:PORT URL, not {upstream_url!r}")
+        host, port, prefix = parts.hostname, parts.port, parts.path.rstrip("/")
+
+        def answer(h: _Handler, rec: Recorded) -> None:
+            body = rec.raw
+            if rec.path == "/v1/chat/completions" and isinstance(rec.body, dict):
+                try:
+                    body = json.dumps(_described(rec.body)).encode("utf-8")
+                except _HTTPError as e:
+                    _send_openai_error(h, _DIALECTS["openai"], e.status, e.message)
+                    return
+            headers = {k: v for k, v in h.headers.items() if k.lower() in ("authorization", "content-type")}
+            conn = http.client.HTTPConnection(host, port, timeout=_UPSTREAM_TIMEOUT)
+            try:
+                conn.request(rec.method, prefix + rec.path + (f"?{rec.query}" if rec.query else ""),
+                             body=body or None, headers=headers)
+                resp = conn.getresponse()
+                _relay(h, resp)
+            except (ConnectionError, TimeoutError, http.client.HTTPException) as e:
+                if h.headers_sent:
+                    h.drop()
+                else:
+                    _send_openai_error(h, _DIALECTS["openai"], 502, f"upstream {upstream_url} failed: {e}")
+            finally:
+                conn.close()
+
+        self.misbehave(answer, tuple(_OPENAI_ROUTES))
+
 
 def b64(data: bytes) -> str:
     """Standard base64 text, as the Ollama API wants images."""
     return base64.b64encode(data).decode("ascii")
+
+
+# ----------------------------------------------------------------------------------------------
+# The OpenAI-compatible face: request translation, answer shapes, and the dialects of the servers
+# that speak it (vLLM-like for api="openai", Ollama's own /v1 for api="both").
+
+APIS = ("ollama", "openai", "both")
+_OPENAI_ROUTES: dict[str, tuple[str, ...]] = {
+    "/v1/models": ("GET",),
+    "/v1/chat/completions": ("POST",),
+}
+_REASONING_EFFORTS = ("high", "medium", "low", "none")  # Ollama's openai.FromChatRequest
+_UPSTREAM_TIMEOUT = 120.0  # forward_to: a model on a CPU may think a while before its first byte
+
+
+class _OpenAIError(_HTTPError):
+    """An error answered in OpenAI's {"error": {...}} shape; kind overrides the dialect's type."""
+
+    def __init__(self, status: int, message: str, kind: str = "") -> None:
+        super().__init__(status, message)
+        self.kind = kind
+
+
+def _vllm_thinking(body: dict[str, Any], m: _Model) -> bool:
+    """vLLM and llama-server: Qwen-style templates think unless chat_template_kwargs say not."""
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise _OpenAIError(400, "chat_template_kwargs must be an object")
+    return "thinking" in m.capabilities and (kwargs or {}).get("enable_thinking") is not False
+
+
+def _ollama_thinking(body: dict[str, Any], m: _Model) -> bool:
+    """Ollama's /v1: reasoning_effort (or reasoning.effort) is `think`; "none" turns it off;
+    chat_template_kwargs are ignored."""
+    reasoning = body.get("reasoning")
+    effort = reasoning.get("effort") if isinstance(reasoning, dict) else body.get("reasoning_effort")
+    if effort in (None, ""):
+        return "thinking" in m.capabilities
+    if effort not in _REASONING_EFFORTS:
+        raise _OpenAIError(400, f"invalid reasoning value: '{effort}' "
+                                '(must be "high", "medium", "low", or "none")')
+    if effort != "none" and "thinking" not in m.capabilities:
+        raise _OpenAIError(400, f"{_go_quote(body['model'])} does not support thinking")
+    return effort != "none" and "thinking" in m.capabilities
+
+
+def _python_json(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class _Dialect:
+    """How one kind of server speaks the OpenAI API (a row of _DIALECTS)."""
+
+    owned_by: str  # /v1/models owned_by unless FakeOllama(owned_by=...) says otherwise
+    reasoning_field: str  # where thinking text goes in a delta or a message
+    role_in_every_delta: bool  # Ollama repeats role and content in every delta; vLLM sends the role once, first
+    fingerprint: str  # system_fingerprint in answers ("": none)
+    max_model_len: bool  # /v1/models entries carry max_model_len (vLLM)
+    error_types: dict[int, str]
+    default_type: str
+    status_codes: bool  # error.code is the HTTP status (vLLM) or null (Ollama)
+    missing_model: str  # message for an unknown model ({name})
+    default_errors: dict[int, str]  # message of a scripted Reply(status=...) without error text
+    thinking: Callable[[dict[str, Any], _Model], bool]  # does this request think?
+    json_ct: str
+    encode: Callable[[Any], str]
+
+
+_DIALECTS: dict[str, _Dialect] = {
+    "openai": _Dialect(
+        owned_by="vllm", reasoning_field="reasoning_content", role_in_every_delta=False, fingerprint="",
+        max_model_len=True,
+        error_types={400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+                     429: "RateLimitError", 503: "ServiceUnavailableError"},
+        default_type="InternalServerError", status_codes=True,
+        missing_model="The model `{name}` does not exist.",
+        default_errors={429: "Rate limit exceeded. Please retry later.", 500: "Internal server error",
+                        502: "Bad Gateway", 503: "The server is overloaded. Please retry later."},
+        thinking=_vllm_thinking, json_ct="application/json", encode=_python_json),
+    "both": _Dialect(
+        owned_by="library", reasoning_field="reasoning", role_in_every_delta=True, fingerprint="fp_ollama",
+        max_model_len=False,
+        error_types={400: "invalid_request_error", 404: "not_found_error"},
+        default_type="api_error", status_codes=False,
+        missing_model="model '{name}' not found",
+        default_errors=_DEFAULT_ERRORS,
+        thinking=_ollama_thinking, json_ct=JSON_CT, encode=go_json),
+}
+
+
+def _send_dialect_json(h: _Handler, dialect: _Dialect, status: int, obj: Any,
+                       extra: Iterable[tuple[str, str]] = ()) -> None:
+    h.send_bytes(status, dialect.encode(obj).encode("utf-8"), dialect.json_ct, extra)
+
+
+def _openai_error_body(dialect: _Dialect, status: int, message: str, kind: str = "") -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind or dialect.error_types.get(status, dialect.default_type),
+                      "param": None, "code": status if dialect.status_codes else None}}
+
+
+def _send_openai_error(h: _Handler, dialect: _Dialect, status: int, message: str, *, kind: str = "",
+                       extra: Iterable[tuple[str, str]] = ()) -> None:
+    _send_dialect_json(h, dialect, status, _openai_error_body(dialect, status, message, kind), extra)
+
+
+def _decode_data_url(url: Any, where: str) -> bytes:
+    """The bytes of a data:image/...;base64, URL; anything else is a 400 naming the problem."""
+    if not isinstance(url, str):
+        raise _OpenAIError(400, f"{where}: image_url.url must be a string")
+    head, comma, data = url.partition(",")
+    if not (comma and head.startswith("data:image/") and head.endswith(";base64")):
+        raise _OpenAIError(400, f"{where}: image_url must be a data:image/...;base64, URL, not {url[:40]!r}")
+    try:
+        return base64.b64decode(data, validate=True)
+    except binascii.Error as e:
+        raise _OpenAIError(400, f"{where}: the image_url's base64 does not decode: {e}") from None
+
+
+def _image_url_of(part: dict[str, Any]) -> Any:
+    value = part.get("image_url")
+    return value.get("url") if isinstance(value, dict) else value  # Ollama takes a bare string too
+
+
+def _openai_messages(value: Any) -> list[dict[str, Any]]:
+    """OpenAI messages as the fake's internal ones: role, the text parts joined, decoded images."""
+    if value is None:
+        raise _OpenAIError(400, "'messages' is a required property", "invalid_request_error")
+    if not isinstance(value, list):
+        raise _OpenAIError(400, "'messages' must be a list", "invalid_request_error")
+    if not value:
+        raise _OpenAIError(400, "[] is too short - 'messages'", "invalid_request_error")
+    out = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+            raise _OpenAIError(400, f"messages[{i}] must be an object with a string role")
+        content = msg.get("content")
+        texts: list[str] = []
+        images: list[bytes] = []
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                where = f"messages[{i}].content[{j}]"
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+                elif kind == "image_url":
+                    images.append(_decode_data_url(_image_url_of(part), where))
+                else:
+                    raise _OpenAIError(400, f"{where}: expected a text or image_url part")
+        elif content is not None:
+            raise _OpenAIError(400, f"messages[{i}].content must be a string or a list of parts")
+        out.append({"role": msg["role"], "content": "\n".join(texts), "images": images})
+    return out
+
+
+def _data_url_images(body: Any) -> list[bytes]:
+    """The decodable images of a recorded /v1 request body, in order (for sent_images)."""
+    out = []
+    messages = body.get("messages") if isinstance(body, dict) else None
+    for msg in messages if isinstance(messages, list) else []:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                try:
+                    out.append(_decode_data_url(_image_url_of(part), ""))
+                except _HTTPError:
+                    continue
+    return out
+
+
+def _number(body: dict[str, Any], field: str, *, integer: bool = False, minimum: float | None = None) -> Any:
+    value = body.get(field)
+    if value is None:
+        return None
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise _OpenAIError(400, f"{field} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise _OpenAIError(400, f"{field} must be at least {minimum}, got {value}.")
+    return value
+
+
+def _openai_options(body: dict[str, Any]) -> dict[str, Any]:
+    """The sampling fields of a /v1 request as Ollama options (checked for type)."""
+    options: dict[str, Any] = {}
+    for field, option, integer, minimum in (("max_tokens", "num_predict", True, 1),
+                                            ("max_completion_tokens", "num_predict", True, 1),
+                                            ("temperature", "temperature", False, 0),
+                                            ("top_p", "top_p", False, 0), ("seed", "seed", True, None)):
+        value = _number(body, field, integer=integer, minimum=minimum)
+        if value is not None:
+            options[option] = value
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        options["stop"] = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        options["stop"] = stop
+    elif stop is not None:
+        raise _OpenAIError(400, "stop must be a string or a list of strings")
+    return options
+
+
+class _OpenAIFace:
+    """Answers one /v1/chat/completions request in OpenAI's shapes (errors, JSON, SSE chunks)."""
+
+    def __init__(self, fake: FakeOllama, dialect: _Dialect, model: str, *, include_usage: bool) -> None:
+        self.fake = fake
+        self.dialect = dialect
+        self.model = model  # as the request named it; both vLLM and Ollama echo that
+        self.include_usage = include_usage
+        self.id = "chatcmpl-" + hashlib.sha256(f"{time.time_ns()}:{id(self)}".encode()).hexdigest()[:24]
+        self.created = int(time.time())
+        self.retry_after: tuple[int, float | None] = (0, None)  # (status, seconds) of the scripted reply
+
+    def runner_error(self, h: _Handler, stream: bool, status: int, message: str) -> None:
+        scripted, seconds = self.retry_after
+        extra = [("Retry-After", f"{seconds:g}")] if seconds is not None and status == scripted else []
+        _send_openai_error(h, self.dialect, status, message, extra=extra)
+
+    def _head(self, kind: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+        if self.dialect.fingerprint:
+            out["system_fingerprint"] = self.dialect.fingerprint
+        return out
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        if self.dialect.role_in_every_delta:
+            delta = {"role": "assistant", "content": "", **delta}
+        out = self._head("chat.completion.chunk")
+        out["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
+        return out
+
+    def _event(self, h: _Handler, obj: Any, *, last: bool = False) -> None:
+        if last:
+            h.cleanup.run()
+        data = obj if isinstance(obj, bytes) else self.dialect.encode(obj).encode("utf-8")
+        h.stream_raw(b"data: " + data + b"\n\n")
+
+    def emit(self, h: _Handler, req: dict[str, Any], reply: Reply, *, is_gen: bool, name: str, stream: bool,
+             think_on: bool, t0: int, load_ns: int, gen_start: int, n_images: int,
+             abort: threading.Event) -> None:
+        text = reply.text
+        thinking = reply.thinking if think_on else ""
+        think_pieces = _split(thinking, reply.chunk_chars)
+        pieces = _split(text, reply.chunk_chars)
+        carry = reply.final_piece if reply.final_piece is not None else len(text) % 2 == 1
+        last = pieces.pop() if carry and pieces else ""
+        half = max(1, len(pieces) // 2) if pieces else 0
+        prompt_tokens = max(1, sum(len(m["content"]) + 4 for m in req["messages"]) // 4) + 64 * n_images
+        completion_tokens = (reply.eval_count if reply.eval_count is not None
+                             else max(1, math.ceil((len(text) + len(thinking)) / 4)))
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        finish = reply.done_reason or None
+
+        def with_final_fields(out: dict[str, Any]) -> dict[str, Any]:
+            for k, v in (reply.final_fields or {}).items():
+                if v is None:
+                    out.pop(k, None)
+                else:
+                    out[k] = v
+            return out
+
+        if not stream:
+            if reply.mid_stream:
+                self.runner_error(h, False, 500, reply.error or _MID_STREAM_ERROR)
+                return
+            if reply.fault == "garbage":
+                h.send_bytes(200, GARBAGE, self.dialect.json_ct)
+                return
+            self.fake._wait(reply.chunk_delay * (len(think_pieces) + len(pieces)), abort)
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if thinking:
+                message[self.dialect.reasoning_field] = thinking
+            out = self._head("chat.completion")
+            out["choices"] = [{"index": 0, "message": message, "finish_reason": finish}]
+            out["usage"] = usage
+            data = self.dialect.encode(with_final_fields(out)).encode("utf-8")
+            if reply.fault in ("eof", "reset"):  # announce the full length, send half, close
+                h.cleanup.run()
+                h.send_response(200)
+                h.send_header("Content-Type", self.dialect.json_ct)
+                h.send_header("Content-Length", str(len(data)))
+                h.end_headers()
+                h.headers_sent = True
+                h.wfile.write(data[: len(data) // 2])
+                h.drop()
+                return
+            h.send_bytes(200, data, self.dialect.json_ct)
+            return
+
+        h.start_stream("text/event-stream")
+        if reply.fault == "garbage":
+            h.cleanup.run()
+            h.stream_raw(GARBAGE + b"\n")
+            h.end_stream()
+            return
+        partial = reply.mid_stream or reply.fault in ("eof", "reset")
+        deltas = [{self.dialect.reasoning_field: t} for t in think_pieces]
+        deltas += [{"content": p} for p in (pieces[:half] if partial else pieces)]
+        if not self.dialect.role_in_every_delta:
+            deltas.insert(0, {"role": "assistant", "content": ""})
+        for i, delta in enumerate(deltas):
+            if i and reply.chunk_delay:
+                self.fake._wait(reply.chunk_delay, abort)
+            self._event(h, self._chunk(delta))
+        if reply.mid_stream:
+            self._event(h, {"error": {"message": reply.error or _MID_STREAM_ERROR, "type": "server_error",
+                                      "code": 500}}, last=True)
+            h.end_stream()
+            h.close_connection = True
+            return
+        if reply.fault == "eof":  # a clean end of the body, with neither finish_reason nor [DONE]
+            h.end_stream()
+            h.close_connection = True
+            return
+        if reply.fault == "reset":  # abrupt: no terminating chunk
+            h.drop()
+            return
+        if reply.chunk_delay and deltas:
+            self.fake._wait(reply.chunk_delay, abort)
+        self._event(h, with_final_fields(self._chunk({"content": last} if last else {}, finish)))
+        if self.include_usage:
+            tail = self._head("chat.completion.chunk")
+            tail.update({"choices": [], "usage": usage})
+            self._event(h, tail)
+        self._event(h, b"[DONE]", last=True)
+        h.end_stream()
+
+
+def _described(body: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a /v1 chat body with each image_url part replaced by a text part describing it."""
+    out = dict(body)
+    messages = []
+    for i, msg in enumerate(body.get("messages") or []):
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if isinstance(part, dict) and part.get("type") == "image_url":
+                    image = _decode_data_url(_image_url_of(part), f"messages[{i}].content[{j}]")
+                    part = {"type": "text", "text": describe_image(image)}
+                parts.append(part)
+            msg = {**msg, "content": parts}
+        messages.append(msg)
+    out["messages"] = messages
+    return out
+
+
+def _relay(h: _Handler, resp: http.client.HTTPResponse) -> None:
+    """Send an upstream answer on unchanged: status, type, and the body (chunk by chunk if streamed)."""
+    ctype = resp.getheader("Content-Type") or JSON_CT
+    if resp.getheader("Content-Length") is not None:
+        h.send_bytes(resp.status, resp.read(), ctype)
+        return
+    h.send_response(resp.status)
+    h.send_header("Content-Type", ctype)
+    h.send_header("Transfer-Encoding", "chunked")
+    h.end_headers()
+    h.headers_sent = True
+    while True:
+        data = resp.read1(65536)
+        if not data:
+            break
+        h.stream_raw(data)
+    h.end_stream()
+
+
+# -- what an image is, said in words (for the text-only upstream behind forward_to) --
+
+_COLOUR_NAMES: dict[str, tuple[int, int, int]] = {
+    "black": (0, 0, 0), "grey": (128, 128, 128), "white": (255, 255, 255), "red": (230, 20, 20),
+    "orange": (245, 140, 20), "yellow": (240, 230, 30), "green": (20, 170, 40), "cyan": (20, 220, 230),
+    "blue": (20, 40, 230), "purple": (130, 30, 170), "pink": (250, 150, 200), "brown": (130, 80, 30),
+}
+_MAX_COLOUR_PIXELS = 1 << 20  # larger PNGs are described by format and size only
+
+
+def describe_image(data: bytes) -> str:
+    """What forward_to tells a text-only model instead of an image: "[image: 64x64 PNG, mostly red]"
+    (the colour for 8-bit PNGs only; "mostly" when one colour covers more than half the pixels)."""
+    fmt = _image_format(data)
+    if not fmt:
+        return f"[{len(data)} bytes that are no image format the server knows]"
+    size = _image_size(data, fmt)
+    words = (f"{size[0]}x{size[1]} " if size else "") + fmt.upper()
+    counts = _png_colours(data) if fmt == "png" else {}
+    if counts:
+        ranked = sorted(counts, key=lambda c: -counts[c])
+        if counts[ranked[0]] * 2 > sum(counts.values()):
+            words += f", mostly {ranked[0]}"
+        else:
+            words += ", mixed colours: " + " and ".join(ranked[:2]) + " most"
+    return f"[image: {words}]"
+
+
+def _image_size(data: bytes, fmt: str) -> tuple[int, int] | None:
+    """Width and height from the header of a PNG, GIF, BMP, WebP or JPEG (None when unreadable)."""
+    try:
+        if fmt == "png":
+            return struct.unpack(">II", data[16:24])
+        if fmt == "gif":
+            return struct.unpack("<HH", data[6:10])
+        if fmt == "bmp":
+            width, height = struct.unpack("<ii", data[18:26])
+            return width, abs(height)
+        if fmt == "webp":
+            kind = data[12:16]
+            if kind == b"VP8X":
+                return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+            if kind == b"VP8L":
+                bits = int.from_bytes(data[21:25], "little")
+                return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+            if kind == b"VP8 ":
+                return (int.from_bytes(data[26:28], "little") & 0x3FFF,
+                        int.from_bytes(data[28:30], "little") & 0x3FFF)
+            return None
+        pos = 2  # JPEG: walk the segments to the first start-of-frame
+        while pos + 9 <= len(data):
+            if data[pos] != 0xFF:
+                return None
+            marker = data[pos + 1]
+            if marker == 0xFF:
+                pos += 1
+                continue
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
+                return width, height
+            pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
+    except struct.error:
+        return None
+    return None
+
+
+def _png_colours(data: bytes) -> dict[str, int]:
+    """Pixel counts per nearest colour name of an 8-bit, non-interlaced PNG ({} for others)."""
+    try:
+        pos, idat, palette, header = 8, bytearray(), b"", None
+        while pos + 8 <= len(data):
+            length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+            chunk = data[pos + 8:pos + 8 + length]
+            pos += 12 + length
+            if kind == b"IHDR":
+                header = struct.unpack(">IIBBBBB", chunk)
+            elif kind == b"PLTE":
+                palette = chunk
+            elif kind == b"IDAT":
+                idat += chunk
+        if header is None:
+            return {}
+        width, height, depth, colour_type, _, _, interlace = header
+        channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[colour_type]
+        if depth != 8 or interlace or width * height > _MAX_COLOUR_PIXELS:
+            return {}
+        raw = zlib.decompress(bytes(idat))
+    except (struct.error, KeyError, zlib.error):
+        return {}
+    stride = width * channels
+    if len(raw) < height * (stride + 1):
+        return {}
+    counts: dict[str, int] = {}
+    prev = bytearray(stride)
+    for y in range(height):
+        start = y * (stride + 1)
+        line = _unfilter(raw[start], bytearray(raw[start + 1:start + 1 + stride]), prev, channels)
+        for x in range(0, stride, channels):
+            if colour_type == 3:
+                rgb = tuple(palette[line[x] * 3:line[x] * 3 + 3]) or (0, 0, 0)
+            elif colour_type in (0, 4):
+                rgb = (line[x],) * 3
+            else:
+                rgb = tuple(line[x:x + 3])
+            name = min(_COLOUR_NAMES, key=lambda n: sum((a - b) ** 2 for a, b in zip(_COLOUR_NAMES[n], rgb)))
+            counts[name] = counts.get(name, 0) + 1
+        prev = line
+    return counts
+
+
+def _unfilter(kind: int, line: bytearray, prev: bytearray, bpp: int) -> bytearray:
+    """Undo one PNG scanline filter (none, sub, up, average, Paeth) in place."""
+    for i in range(len(line)):
+        a = line[i - bpp] if i >= bpp else 0
+        b = prev[i]
+        c = prev[i - bpp] if i >= bpp else 0
+        if kind == 1:
+            line[i] = (line[i] + a) & 255
+        elif kind == 2:
+            line[i] = (line[i] + b) & 255
+        elif kind == 3:
+            line[i] = (line[i] + (a + b) // 2) & 255
+        elif kind == 4:
+            p = a + b - c
+            pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+            line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+    return line
+
+
+def request_text(rec: Recorded) -> str:
+    """All the text a recorded generation request carries, on either face (prompt and system for
+    /api/generate; message contents and text parts for /api/chat and /v1/chat/completions): what a
+    default_text callable reads to answer the same whichever API the client speaks."""
+    body = rec.body if isinstance(rec.body, dict) else {}
+    texts = [body[k] for k in ("system", "prompt") if isinstance(body.get(k), str)]
+    for msg in body.get("messages") or []:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts.extend(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return "\n".join(texts)

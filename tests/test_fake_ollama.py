@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_ollama import FakeOllama, Recorded, Reply, b64, go_b64decode, go_parse_duration
+from fake_ollama import (
+    FakeOllama,
+    Recorded,
+    Reply,
+    b64,
+    describe_image,
+    go_b64decode,
+    go_parse_duration,
+    request_text,
+)
 from images import jpeg_bytes, png_bytes
 
 THINK = "qwen3-30b-a3b:latest"  # completion, tools, thinking
@@ -955,3 +964,419 @@ def test_max_queue_answers_server_busy(make_ollama: Callable[..., FakeOllama]) -
     assert sorted(a.status for a in answers) == [200, 200, 503, 503] and fake.busy_answers == 2
     assert {error_of(a) for a in answers if a.status == 503} == {
         "server busy, please try again.  maximum pending requests exceeded"}
+
+
+# ------------------------------------------------------------------------------------------------
+# the OpenAI-compatible face (/v1): vLLM-like (api="openai") and Ollama's own (api="both")
+
+VLLM_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+
+
+def v1(fake: FakeOllama, content: Any = "hi", *, timeout: float = 10, headers: dict[str, str] | None = None,
+       **body: Any) -> Resp:
+    body.setdefault("model", THINK)
+    body.setdefault("messages", [{"role": "user", "content": content}])
+    return call(fake.url, "/v1/chat/completions", body, timeout=timeout, headers=headers)
+
+
+def events(resp: Resp) -> list[Any]:
+    """The server-sent events of a response: parsed JSON objects, or the text "[DONE]"."""
+    assert resp.ctype == "text/event-stream", resp.headers
+    text = resp.body.decode()
+    assert text.endswith("\n\n"), text
+    out = []
+    for block in text.split("\n\n")[:-1]:
+        assert block.startswith("data: "), block
+        data = block.removeprefix("data: ")
+        out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def deltas(chunks: list[Any], field: str = "content") -> str:
+    return "".join(c["choices"][0]["delta"].get(field, "") for c in chunks if isinstance(c, dict) and c["choices"])
+
+
+def image_part(data: bytes, mime: str = "image/png") -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{b64(data)}"}}
+
+
+def solid_png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), rgb).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_v1_models_per_mode(make_ollama: Callable[..., FakeOllama]) -> None:
+    vllm = make_ollama(api="openai", models={VLLM_MODEL: {"context_length": 32768}, "smol": {}})
+    body = call(vllm.url, "/v1/models").json()
+    assert body["object"] == "list" and all(isinstance(m.pop("created"), int) for m in body["data"])
+    assert body["data"] == [
+        {"id": VLLM_MODEL, "object": "model", "owned_by": "vllm", "max_model_len": 32768},
+        {"id": "smol", "object": "model", "owned_by": "vllm", "max_model_len": 40960}]
+    llama = make_ollama(api="openai", owned_by="llamacpp", models={"smol": {}})
+    assert [m["owned_by"] for m in call(llama.url, "/v1/models").json()["data"]] == ["llamacpp"]
+    both = make_ollama(api="both", models={"smol": {}, "qwen3-vl:32b": {}})
+    data = call(both.url, "/v1/models").json()["data"]
+    assert [(m["id"], m["owned_by"], "max_model_len" in m) for m in data] == [
+        ("smol:latest", "library", False), ("qwen3-vl:32b", "library", False)]
+    plain = make_ollama()
+    r = call(plain.url, "/v1/models")
+    assert (r.status, r.body) == (404, b"404 page not found")
+    assert v1(plain).status == 404
+
+
+def test_v1_only_in_openai_mode_and_both_in_both(make_ollama: Callable[..., FakeOllama]) -> None:
+    vllm = make_ollama(api="openai")
+    for path in ("/api/tags", "/api/version", "/", "/v1/embeddings"):
+        r = call(vllm.url, path)
+        assert (r.status, r.json(), r.ctype) == (404, {"detail": "Not Found"}, "application/json"), path
+    assert call(vllm.url, "/api/chat", {"model": THINK, "messages": []}).status == 404
+    assert (call(vllm.url, "/health").status, call(vllm.url, "/health").body) == (200, b"")
+    r = call(vllm.url, "/v1/chat/completions")
+    assert (r.status, r.json()) == (405, {"detail": "Method Not Allowed"})
+    both = make_ollama(api="both")
+    assert call(both.url, "/").body == b"Ollama is running"
+    assert call(both.url, "/api/tags").status == 200 and v1(both, stream=False).status == 200
+    assert call(both.url, "/v1/embeddings").body == b"404 page not found"
+    assert call(both.url, "/v1/models", method="POST", raw=b"{}").status == 405
+    with pytest.raises(ValueError):
+        FakeOllama(api="grpc")
+
+
+def test_v1_stream_chunk_shapes_and_done(make_ollama: Callable[..., FakeOllama]) -> None:
+    fake = make_ollama(api="openai")
+    text = "A lighthouse on a cliff at dusk."  # even length: the final chunk carries no text
+    fake.reply(text, chunk_chars=5)
+    chunks = events(v1(fake, stream=True))
+    assert chunks[-1] == "[DONE]"
+    body = chunks[:-1]
+    assert len({(c["id"], c["created"]) for c in body}) == 1 and body[0]["id"].startswith("chatcmpl-")
+    assert {(c["object"], c["model"]) for c in body} == {("chat.completion.chunk", THINK)}
+    assert body[0]["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+    assert [c["choices"][0]["delta"] for c in body[1:-1]] == [{"content": text[i:i + 5]} for i in range(0, len(text), 5)]
+    assert body[-1]["choices"] == [{"index": 0, "delta": {}, "finish_reason": "stop"}]
+    assert all(c["choices"][0]["finish_reason"] is None for c in body[:-1])
+    assert not any("usage" in c for c in body)
+    fake.reply(text + "!", done_reason="length")  # odd length: the last piece rides in the final chunk
+    body = events(v1(fake, stream=True))[:-1]
+    assert deltas(body) == text + "!" and body[-1]["choices"][0] == {
+        "index": 0, "delta": {"content": "!"}, "finish_reason": "length"}
+
+
+def test_v1_usage_chunk_when_asked(make_ollama: Callable[..., FakeOllama]) -> None:
+    fake = make_ollama(api="openai")
+    fake.reply("Some caption text.", eval_count=7)
+    chunks = events(v1(fake, "describe it", stream=True, stream_options={"include_usage": True}))
+    *body, usage, done = chunks
+    assert done == "[DONE]" and body[-1]["choices"][0]["finish_reason"] == "stop"
+    assert usage["choices"] == [] and usage["id"] == body[0]["id"] and usage["object"] == "chat.completion.chunk"
+    counts = usage["usage"]
+    assert counts["completion_tokens"] == 7 and counts["prompt_tokens"] >= 1
+    assert counts["total_tokens"] == counts["prompt_tokens"] + counts["completion_tokens"]
+    fake.reply("Some caption text.", eval_count=7)
+    assert events(v1(fake, "describe it", stream=True, stream_options={"include_usage": False}))[-2]["choices"]
+
+
+def test_v1_reasoning_content_before_content(make_ollama: Callable[..., FakeOllama]) -> None:
+    fake = make_ollama(api="openai")
+    fake.reply("The answer.", thinking="First I look, then I write.", chunk_chars=6)
+    body = events(v1(fake, stream=True))[:-1]
+    kinds = [next(iter(c["choices"][0]["delta"])) for c in body[1:-1]]
+    assert kinds == sorted(kinds, key=lambda k: k != "reasoning_content") and "content" in kinds
+    assert deltas(body, "reasoning_content") == "First I look, then I write." and deltas(body) == "The answer."
+    fake.reply("The answer.", thinking="hidden")
+    body = events(v1(fake, stream=True, chat_template_kwargs={"enable_thinking": False}))[:-1]
+    assert deltas(body, "reasoning_content") == "" and deltas(body) == "The answer."
+    fake.default_thinking = "default thoughts"
+    message = v1(fake, stream=False).json()["choices"][0]["message"]
+    assert message["reasoning_content"] == "default thoughts"
+    message = v1(fake, model=VISION, stream=False).json()["choices"][0]["message"]  # no thinking capability
+    assert "reasoning_content" not in message
+    assert v1(fake, stream=False, chat_template_kwargs="off").status == 400
+
+
+def test_v1_ollama_dialect_reasoning(make_ollama: Callable[..., FakeOllama]) -> None:
+    fake = make_ollama(api="both")
+    fake.reply("Answer.", thinking="Thoughts.")
+    body = events(v1(fake, stream=True))[:-1]
+    assert deltas(body, "reasoning") == "Thoughts." and deltas(body) == "Answer."
+    assert all(c["choices"][0]["delta"]["role"] == "assistant" and c["system_fingerprint"] == "fp_ollama"
+               for c in body)
+    fake.reply("Answer.", thinking="Thoughts.")  # Ollama ignores chat_template_kwargs
+    message = v1(fake, stream=False, chat_template_kwargs={"enable_thinking": False}).json()["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": "Answer.", "reasoning": "Thoughts."}
+    fake.reply("Answer.", thinking="Thoughts.")
+    message = v1(fake, stream=False, reasoning_effort="none").json()["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": "Answer."}
+    r = v1(fake, stream=False, reasoning_effort="extreme")
+    assert (r.status, r.json()["error"]) == (400, {
+        "message": 'invalid reasoning value: \'extreme\' (must be "high", "medium", "low", or "none")',
+        "type": "invalid_request_error", "param": None, "code": None})
+    r = v1(fake, model=VISION, stream=False, reasoning_effort="high")
+    assert (r.status, r.json()["error"]["message"]) == (400, f'"{VISION}" does not support thinking')
+    assert fake.loads == 1 and fake.loaded == [THINK]  # Ollama loads models for /v1 too
+
+
+def test_v1_non_stream_shape(make_ollama: Callable[..., FakeOllama]) -> None:
+    fake = make_ollama(api="openai")
+    fake.reply("A red barn in snow.", eval_count=5, done_reason="length")
+    r = v1(fake, "caption this", stream=False)
+    body = r.json()
+    assert r.ctype == "application/json" and body["id"].startswith("chatcmpl-") and isinstance(body["created"], int)
+    prompt = body["usage"]["prompt_tokens"]
+    assert {k: v for k, v in body.items() if k not in ("id", "created")} == {
+        "object": "chat.completion", "model": THINK,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "A red barn in snow."},
+                     "finish_reason": "length"}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": 5, "total_tokens": prompt + 5}}
+    fake.reply("x", final_fields={"usage": None, "timings": {"predicted_n": 1}})
+    body = v1(fake, stream=False).json()
+    assert "usage" not in body and body["timings"] == {"predicted_n": 1}
+
+
+def test_v1_request_errors(make_ollama: Callable[..., FakeOllama]) -> None:
+    fake = make_ollama(api="openai", models={VLLM_MODEL: {}})
+    kept = fake.reply("kept")
+
+    def error(r: Resp) -> tuple[int, str, str, Any]:
+        e = r.json()["error"]
+        assert set(e) == {"message", "type", "param", "code"} and e["param"] is None
+        return r.status, e["message"], e["type"], e["code"]
+
+    r = call(fake.url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+    assert error(r) == (400, "you must provide a model parameter", "invalid_request_error", 400)
+    r = call(fake.url, "/v1/chat/completions", {"model": VLLM_MODEL})
+    assert error(r)[:2] == (400, "'messages' is a required property")
+    assert error(v1(fake, model=VLLM_MODEL, messages=[]))[:2] == (400, "[] is too short - 'messages'")
+    assert error(v1(fake, model="qwen2.5-vl-7b-instruct")) == (
+        404, "The model `qwen2.5-vl-7b-instruct` does not exist.", "NotFoundError", 404)  # verbatim names
+    assert error(v1(fake, model=VLLM_MODEL, max_tokens=0))[:2] == (400, "max_tokens must be at least 1, got 0.")
+    assert error(v1(fake, model=VLLM_MODEL, temperature="hot"))[0] == 400
+    assert error(v1(fake, model=VLLM_MODEL, stop=[1]))[0] == 400
+    assert error(v1(fake, model=VLLM_MODEL, stream="yes"))[0] == 400
+    assert error(call(fake.url, "/v1/chat/completions", raw=b"{broken"))[0] == 400
+    assert fake.replies == [kept]
+    both = make_ollama(api="both")
+    assert error(v1(both, model="missing")) == (404, "model 'missing' not found", "not_found_error", None)
+
+
+def test_v1_scripted_status_errors(make_ollama: Callable[..., FakeOllama]) -> None:
+    fake = make_ollama(api="openai")
+    fake.reply(status=429, retry_after=2)
+    r = v1(fake, stream=True)  # a streaming request still gets the real status
+    assert (r.status, r.headers["retry-after"], r.json()) == (429, "2", {"error": {
+        "message": "Rate limit exceeded. Please retry later.", "type": "RateLimitError", "param": None,
+        "code": 429}})
+    fake.reply(status=500, error="CUDA out of memory")
+    r = v1(fake, stream=False)
+    assert (r.status, r.json()["error"]["message"], r.json()["error"]["type"]) == (
+        500, "CUDA out of memory", "InternalServerError")
+    assert "retry-after" not in r.headers
+    fake.reply(status=503)
+    assert v1(fake).json()["error"]["type"] == "ServiceUnavailableError"
+    both = make_ollama(api="both")
+    both.reply(status=500)
+    r = v1(both, stream=False)
+    assert (r.status, r.json()["error"]["type"], r.json()["error"]["code"]) == (500, "api_error", None)
+
+
+def test_v1_mid_stream_error_event(make_ollama: Callable[..., FakeOllama]) -> None:
+    fake = make_ollama(api="openai")
+    text = "This answer will be cut off somewhere in the middle."
+    fake.reply(text, mid_stream=True, error="engine died")
+    r = v1(fake, stream=True)
+    *body, last = events(r)
+    assert r.status == 200 and last == {"error": {"message": "engine died", "type": "server_error", "code": 500}}
+    partial = deltas(body)
+    assert partial and text.startswith(partial) and len(partial) < len(text)
+    assert all(c["choices"][0]["finish_reason"] is None for c in body)
+    fake.reply(text, mid_stream=True, error="engine died")
+    r = v1(fake, stream=False)
+    assert (r.status, r.json()["error"]["message"]) == (500, "engine died")
+
+
+def test_v1_faults(make_ollama: Callable[..., FakeOllama]) -> None:
+    fake = make_ollama(api="openai")
+    text = "one two three four five six seven"
+    fake.reply(text, fault="eof")
+    body = events(v1(fake, stream=True))
+    assert "[DONE]" not in body and all(c["choices"][0]["finish_reason"] is None for c in body)
+    assert text.startswith(deltas(body)) and deltas(body) != text
+    fake.reply(text, fault="eof")
+    with pytest.raises(http.client.IncompleteRead):
+        v1(fake, stream=False)
+    fake.reply(text, fault="reset")
+    with pytest.raises((http.client.IncompleteRead, ConnectionError)):
+        v1(fake, stream=True)
+    fake.reply(text, fault="garbage")
+    r = v1(fake, stream=True)
+    assert r.status == 200 and r.body.startswith(b"<html>")
+    fake.reply(text, fault="drop")
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+        v1(fake, stream=True)
+    fake.reply(text, fault="stall", delay=2)
+    with pytest.raises((TimeoutError, urllib.error.URLError)):
+        v1(fake, stream=True, timeout=0.2)
+    assert v1(fake, stream=False).status == 200  # still serving
+
+
+def test_v1_unsupported_fields(make_ollama: Callable[..., FakeOllama]) -> None:
+    fake = make_ollama(api="openai", unsupported_fields=("chat_template_kwargs", "seed"))
+    r = v1(fake, stream=False, chat_template_kwargs={"enable_thinking": False})
+    assert (r.status, r.json()["error"]["message"], r.json()["error"]["type"]) == (
+        400, "Unrecognized request argument supplied: chat_template_kwargs", "invalid_request_error")
+    assert v1(fake, stream=False, seed=1).json()["error"]["message"] == "Unrecognized request argument supplied: seed"
+    assert v1(fake, stream=False, temperature=0, max_tokens=9, top_p=0.9, stop="\n").status == 200
+
+
+def test_v1_response_format(make_ollama: Callable[..., FakeOllama]) -> None:
+    schema = {"type": "array", "items": {"type": "string"}, "minItems": 1}
+    fmt = {"type": "json_schema", "json_schema": {"name": "tags", "schema": schema, "strict": True}}
+    fake = make_ollama(api="openai")
+    assert v1(fake, stream=False, response_format=fmt).status == 200
+    assert v1(fake, stream=False, response_format={"type": "json_object"}).status == 200
+    assert fake.requests_to("/v1/chat/completions")[0].body["response_format"] == fmt
+    r = v1(fake, stream=False, response_format={"type": "json_schema", "json_schema": {"name": "x"}})
+    assert r.status == 400
+    assert v1(fake, stream=False, response_format={"type": "yaml"}).status == 400
+    plain = make_ollama(api="openai", structured_outputs=False)
+    r = v1(plain, stream=False, response_format=fmt)
+    assert (r.status, r.json()["error"]["message"]) == (400, "response_format type json_schema is not supported")
+    assert v1(plain, stream=False, response_format={"type": "json_object"}).status == 200
+
+
+def test_api_key_on_both_faces(make_ollama: Callable[..., FakeOllama]) -> None:
+    fake = make_ollama(api="both", api_key="sk-local")
+    r = call(fake.url, "/api/tags")
+    assert (r.status, r.json()) == (401, {"error": "unauthorized"})
+    r = call(fake.url, "/v1/models", headers={"Authorization": "Bearer wrong"})
+    assert (r.status, r.json()) == (401, {"error": {"message": "Incorrect API key provided.",
+                                                    "type": "invalid_request_error", "param": None,
+                                                    "code": "invalid_api_key"}})
+    assert v1(fake, stream=False).status == 401
+    good = {"Authorization": "Bearer sk-local"}
+    assert call(fake.url, "/api/tags", headers=good).status == 200
+    assert v1(fake, stream=False, headers=good).status == 200
+    assert len(fake.generation_requests()) == 2  # refused requests are recorded too
+    vllm = make_ollama(api="openai", api_key="sk-local")
+    assert call(vllm.url, "/health").status == 200  # vLLM checks keys on /v1 only
+    assert call(vllm.url, "/v1/models").status == 401
+    plain = make_ollama(api_key="sk-local")
+    assert gen(plain, prompt="p").status == 401
+
+
+def test_v1_images_recorded_and_validated(make_ollama: Callable[..., FakeOllama], tiny_png: bytes,
+                                          tiny_jpeg: bytes) -> None:
+    fake = make_ollama(api="openai")
+    content = [{"type": "text", "text": "caption"}, image_part(tiny_png), image_part(tiny_jpeg, "image/jpeg")]
+    assert v1(fake, content, model=VISION, stream=False).status == 200
+    assert fake.sent_images("/v1/chat/completions") == [tiny_png, tiny_jpeg]
+    assert fake.sent_images() == []  # /api/chat saw none
+
+    def error(part: dict[str, Any]) -> tuple[int, str]:
+        r = v1(fake, [{"type": "text", "text": "c"}, part], model=VISION, stream=False)
+        return r.status, r.json()["error"]["message"]
+
+    status, message = error({"type": "image_url", "image_url": {"url": "https://example.invalid/a.png"}})
+    assert status == 400 and "data:image/...;base64," in message and "messages[0].content[1]" in message
+    status, message = error({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}})
+    assert status == 400 and "base64" in message
+    assert error({"type": "input_audio"})[0] == 400
+    status, message = error(image_part(b"definitely not an image"))
+    assert (status, message) == (500, "Failed to create new sequence: image: unknown format")
+    lax = make_ollama(api="openai", validate_images=False)
+    assert v1(lax, [image_part(b"definitely not an image")], model=VISION, stream=False).status == 200
+    webp = make_ollama(api="both", unreadable_formats=("webp",))
+    r = v1(webp, [image_part(b"RIFF\x00\x00\x00\x00WEBPVP8 ", "image/webp")], model=VISION, stream=False)
+    assert r.status == 500
+
+
+def test_v1_requests_recorded_and_scripted_like_api_chat(make_ollama: Callable[..., FakeOllama]) -> None:
+    fake = make_ollama(api="both")
+    fake.reply("for /api/chat", endpoint="/api/chat")
+    fake.reply("for /v1", endpoint="/v1/chat/completions")
+    assert v1(fake, stream=False).json()["choices"][0]["message"]["content"] == "for /v1"
+    assert chat(fake, stream=False).json()["message"]["content"] == "for /api/chat"
+    first, second = fake.generation_requests()
+    assert (first.path, first.body) == ("/v1/chat/completions", {
+        "model": THINK, "messages": [{"role": "user", "content": "hi"}], "stream": False})
+    assert second.path == "/api/chat"
+    fake.default_text = lambda rec: "echo " + request_text(rec)
+    content = [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]
+    assert v1(fake, content, stream=False).json()["choices"][0]["message"]["content"] == "echo one\ntwo"
+    assert chat(fake, "three", stream=False).json()["message"]["content"] == "echo three"
+    assert gen(fake, prompt="four", system="sys", stream=False).json()["response"] == "echo sys\nfour"
+
+
+def test_v1_parallel_slots_and_counters(make_ollama: Callable[..., FakeOllama]) -> None:
+    fake = make_ollama(api="openai", models={VLLM_MODEL: {}}, parallel=1, request_time=0.05)
+    assert run_parallel(3, lambda i: v1(fake, model=VLLM_MODEL, stream=False).status) == [200] * 3
+    assert fake.max_concurrent_by_model == {VLLM_MODEL: 1} and fake.max_concurrent_seen == 1
+    assert len(fake.in_flight_log_by_model[VLLM_MODEL]) == 3
+    assert max(fake.in_flight_log_by_model[VLLM_MODEL]) == fake.max_in_flight_by_model[VLLM_MODEL]
+    assert fake.loads == 0 and fake.load_log == []  # a vLLM server holds its model
+    two = make_ollama(api="both", parallel=2, serial_families=(), request_time=0.15)
+    assert run_parallel(4, lambda i: v1(two, stream=True).status) == [200] * 4
+    assert two.max_concurrent_by_model == {THINK: 2}
+
+
+def test_v1_max_queue_answers_busy(make_ollama: Callable[..., FakeOllama]) -> None:
+    fake = make_ollama(api="openai", parallel=1, max_queue=1)
+    fake.reply("slow", delay=0.3)
+    first = threading.Thread(target=lambda: v1(fake, stream=False))
+    first.start()
+    wait_until(lambda: fake.active == 1)
+    answers = run_parallel(3, lambda i: v1(fake, stream=False))
+    first.join(5)
+    assert sorted(a.status for a in answers) == [200, 503, 503] and fake.busy_answers == 2
+    assert {a.json()["error"]["type"] for a in answers if a.status == 503} == {"ServiceUnavailableError"}
+
+
+def test_describe_image_formats_sizes_and_colour(tiny_jpeg: bytes) -> None:
+    from images import picture
+
+    assert describe_image(solid_png(64, 64, (255, 0, 0))) == "[image: 64x64 PNG, mostly red]"
+    assert describe_image(solid_png(3, 5, (250, 250, 250))) == "[image: 3x5 PNG, mostly white]"
+    assert describe_image(png_bytes(2, 2)).startswith("[image: 2x2 PNG, ")
+    assert describe_image(picture(40, 20, "PNG")) == "[image: 40x20 PNG, mixed colours: red and blue most]"
+    assert describe_image(picture(41, 20, "PNG")) == "[image: 41x20 PNG, mostly blue]"  # the left half is 20 px
+    for fmt in ("JPEG", "GIF", "BMP", "WEBP"):
+        assert describe_image(picture(30, 20, fmt)) == f"[image: 30x20 {fmt}]"
+    assert describe_image(picture(30, 20, "WEBP", lossless=True)) == "[image: 30x20 WEBP]"
+    assert describe_image(tiny_jpeg) == "[image: 2x2 JPEG]"
+    assert describe_image(b"not an image") == "[12 bytes that are no image format the server knows]"
+
+
+def test_forward_to_a_text_only_upstream(make_ollama: Callable[..., FakeOllama]) -> None:
+    upstream = make_ollama(api="openai", owned_by="me", models={"smollm2": {}})
+    upstream.default_text = lambda rec: "I was told: " + request_text(rec)
+    front = make_ollama(api="openai", models={})
+    front.forward_to(upstream.url)
+    assert call(front.url, "/v1/models").json()["data"][0]["owned_by"] == "me"
+    red = solid_png(64, 64, (255, 0, 0))
+    content = [{"type": "text", "text": "Describe this."}, image_part(red)]
+    r = v1(front, content, model="smollm2", stream=True, stream_options={"include_usage": True})
+    chunks = events(r)
+    assert deltas(chunks) == "I was told: Describe this.\n[image: 64x64 PNG, mostly red]"
+    assert chunks[-1] == "[DONE]" and "usage" in chunks[-2]
+    sent = upstream.requests_to("/v1/chat/completions")[-1].body
+    assert sent["messages"][0]["content"] == [{"type": "text", "text": "Describe this."},
+                                             {"type": "text", "text": "[image: 64x64 PNG, mostly red]"}]
+    assert {k: v for k, v in sent.items() if k != "messages"} == {
+        "model": "smollm2", "stream": True, "stream_options": {"include_usage": True}}
+    assert front.sent_images("/v1/chat/completions") == [red]  # the front recorded what we sent
+    r = v1(front, content, model="smollm2", stream=False)
+    assert r.json()["choices"][0]["message"]["content"].endswith("[image: 64x64 PNG, mostly red]")
+    assert v1(front, model="absent", stream=False).status == 404  # upstream errors pass through
+    r = v1(front, [{"type": "image_url", "image_url": {"url": "http://x.invalid/y.png"}}], model="smollm2")
+    assert r.status == 400 and len(upstream.generation_requests()) == 3  # refused by the front itself
+    assert front.generation_requests() and front.loads == 0 and not front.replies
+    upstream.stop()
+    r = v1(front, model="smollm2", stream=False)
+    assert r.status == 502 and "failed" in r.json()["error"]["message"]
+    with pytest.raises(ValueError):
+        front.forward_to("http://10.0.0.1:8000")
