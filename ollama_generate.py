@@ -1136,11 +1136,12 @@ OPENAI_OPTIONS: dict[str, tuple[str, Callable | None]] = {
     "repeat_penalty": ("frequency_penalty", lambda value: round(value - 1, 2)),
 }
 # How thinking is switched off, by model name (the first row whose pattern is in the name wins):
-# the chat template's enable_thinking switch that vLLM, SGLang and llama.cpp's server document, and
-# the lowest effort for models that always reason. A server that refuses a field loses it.
+# the chat template's enable_thinking switch that vLLM, SGLang and llama.cpp's server document,
+# reasoning_effort "none" that Ollama's /v1 and OpenAI document, and the lowest effort for models
+# that always reason. A server that refuses a field loses it (see OPTIONAL_FIELDS).
 THINKING_OFF: tuple[tuple[str, dict], ...] = (
     ("gpt-oss", {"reasoning_effort": "low"}),
-    ("", {"chat_template_kwargs": {"enable_thinking": False}}),
+    ("", {"chat_template_kwargs": {"enable_thinking": False}, "reasoning_effort": "none"}),
 )
 # Fields a server may refuse, in the order they are given up when an error names them
 # ("json_schema": a response_format of that type, which then goes as json_object with the schema).

@@ -2327,7 +2327,8 @@ class _OpenAIFace:
 
 
 def _described(body: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a /v1 chat body with each image_url part replaced by a text part describing it."""
+    """A copy of a /v1 chat body with each image_url part replaced by a text part describing it,
+    and a content of text parts alone joined into one string."""
     out = dict(body)
     messages = []
     for i, msg in enumerate(body.get("messages") or []):
@@ -2339,7 +2340,10 @@ def _described(body: dict[str, Any]) -> dict[str, Any]:
                     image = _decode_data_url(_image_url_of(part), f"messages[{i}].content[{j}]")
                     part = {"type": "text", "text": describe_image(image)}
                 parts.append(part)
-            msg = {**msg, "content": parts}
+            # All text now: one string, since a text-only server may take no list of parts
+            # (llama-cpp-python's chat formats fail on one).
+            texts = [part.get("text") for part in parts if isinstance(part, dict) and part.get("type") == "text"]
+            msg = {**msg, "content": "\n\n".join(map(str, texts)) if len(texts) == len(parts) else parts}
         messages.append(msg)
     out["messages"] = messages
     return out
