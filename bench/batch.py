@@ -100,10 +100,10 @@ def make_dataset(folder: Path, count: int) -> None:
 
 
 def child_env() -> dict[str, str]:
-    """This environment without OLLAMA_* settings (they would change models or hosts) and without
+    """This environment without OLLAMA_* and OPENAI_* settings (they would change models, hosts or keys) and without
     proxies (127.0.0.1 traffic must reach the fake directly)."""
     return {k: v for k, v in os.environ.items()
-            if not k.startswith("OLLAMA_") and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+            if not k.startswith(("OLLAMA_", "OPENAI_")) and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
 
 
 @contextlib.contextmanager
