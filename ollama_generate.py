@@ -202,7 +202,7 @@ TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {
 # -- Errors -------------------------------------------------------------------
 
 
-# Secrets never shown: OllamaClient adds the API key it sends. Server text (an
+# Secrets never shown: api_key_from() adds every API key it reads. Server text (an
 # error page can echo our request headers) reaches the user only through
 # OllamaError and warn(), and documents only through json_document(), which all
 # redact.
@@ -243,6 +243,7 @@ class OllamaError(Exception):
 
     exit_code = 1
     status = 0  # the HTTP status the server answered, when it answered with one
+    server_text = ""  # what the server's error said, as it said it
 
     def __init__(self, message: str, *, hint: str = "") -> None:
         super().__init__(redact(message))
@@ -503,11 +504,15 @@ def parse_keep_alive(value: str) -> int | float | str:
 
 def api_key_from(env: Mapping[str, str], name: str = "OLLAMA_API_KEY") -> str:
     """An API key variable (OLLAMA_API_KEY, OPENAI_API_KEY) without surrounding whitespace (a key
-    file's line end). It is hidden wherever it could appear from now on.
-
-    A key that could not be sent as a header is refused in a message that never shows it.
-    """
+    file's line end). It is hidden wherever it could appear from now on, sendable or not."""
     key = env.get(name, "").strip()
+    if len(key) >= SECRET_MIN_CHARS:  # a short "key" would blank ordinary words everywhere
+        SECRETS.add(key)  # redacted wherever it appears (see redact(): short keys only as tokens)
+    return key
+
+
+def sendable_key(name: str, key: str) -> str:
+    """The key, if it can be sent as a header; refused in a message that never shows it."""
     if any(not " " <= char <= "~" for char in key):
         raise UsageError(
             f"{name} contains control or non-ASCII characters, so it cannot be sent "
@@ -515,8 +520,6 @@ def api_key_from(env: Mapping[str, str], name: str = "OLLAMA_API_KEY") -> str:
             hint="set it to the key alone, on one line; a key file saved with Windows line "
                  "endings or pasted from a document often adds such characters",
         )
-    if len(key) >= SECRET_MIN_CHARS:  # a short "key" would blank ordinary words everywhere
-        SECRETS.add(key)  # redacted wherever it appears (see redact(): short keys only as tokens)
     return key
 
 
@@ -563,7 +566,9 @@ class Config(Frozen):
             num_ctx=args.num_ctx or None,
             seed=args.seed,
             api=getattr(args, "api", None) or "auto",
-            api_key=api_key_from(env),
+            api_key=sendable_key("OLLAMA_API_KEY", api_key_from(env)),
+            # Checked only when a server of its kind is asked (see connect): a variable meant for
+            # another tool must not stop a run against Ollama.
             openai_api_key=api_key_from(env, "OPENAI_API_KEY"),
             verbose=args.verbose,
             prompts_dir=args.prompts_dir or env.get("OLLAMA_GENERATE_PROMPTS_DIR") or None,
@@ -652,8 +657,10 @@ SERVER_KINDS = {
         get_vision="serve a vision model there and name it with --vision-model",
         vision_hint="serve a vision model there and name it with --vision-model or OLLAMA_VISION_MODEL",
         probes=True,
-        schema_by="response_format with a JSON schema; a server that refuses it is asked for plain text",
-        key="set OPENAI_API_KEY (or OLLAMA_API_KEY) to the server's key",
+        schema_by="response_format with a JSON schema; a server that refuses it is asked for a JSON "
+                  "object with the schema, then for plain text",
+        key="set OPENAI_API_KEY (or OLLAMA_API_KEY) to the server's key, and name the server with a "
+            "/v1 URL or --api openai (a server found by asking gets only OLLAMA_API_KEY)",
         keys=("openai_api_key", "api_key"), loads=False),
 }
 API_CHOICES = ("auto", *SERVER_KINDS)  # --api: auto asks the server which it is
@@ -699,16 +706,21 @@ class Client:
         return self.host + path
 
     def probe_vision(self, model: str) -> str:
-        """Whether the model takes an image, for a server that does not say: asked once with a
-        tiny one and a one-token answer. "" when it does, else what the server said."""
+        """Whether the model takes an image, for a server that does not say: asked with a tiny one
+        and a one-token answer (retried like any request). "" when it does, else what the server
+        said. A server that is busy or gone raises: that says nothing about the model."""
         if model not in self._sees:
             messages = [{"role": "user", "content": render("vision_probe"), "images": [probe_image()]}]
             try:
-                self.chat(model, messages, options={"temperature": 0, "num_predict": 1}, once=True)
+                self.chat(model, messages, options={"temperature": 0, "num_predict": 1})
                 self._sees[model] = ""
             except (ServerUnreachable, ServerTimeout, KeyRefused, ModelUnavailable):
                 raise
-            except OllamaError as exc:  # a model that cannot see fails the request, often with a 500
+            except OllamaError as exc:
+                if exc.status in BUSY_STATUSES:
+                    raise
+                # A model that cannot see fails the request every time: a 4xx, a 500, or (as
+                # llama-cpp-python does) a stream that ends with nothing.
                 self._sees[model] = str(exc)
         return self._sees[model]
 
@@ -762,8 +774,9 @@ class Client:
                     more = tries < self.retries
                 if not more:
                     if tries:
-                        raise type(exc)(f"{exc} (gave up after {tries + 1} attempts)",
-                                        hint=exc.hint) from None
+                        error = type(exc)(f"{exc} (gave up after {tries + 1} attempts)", hint=exc.hint)
+                        error.status, error.server_text = exc.status, exc.server_text
+                        raise error from None
                     raise
                 # A server that says when to come back (Retry-After) is waited for, within the cap.
                 wait = max(BACKOFF_SECONDS * 2 ** tries, getattr(exc, "retry_after", 0.0))
@@ -771,12 +784,13 @@ class Client:
                 tries += 1
 
     def _report(self, path: str, model: str, answer: Answer, seconds: float) -> None:
-        """--verbose: one line per request on stderr with its timings and token counts."""
-        speed = answer.eval_count / (answer.eval_duration / 1e9) if answer.eval_duration else 0.0
-        print(f"{PROG}: {path} {model} on {self.host}: {seconds:.2f}s, load "
-              f"{answer.load_duration / 1e9:.2f}s, prompt {answer.prompt_eval_count} tokens, answer "
-              f"{answer.eval_count} tokens ({speed:.1f}/s), {answer.done_reason or 'no done_reason'}",
-              file=sys.stderr, flush=True)
+        """--verbose: one line per request on stderr with its timings and token counts (those a
+        server does not report are not shown as zeros)."""
+        speed = f" ({answer.eval_count / (answer.eval_duration / 1e9):.1f}/s)" if answer.eval_duration else ""
+        load = f"load {answer.load_duration / 1e9:.2f}s, " if self.kind.loads else ""
+        print(f"{PROG}: {path} {model} on {self.host}: {seconds:.2f}s, {load}prompt "
+              f"{answer.prompt_eval_count} tokens, answer {answer.eval_count} tokens{speed}, "
+              f"{answer.done_reason or 'no done_reason'}", file=sys.stderr, flush=True)
 
     def _count(self, model: str, answer: Answer, started: float) -> None:
         """Add an answer to this server's tally.
@@ -911,23 +925,23 @@ class Client:
 
     def _http_error(self, exc, body: dict | None) -> OllamaError:
         """Turn an HTTP error status into the error the user can act on (its status kept)."""
-        error = self._status_error(exc, body)
-        error.status = exc.code
-        return error
-
-    def _status_error(self, exc, body: dict | None) -> OllamaError:
         import http.client
 
         try:
             raw = exc.read(ERROR_BODY_LIMIT) or b""
         except (OSError, http.client.HTTPException):
             raw = b""
+        content_type = (exc.headers.get("Content-Type") or "") if exc.headers else ""
+        message, kind = server_message(raw, content_type)
+        error = self._status_error(exc, body, message or str(exc.reason or "") or "no details", kind)
+        error.status, error.server_text = exc.code, message
+        return error
+
+    def _status_error(self, exc, body: dict | None, message: str, kind: str) -> OllamaError:
+        """The error for one HTTP status and what the server said (kind: see server_message)."""
         status = exc.code
         if 300 <= status < 400:
             return self._redirect_error(exc, post=body is not None)
-        content_type = (exc.headers.get("Content-Type") or "") if exc.headers else ""
-        message, kind = server_message(raw, content_type)
-        message = message or str(exc.reason or "") or "no details"
         model = (body or {}).get("model", "")
         if kind == "html":
             return (TransientError if status in RETRIED_STATUSES else OllamaError)(
@@ -1006,14 +1020,14 @@ class OllamaClient(Client):
         return self._retrying(lambda: self._call("POST", "/api/show", {"model": model}))
 
     def chat(self, model: str, messages: list[dict], *, options: dict,
-             keep_alive: int | float | str | None = None, once: bool = False) -> Answer:
-        """One /api/chat exchange, streamed and gathered into an Answer (once: not retried).
+             keep_alive: int | float | str | None = None) -> Answer:
+        """One /api/chat exchange, streamed and gathered into an Answer.
         A message's images are base64 text in its "images" list."""
         body = {"model": model, "messages": messages, "stream": True,
                 "think": False, "options": options, **self.runner_fields()}
         if keep_alive is not None:
             body["keep_alive"] = keep_alive
-        return self._retrying(lambda: self._generation("/api/chat", body), give_up=lambda: once)
+        return self._retrying(lambda: self._generation("/api/chat", body))
 
     def generate(self, model: str, prompt: str, *, options: dict,
                  keep_alive: int | float | str | None = None, fmt: dict | None = None,
@@ -1143,10 +1157,21 @@ THINKING_OFF: tuple[tuple[str, dict], ...] = (
     ("gpt-oss", {"reasoning_effort": "low"}),
     ("", {"chat_template_kwargs": {"enable_thinking": False}, "reasoning_effort": "none"}),
 )
-# Fields a server may refuse, in the order they are given up when an error names them
+# Fields a server may refuse, in the order they are given up, with the words its error says them in
 # ("json_schema": a response_format of that type, which then goes as json_object with the schema).
-OPTIONAL_FIELDS = ("json_schema", "response_format", "chat_template_kwargs", "reasoning_effort",
-                   "stream_options", "seed", "frequency_penalty")
+# Ollama's /v1 refused reasoning_effort "none" as "invalid think value" (v0.11.5 to v0.12.3) and,
+# for a model that does not think, "does not support thinking" (v0.12.4).
+OPTIONAL_FIELDS: dict[str, tuple[str, ...]] = {
+    "json_schema": ("json_schema",),
+    "response_format": ("response_format",),
+    "chat_template_kwargs": ("chat_template_kwargs",),
+    "reasoning_effort": ("reasoning_effort", "think value", "support thinking"),
+    "stream_options": ("stream_options",),
+    "seed": ("seed",),
+    "frequency_penalty": ("frequency_penalty",),
+}
+# The finish reasons of a whole answer; any other (vLLM's "abort", "error") ended it early.
+FINISHED = ("stop", "length")
 
 
 class OpenAIClient(Client):
@@ -1197,13 +1222,15 @@ class OpenAIClient(Client):
 
     def show(self, model: str) -> dict:
         """What the model list says of one model, shaped as /api/show: capabilities unknown, and the
-        context length where the server gives it (vLLM's max_model_len, llama.cpp's n_ctx_train)."""
-        row = next((row for row in self.models_served() if with_tag(str(row["id"])) == with_tag(model)), None)
+        context length where the server gives the one it serves with (vLLM's max_model_len)."""
+        # The name as given, or Ollama's /v1 listing "x:latest" for x; a request sends the name
+        # as given, so any other likeness would be refused on first use.
+        row = next((row for row in self.models_served() if str(row["id"]) in (model, with_tag(model))), None)
         if row is None:
             served = ", ".join(str(row["id"]) for row in self.models_served()) or "none"
             raise ModelUnavailable(f"model '{model}' {self.kind.absent} {self.kind.where} {self.host} "
                                    f"(it serves: {served})", hint=self.kind.model_hint.format(model=model, host=self.host))
-        length = row.get("max_model_len") or (row.get("meta") or {}).get("n_ctx_train")
+        length = row.get("max_model_len")
         return {"capabilities": None, "details": {}, "context_length": length}
 
     def version(self) -> tuple[int, ...]:
@@ -1218,11 +1245,11 @@ class OpenAIClient(Client):
         return []
 
     def chat(self, model: str, messages: list[dict], *, options: dict,
-             keep_alive: int | float | str | None = None, once: bool = False) -> Answer:
-        """One chat completion, streamed and gathered into an Answer (once: not retried).
+             keep_alive: int | float | str | None = None) -> Answer:
+        """One chat completion, streamed and gathered into an Answer.
         A message's "images" (base64 text) become image_url parts before its text."""
         body = self._body(model, [openai_message(message) for message in messages], options)
-        return self._retrying(lambda: self._completion(body), give_up=lambda: once)
+        return self._retrying(lambda: self._completion(body))
 
     def generate(self, model: str, prompt: str, *, options: dict,
                  keep_alive: int | float | str | None = None, fmt: dict | None = None,
@@ -1253,14 +1280,15 @@ class OpenAIClient(Client):
         return body
 
     def _refused_field(self, exc: OllamaError, body: dict) -> str:
-        """The optional field a refusal names, if any (as OPTIONAL_FIELDS names it)."""
+        """The optional field the server's refusal names, if any (as OPTIONAL_FIELDS names it);
+        only its own words count, not our host or model names in the message."""
         if isinstance(exc, (ServerUnreachable, ServerTimeout, KeyRefused, ModelUnavailable)):
             return ""
-        message = str(exc).lower()
+        said = exc.server_text.lower()
         shape = (body.get("response_format") or {}).get("type")
-        for field in OPTIONAL_FIELDS:
+        for field, words in OPTIONAL_FIELDS.items():
             sent = shape == "json_schema" if field == "json_schema" else field in body
-            if sent and field in message:
+            if sent and any(word in said for word in words):
                 return field
         return ""
 
@@ -1285,8 +1313,7 @@ class OpenAIClient(Client):
         done = False
         with response:
             for event in self._events(response):
-                if event is None:  # data: [DONE]
-                    done = True
+                if event is None:  # data: [DONE]; a whole answer said so with its finish reason
                     break
                 if event.get("error"):
                     # An error after the first byte comes as an event, with HTTP 200.
@@ -1299,8 +1326,11 @@ class OpenAIClient(Client):
                     if on_piece and text[-1]:
                         on_piece(text[-1])
                     if choice.get("finish_reason"):
-                        done = True
                         answer.done_reason = str(choice["finish_reason"])
+                        if answer.done_reason not in FINISHED:
+                            raise TransientError(f"{self.label} at {self.host} ended the answer early "
+                                                 f"({excerpt(answer.done_reason, 40)})")
+                        done = True
                 self._take_usage(answer, event)
         if not done:
             raise TransientError(f"the answer from {self.label} at {self.host} stopped before it was complete")
@@ -1321,7 +1351,7 @@ class OpenAIClient(Client):
 
     def _events(self, response) -> Iterator[dict | None]:
         """The server-sent events of a streaming answer: each data as JSON, None for [DONE]. An
-        "error" event is raised (llama.cpp's server sends one when generation fails)."""
+        "error" event (or llama.cpp's server's "error:" line) comes as {"error": ...}."""
         data: list[str] = []
         name = ""
         while True:
@@ -1334,6 +1364,9 @@ class OpenAIClient(Client):
                     data.append(value)
                 elif field == "event":
                     name = value.strip()
+                elif field == "error":  # llama.cpp's server: "error: {...}", no data line
+                    data.append(value)
+                    name = "error"
                 continue
             if data:  # a blank line (or the end) dispatches the event
                 joined = "\n".join(data)
@@ -1404,21 +1437,23 @@ def connect(config: Config, host: str = "") -> Client:
     url = host or config.host
     api = "openai" if config.api == "auto" and url.rstrip("/").endswith("/v1") else config.api
 
-    def client(kind: str) -> Client:
-        row = SERVER_KINDS[kind]
-        key = next((getattr(config, name) for name in row.keys if getattr(config, name)), "")
+    def client(kind: str, keys: Sequence[str]) -> Client:
+        name = next((name for name in keys if getattr(config, name)), "")
+        key = sendable_key(KEY_VARIABLES[name], getattr(config, name)) if name else ""
         return CLIENTS[kind](url, timeout=config.timeout, retries=config.retries, api_key=key,
                              verbose=config.verbose)
 
     if api != "auto":
-        return client(api)
-    ollama = client("ollama")
+        return client(api, SERVER_KINDS[api].keys)
+    ollama = client("ollama", SERVER_KINDS["ollama"].keys)
     try:
         if ollama.answers():
             return ollama
     except OllamaError:  # nothing answers: the client says so when it is used
         return ollama
-    other = client("openai")
+    # A server found by asking gets no OPENAI_API_KEY: that goes only where the user named an
+    # OpenAI-compatible server (a /v1 URL or --api openai), never to a host named as Ollama.
+    other = client("openai", SERVER_KINDS["ollama"].keys)
     try:
         return other if other.answers() else ollama
     except OllamaError:  # it wants a key, or stopped answering: the client says so when used
@@ -1426,6 +1461,7 @@ def connect(config: Config, host: str = "") -> Client:
 
 
 CLIENTS: dict[str, type[Client]] = {"ollama": OllamaClient, "openai": OpenAIClient}
+KEY_VARIABLES = {"api_key": "OLLAMA_API_KEY", "openai_api_key": "OPENAI_API_KEY"}  # Config field -> variable
 
 
 def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
@@ -1444,8 +1480,10 @@ def server_message(raw: bytes, content_type: str = "") -> tuple[str, str]:
     is then ""), else "text"."""
     text = raw.decode("utf-8", "replace")
     try:
-        return error_text(json.loads(text)["error"]), "api"
-    except (ValueError, KeyError, TypeError):
+        data = json.loads(text)
+        # SGLang, and vLLM before its nested errors, answer {"object": "error", "message": ...}.
+        return error_text(data["error"] if "error" in data or data.get("object") != "error" else data), "api"
+    except (ValueError, KeyError, TypeError, AttributeError):
         pass
     head = text.lstrip()[:200].lower()
     if "html" in content_type.lower() or head.startswith(("<!doctype", "<html", "<head", "<body")):
@@ -4295,13 +4333,15 @@ class Product(Record):
     error: OllamaError | None = None  # the run finished, but this went wrong (printed after it)
 
 
-def answer_data(answer: Answer, model: str) -> dict:
-    """A model answer's numbers for --json: tokens and seconds."""
+def answer_data(answer: Answer, model: str, kind: ServerKind) -> dict:
+    """A model answer's numbers for --json: tokens and seconds (null where the server reports
+    none: an OpenAI-compatible server's load time, and its answer time unless it gives timings)."""
     return {"model": model, "done_reason": answer.done_reason,
             "prompt_tokens": answer.prompt_eval_count, "answer_tokens": answer.eval_count,
             "total_seconds": round(answer.total_duration / 1e9, 3),
-            "load_seconds": round(answer.load_duration / 1e9, 3),
-            "answer_seconds": round(answer.eval_duration / 1e9, 3)}
+            "load_seconds": round(answer.load_duration / 1e9, 3) if kind.loads else None,
+            "answer_seconds": round(answer.eval_duration / 1e9, 3)
+            if kind.loads or answer.eval_duration else None}
 
 
 class StreamPrinter:
@@ -4402,7 +4442,8 @@ def text_command(config: Config, args: argparse.Namespace, request: str, kind: s
     if printer and lead:
         printer.write_now(lead)
     try:
-        answer = ask_text_model(connect(config), config, request, kind, printer=printer)
+        client = connect(config)
+        answer = ask_text_model(client, config, request, kind, printer=printer)
     except BaseException:
         if printer and printer.shown:
             printer.finish()  # a broken stream keeps what it showed, on a line of its own
@@ -4419,7 +4460,7 @@ def text_command(config: Config, args: argparse.Namespace, request: str, kind: s
         warn(f"needs review: {', '.join(cleaned.flags)}")
     return Product(cleaned.text, {"command": args.command, "text": cleaned.text,
                                   "needs_review": "; ".join(cleaned.flags) or None, "rules": cleaned.fired,
-                                  **answer_data(answer, config.model)},
+                                  **answer_data(answer, config.model, client.kind)},
                    streamed=printer is not None)
 
 
@@ -6720,7 +6761,8 @@ def caption_image(config: Config, spec: CaptionSpec, path: str, options: BatchOp
     if job.review:
         warn(f"needs review: {'; '.join(job.review)}")
     text = "\n".join(one.text for one in job.captions or [caption])  # --variants: one per line
-    requests = [answer_data(answer, model) for host in report.hosts for model, answer in host.client.record]
+    requests = [answer_data(answer, model, host.client.kind) for host in report.hosts
+                for model, answer in host.client.record]
     return Product(text, {
         **caption_record(job), "command": "caption", "image": shown(path), "style": spec.style,
         "target": spec.target.name if spec.target else None,

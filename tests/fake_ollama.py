@@ -2343,7 +2343,7 @@ def _described(body: dict[str, Any]) -> dict[str, Any]:
             # All text now: one string, since a text-only server may take no list of parts
             # (llama-cpp-python's chat formats fail on one).
             texts = [part.get("text") for part in parts if isinstance(part, dict) and part.get("type") == "text"]
-            msg = {**msg, "content": "\n\n".join(map(str, texts)) if len(texts) == len(parts) else parts}
+            msg = {**msg, "content": "\n".join(map(str, texts)) if len(texts) == len(parts) else parts}
         messages.append(msg)
     out["messages"] = messages
     return out

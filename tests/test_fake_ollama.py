@@ -1364,8 +1364,8 @@ def test_forward_to_a_text_only_upstream(make_ollama: Callable[..., FakeOllama])
     assert deltas(chunks) == "I was told: Describe this.\n[image: 64x64 PNG, mostly red]"
     assert chunks[-1] == "[DONE]" and "usage" in chunks[-2]
     sent = upstream.requests_to("/v1/chat/completions")[-1].body
-    assert sent["messages"][0]["content"] == [{"type": "text", "text": "Describe this."},
-                                             {"type": "text", "text": "[image: 64x64 PNG, mostly red]"}]
+    # Text parts alone are joined into one string: llama-cpp-python's chat formats take no list.
+    assert sent["messages"][0]["content"] == "Describe this.\n[image: 64x64 PNG, mostly red]"
     assert {k: v for k, v in sent.items() if k != "messages"} == {
         "model": "smollm2", "stream": True, "stream_options": {"include_usage": True}}
     assert front.sent_images("/v1/chat/completions") == [red]  # the front recorded what we sent
