@@ -1,0 +1,239 @@
+"""The OpenAI-compatible transport against the fake's OpenAI face (FakeOllama(api="openai"), a
+vLLM-like server; api="both" is Ollama itself): the command line, what went over the wire, and
+what came out. Fast and unmarked; tests/test_openai_server.py drives a real server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+
+import pytest
+from cli import run
+from fake_ollama import b64
+from images import jpeg_bytes, png_bytes
+from traced import DESCRIPTION, TEXT, VISION
+
+import ollama_generate as og
+
+MODELS = {VISION: {"capabilities": ("completion", "vision")}, TEXT: {"capabilities": ("completion",)}}
+CONCEPT = "a red fox asleep in fresh snow"
+CHAT = "/v1/chat/completions"
+# The fields that switch thinking off for every model but gpt-oss (og.THINKING_OFF), as sent.
+THINKING_OFF = {"chat_template_kwargs": {"enable_thinking": False}, "reasoning_effort": "none"}
+OLLAMA_KEY = "ollama-key-0123456789"
+OPENAI_KEY = "sk-openai-key-0123456789"
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def openai_server(make_ollama, **kwargs):
+    """A vLLM-like server listing the default vision and text models."""
+    return make_ollama(api="openai", models=kwargs.pop("models", MODELS), **kwargs)
+
+
+def v1(server) -> str:
+    return server.url + "/v1"
+
+
+def chats(server):
+    return server.requests_to(CHAT)
+
+
+def routes(server) -> list[tuple[str, str]]:
+    return [(rec.method, rec.path) for rec in server.requests]
+
+
+def is_probe(rec) -> bool:
+    """The vision probe: a one-token answer about a tiny image."""
+    return rec.body.get("max_tokens") == 1
+
+
+def vision_requests(server):
+    """Chat requests that describe a dataset image (not the probe)."""
+    return [rec for rec in chats(server) if not is_probe(rec) and isinstance(rec.body["messages"][-1]["content"], list)]
+
+
+def text_requests(server):
+    return [rec for rec in chats(server) if isinstance(rec.body["messages"][-1]["content"], str)]
+
+
+def data_url_bytes(url: str) -> tuple[str, bytes]:
+    """(MIME type, image bytes) of a data:image/...;base64, URL."""
+    head, _, data = url.partition(",")
+    assert head.startswith("data:") and head.endswith(";base64"), head
+    return head[len("data:"):-len(";base64")], base64.b64decode(data)
+
+
+def bearer(rec) -> str | None:
+    return rec.headers.get("authorization")
+
+
+def dataset(folder):
+    """Two PNGs and a JPEG; returns {file name: bytes}."""
+    folder.mkdir()
+    files = {"a.png": png_bytes(seed=1), "b.png": png_bytes(seed=2), "c.jpg": jpeg_bytes()}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return files
+
+
+def error_and_hint(err: str) -> tuple[str, str]:
+    """stderr of a failed command: exactly one error line and one hint line, no traceback."""
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("ollama-generate: error: ")]
+    hints = [line for line in err.splitlines() if line.startswith("ollama-generate: hint: ")]
+    assert len(errors) == 1 and len(hints) == 1, err
+    return errors[0], hints[0]
+
+
+def prompt_options() -> dict:
+    """max_tokens and temperature of the prompt command's SAMPLING row, as sent."""
+    temperature, max_tokens = og.SAMPLING[og.STYLES["prompt-t5"].sampling]
+    return {"temperature": temperature, "max_tokens": max_tokens}
+
+
+def prompt_text(concept: str = CONCEPT) -> str:
+    return og.with_no_think(TEXT, og.render(og.STYLES["prompt-t5"].template, concept=concept))
+
+
+# -- 1. a /v1 URL: one chat completion, no detection ----------------------------------------------
+
+
+def test_prompt_to_a_v1_url_sends_one_chat_completion_and_prints_the_text(make_ollama, capsys):
+    server = openai_server(make_ollama)
+    server.reply("A red fox curls up asleep in deep fresh snow under a pale winter sky.")
+    code, out, err = run(capsys, "prompt", CONCEPT, "--host", v1(server))
+    assert (code, out, err) == (0, "A red fox curls up asleep in deep fresh snow under a pale winter sky.\n", "")
+    assert routes(server) == [("POST", CHAT)]
+    assert server.requests[0].body == {
+        "model": TEXT, "messages": [{"role": "user", "content": prompt_text()}],
+        "stream": True, "stream_options": {"include_usage": True}, **prompt_options(), **THINKING_OFF}
+    assert bearer(server.requests[0]) is None
+
+
+# -- 2. --api auto, ollama, openai ------------------------------------------------------------------
+
+
+def test_auto_asks_ollamas_version_then_the_model_list_of_a_plain_url(make_ollama, capsys):
+    server = openai_server(make_ollama)
+    code, out, _err = run(capsys, "prompt", CONCEPT, "--host", server.url, "--api", "auto")
+    assert (code, out) == (0, "A fake answer.\n")
+    assert routes(server) == [("GET", "/api/version"), ("GET", "/v1/models"), ("POST", CHAT)]
+
+
+def test_auto_picks_ollamas_own_api_on_ollama(make_ollama, capsys):
+    server = make_ollama(api="both")
+    code, out, _err = run(capsys, "prompt", CONCEPT, "--host", server.url, "--api", "auto")
+    assert (code, out) == (0, "A fake answer.\n")
+    assert routes(server) == [("GET", "/api/version"), ("POST", "/api/generate")]
+
+
+def test_api_openai_speaks_v1_to_ollama(make_ollama, capsys):
+    server = make_ollama(api="both")
+    code, out, _err = run(capsys, "prompt", CONCEPT, "--host", server.url, "--api", "openai")
+    assert (code, out) == (0, "A fake answer.\n")
+    assert routes(server) == [("POST", CHAT)]
+    assert server.requests[0].body["model"] == TEXT
+
+
+# -- 3. a folder run -----------------------------------------------------------------------------
+
+
+def test_caption_probes_vision_once_then_sends_each_image_as_a_data_url_before_the_text(
+        make_ollama, capsys, tmp_path):
+    server = openai_server(make_ollama)
+    files = dataset(tmp_path / "set")
+    code, out, _err = run(capsys, "caption", tmp_path / "set", "--host", v1(server))
+    assert (code, out) == (0, "")
+    probes = [rec for rec in chats(server) if is_probe(rec)]
+    assert len(probes) == 1 and chats(server)[0] is probes[0]
+    probe = probes[0].body
+    assert probe["model"] == VISION and probe["temperature"] == 0
+    (message,) = probe["messages"]
+    image, text = message["content"]
+    mime, data = data_url_bytes(image["image_url"]["url"])
+    assert (mime, data[:8], struct.unpack(">II", data[16:24])) == ("image/png", b"\x89PNG\r\n\x1a\n", (32, 32))
+    assert text == {"type": "text", "text": og.render("vision_probe")}
+
+    system, user = og.vision_prompt(og.Config(), "")
+    expected = {"a.png": "image/png", "b.png": "image/png", "c.jpg": "image/jpeg"}
+    sent = {}
+    for rec in vision_requests(server):
+        assert rec.body["model"] == VISION
+        assert rec.body["messages"][0] == {"role": "system", "content": system}
+        image, text = rec.body["messages"][1]["content"]
+        assert text == {"type": "text", "text": user}
+        mime, data = data_url_bytes(image["image_url"]["url"])
+        name = next(name for name, content in files.items() if content == data)
+        sent[name] = mime
+        assert image["image_url"]["url"] == f"data:{mime};base64,{b64(files[name])}"
+    assert sent == expected
+    for name in files:
+        assert (tmp_path / "set" / name).with_suffix(".txt").read_text().strip()
+
+
+def test_caption_report_says_an_openai_server_reports_no_model_loads(make_ollama, capsys, tmp_path):
+    server = openai_server(make_ollama)
+    dataset(tmp_path / "set")
+    code, _out, err = run(capsys, "caption", tmp_path / "set", "--host", v1(server),
+                          "--report", tmp_path / "report.json")
+    assert code == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["written"] == 3
+    assert report["hosts"] == [{"url": v1(server), "api": "openai", "model_calls": len(chats(server)),
+                                "model_loads": None, "dropped": None,
+                                "not_reported": ["model_loads", "load_wait_seconds"]}]
+    assert report["model_loads"] is None
+    assert [entry["load_wait_seconds"] for entry in report["throughput"]] == [None]
+    assert "model loads not reported by the server." in err
+    assert f"{v1(server)}: " in err and err.count("model loads not reported") == 2
+
+
+# -- 4. a vision model that refuses the probe ------------------------------------------------------
+
+
+REFUSAL = "this model does not take image input"
+
+
+@pytest.mark.parametrize("status", [400, 500])
+def test_caption_stops_before_any_image_when_the_vision_probe_is_refused(make_ollama, capsys, tmp_path, status):
+    server = openai_server(make_ollama)
+    server.reply(status=status, error=REFUSAL)
+    dataset(tmp_path / "set")
+    code, out, err = run(capsys, "caption", tmp_path / "set", "--host", v1(server))
+    assert (code, out) == (4, "")
+    error, hint = error_and_hint(err)
+    assert f"the vision model '{VISION}' cannot see images (it refused a test image: " in error
+    assert REFUSAL in error
+    assert hint == f"ollama-generate: hint: {og.SERVER_KINDS['openai'].vision_hint}"
+    assert len(chats(server)) == 1 and is_probe(chats(server)[0])
+    assert not list((tmp_path / "set").glob("*.txt"))
+
+
+def test_doctor_fails_a_vision_model_that_refuses_the_probe(make_ollama, capsys):
+    server = openai_server(make_ollama)
+    server.reply(status=500, error=REFUSAL)
+    code, out, _err = run(capsys, "doctor", "--host", v1(server))
+    assert code == 4
+    fails = [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 1
+    assert fails[0].startswith(f"FAIL  vision model: {VISION} cannot see images (it refused a test image: ")
+    assert REFUSAL in fails[0]
+    assert f"      fix: {og.SERVER_KINDS['openai'].get_vision}" in out.splitlines()
+    assert len(chats(server)) == 1
+
+
+def test_doctor_passes_a_good_openai_server(make_ollama, capsys):
+    server = openai_server(make_ollama)
+    code, out, _err = run(capsys, "doctor", "--host", v1(server))
+    assert code == 0
+    assert f"ok    server: OpenAI-compatible server at {v1(server)} (models owned by vllm)" in out.splitlines()
+    code, out, _err = run(capsys, "doctor", "--host", v1(server), "--json")
+    assert code == 0
+    checks = {check["name"]: check for check in json.loads(out)["checks"]}
+    assert checks["server"] == {"name": "server", "status": "ok", "fix": None,
+                                "detail": f"OpenAI-compatible server at {v1(server)} (models owned by vllm)"}
+    assert checks["vision model"]["status"] == "ok" and checks["text model"]["status"] == "ok"
+    assert json.loads(out)["ok"] is True
