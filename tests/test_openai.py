@@ -79,13 +79,14 @@ def dataset(folder):
     return files
 
 
-def error_and_hint(err: str) -> tuple[str, str]:
-    """stderr of a failed command: exactly one error line and one hint line, no traceback."""
+def error_and_hint(err: str, *, hinted: bool = True) -> tuple[str, str]:
+    """stderr of a failed command: exactly one error line and one hint line (none when not
+    hinted), no traceback; the hint is "" when there is none."""
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("ollama-generate: error: ")]
     hints = [line for line in err.splitlines() if line.startswith("ollama-generate: hint: ")]
-    assert len(errors) == 1 and len(hints) == 1, err
-    return errors[0], hints[0]
+    assert (len(errors), len(hints)) == (1, int(hinted)), err
+    return errors[0], "".join(hints)
 
 
 def prompt_options() -> dict:
@@ -237,3 +238,140 @@ def test_doctor_passes_a_good_openai_server(make_ollama, capsys):
                                 "detail": f"OpenAI-compatible server at {v1(server)} (models owned by vllm)"}
     assert checks["vision model"]["status"] == "ok" and checks["text model"]["status"] == "ok"
     assert json.loads(out)["ok"] is True
+
+
+# -- 5. structured outputs and fields a server refuses ---------------------------------------------
+
+
+def tags_format(shape: str) -> dict:
+    """response_format for tags, as the client sends it first (json_schema) and as it falls back."""
+    schema = og.STYLES["tags"].schema()
+    if shape == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    return {"type": "json_object", "schema": schema}
+
+
+def test_tags_are_asked_for_with_a_json_schema(make_ollama, capsys, tmp_path):
+    server = openai_server(make_ollama)
+    dataset(tmp_path / "set")
+    code, _out, _err = run(capsys, "caption", tmp_path / "set", "--host", v1(server), "--style", "tags")
+    assert code == 0
+    assert [rec.body.get("response_format") for rec in text_requests(server)] == [tags_format("json_schema")] * 3
+    assert not any("response_format" in rec.body for rec in vision_requests(server))
+    assert (tmp_path / "set" / "a.txt").read_text().startswith("1girl, solo, short hair")
+
+
+def test_a_refused_json_schema_falls_back_to_json_object_and_is_remembered(make_ollama, capsys, tmp_path):
+    server = openai_server(make_ollama, structured_outputs=False)
+    files = dataset(tmp_path / "set")
+    code, _out, _err = run(capsys, "caption", tmp_path / "set", "--host", v1(server), "--style", "tags",
+                           "--jobs", "1")
+    assert code == 0
+    # The first text request is refused (400) and sent again at once; the next images' go straight.
+    assert [rec.body.get("response_format") for rec in text_requests(server)] == [
+        tags_format("json_schema"), tags_format("json_object"), tags_format("json_object"),
+        tags_format("json_object")]
+    for name in files:
+        assert (tmp_path / "set" / name).with_suffix(".txt").read_text().startswith("1girl, solo, short hair")
+
+
+def test_a_field_the_server_does_not_know_is_dropped_after_one_refusal(make_ollama, capsys, tmp_path):
+    server = openai_server(make_ollama, unsupported_fields=("chat_template_kwargs",))
+    files = dataset(tmp_path / "set")
+    code, _out, _err = run(capsys, "caption", tmp_path / "set", "--host", v1(server), "--jobs", "1")
+    assert code == 0
+    carried = ["chat_template_kwargs" in rec.body for rec in chats(server)]
+    assert carried[0] and not any(carried[1:])
+    # The refused probe went again without it; then one vision and one text request per image.
+    assert len(chats(server)) == 2 + 2 * len(files)
+    assert all(rec.body["reasoning_effort"] == "none" for rec in chats(server))
+    for name in files:
+        assert (tmp_path / "set" / name).with_suffix(".txt").read_text().strip()
+
+
+# -- 6. errors ---------------------------------------------------------------------------------------
+
+
+def test_a_server_that_wants_a_key_says_so_and_names_openai_api_key(make_ollama, capsys):
+    server = openai_server(make_ollama, api_key=OPENAI_KEY)
+    code, out, err = run(capsys, "prompt", CONCEPT, "--host", v1(server))
+    assert (code, out) == (1, "")
+    error, hint = error_and_hint(err)
+    assert f"the OpenAI-compatible server at {v1(server)} wants an API key (HTTP 401: " in error
+    assert "OPENAI_API_KEY" in hint
+    assert [bearer(rec) for rec in server.requests] == [None]
+
+
+def test_a_wrong_key_is_refused_and_never_shown(make_ollama, capsys, tmp_path, monkeypatch):
+    wrong = "sk-wrong-key-987654321"
+    server = openai_server(make_ollama, api_key=OPENAI_KEY)
+    monkeypatch.setenv("OPENAI_API_KEY", wrong)
+    dataset(tmp_path / "set")
+    code, out, err = run(capsys, "caption", tmp_path / "set", "--host", v1(server),
+                         "--report", tmp_path / "report.json")
+    assert code == 1
+    error, hint = error_and_hint(err)
+    assert f"the OpenAI-compatible server at {v1(server)} refused the API key (HTTP 401: " in error
+    assert "OPENAI_API_KEY" in hint
+    assert server.requests and all(bearer(rec) == f"Bearer {wrong}" for rec in server.requests)
+    assert wrong not in out + err + (tmp_path / "report.json").read_text()
+    assert not list((tmp_path / "set").glob("*.txt"))
+
+
+def test_the_right_key_goes_with_every_request(make_ollama, capsys, tmp_path, monkeypatch):
+    server = openai_server(make_ollama, api_key=OPENAI_KEY)
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
+    files = dataset(tmp_path / "set")
+    code, out, err = run(capsys, "caption", tmp_path / "set", "--host", v1(server))
+    assert (code, out) == (0, "")
+    assert len(chats(server)) == 1 + 2 * len(files)
+    assert {bearer(rec) for rec in server.requests} == {f"Bearer {OPENAI_KEY}"}
+    assert OPENAI_KEY not in err
+
+
+def test_a_caption_run_with_a_model_the_server_does_not_serve_lists_what_it_serves(make_ollama, capsys,
+                                                                                      tmp_path):
+    server = openai_server(make_ollama)
+    dataset(tmp_path / "set")
+    code, out, err = run(capsys, "caption", tmp_path / "set", "--host", v1(server), "--vision-model", "llava:7b")
+    assert (code, out) == (4, "")
+    error, hint = error_and_hint(err)
+    assert error.endswith(f"model 'llava:7b' is not served by {v1(server)} (it serves: {', '.join(server.models)})")
+    assert f"ollama-generate models --host {v1(server)}" in hint
+    assert chats(server) == []
+
+
+def test_prompt_with_a_model_the_server_does_not_serve_exits_4(make_ollama, capsys):
+    server = openai_server(make_ollama)
+    code, out, err = run(capsys, "prompt", CONCEPT, "--host", v1(server), "--model", "llava:7b")
+    assert (code, out) == (4, "")
+    error, _hint = error_and_hint(err)
+    assert error.endswith(f"model 'llava:7b' is not served by {v1(server)}")
+    assert [rec.body["model"] for rec in chats(server)] == ["llava:7b"]
+
+
+def test_a_rate_limit_with_retry_after_is_waited_out(make_ollama, capsys):
+    server = openai_server(make_ollama)
+    server.reply(status=429, retry_after=0)
+    code, out, err = run(capsys, "prompt", CONCEPT, "--host", v1(server))
+    assert (code, out, err) == (0, "A fake answer.\n", "")
+    assert len(chats(server)) == 2
+
+
+def test_a_server_error_is_retried_then_given_up(make_ollama, capsys):
+    server = openai_server(make_ollama)
+    server.fail_forever(status=500)
+    code, out, err = run(capsys, "prompt", CONCEPT, "--host", v1(server))
+    assert (code, out) == (1, "")
+    error, _hint = error_and_hint(err, hinted=False)
+    assert error.endswith(f"answered HTTP 500: Internal server error (gave up after {1 + og.RETRIES} attempts)")
+    assert len(chats(server)) == 1 + og.RETRIES
+
+
+@pytest.mark.parametrize("broken", [{"mid_stream": True}, {"fault": "eof"}], ids=["error event", "eof"])
+def test_an_answer_broken_mid_stream_is_asked_again(make_ollama, capsys, broken):
+    server = openai_server(make_ollama)
+    server.reply("A partial answer that breaks off somewhere in the middle.", **broken)
+    code, out, err = run(capsys, "prompt", CONCEPT, "--host", v1(server))
+    assert (code, out, err) == (0, "A fake answer.\n", "")
+    assert [rec.body for rec in chats(server)] == [chats(server)[0].body] * 2
