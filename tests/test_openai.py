@@ -358,6 +358,16 @@ def test_a_rate_limit_with_retry_after_is_waited_out(make_ollama, capsys):
     assert len(chats(server)) == 2
 
 
+def test_the_wait_a_retry_after_asks_for_is_kept(make_ollama, capsys, monkeypatch):
+    waits = []
+    monkeypatch.setattr(og.time, "sleep", waits.append)
+    server = openai_server(make_ollama)
+    server.reply(status=429, retry_after=7)
+    code, out, _err = run(capsys, "prompt", CONCEPT, "--host", v1(server))
+    assert (code, out) == (0, "A fake answer.\n")
+    assert waits == [7.0]
+
+
 def test_a_server_error_is_retried_then_given_up(make_ollama, capsys):
     server = openai_server(make_ollama)
     server.fail_forever(status=500)
@@ -375,3 +385,80 @@ def test_an_answer_broken_mid_stream_is_asked_again(make_ollama, capsys, broken)
     code, out, err = run(capsys, "prompt", CONCEPT, "--host", v1(server))
     assert (code, out, err) == (0, "A fake answer.\n", "")
     assert [rec.body for rec in chats(server)] == [chats(server)[0].body] * 2
+
+
+# -- 7. an Ollama server and an OpenAI-compatible one in one run -------------------------------------
+
+
+def test_each_host_of_a_mixed_run_gets_its_own_key(make_ollama, capsys, tmp_path, monkeypatch):
+    ollama = make_ollama(api_key=OLLAMA_KEY, request_time=0.05)
+    openai = openai_server(make_ollama, api_key=OPENAI_KEY, request_time=0.05)
+    monkeypatch.setenv("OLLAMA_API_KEY", OLLAMA_KEY)
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
+    folder = tmp_path / "set"
+    folder.mkdir()
+    names = [f"{n}.png" for n in "abcdef"]
+    for seed, name in enumerate(names):
+        (folder / name).write_bytes(png_bytes(seed=seed))
+    code, out, _err = run(capsys, "caption", folder, "--host", ollama.url, "--host", v1(openai),
+                          "--report", tmp_path / "report.json")
+    assert (code, out) == (0, "")
+    assert ollama.requests_to("/api/chat") and ollama.requests_to("/api/generate")
+    assert vision_requests(openai) and text_requests(openai)
+    assert {bearer(rec) for rec in ollama.requests} == {f"Bearer {OLLAMA_KEY}"}
+    assert {bearer(rec) for rec in openai.requests} == {f"Bearer {OPENAI_KEY}"}
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [(host["url"], host["api"]) for host in report["hosts"]] == [(ollama.url, "ollama"),
+                                                                         (v1(openai), "openai")]
+    assert report["written"] == len(names)
+    assert all((folder / name).with_suffix(".txt").read_text().strip() for name in names)
+
+
+# -- 8. thinking ---------------------------------------------------------------------------------
+
+
+THOUGHT = "Let me think about which words the caption should use before I answer."
+
+
+@pytest.mark.parametrize("text_model, unsupported", [("gpt-oss:20b", ()), (TEXT, ("chat_template_kwargs",))],
+                         ids=["gpt-oss always reasons", "the switch is refused"])
+def test_a_caption_holds_none_of_the_thinking(make_ollama, capsys, tmp_path, text_model, unsupported):
+    models = {VISION: MODELS[VISION], text_model: {"capabilities": ("completion", "thinking")}}
+    server = openai_server(make_ollama, models=models, unsupported_fields=unsupported)
+    server.default_thinking = THOUGHT
+    files = dataset(tmp_path / "set")
+    code, _out, _err = run(capsys, "caption", tmp_path / "set", "--host", v1(server), "--model", text_model,
+                           "--report", tmp_path / "report.json")
+    assert code == 0
+    assert text_requests(server)
+    for name in files:
+        caption = (tmp_path / "set" / name).with_suffix(".txt").read_text()
+        assert caption.strip() and "think" not in caption
+    assert THOUGHT not in (tmp_path / "report.json").read_text()
+
+
+# -- 9. models ---------------------------------------------------------------------------------------
+
+
+def test_models_json_says_openai_and_that_capabilities_are_unknown(make_ollama, capsys):
+    server = openai_server(make_ollama)
+    code, out, _err = run(capsys, "models", "--host", v1(server), "--json", "--model", "mistral-small:24b")
+    assert code == 0
+    data = json.loads(out)
+    assert data["api"] == "openai"
+    assert [(row["name"], row["capabilities"], row["configured_as"]) for row in data["models"]] == [
+        (name, None, {VISION: "vision"}.get(name)) for name in server.models]
+    assert data["missing"] == [{"name": "mistral-small:24b", "configured_as": "text"}]
+    assert routes(server) == [("GET", "/v1/models")]
+
+
+def test_an_error_event_that_never_stops_says_what_the_server_said(make_ollama, capsys):
+    server = openai_server(make_ollama)
+    server.fail_forever(text="A partial answer that breaks off somewhere in the middle.", mid_stream=True,
+                        error="the model ran out of memory")
+    code, out, err = run(capsys, "prompt", CONCEPT, "--host", v1(server))
+    assert (code, out) == (1, "")
+    error, _hint = error_and_hint(err, hinted=False)
+    assert error.endswith(f"at {v1(server)} failed while answering: the model ran out of memory "
+                          f"(gave up after {1 + og.RETRIES} attempts)")
+    assert len(chats(server)) == 1 + og.RETRIES
