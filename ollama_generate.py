@@ -702,15 +702,22 @@ class Client:
         """Whether the model takes an image, for a server that does not say: asked once with a
         tiny one and a one-token answer. "" when it does, else what the server said."""
         if model not in self._sees:
-            messages = [{"role": "user", "content": render("vision_probe"), "images": [probe_image()]}]
-            try:
-                self.chat(model, messages, options={"temperature": 0, "num_predict": 1}, once=True)
-                self._sees[model] = ""
-            except (ServerUnreachable, ServerTimeout, KeyRefused, ModelUnavailable):
-                raise
-            except OllamaError as exc:  # a model that cannot see fails the request, often with a 500
-                self._sees[model] = str(exc)
+            self._sees[model] = self._retrying(lambda: self._probe(model))
         return self._sees[model]
+
+    def _probe(self, model: str) -> str:
+        """One vision probe: "" when the model took the image, else the server's refusal. Only a
+        refusal is an answer; a busy server or an answer that broke off is raised, to be retried."""
+        messages = [{"role": "user", "content": render("vision_probe"), "images": [probe_image()]}]
+        try:
+            self.chat(model, messages, options={"temperature": 0, "num_predict": 1}, once=True)
+            return ""
+        except (ServerUnreachable, ServerTimeout, KeyRefused, ModelUnavailable):
+            raise
+        except OllamaError as exc:  # a model that cannot see fails the request, often with a 500
+            if isinstance(exc, TransientError) and (exc.status in BUSY_STATUSES or not exc.status):
+                raise  # says nothing of the model: "server busy", a dropped connection, a cut stream
+            return str(exc)
 
     def _streamed(self, send, printer) -> Answer:
         """send(on_piece) with retries. With a printer, printer.feed(text) sees each piece as it

@@ -213,6 +213,19 @@ def test_caption_stops_before_any_image_when_the_vision_probe_is_refused(make_ol
     assert not list((tmp_path / "set").glob("*.txt"))
 
 
+@pytest.mark.parametrize("trouble", [{"status": 503}, {"status": 429}, {"fault": "eof", "text": "grey grey"}],
+                         ids=["busy", "rate limit", "cut stream"])
+def test_a_busy_server_or_a_cut_answer_at_the_probe_is_no_refusal(make_ollama, capsys, tmp_path, trouble):
+    server = openai_server(make_ollama)
+    server.reply(**trouble)
+    files = dataset(tmp_path / "set")
+    code, out, _err = run(capsys, "caption", tmp_path / "set", "--host", v1(server))
+    assert (code, out) == (0, "")
+    assert [is_probe(rec) for rec in chats(server)[:3]] == [True, True, False]
+    assert len(vision_requests(server)) == len(files)
+    assert all((tmp_path / "set" / name).with_suffix(".txt").read_text().strip() for name in files)
+
+
 def test_doctor_fails_a_vision_model_that_refuses_the_probe(make_ollama, capsys):
     server = openai_server(make_ollama)
     server.reply(status=500, error=REFUSAL)
