@@ -1420,16 +1420,19 @@ def connect(config: Config, host: str = "") -> Client:
     if api != "auto":
         return client(api)
     ollama = client("ollama")
+    guarded = False
     try:
         if ollama.answers():
             return ollama
+    except KeyRefused:  # a server that guards every path: /v1/models, asked with its own key, may say
+        guarded = True
     except OllamaError:  # nothing answers: the client says so when it is used
         return ollama
     other = client("openai")
     try:
         return other if other.answers() else ollama
     except OllamaError:  # it wants a key, or stopped answering: the client says so when used
-        return other
+        return ollama if guarded else other
 
 
 CLIENTS: dict[str, type[Client]] = {"ollama": OllamaClient, "openai": OpenAIClient}

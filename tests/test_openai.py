@@ -124,6 +124,24 @@ def test_auto_asks_ollamas_version_then_the_model_list_of_a_plain_url(make_ollam
     assert routes(server) == [("GET", "/api/version"), ("GET", "/v1/models"), ("POST", CHAT)]
 
 
+def test_auto_finds_a_server_that_guards_every_path_with_the_openai_key(make_ollama, capsys, monkeypatch):
+    server = openai_server(make_ollama, api_key=OPENAI_KEY)  # llama-server --api-key guards /api/version too
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
+    code, out, _err = run(capsys, "prompt", CONCEPT, "--host", server.url)
+    assert (code, out) == (0, "A fake answer.\n")
+    assert routes(server) == [("GET", "/api/version"), ("GET", "/v1/models"), ("POST", CHAT)]
+    assert [bearer(rec) for rec in server.requests] == [None, f"Bearer {OPENAI_KEY}", f"Bearer {OPENAI_KEY}"]
+
+
+def test_auto_on_a_guarded_ollama_without_its_key_asks_for_ollamas_key(make_ollama, capsys):
+    server = make_ollama(api="both", api_key=OLLAMA_KEY)
+    code, out, err = run(capsys, "prompt", CONCEPT, "--host", server.url)
+    assert (code, out) == (1, "")
+    error, hint = error_and_hint(err)
+    assert f"Ollama at {server.url} wants an API key" in error
+    assert hint == "ollama-generate: hint: set OLLAMA_API_KEY to the server's key"
+
+
 def test_auto_picks_ollamas_own_api_on_ollama(make_ollama, capsys):
     server = make_ollama(api="both")
     code, out, _err = run(capsys, "prompt", CONCEPT, "--host", server.url, "--api", "auto")
