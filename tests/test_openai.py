@@ -12,7 +12,7 @@ import pytest
 from cli import run
 from fake_ollama import b64
 from images import jpeg_bytes, png_bytes
-from traced import DESCRIPTION, TEXT, VISION
+from traced import TEXT, VISION
 
 import ollama_generate as og
 
@@ -52,7 +52,8 @@ def is_probe(rec) -> bool:
 
 def vision_requests(server):
     """Chat requests that describe a dataset image (not the probe)."""
-    return [rec for rec in chats(server) if not is_probe(rec) and isinstance(rec.body["messages"][-1]["content"], list)]
+    return [rec for rec in chats(server)
+            if not is_probe(rec) and isinstance(rec.body["messages"][-1]["content"], list)]
 
 
 def text_requests(server):
@@ -104,9 +105,10 @@ def prompt_text(concept: str = CONCEPT) -> str:
 
 def test_prompt_to_a_v1_url_sends_one_chat_completion_and_prints_the_text(make_ollama, capsys):
     server = openai_server(make_ollama)
-    server.reply("A red fox curls up asleep in deep fresh snow under a pale winter sky.")
+    answer = "A red fox curls up asleep in deep fresh snow under a pale winter sky."
+    server.reply(answer)
     code, out, err = run(capsys, "prompt", CONCEPT, "--host", v1(server))
-    assert (code, out, err) == (0, "A red fox curls up asleep in deep fresh snow under a pale winter sky.\n", "")
+    assert (code, out, err) == (0, answer + "\n", "")
     assert routes(server) == [("POST", CHAT)]
     assert server.requests[0].body == {
         "model": TEXT, "messages": [{"role": "user", "content": prompt_text()}],
@@ -173,7 +175,8 @@ def test_caption_probes_vision_once_then_sends_each_image_as_a_data_url_before_t
     (message,) = probe["messages"]
     image, text = message["content"]
     mime, data = data_url_bytes(image["image_url"]["url"])
-    assert (mime, data[:8], struct.unpack(">II", data[16:24])) == ("image/png", b"\x89PNG\r\n\x1a\n", (32, 32))
+    assert (mime, data[:8]) == ("image/png", b"\x89PNG\r\n\x1a\n")
+    assert struct.unpack(">II", data[16:24]) == (32, 32)  # IHDR width and height
     assert text == {"type": "text", "text": og.render("vision_probe")}
 
     system, user = og.vision_prompt(og.Config(), "")
@@ -217,7 +220,8 @@ REFUSAL = "this model does not take image input"
 
 
 @pytest.mark.parametrize("status", [400, 500])
-def test_caption_stops_before_any_image_when_the_vision_probe_is_refused(make_ollama, capsys, tmp_path, status):
+def test_caption_stops_before_any_image_when_the_vision_probe_is_refused(make_ollama, capsys, tmp_path,
+                                                                         status):
     server = openai_server(make_ollama)
     server.reply(status=status, error=REFUSAL)
     dataset(tmp_path / "set")
@@ -261,7 +265,8 @@ def test_doctor_passes_a_good_openai_server(make_ollama, capsys):
     server = openai_server(make_ollama)
     code, out, _err = run(capsys, "doctor", "--host", v1(server))
     assert code == 0
-    assert f"ok    server: OpenAI-compatible server at {v1(server)} (models owned by vllm)" in out.splitlines()
+    server_line = f"ok    server: OpenAI-compatible server at {v1(server)} (models owned by vllm)"
+    assert server_line in out.splitlines()
     code, out, _err = run(capsys, "doctor", "--host", v1(server), "--json")
     assert code == 0
     checks = {check["name"]: check for check in json.loads(out)["checks"]}
@@ -287,7 +292,8 @@ def test_tags_are_asked_for_with_a_json_schema(make_ollama, capsys, tmp_path):
     dataset(tmp_path / "set")
     code, _out, _err = run(capsys, "caption", tmp_path / "set", "--host", v1(server), "--style", "tags")
     assert code == 0
-    assert [rec.body.get("response_format") for rec in text_requests(server)] == [tags_format("json_schema")] * 3
+    formats = [rec.body.get("response_format") for rec in text_requests(server)]
+    assert formats == [tags_format("json_schema")] * 3
     assert not any("response_format" in rec.body for rec in vision_requests(server))
     assert (tmp_path / "set" / "a.txt").read_text().startswith("1girl, solo, short hair")
 
@@ -364,10 +370,12 @@ def test_a_caption_run_with_a_model_the_server_does_not_serve_lists_what_it_serv
                                                                                       tmp_path):
     server = openai_server(make_ollama)
     dataset(tmp_path / "set")
-    code, out, err = run(capsys, "caption", tmp_path / "set", "--host", v1(server), "--vision-model", "llava:7b")
+    code, out, err = run(capsys, "caption", tmp_path / "set", "--host", v1(server),
+                         "--vision-model", "llava:7b")
     assert (code, out) == (4, "")
     error, hint = error_and_hint(err)
-    assert error.endswith(f"model 'llava:7b' is not served by {v1(server)} (it serves: {', '.join(server.models)})")
+    served = ", ".join(server.models)
+    assert error.endswith(f"model 'llava:7b' is not served by {v1(server)} (it serves: {served})")
     assert f"ollama-generate models --host {v1(server)}" in hint
     assert chats(server) == []
 
@@ -405,7 +413,8 @@ def test_a_server_error_is_retried_then_given_up(make_ollama, capsys):
     code, out, err = run(capsys, "prompt", CONCEPT, "--host", v1(server))
     assert (code, out) == (1, "")
     error, _hint = error_and_hint(err, hinted=False)
-    assert error.endswith(f"answered HTTP 500: Internal server error (gave up after {1 + og.RETRIES} attempts)")
+    attempts = 1 + og.RETRIES
+    assert error.endswith(f"answered HTTP 500: Internal server error (gave up after {attempts} attempts)")
     assert len(chats(server)) == 1 + og.RETRIES
 
 
