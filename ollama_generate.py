@@ -641,7 +641,8 @@ SERVER_KINDS = {
         # Servers before v0.6.4 list no capabilities; a probe would load the model to learn it.
         probes=False,
         schema_by="Ollama {version}",
-        key="set OLLAMA_API_KEY to the server's key", keys=("api_key",), loads=True),
+        key="set OLLAMA_API_KEY to the server's key (an OpenAI-compatible server that wants a key: name "
+            "it with a /v1 URL or --api openai, and set OPENAI_API_KEY)", keys=("api_key",), loads=True),
     "openai": ServerKind(
         "openai", "the OpenAI-compatible server", "an OpenAI-compatible server", "OpenAI-compatible API",
         check="check --host: it should be an OpenAI-compatible server's URL, ending in /v1",

@@ -9,6 +9,7 @@ import os
 import re
 import zlib
 
+from fake_ollama import request_text
 from images import png_bytes
 
 VISION = "qwen3-vl:32b"
@@ -72,14 +73,23 @@ ANSWERS = {"caption_short": SHORT, "caption_training": TRAINING, "caption_traini
 
 def realistic_answer(rec) -> str:
     """default_text for the fake: a description for the vision model, and for the text model an
-    in-range caption in the style its prompt asks for (a JSON list where a schema was sent)."""
-    if rec.path == "/api/chat":
+    in-range caption in the style its prompt asks for (a JSON list where a schema was sent), on
+    Ollama's API and on the OpenAI-compatible one alike."""
+    if rec.path == "/api/chat" or sees_an_image(rec):
         return DESCRIPTION
-    prompt = rec.body.get("prompt", "")
+    prompt = request_text(rec)
     for name, answer in ANSWERS.items():
         if og_render(name) in prompt:
-            return json.dumps(answer.split(", ")) if rec.body.get("format") else answer
+            wants_json = rec.body.get("format") or rec.body.get("response_format")
+            return json.dumps(answer.split(", ")) if wants_json else answer
     return "A fake answer."
+
+
+def sees_an_image(rec) -> bool:
+    """A /v1/chat/completions request with an image_url part: the vision model's."""
+    return any(isinstance(part, dict) and part.get("type") == "image_url"
+               for message in (rec.body or {}).get("messages") or []
+               if isinstance(message.get("content"), list) for part in message["content"])
 
 
 def og_render(name: str) -> str:
