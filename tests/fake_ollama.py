@@ -1673,12 +1673,7 @@ class FakeOllama:
                 "eval_count": eval_count,
                 "eval_duration": eval_ns,
             })
-            for k, v in (reply.final_fields or {}).items():
-                if v is None:
-                    out.pop(k, None)
-                else:
-                    out[k] = v
-            return out
+            return _with_final_fields(out, reply)
 
         if not stream:
             if reply.mid_stream:
@@ -1689,24 +1684,15 @@ class FakeOllama:
                 return
             self._wait(reply.chunk_delay * (len(think_pieces) + len(pieces)), abort)
             data = go_json(final(text, thinking)).encode("utf-8")
-            if reply.fault in ("eof", "reset"):  # announce the full length, send half, close
-                h.cleanup.run()
-                h.send_response(200)
-                h.send_header("Content-Type", JSON_CT)
-                h.send_header("Content-Length", str(len(data)))
-                h.end_headers()
-                h.headers_sent = True
-                h.wfile.write(data[: len(data) // 2])
-                h.drop()
+            if reply.fault in ("eof", "reset"):
+                _send_half(h, data, JSON_CT)
                 return
             h.send_bytes(200, data, JSON_CT)
             return
 
         h.start_stream()
         if reply.fault == "garbage":
-            h.cleanup.run()
-            h.stream_raw(GARBAGE + b"\n")
-            h.end_stream()
+            _stream_garbage(h)
             return
         partial = reply.mid_stream or reply.fault in ("eof", "reset")
         to_send = [("", t) for t in think_pieces] + [(p, "") for p in (pieces[:half] if partial else pieces)]
@@ -1991,6 +1977,35 @@ class FakeOllama:
         self.misbehave(answer, tuple(_OPENAI_ROUTES))
 
 
+def _with_final_fields(out: dict[str, Any], reply: Reply) -> dict[str, Any]:
+    """The final object with Reply.final_fields merged in (a None value deletes the key)."""
+    for k, v in (reply.final_fields or {}).items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = v
+    return out
+
+
+def _send_half(h: _Handler, data: bytes, content_type: str) -> None:
+    """A whole answer's fault "eof"/"reset": announce the full length, send half, close."""
+    h.cleanup.run()
+    h.send_response(200)
+    h.send_header("Content-Type", content_type)
+    h.send_header("Content-Length", str(len(data)))
+    h.end_headers()
+    h.headers_sent = True
+    h.wfile.write(data[: len(data) // 2])
+    h.drop()
+
+
+def _stream_garbage(h: _Handler) -> None:
+    """A stream's fault "garbage": one line that is no JSON, then the end."""
+    h.cleanup.run()
+    h.stream_raw(GARBAGE + b"\n")
+    h.end_stream()
+
+
 def b64(data: bytes) -> str:
     """Standard base64 text, as the Ollama API wants images."""
     return base64.b64encode(data).decode("ascii")
@@ -2251,14 +2266,6 @@ class _OpenAIFace:
                  "total_tokens": prompt_tokens + completion_tokens}
         finish = reply.done_reason or None
 
-        def with_final_fields(out: dict[str, Any]) -> dict[str, Any]:
-            for k, v in (reply.final_fields or {}).items():
-                if v is None:
-                    out.pop(k, None)
-                else:
-                    out[k] = v
-            return out
-
         if not stream:
             if reply.mid_stream:
                 self.runner_error(h, False, 500, reply.error or _MID_STREAM_ERROR)
@@ -2273,25 +2280,16 @@ class _OpenAIFace:
             out = self._head("chat.completion")
             out["choices"] = [{"index": 0, "message": message, "finish_reason": finish}]
             out["usage"] = usage
-            data = self.dialect.encode(with_final_fields(out)).encode("utf-8")
-            if reply.fault in ("eof", "reset"):  # announce the full length, send half, close
-                h.cleanup.run()
-                h.send_response(200)
-                h.send_header("Content-Type", self.dialect.json_ct)
-                h.send_header("Content-Length", str(len(data)))
-                h.end_headers()
-                h.headers_sent = True
-                h.wfile.write(data[: len(data) // 2])
-                h.drop()
+            data = self.dialect.encode(_with_final_fields(out, reply)).encode("utf-8")
+            if reply.fault in ("eof", "reset"):
+                _send_half(h, data, self.dialect.json_ct)
                 return
             h.send_bytes(200, data, self.dialect.json_ct)
             return
 
         h.start_stream("text/event-stream")
         if reply.fault == "garbage":
-            h.cleanup.run()
-            h.stream_raw(GARBAGE + b"\n")
-            h.end_stream()
+            _stream_garbage(h)
             return
         partial = reply.mid_stream or reply.fault in ("eof", "reset")
         deltas = [{self.dialect.reasoning_field: t} for t in think_pieces]
@@ -2317,7 +2315,7 @@ class _OpenAIFace:
             return
         if reply.chunk_delay and deltas:
             self.fake._wait(reply.chunk_delay, abort)
-        self._event(h, with_final_fields(self._chunk({"content": last} if last else {}, finish)))
+        self._event(h, _with_final_fields(self._chunk({"content": last} if last else {}, finish), reply))
         if self.include_usage:
             tail = self._head("chat.completion.chunk")
             tail.update({"choices": [], "usage": usage})
