@@ -1942,10 +1942,12 @@ class FakeOllama:
                                "invalid_request_error")
         return schema
 
-    def forward_to(self, upstream_url: str) -> None:
+    def forward_to(self, upstream_url: str, *, max_tokens: int = 0) -> None:
         """Be a vision front for a text-only OpenAI-compatible server on loopback: /v1/models and
         /v1/chat/completions go to upstream_url, each image_url part replaced by a text part that
-        describes the image (describe_image), and the answer comes back unchanged (SSE too)."""
+        describes the image (describe_image), and the answer comes back unchanged (SSE too).
+        max_tokens (0: no cap) caps every answer, so a small model on a CPU cannot spend minutes
+        on the vision stage's long budget; the request is recorded as it was sent."""
         parts = urlsplit(upstream_url)
         if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost", "::1") or not parts.port:
             raise ValueError(f"forward_to takes a loopback http://HOST:PORT URL, not {upstream_url!r}")
@@ -1955,7 +1957,10 @@ class FakeOllama:
             body = rec.raw
             if rec.path == "/v1/chat/completions" and isinstance(rec.body, dict):
                 try:
-                    body = json.dumps(_described(rec.body)).encode("utf-8")
+                    described = _described(rec.body)
+                    if max_tokens:
+                        described["max_tokens"] = min(int(described.get("max_tokens") or max_tokens), max_tokens)
+                    body = json.dumps(described).encode("utf-8")
                 except _HTTPError as e:
                     _send_openai_error(h, _DIALECTS["openai"], e.status, e.message)
                     return

@@ -187,7 +187,7 @@ def vision_front(llama_server, make_ollama) -> Iterator[object]:
     """A loopback OpenAI-compatible front that turns image parts into text and forwards to the real
     server, so the text-only SmolLM2 can stand in for a vision model."""
     front = make_ollama(api="openai")
-    front.forward_to(llama_server.url)
+    front.forward_to(llama_server.url, max_tokens=80)  # the vision stage asks for 1024 (SAMPLING)
     yield front
 
 
