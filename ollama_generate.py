@@ -614,6 +614,7 @@ class ServerKind(Frozen):
     start: str  # the fix when nothing answers
     base_url: str  # the fix when the URL leads somewhere else
     absent: str  # "model 'x' <absent> <where> <url>"
+    present: str  # doctor's "x <present> (capabilities)"
     where: str
     get_model: str  # the fix for a missing model ({model} and {host} filled in)
     model_hint: str  # the same as an error's hint
@@ -633,7 +634,7 @@ SERVER_KINDS = {
         start="start it with `ollama serve`, or set OLLAMA_HOST (or --host) to where it runs",
         base_url="check OLLAMA_HOST (or --host): it should be the Ollama server's base URL, "
                  "like http://localhost:11434",
-        absent="is not installed", where="on", get_model="ollama pull {model}",
+        absent="is not installed", present="is installed", where="on", get_model="ollama pull {model}",
         model_hint="run `ollama pull {model}`",
         get_vision=f"ollama pull {DEFAULT_VISION_MODEL}, then use it with --vision-model",
         vision_hint="pick a vision model with --vision-model or OLLAMA_VISION_MODEL, "
@@ -650,7 +651,7 @@ SERVER_KINDS = {
               "http://localhost:8080/v1)",
         base_url="check --host: an OpenAI-compatible server's base URL ends in /v1, like "
                  "http://localhost:8080/v1",
-        absent="is not served", where="by",
+        absent="is not served", present="is served", where="by",
         get_model="pick a model it serves with --model or --vision-model "
                   "(`ollama-generate models --host {host}` lists them)",
         model_hint="pick a model it serves with --model or --vision-model "
@@ -6878,7 +6879,7 @@ def model_checks(client: Client, role: str, model: str) -> list[Check]:
         return [Check(role, "fail", f"{model} {kind.absent} {kind.where} {client.host}",
                       kind.get_model.format(model=model, host=client.host), exit_code=4)]
     capabilities = details.get("capabilities")
-    checks = [Check(role, "ok", f"{model} {kind.absent.replace(' not ', ' ')} "
+    checks = [Check(role, "ok", f"{model} {kind.present} "
                     f"({', '.join(capabilities or ['capabilities unknown'])})")]
     refusal = cannot_see(client, model, capabilities) if role == "vision model" else ""
     if refusal:  # the line above shows the capabilities; a probe's refusal is news

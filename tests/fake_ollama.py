@@ -1638,13 +1638,7 @@ class FakeOllama:
     def _emit(self, h: _Handler, req: dict[str, Any], reply: Reply, *, is_gen: bool, name: str, stream: bool,
               think_on: bool, t0: int, load_ns: int, gen_start: int, n_images: int,
               abort: threading.Event) -> None:
-        text = reply.text
-        thinking = reply.thinking if think_on else ""
-        think_pieces = _split(thinking, reply.chunk_chars)
-        pieces = _split(text, reply.chunk_chars)
-        carry = reply.final_piece if reply.final_piece is not None else len(text) % 2 == 1
-        last = pieces.pop() if carry and pieces else ""
-        half = max(1, len(pieces) // 2) if pieces else 0
+        text, thinking, think_pieces, pieces, last, half = _layout(reply, think_on)
 
         def final(content: str, thought: str = "") -> dict[str, Any]:
             out = self._chunk(is_gen, name, content, thought)
@@ -1656,8 +1650,7 @@ class FakeOllama:
             else:
                 prompt_chars = sum(len(mm.get("content", "")) + 4 for mm in req.get("messages") or [])
             prompt_tokens = max(1, prompt_chars // 4) + 64 * n_images
-            eval_count = (reply.eval_count if reply.eval_count is not None
-                          else max(1, math.ceil((len(text) + len(thinking)) / 4)))
+            eval_count = _answer_tokens(reply, text, thinking)
             now = time.perf_counter_ns()
             prompt_ns = prompt_tokens * 200_000
             # Simulated speed (<= 100 tokens/s) unless the scripted delays took longer.
@@ -1705,12 +1698,7 @@ class FakeOllama:
             h.end_stream()
             h.close_connection = True
             return
-        if reply.fault == "eof":  # clean end of body, but no done:true line
-            h.end_stream()
-            h.close_connection = True
-            return
-        if reply.fault == "reset":  # abrupt: no terminating chunk
-            h.drop()
+        if _cut_stream(h, reply):  # no done:true line
             return
         if reply.chunk_delay and to_send:
             self._wait(reply.chunk_delay, abort)
@@ -1980,6 +1968,38 @@ class FakeOllama:
                 conn.close()
 
         self.misbehave(answer, tuple(_OPENAI_ROUTES))
+
+
+def _layout(reply: Reply, think_on: bool) -> tuple[str, str, list[str], list[str], str, int]:
+    """How a reply streams, on either face (see the module docstring): its text and thinking, the
+    thinking pieces, the content pieces, the last piece that rides in the final chunk (or ""), and
+    how many pieces a broken stream sends."""
+    text = reply.text
+    thinking = reply.thinking if think_on else ""
+    think_pieces = _split(thinking, reply.chunk_chars)
+    pieces = _split(text, reply.chunk_chars)
+    carry = reply.final_piece if reply.final_piece is not None else len(text) % 2 == 1
+    last = pieces.pop() if carry and pieces else ""
+    half = max(1, len(pieces) // 2) if pieces else 0
+    return text, thinking, think_pieces, pieces, last, half
+
+
+def _answer_tokens(reply: Reply, text: str, thinking: str) -> int:
+    """The answer's token count: the scripted one, or about four characters a token."""
+    return reply.eval_count if reply.eval_count is not None else max(1, math.ceil((len(text) + len(thinking)) / 4))
+
+
+def _cut_stream(h: _Handler, reply: Reply) -> bool:
+    """End a stream the reply's fault cuts short, without its closing chunk: "eof" ends the body
+    cleanly, "reset" breaks it off. True when it did."""
+    if reply.fault == "eof":
+        h.end_stream()
+        h.close_connection = True
+        return True
+    if reply.fault == "reset":
+        h.drop()
+        return True
+    return False
 
 
 def _with_final_fields(out: dict[str, Any], reply: Reply) -> dict[str, Any]:
@@ -2257,16 +2277,9 @@ class _OpenAIFace:
     def emit(self, h: _Handler, req: dict[str, Any], reply: Reply, *, is_gen: bool, name: str, stream: bool,
              think_on: bool, t0: int, load_ns: int, gen_start: int, n_images: int,
              abort: threading.Event) -> None:
-        text = reply.text
-        thinking = reply.thinking if think_on else ""
-        think_pieces = _split(thinking, reply.chunk_chars)
-        pieces = _split(text, reply.chunk_chars)
-        carry = reply.final_piece if reply.final_piece is not None else len(text) % 2 == 1
-        last = pieces.pop() if carry and pieces else ""
-        half = max(1, len(pieces) // 2) if pieces else 0
+        text, thinking, think_pieces, pieces, last, half = _layout(reply, think_on)
         prompt_tokens = max(1, sum(len(m["content"]) + 4 for m in req["messages"]) // 4) + 64 * n_images
-        completion_tokens = (reply.eval_count if reply.eval_count is not None
-                             else max(1, math.ceil((len(text) + len(thinking)) / 4)))
+        completion_tokens = _answer_tokens(reply, text, thinking)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}
         finish = reply.done_reason or None
@@ -2311,12 +2324,7 @@ class _OpenAIFace:
             h.end_stream()
             h.close_connection = True
             return
-        if reply.fault == "eof":  # a clean end of the body, with neither finish_reason nor [DONE]
-            h.end_stream()
-            h.close_connection = True
-            return
-        if reply.fault == "reset":  # abrupt: no terminating chunk
-            h.drop()
+        if _cut_stream(h, reply):  # neither finish_reason nor [DONE]
             return
         if reply.chunk_delay and deltas:
             self.fake._wait(reply.chunk_delay, abort)
